@@ -1,0 +1,110 @@
+"""Session fixtures: a tiny random Llama, a locally trained tokenizer and a LoRA with non-zero B.
+
+Nothing is downloaded. The LoRA sits on q_proj, v_proj and lm_head, as the published adapters do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+LABELS = ["negative", "positive"]
+CORPUS = [
+    "positive", "negative", "True", "False", "yes", "no", "A", "B", "C", "D", "E",
+    "Return the label of the correct answer for the question below.",
+    "Classify the sentiment of the movie review sentence below as 'positive' or 'negative'.",
+    "Read the passage below and answer the question with the words 'true' or 'false'.",
+    "Question: Choices: Answer: Sentence: Passage: Answer (true or false):",
+    "a great film with a wonderful cast", "a dull and tedious mess of a movie",
+    "the plot is thin but the acting is superb", "I would not watch it again",
+]
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.padding_side = "left"
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: Path, vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)  # model init only; everything under test takes explicit generators
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def build_lora(model_path: Path, out: Path, targets=("q_proj", "v_proj", "lm_head"), seed: int = 1,
+               extra_keys: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    peft_model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # non-zero B: a trained-looking adapter
+    peft_model.save_pretrained(out)
+    if extra_keys:  # a BLoB adapter carries lora_A_rho beside lora_A
+        from safetensors.torch import load_file, save_file
+
+        f = out / "adapter_model.safetensors"
+        sd = load_file(f)
+        sd.update({k.replace("lora_A", "lora_A_rho"): torch.full_like(v, -5.0) for k, v in sd.items()
+                   if "lora_A" in k})
+        save_file(sd, f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of the tiny model (with tokenizer) and of its LoRA adapters."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    tok = build_tokenizer(model_dir)
+    build_tiny_model(model_dir, vocab_size=len(tok))
+    adapter = build_lora(model_dir, root / "adapter")
+    blob = build_lora(model_dir, root / "adapter_blob", extra_keys=True)
+    qv_only = build_lora(model_dir, root / "adapter_qv", targets=("q_proj", "v_proj"))
+    return {"model": str(model_dir), "adapter": str(adapter), "adapter_blob": str(blob),
+            "adapter_qv": str(qv_only), "root": root}
+
+
+@pytest.fixture(scope="session")
+def model_cfg(tiny):
+    from tfb_core.config import ModelConfig
+
+    return ModelConfig(model=tiny["model"], adapter=tiny["adapter"], cache_dir=str(tiny["root"] / "cache"))
+
+
+@pytest.fixture()
+def classifier(model_cfg):
+    """A fresh Bayesianized classifier of the tiny model (function scope: tests may change sigma)."""
+    from tfb_core.loading import load_classifier
+
+    return load_classifier(model_cfg, LABELS)

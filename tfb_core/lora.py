@@ -1,0 +1,89 @@
+"""The only file that knows peft's internals: find the LoRA modules, read A, B and the scaling.
+
+peft keeps, per LoRA-wrapped ``nn.Linear``, ``lora_A[name]`` (r x in), ``lora_B[name]`` (out x r),
+``scaling[name]`` (alpha / r) and the frozen ``base_layer``. We read these once and hand them to
+:mod:`tfb_core.posterior`; after that the model no longer runs through peft's code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRAWeights:
+    """One LoRA module as peft stores it: y = base(x) + scaling * B (A x)."""
+
+    name: str  # dotted path inside the transformers model, e.g. "model.layers.0.self_attn.q_proj"
+    base_layer: nn.Module
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+
+
+def _lora_layer_type() -> type:
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (the model itself if it is not one)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model
+
+
+def find_lora_modules(model: nn.Module) -> list[LoRAWeights]:
+    """Every LoRA-wrapped linear layer of a (peft-wrapped) model, in module order.
+
+    Only one adapter is served: the active one. Raises ``ValueError`` if there is none, or if a
+    module has dropout or a feature we do not model (DoRA, bias on B).
+    """
+    lora_layer = _lora_layer_type()
+    inner = unwrap_peft(model)
+    found: list[LoRAWeights] = []
+    for name, module in inner.named_modules():
+        if not isinstance(module, lora_layer):
+            continue
+        adapters = list(module.lora_A.keys())
+        if not adapters:
+            continue
+        active = module.active_adapters
+        if len(active) != 1:
+            raise ValueError(f"{name}: exactly one active adapter is served, found {active}")
+        key = active[0]
+        if getattr(module, "use_dora", {}).get(key, False):
+            raise ValueError(f"{name}: DoRA adapters are not supported by TFB")
+        lin_a, lin_b = module.lora_A[key], module.lora_B[key]
+        if not isinstance(lin_a, nn.Linear) or not isinstance(lin_b, nn.Linear):
+            raise ValueError(f"{name}: only LoRA on nn.Linear layers is supported, got {type(lin_a).__name__}")
+        if lin_b.bias is not None:
+            raise ValueError(f"{name}: LoRA with a bias on B is not supported")
+        found.append(
+            LoRAWeights(
+                name=name,
+                base_layer=module.get_base_layer(),
+                A=lin_a.weight.detach(),
+                B=lin_b.weight.detach(),
+                scaling=float(module.scaling[key]),
+            )
+        )
+    if not found:
+        raise ValueError("the model has no LoRA modules: is the adapter loaded?")
+    return found
+
+
+def replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Put ``new`` at ``root.<dotted>``."""
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

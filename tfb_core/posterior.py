@@ -1,0 +1,190 @@
+"""Training-Free Bayesianization of a LoRA adapter.
+
+For every LoRA module y = base(x) + s * B A x, with B (out x r) and A (r x in)::
+
+    B = U diag(d) V^T            (thin SVD, float32)
+    B' = U diag(d)               (out x r, fixed)
+    A' = V^T A                   (r x in, posterior mean)      => B'A' = BA exactly
+    q(A'_ij) = N(A'_ij, (sigma / d_i)^2)                       (one sigma for the whole model)
+
+so the weight noise s * B' E is isotropic N(0, sigma^2) noise on the column space of B.
+
+At prediction time each of the R rows of a batch carries its own sample of A' (R x r x in);
+the shrink x -> A'_row x is one ``bmm`` per module, the expand by B' is shared. No copy of any
+weight matrix is made per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tfb_core.lora import LoRAWeights, find_lora_modules, replace_module, unwrap_peft
+
+_SAMPLE_BITS = 20  # sample index n < 2**20 in the derived per-sample seed
+
+
+def svd_reparam(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A', B', d) with B' = U diag(d), A' = V^T A, in float32.  A: (r, in), B: (out, r)."""
+    U, d, Vh = torch.linalg.svd(B.detach().float(), full_matrices=False)  # (out, r), (r,), (r, r)
+    return Vh @ A.detach().float(), U * d, d  # (r, in), (out, r), (r,)
+
+
+def sample_seed(seed: int, n: int) -> int:
+    """The generator seed of Monte Carlo sample ``n`` of ``seed``: sample n does not depend on N."""
+    if not 0 <= n < 2**_SAMPLE_BITS:
+        raise ValueError(f"sample index must be in [0, 2**{_SAMPLE_BITS}), got {n}")
+    return ((seed % 2**43) << _SAMPLE_BITS) | n
+
+
+class TFBLinear(nn.Module):
+    """A LoRA linear layer in TFB form: base(x) + s * B' (A'_row x), one A' sample per batch row."""
+
+    def __init__(self, name: str, base: nn.Module, A: torch.Tensor, B: torch.Tensor, d: torch.Tensor,
+                 scaling: float, d_floor: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.name = name
+        self.base_layer = base
+        self.scaling = scaling
+        device = A.device
+        self.register_buffer("lora_A", A.to(device=device, dtype=dtype), persistent=False)  # (r, in)
+        self.register_buffer("lora_B", B.to(device=device, dtype=dtype), persistent=False)  # (out, r)
+        self.register_buffer("d", d.to(device), persistent=False)  # (r,) float32
+        self.register_buffer("inv_d", 1.0 / d.clamp_min(d_floor).to(device), persistent=False)  # (r,) float32
+        #: per-row deviation of A' from its mean, set by :meth:`TFBPosterior.noise` for one forward
+        self.delta: torch.Tensor | None = None  # (R, r, in)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, T, in) -> A'_row x (R, T, r), with this forward's per-row sample of A'."""
+        if self.delta is None:
+            return x @ self.lora_A.T  # (R, T, r)
+        if self.delta.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{self.name}: noise for {self.delta.shape[0]} rows, batch has {x.shape[0]}")
+        a_rows = self.lora_A.unsqueeze(0) + self.delta  # (R, r, in)
+        return torch.bmm(x, a_rows.transpose(1, 2))  # (R, T, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (R, T, out)
+        z = self.shrink(x.to(self.lora_A.dtype))  # (R, T, r)
+        return y + (self.scaling * (z @ self.lora_B.T)).to(y.dtype)  # (R, T, out)
+
+    def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Only the output features ``ids`` of this layer: x (R, in) -> (R, len(ids)).
+
+        Used for ``lm_head``: the class-token rows of W and of B' are all a classifier needs.
+        """
+        weight = self.base_layer.weight[ids]  # (C, in)
+        y = x.to(weight.dtype) @ weight.T  # (R, C)
+        if getattr(self.base_layer, "bias", None) is not None:
+            y = y + self.base_layer.bias[ids]
+        z = self.shrink(x.to(self.lora_A.dtype).unsqueeze(1)).squeeze(1)  # (R, r)
+        return y + (self.scaling * (z @ self.lora_B[ids].T)).to(y.dtype)  # (R, C)
+
+
+@dataclass
+class NoiseDraw:
+    """Fixed standard-normal draws Z, one (N, r, in) tensor per module: common random numbers.
+
+    The deviation of A' for sample n at a given sigma is (sigma / d) * Z[n].
+    """
+
+    seed: int
+    z: list[torch.Tensor]  # per module: (N, r, in)
+
+    @property
+    def n_samples(self) -> int:
+        return self.z[0].shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.z)
+
+
+class TFBPosterior:
+    """The Gaussian over A' of every LoRA module of one model, with one sigma."""
+
+    def __init__(self, modules: list[TFBLinear]) -> None:
+        if not modules:
+            raise ValueError("no LoRA modules to Bayesianize")
+        self.modules = modules
+
+    @property
+    def device(self) -> torch.device:
+        return self.modules[0].lora_A.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.modules[0].lora_A.dtype
+
+    def std(self, sigma: float) -> list[torch.Tensor]:
+        """Posterior std of the rows of A' per module: sigma / d_i, (r,) each."""
+        return [sigma * m.inv_d for m in self.modules]
+
+    def draw(self, seed: int, n_samples: int) -> NoiseDraw:
+        """Standard-normal Z for samples 0..N-1 of ``seed``, on the model's device and in its dtype.
+
+        Sample n is drawn from its own generator (seeded by :func:`sample_seed`), so the first k
+        samples of an N-sample draw equal a k-sample draw, and nothing else in a batch matters.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        gen = torch.Generator(device=self.device)
+        per_sample: list[list[torch.Tensor]] = []
+        for n in range(n_samples):
+            gen.manual_seed(sample_seed(seed, n))
+            per_sample.append([
+                torch.randn(m.lora_A.shape, generator=gen, device=self.device, dtype=self.dtype)
+                for m in self.modules
+            ])  # per module: (r, in)
+        z = [torch.stack([s[k] for s in per_sample]) for k in range(len(self.modules))]  # (N, r, in)
+        return NoiseDraw(seed=seed, z=z)
+
+    def set_noise(self, sigma: float, z_rows: list[torch.Tensor] | None) -> None:
+        """Arm every module for one forward: row j uses A' + (sigma / d) * z_rows[k][j].
+
+        ``z_rows[k]`` is (R, r, in) for module k; ``None`` (or sigma = 0) means the posterior mean.
+        """
+        if z_rows is None or sigma == 0.0:
+            for m in self.modules:
+                m.delta = None
+            return
+        if len(z_rows) != len(self.modules):
+            raise ValueError(f"noise for {len(z_rows)} modules, the model has {len(self.modules)}")
+        for m, z in zip(self.modules, z_rows, strict=True):
+            m.delta = z * (sigma * m.inv_d).to(z.dtype)[None, :, None]  # (R, r, in)
+
+    def clear_noise(self) -> None:
+        self.set_noise(0.0, None)
+
+
+def bayesianize(model: nn.Module, d_floor: float = 1e-6) -> tuple[nn.Module, TFBPosterior, TFBLinear | None]:
+    """Re-parameterise every LoRA module of a peft model in place and return
+
+    (the transformers model that now holds ``TFBLinear`` layers, the posterior, the ``lm_head``
+    layer if it carries LoRA, else ``None``). B'A' = BA, so at sigma = 0 nothing changes.
+    """
+    loras: list[LoRAWeights] = find_lora_modules(model)
+    inner = unwrap_peft(model)
+    modules: list[TFBLinear] = []
+    head: TFBLinear | None = None
+    out_emb = inner.get_output_embeddings()
+    for lw in loras:
+        is_head = inner.get_submodule(lw.name) is out_emb
+        A2, B2, d = svd_reparam(lw.A, lw.B)
+        dtype = lw.A.dtype if lw.A.dtype.is_floating_point else torch.float32
+        layer = TFBLinear(lw.name, lw.base_layer, A2.to(lw.A.device), B2.to(lw.A.device), d, lw.scaling,
+                          d_floor, dtype)
+        replace_module(inner, lw.name, layer)
+        modules.append(layer)
+        if is_head:
+            head = layer
+    return inner, TFBPosterior(modules), head

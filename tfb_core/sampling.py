@@ -1,0 +1,198 @@
+"""The batched Monte Carlo forward: N adapter samples for B prompts in one forward of N*B rows.
+
+Rows are replicated sample-major (row = n * B + b for one noise draw); every row carries its own
+sample of A' (see :mod:`tfb_core.posterior`), so prompts with different seeds or different N can
+share one forward and a prompt's answer never depends on what else is in the batch. Only the last
+position is read, and only the class-token rows of ``lm_head`` (and of its LoRA) are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tfb_core.posterior import NoiseDraw, TFBLinear, TFBPosterior, bayesianize
+from tfb_core.tasks import class_token_ids
+
+
+class PromptTooLongError(ValueError):
+    """A prompt with more tokens than the configured maximum."""
+
+
+@dataclass
+class Job:
+    """One input of a batched forward: its tokens, its N, and the noise its samples use."""
+
+    tokens: list[int]
+    n_samples: int
+    noise: NoiseDraw | None  # None: the posterior mean (sigma = 0)
+
+
+class BayesianClassifier:
+    """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, posterior: TFBPosterior, head: TFBLinear | None,
+                 labels: Sequence[str], sigma: float = 0.0, max_length: int = 300) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.posterior = posterior
+        self.head = head
+        self.sigma = float(sigma)
+        self.max_length = max_length
+        self.set_labels(labels)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
+        self.pad_id = int(pad)
+        self.backbone = model.base_model  # the decoder stack without lm_head
+        self.output_embeddings = model.get_output_embeddings()
+
+    @classmethod
+    def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str], sigma: float = 0.0,
+                  d_floor: float = 1e-6, max_length: int = 300) -> BayesianClassifier:
+        """Bayesianize a peft model in place (B'A' = BA) and wrap it."""
+        model, posterior, head = bayesianize(peft_model, d_floor=d_floor)
+        return cls(model, tokenizer, posterior, head, labels, sigma=sigma, max_length=max_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.posterior.device
+
+    def set_labels(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        self.class_ids = torch.tensor(class_token_ids(self.tokenizer, self.labels), device=self.device)
+
+    def class_ids_for(self, labels: Sequence[str] | None) -> torch.Tensor:
+        if labels is None or list(labels) == self.labels:
+            return self.class_ids
+        return torch.tensor(class_token_ids(self.tokenizer, labels), device=self.device)
+
+    # --- tokens -------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt (with the tokenizer's special tokens); too long is an error."""
+        out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        for i, toks in enumerate(out):
+            if len(toks) > self.max_length:
+                raise PromptTooLongError(f"input {i} is {len(toks)} tokens, more than the maximum of "
+                                         f"{self.max_length}")
+        return out
+
+    def _pad_left(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)  # (R, T), (R, T)
+
+    # --- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def class_logits(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
+                     class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Class-token logits at the last position of each row: (R, C) float32.
+
+        ``z_rows[k]`` (R, r, in) are the standard-normal draws of module k for each row; the
+        deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
+        """
+        ids = self.class_ids if class_ids is None else class_ids
+        input_ids, mask = self._pad_left(rows)  # (R, T)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
+        self.posterior.set_noise(sigma, z_rows)
+        try:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state[:, -1]  # (R, H)
+            if self.head is not None:
+                logits = self.head.rows(hidden, ids)  # (R, C)
+            else:
+                weight = self.output_embeddings.weight[ids]  # (C, H)
+                logits = hidden.to(weight.dtype) @ weight.T
+                if getattr(self.output_embeddings, "bias", None) is not None:
+                    logits = logits + self.output_embeddings.bias[ids]
+        finally:
+            self.posterior.clear_noise()
+        return logits.float()
+
+    def run_jobs(self, jobs: Sequence[Job], sigma: float | None = None,
+                 class_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
+
+        Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
+        noise) each job needs one row whose result stands for all its samples.
+        """
+        sigma = self.sigma if sigma is None else sigma
+        noisy = sigma > 0.0
+        groups: dict[int, list[int]] = {}
+        for j, job in enumerate(jobs):
+            if job.n_samples < 1:
+                raise ValueError(f"n_samples must be >= 1, got {job.n_samples}")
+            if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
+                raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
+            key = id(job.noise) if (noisy and job.noise is not None) else 0
+            groups.setdefault(key, []).append(j)
+        rows: list[list[int]] = []
+        owner: list[tuple[int, int]] = []  # (job, sample) of each row
+        z_parts: list[list[torch.Tensor]] = []
+        for key, members in groups.items():
+            if key == 0:  # posterior mean: one row per job
+                rows += [jobs[j].tokens for j in members]
+                owner += [(j, -1) for j in members]
+                if noisy:  # mixed batch: zero noise for these rows
+                    z_parts.append([torch.zeros((len(members), *m.lora_A.shape), dtype=m.lora_A.dtype,
+                                                device=m.lora_A.device) for m in self.posterior.modules])
+                continue
+            noise = jobs[members[0]].noise
+            assert noise is not None
+            n_max = max(jobs[j].n_samples for j in members)
+            sample_idx = []
+            for n in range(n_max):  # sample-major
+                for j in members:
+                    if n < jobs[j].n_samples:
+                        rows.append(jobs[j].tokens)
+                        owner.append((j, n))
+                        sample_idx.append(n)
+            idx = torch.tensor(sample_idx, device=self.device)
+            z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
+        z_rows = None
+        if noisy and any(k != 0 for k in groups):
+            z_rows = [torch.cat([part[k] for part in z_parts]) for k in range(len(self.posterior.modules))]
+        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids), dim=-1)  # (R, C)
+        out = [torch.empty((job.n_samples, probs.shape[1])) for job in jobs]
+        for r, (j, n) in enumerate(owner):
+            if n < 0:
+                out[j][:] = probs[r].cpu()
+            else:
+                out[j][n] = probs[r].cpu()
+        return out
+
+    def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, sigma: float | None = None,
+                     noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,
+                     progress: Iterable[Any] | None = None) -> torch.Tensor:
+        """Per-sample probabilities (B, N, C) of many prompts, in forwards of at most ``max_rows`` rows.
+
+        ``noise`` (a draw of at least N samples) fixes the randomness, e.g. common random numbers
+        across sigmas; otherwise it is drawn from ``seed``.
+        """
+        sigma = self.sigma if sigma is None else sigma
+        tokens = self.tokenize(prompts)
+        if sigma > 0.0 and noise is None:
+            noise = self.posterior.draw(seed, n_samples)
+        rows_per_prompt = n_samples if sigma > 0.0 else 1
+        per_forward = max(1, max_rows // rows_per_prompt)
+        # Sort by length so that each forward pads little; results go back in input order.
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        out = torch.empty((len(tokens), n_samples, len(self.labels if class_ids is None else class_ids)))
+        for start in range(0, len(order), per_forward):
+            chunk = order[start:start + per_forward]
+            results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids)
+            for i, res in zip(chunk, results, strict=True):
+                out[i] = res
+            if progress is not None:
+                progress.update(len(chunk))  # type: ignore[attr-defined]
+        return out

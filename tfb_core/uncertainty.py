@@ -1,0 +1,120 @@
+"""Predictive uncertainty of Monte Carlo samples, and calibration metrics.
+
+With p_n the class probabilities of sample n and p = mean_n p_n::
+
+    predictive entropy   H[p]
+    expected entropy     mean_n H[p_n]            (aleatoric)
+    mutual information   H[p] - mean_n H[p_n]     (epistemic, >= 0, 0 when all samples agree)
+
+Metrics follow the reference (torchmetrics): accuracy, ECE with 15 equal-width bins on the
+top-label confidence (L1), NLL = mean -log p[y], Brier = mean sum_c (p_c - 1[y=c])^2. Fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
+ECE_BINS = 15
+_EPS = 1e-12
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last dimension: (..., C) -> (...)."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+@dataclass
+class Uncertainty:
+    """Per-input summary of N Monte Carlo samples; every field has a leading batch dimension B."""
+
+    probs: torch.Tensor  # (B, C) mean over samples
+    index: torch.Tensor  # (B,) argmax of probs
+    confidence: torch.Tensor  # (B,) max of probs
+    predictive_entropy: torch.Tensor  # (B,)
+    expected_entropy: torch.Tensor  # (B,)
+    mutual_information: torch.Tensor  # (B,)
+
+
+def summarize(sample_probs: torch.Tensor) -> Uncertainty:
+    """(B, N, C) per-sample probabilities -> :class:`Uncertainty`."""
+    if sample_probs.dim() != 3:
+        raise ValueError(f"expected (B, N, C) probabilities, got shape {tuple(sample_probs.shape)}")
+    p = sample_probs.double()
+    mean = p.mean(1)  # (B, C)
+    h_mean = entropy(mean)  # (B,)
+    h_each = entropy(p).mean(1)  # (B,)
+    conf, index = mean.max(-1)
+    return Uncertainty(
+        probs=mean.float(),
+        index=index,
+        confidence=conf.float(),
+        predictive_entropy=h_mean.float(),
+        expected_entropy=h_each.float(),
+        # Jensen makes this >= 0; clamp only float rounding.
+        mutual_information=(h_mean - h_each).clamp_min(0.0).float(),
+    )
+
+
+def nll(probs: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean -log p[y]: probs (B, C), target (B,)."""
+    p = probs.double().gather(1, target.long().unsqueeze(1)).squeeze(1)
+    return float(-torch.log(p.clamp_min(_EPS)).mean())
+
+
+def brier(probs: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over inputs of sum_c (p_c - 1[y=c])^2."""
+    onehot = torch.nn.functional.one_hot(target.long(), probs.shape[1]).double()
+    return float(((probs.double() - onehot) ** 2).sum(1).mean())
+
+
+def ece(probs: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error, equal-width bins on the top-label confidence (L1)."""
+    return float(multiclass_calibration_error(probs.float(), target.long(), num_classes=probs.shape[1],
+                                              n_bins=n_bins, norm="l1"))
+
+
+def accuracy(probs: torch.Tensor, target: torch.Tensor) -> float:
+    return float(multiclass_accuracy(probs.float(), target.long(), num_classes=probs.shape[1], average="micro"))
+
+
+def classification_metrics(probs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Accuracy, ECE, NLL and Brier of mean probabilities (B, C) against true classes (B,)."""
+    if probs.shape[0] != target.shape[0] or probs.shape[0] == 0:
+        raise ValueError(f"need as many targets as predictions (> 0), got {probs.shape[0]} and {target.shape[0]}")
+    return {"accuracy": accuracy(probs, target), "ece": ece(probs, target), "nll": nll(probs, target),
+            "brier": brier(probs, target)}
+
+
+def fit_temperature(probs: torch.Tensor, target: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the NLL of softmax(log p / T) on a labelled set (one scalar).
+
+    Golden-section search on log T: the NLL is unimodal in T for fixed logits.
+    """
+    logp = torch.log(probs.double().clamp_min(_EPS))
+
+    def loss(log_t: float) -> float:
+        return nll(torch.softmax(logp / math.exp(log_t), dim=1), target)
+
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(80):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    return math.exp((lo + hi) / 2)
+
+
+def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T): temperature scaling of (mean) probabilities (B, C)."""
+    return torch.softmax(torch.log(probs.double().clamp_min(_EPS)) / temperature, dim=1).to(probs.dtype)
