@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import LABELS
+
 from tfb_core.config import ModelConfig
 from tfb_core.loading import load_adapter, load_base_model, load_classifier
 from tfb_core.lora import find_lora_modules

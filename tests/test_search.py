@@ -1,0 +1,151 @@
+"""The sigma search: synthetic objectives with known roots, the tiny model, and the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from conftest import LABELS
+
+from tfb_core import cache
+from tfb_core.config import SearchConfig
+from tfb_core.engine import EngineConfig, TFBEngine
+from tfb_core.search import anchor_objective, search, search_sigma
+
+
+def monotone(root: float, calls: list[float] | None = None):
+    """A smooth increasing criterion that crosses tolerance 0.1 at ``root``."""
+    def f(sigmas):
+        if calls is not None:
+            calls.extend(sigmas)
+        return [0.1 * (s / root) ** 2 for s in sigmas]
+    return f
+
+
+@pytest.mark.parametrize("method", ["bisect", "grid"])
+@pytest.mark.parametrize("root", [0.004, 0.0123, 0.05, 0.0004])  # inside, inside, above, below the bracket
+def test_search_finds_a_known_root(method, root):
+    cfg = SearchConfig(tolerance=0.1, low=0.001, high=0.015, iters=12, method=method, grid_size=8)
+    res = search(monotone(root), cfg)
+    assert res.satisfied
+    assert res.sigma <= root * (1 + 1e-9)  # never above the root: the largest sigma that satisfies
+    assert res.sigma >= root * (0.995 if method == "bisect" else 0.97)
+    assert res.value <= 0.1
+    assert all(p.ok == (p.value <= 0.1) for p in res.history)
+
+
+def test_bisect_returns_the_largest_satisfying_not_the_last_violating():
+    cfg = SearchConfig(tolerance=0.1, low=0.001, high=0.015, iters=5)
+    res = search(monotone(0.007), cfg)
+    oks = [p.sigma for p in res.history if p.ok]
+    assert res.sigma == max(oks)
+
+
+def test_no_satisfying_sigma_gives_zero_and_says_so():
+    cfg = SearchConfig(tolerance=0.1, low=0.001, high=0.015, max_expansions=2)
+    res = search(lambda s: [1.0 for _ in s], cfg)
+    assert not res.satisfied and res.sigma == 0.0 and "broke the tolerance" in res.note
+
+
+def test_search_on_the_tiny_model_satisfies_the_tolerance_and_above_does_not(classifier):
+    prompts = ["a great film", "a dull mess", "superb acting", "I would not watch it", "thin plot", "wonderful"]
+    cfg = SearchConfig(criterion="nll", tolerance=0.2, low=0.01, high=0.5, iters=6, n_samples=4, seed=3)
+    res = search_sigma(classifier, prompts, cfg, progress=False)
+    assert res.satisfied and 0 < res.sigma
+    objective, ref = anchor_objective(classifier, prompts, cfg)
+    assert ref["nll_pseudo"] > 0
+    at, above = objective([res.sigma, res.sigma * 1.3])
+    assert at == pytest.approx(res.value, rel=1e-4) and at <= cfg.tolerance  # deterministic: common random numbers
+    assert above > cfg.tolerance
+    flip = search_sigma(classifier, prompts, SearchConfig(criterion="flip", tolerance=0.2, low=0.01, high=0.5,
+                                                          n_samples=4), progress=False)
+    assert flip.satisfied and flip.value <= 0.2
+
+
+def test_grid_evaluates_many_sigmas_in_shared_forwards(classifier):
+    prompts = ["a great film", "a dull mess", "superb acting"]
+    cfg = SearchConfig(n_samples=3, seed=1)
+    objective, _ = anchor_objective(classifier, prompts, cfg)
+    together = objective([0.05, 0.2, 0.4])
+    apart = [objective([s])[0] for s in (0.05, 0.2, 0.4)]
+    assert together == pytest.approx(apart, rel=1e-4, abs=1e-6)
+
+
+@pytest.fixture()
+def anchor_file(tmp_path):
+    path = tmp_path / "anchor.jsonl"
+    rows = [{"prompt": p, "label": lab} for p, lab in [("a great film", "positive"), ("a dull mess", "negative"),
+                                                       ("superb acting", "positive"), ("thin plot", "negative")]]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def engine_cfg(model_cfg, anchor, cache_dir, **search):
+    from dataclasses import replace
+
+    return EngineConfig(model=replace(model_cfg, cache_dir=str(cache_dir)), labels=tuple(LABELS), anchor=str(anchor),
+                        search=SearchConfig(**{"tolerance": 0.3, "low": 0.01, "high": 0.5, "iters": 3,
+                                               "n_samples": 3, **search}))
+
+
+def test_cache_is_reused_and_invalidated_by_any_key(model_cfg, anchor_file, tmp_path):
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    first = TFBEngine.load(cfg, progress=False)
+    assert first.sigma_source == "search"
+    again = TFBEngine.load(cfg, progress=False)
+    assert again.sigma_source == "cache" and again.sigma == first.sigma
+    assert len(list((tmp_path / "sigma").glob("*.json"))) == 1
+    # every key that the result depends on invalidates it
+    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, tolerance=0.31), False).sigma_source == "search"
+    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, seed=9), False).sigma_source == "search"
+    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, criterion="flip"), False).sigma_source == "search"
+    anchor_file.write_text(anchor_file.read_text().replace("thin plot", "thin plot indeed"))
+    assert TFBEngine.load(cfg, progress=False).sigma_source == "search"
+    assert len(list((tmp_path / "sigma").glob("*.json"))) == 5
+    assert not list((tmp_path / "sigma").glob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_other_adapter_weights_invalidate_the_cache(tiny, model_cfg, anchor_file, tmp_path):
+    from dataclasses import replace
+
+    a = TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path), progress=False)
+    b_cfg = engine_cfg(replace(model_cfg, adapter=tiny["adapter_qv"]), anchor_file, tmp_path)
+    b = TFBEngine.load(b_cfg, progress=False)
+    assert a.sigma_source == b.sigma_source == "search"
+
+
+@pytest.mark.parametrize("garbage", ["{not json", json.dumps({"format": 1, "key": {}, "result": {}}),
+                                     json.dumps({"format": 99}), ""])
+def test_corrupt_or_mismatching_cache_is_ignored_with_a_warning(model_cfg, anchor_file, tmp_path, caplog, garbage):
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    first = TFBEngine.load(cfg, progress=False)
+    path = next((tmp_path / "sigma").glob("*.json"))
+    path.write_text(garbage)
+    with caplog.at_level(logging.WARNING):
+        again = TFBEngine.load(cfg, progress=False)
+    assert again.sigma_source == "search" and again.sigma == first.sigma
+    assert "recomputing" in caplog.text
+    assert cache.load(tmp_path, json.loads(path.read_text())["key"]) is not None  # rewritten, valid
+
+
+def test_cache_round_trip(tmp_path):
+    from tfb_core.search import SearchPoint, SearchResult
+
+    res = SearchResult(0.01, 0.2, "nll", 0.3, True, "bisect", [SearchPoint(0.01, 0.2, True)], 1.5, 1,
+                       {"nll_pseudo": 0.1})
+    key = {"a": 1, "b": [1, 2]}
+    cache.save(tmp_path, key, res)
+    assert cache.load(tmp_path, key) == res
+    assert cache.load(tmp_path, {"a": 2, "b": [1, 2]}) is None
+    assert math.isclose(cache.load(tmp_path, key).sigma, 0.01)
+
+
+def test_tensors_hash_sees_one_changed_value():
+    t = torch.arange(12.0).view(3, 4)
+    u = t.clone()
+    u[2, 3] += 1e-3
+    assert cache.tensors_sha256([t]) != cache.tensors_sha256([u])
+    assert cache.tensors_sha256([t]) == cache.tensors_sha256([t.clone()])

@@ -1,0 +1,91 @@
+"""The sigma cache: one small JSON file per search, keyed by everything the result depends on.
+
+The file name is the SHA-256 of the canonical key; the key itself is stored too and compared on
+load, so a corrupt, truncated or mismatching file is ignored (with a warning) and recomputed,
+never trusted. Files are written to a temporary name and renamed: a crash leaves no half file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfb_core.search import SearchResult
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_text(parts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """Hash of tensor contents (shape, dtype and bytes): identifies an adapter however it was loaded."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(canonical(key).encode()).hexdigest()[:32]
+    return Path(cache_dir) / "sigma" / f"{digest}.json"
+
+
+def load(cache_dir: str | Path, key: dict[str, Any]) -> SearchResult | None:
+    """The cached result for ``key``, or None (missing, corrupt or for another key: warned)."""
+    path = cache_path(cache_dir, key)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {CACHE_FORMAT}")
+        if canonical(data["key"]) != canonical(key):
+            log.warning("sigma cache %s holds another key; recomputing", path)
+            return None
+        result = SearchResult.from_dict(data["result"])
+        if not (result.sigma >= 0.0 and result.sigma == result.sigma):
+            raise ValueError(f"sigma {result.sigma!r}")
+        return result
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("sigma cache %s is unreadable (%s); recomputing", path, exc)
+        return None
+
+
+def save(cache_dir: str | Path, key: dict[str, Any], result: SearchResult) -> Path:
+    """Write atomically: a temporary file in the same folder, fsynced, then renamed into place."""
+    path = cache_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"format": CACHE_FORMAT, "key": key, "result": result.to_dict()}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

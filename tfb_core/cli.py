@@ -1,0 +1,163 @@
+"""The ``tfb`` command line (library part): ``predict``, ``search`` and ``eval``.
+
+``tfb serve`` is added by :mod:`app.cli`, which owns the console script, so that this package
+stays free of web imports. Errors print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, SearchConfig
+from tfb_core.engine import EngineConfig, TFBEngine, read_jsonl
+from tfb_core.loading import LoadError
+from tfb_core.tasks import TaskError
+
+log = logging.getLogger("tfb")
+_SEARCH = SearchConfig()
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every subcommand that loads a model (``predict``, ``search``, ``eval``, ``serve``)."""
+    g = p.add_argument_group("model and adapter")
+    g.add_argument("--model", default=None, help=f"base model: local folder, hub id or pip:<wheel> (default {DEFAULT_MODEL})")
+    g.add_argument("--model-revision", default=None)
+    g.add_argument("--model-subfolder", default=None)
+    g.add_argument("--gguf-file", default=None, help="load the base model from this GGUF file of the repository")
+    g.add_argument("--adapter", default=None, help="peft LoRA adapter: local folder or hub id (default: the demo adapter)")
+    g.add_argument("--adapter-revision", default=None)
+    g.add_argument("--adapter-subfolder", default=None, help="subfolder of the adapter repository")
+    g.add_argument("--dtype", choices=DTYPES, default=None)
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N")
+    g.add_argument("--load-in-8bit", action="store_true", default=None, help="bitsandbytes 8-bit base model (CUDA)")
+    g.add_argument("--cache-dir", default=None, help="converted models and sigma searches (default ~/.cache/tfb-serve)")
+    g.add_argument("--max-length", type=int, default=None, help="maximum prompt length in tokens")
+    t = p.add_argument_group("task")
+    t.add_argument("--task", default=None, help="winogrande, arc_challenge, arc_easy, openbookqa, boolq, sst2")
+    t.add_argument("--labels", nargs="+", default=None, help="class labels of the generic task (single tokens)")
+    s = p.add_argument_group("posterior and sampling")
+    s.add_argument("--sigma", type=float, default=None, help="fixed sigma (default: from the cache or a search)")
+    s.add_argument("--samples", type=int, default=None, help="Monte Carlo samples N (default 10)")
+    s.add_argument("--seed", type=int, default=None, help="seed of the posterior samples (default 0)")
+    s.add_argument("--anchor", default=None, help="JSONL anchor set for the sigma search")
+    s.add_argument("--criterion", choices=CRITERIA, default=None, help=f"search criterion (default {_SEARCH.criterion})")
+    s.add_argument("--tolerance", type=float, default=None, help=f"search tolerance (default {_SEARCH.tolerance})")
+    s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
+    s.add_argument("--high", type=float, default=None, help=f"upper end of the sigma bracket (default {_SEARCH.high})")
+    s.add_argument("--iters", type=int, default=None, help=f"bisection steps (default {_SEARCH.iters})")
+    s.add_argument("--search-samples", type=int, default=None, help=f"N during the search (default {_SEARCH.n_samples})")
+    s.add_argument("--search-method", choices=("bisect", "grid"), default=None)
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag, None) is not None}
+
+
+MODEL_FLAGS = {"model": "model", "model_revision": "model_revision", "model_subfolder": "model_subfolder",
+               "gguf_file": "gguf_file", "adapter": "adapter", "adapter_revision": "adapter_revision",
+               "adapter_subfolder": "adapter_subfolder", "dtype": "dtype", "device": "device",
+               "load_in_8bit": "load_in_8bit", "cache_dir": "cache_dir", "max_length": "max_length"}
+SEARCH_FLAGS = {"criterion": "criterion", "tolerance": "tolerance", "low": "low", "high": "high", "iters": "iters",
+                "search_samples": "n_samples", "search_method": "method", "seed": "seed"}
+
+
+def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
+    """An :class:`EngineConfig` from the flags given, on top of ``base`` (e.g. environment settings)."""
+    base = base or EngineConfig()
+    model = ModelConfig(**{**base.model.__dict__, **_given(args, MODEL_FLAGS)})
+    search = SearchConfig(**{**base.search.__dict__, **_given(args, SEARCH_FLAGS)})
+    top = _given(args, {"task": "task", "sigma": "sigma", "anchor": "anchor", "samples": "n_samples", "seed": "seed"})
+    if getattr(args, "labels", None):
+        top["labels"] = tuple(args.labels)
+    return EngineConfig(**{**base.__dict__, "model": model, "search": search, **top})
+
+
+def _load_inputs(args: argparse.Namespace) -> list[Any]:
+    inputs: list[Any] = list(args.prompt or [])
+    for path in args.input or []:
+        inputs += read_jsonl(path)
+    if not inputs:
+        raise LoadError("no inputs: give --prompt TEXT (repeatable) or --input FILE.jsonl")
+    return inputs
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    engine = TFBEngine.load(engine_config_from_args(args))
+    out = engine.predict(_load_inputs(args), n_samples=args.samples, seed=args.seed,
+                         return_samples=args.return_samples)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"sigma={out['sigma']:.6g} ({engine.sigma_source})  N={out['n_samples']}  labels={out['labels']}")
+        for p in out["predictions"]:
+            print(f"{p['label']:>12}  conf={p['confidence']:.3f}  H={p['predictive_entropy']:.3f}  "
+                  f"aleatoric={p['expected_entropy']:.3f}  MI={p['mutual_information']:.4f}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    cfg = engine_config_from_args(args)
+    if cfg.sigma is not None:
+        raise LoadError("--sigma fixes sigma: there is nothing to search")
+    engine = TFBEngine.load(cfg)
+    result = engine.search_result
+    assert result is not None
+    out = {"sigma": engine.sigma, "source": engine.sigma_source, **result.to_dict()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"sigma = {engine.sigma:.6g} ({engine.sigma_source}); {result.criterion} = {result.value:.4g} "
+              f"<= {result.tolerance:g}; {result.n_evaluations} evaluations in {result.seconds:.1f}s")
+        for pt in sorted(result.history, key=lambda p: p.sigma):
+            print(f"  sigma={pt.sigma:.6g}  {result.criterion}={pt.value:.4g}  {'ok' if pt.ok else 'over'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tfb", description="Training-Free Bayesianization of LoRA adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="predict with uncertainty")
+    add_model_arguments(p)
+    p.add_argument("--prompt", action="append", help="an input prompt (generic task) ; repeatable")
+    p.add_argument("--input", action="append", help="JSONL file of inputs (prompt strings' objects or task records)")
+    p.add_argument("--return-samples", action="store_true", help="include the per-sample probabilities")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predict)
+    s = sub.add_parser("search", help="search sigma on an anchor set (or load it from the cache)")
+    add_model_arguments(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+    try:
+        from tfb_core.evaluate import add_eval_arguments, eval_main
+    except ImportError:  # evaluation needs the optional plotting extra only when plotting
+        pass
+    else:
+        e = sub.add_parser("eval", help="evaluate MLE against TFB (and temperature scaling) on a data set")
+        add_model_arguments(e)
+        add_eval_arguments(e)
+        e.set_defaults(func=eval_main)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (LoadError, TaskError, ValueError, FileNotFoundError) as exc:
+        print(f"tfb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

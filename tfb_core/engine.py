@@ -1,0 +1,237 @@
+"""The engine the CLI and the server share: load, obtain sigma (fixed, cache or search), predict.
+
+    engine = TFBEngine.load(EngineConfig(model=ModelConfig(...), task="sst2"))
+    engine.predict([{"sentence": "a gripping film"}], n_samples=10, seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfb_core import __version__, cache
+from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
+from tfb_core.loading import LoadError, default_cache_dir, load_classifier
+from tfb_core.posterior import NoiseDraw
+from tfb_core.sampling import BayesianClassifier, Job
+from tfb_core.search import SearchResult, search_sigma
+from tfb_core.tasks import Record, Task, TaskError, get_task
+from tfb_core.uncertainty import summarize
+
+log = logging.getLogger(__name__)
+
+#: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
+DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
+DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything :class:`TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: str | None = None
+    labels: tuple[str, ...] | None = None
+    sigma: float | None = None
+    anchor: str | None = None
+    search: SearchConfig = field(default_factory=SearchConfig)
+    d_floor: float = 1e-6
+    n_samples: int = 10
+    seed: int = 0
+    max_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sigma is not None:
+            PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+
+    def with_defaults(self) -> EngineConfig:
+        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
+        changes: dict[str, Any] = {}
+        model = self.model
+        if model.adapter is None and model.model == DEFAULT_MODEL:
+            model = ModelConfig(**{**asdict(model), "adapter": str(DEMO_ADAPTER)})
+            changes["model"] = model
+            if self.task is None and self.labels is None:
+                changes["task"] = "sst2"
+            if self.anchor is None and self.sigma is None:
+                changes["anchor"] = str(DEMO_ANCHOR)
+        return EngineConfig(**{**self.__dict__, **changes}) if changes else self
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Records of a JSON Lines file; a bad line is an error naming the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoadError(f"anchor file {str(p)!r}: no such file")
+    records: list[Record] = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise LoadError(f"{p}:{i}: not valid JSON: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise LoadError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    if not records:
+        raise LoadError(f"anchor file {str(p)!r} holds no records")
+    return records
+
+
+def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") -> tuple[list[str], torch.Tensor | None]:
+    """(prompts, true classes or None) of an anchor set; labels are used only if every record has one."""
+    prompts, targets = [], []
+    for i, rec in enumerate(records, 1):
+        try:
+            prompts.append(task.format(rec))
+            targets.append(task.target(rec))
+        except TaskError as exc:
+            raise LoadError(f"{path}: record {i}: {exc}") from exc
+    labelled = all(t is not None for t in targets)
+    return prompts, (torch.tensor(targets) if labelled else None)
+
+
+class TFBEngine:
+    """A Bayesianized classifier with its task, sigma, and default Monte Carlo noise."""
+
+    def __init__(self, cfg: EngineConfig, classifier: BayesianClassifier, task: Task, sigma: float,
+                 sigma_source: str, search_result: SearchResult | None = None) -> None:
+        self.cfg = cfg
+        self.classifier = classifier
+        self.task = task
+        self.sigma = sigma
+        self.sigma_source = sigma_source
+        self.search_result = search_result
+        classifier.sigma = sigma
+        self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: EngineConfig, progress: bool = True) -> TFBEngine:
+        cfg = cfg.with_defaults()
+        try:
+            task = get_task(cfg.task, cfg.labels)
+        except TaskError as exc:
+            raise LoadError(str(exc)) from exc
+        clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
+        if cfg.sigma is not None:
+            return cls(cfg, clf, task, cfg.sigma, "fixed")
+        if not cfg.anchor:
+            raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on")
+        prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
+        try:
+            clf.tokenize(prompts)
+        except ValueError as exc:
+            raise LoadError(f"anchor file {cfg.anchor!r}: {exc}") from exc
+        if cfg.search.criterion == "accuracy" and targets is None:
+            raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
+        key = cls.cache_key(cfg, clf, task, prompts, targets)
+        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        result = cache.load(cache_dir, key)
+        if result is not None:
+            log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
+            return cls(cfg, clf, task, result.sigma, "cache", result)
+        log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
+                 cfg.search.tolerance, cfg.search.n_samples)
+        result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
+        path = cache.save(cache_dir, key, result)
+        log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
+        return cls(cfg, clf, task, result.sigma, "search", result)
+
+    @staticmethod
+    def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: Sequence[str],
+                  targets: torch.Tensor | None) -> dict[str, Any]:
+        """Everything a search result depends on (TFB.md section 3)."""
+        m = cfg.model
+        tensors = [t for mod in clf.posterior.modules for t in (mod.lora_A, mod.lora_B)]
+        model_config = getattr(clf.model, "config", None)
+        return {
+            "code_version": __version__,
+            "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
+            "gguf_file": m.gguf_file,
+            "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
+            "adapter": m.adapter, "adapter_revision": m.adapter_revision, "adapter_subfolder": m.adapter_subfolder,
+            "adapter_sha256": cache.tensors_sha256(tensors),
+            "dtype": m.dtype, "device_type": torch.device(m.device).type, "load_in_8bit": m.load_in_8bit,
+            "task": task.name, "labels": list(task.labels),
+            "anchor_sha256": cache.sha256_text(list(prompts) + ([str(targets.tolist())] if targets is not None else [])),
+            "search": asdict(cfg.search), "d_floor": cfg.d_floor,
+        }
+
+    # --- prediction ---------------------------------------------------------------------------
+    def noise(self, seed: int, n_samples: int) -> NoiseDraw | None:
+        """The standard-normal draw of ``seed`` with at least ``n_samples`` samples (kept for reuse)."""
+        if self.sigma == 0.0:
+            return None
+        draw = self._noise.get(seed)
+        if draw is None or draw.n_samples < n_samples:
+            draw = self.classifier.posterior.draw(seed, max(n_samples, self.cfg.n_samples))
+            self._noise[seed] = draw
+            while len(self._noise) > 8:
+                self._noise.popitem(last=False)
+        self._noise.move_to_end(seed)
+        return draw
+
+    def format_inputs(self, inputs: Sequence[str | Record]) -> list[str]:
+        """Prompts of the inputs; raises ``TaskError`` naming the bad input's position."""
+        prompts = []
+        for i, x in enumerate(inputs):
+            try:
+                prompts.append(self.task.format(x))
+            except TaskError as exc:
+                raise TaskError(f"input {i}: {exc}") from exc
+        return prompts
+
+    def predict(self, inputs: Sequence[str | Record], n_samples: int | None = None, seed: int | None = None,
+                return_samples: bool = False) -> dict[str, Any]:
+        """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
+        n = n_samples or self.cfg.n_samples
+        tokens = self.classifier.tokenize(self.format_inputs(inputs))
+        noise = self.noise(self.cfg.seed if seed is None else seed, n)
+        per = max(1, self.cfg.max_rows // (n if self.sigma > 0 else 1))
+        probs: list[torch.Tensor] = []
+        for start in range(0, len(tokens), per):
+            probs += self.classifier.run_jobs([Job(t, n, noise) for t in tokens[start:start + per]])
+        return self.response(torch.stack(probs), return_samples)
+
+    def response(self, sample_probs: torch.Tensor, return_samples: bool = False) -> dict[str, Any]:
+        """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``."""
+        u = summarize(sample_probs)
+        labels = list(self.task.labels)
+        preds = []
+        for b in range(sample_probs.shape[0]):
+            item = {
+                "label": labels[int(u.index[b])], "index": int(u.index[b]),
+                "probs": [float(x) for x in u.probs[b]], "confidence": float(u.confidence[b]),
+                "predictive_entropy": float(u.predictive_entropy[b]),
+                "expected_entropy": float(u.expected_entropy[b]),
+                "mutual_information": float(u.mutual_information[b]),
+            }
+            if return_samples:
+                item["samples"] = [[float(x) for x in row] for row in sample_probs[b]]
+            preds.append(item)
+        return {"labels": labels, "sigma": self.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds}
+
+    def info(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "model": m.model, "model_revision": m.model_revision, "adapter": m.adapter,
+            "adapter_subfolder": m.adapter_subfolder, "dtype": m.dtype, "device": m.device,
+            "task": self.task.name, "labels": list(self.task.labels), "input_fields": list(self.task.fields),
+            "sigma": self.sigma, "sigma_source": self.sigma_source, "n_samples": self.cfg.n_samples,
+            "seed": self.cfg.seed, "lora_modules": len(self.classifier.posterior.modules),
+            "search": self.search_result.to_dict() if self.search_result else None,
+            "version": __version__,
+        }

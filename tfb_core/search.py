@@ -1,0 +1,234 @@
+"""Finding sigma: the largest sigma whose change on an anchor set stays within a tolerance.
+
+The criterion is measured against the sigma = 0 model's own predictions (its argmax are the
+pseudo-labels), with *common random numbers*: one fixed standard-normal draw Z, scaled by sigma,
+so the criterion is a smooth, deterministic function of sigma and bisection is well posed.
+
+Two strategies over an objective passed in as a function (testable without a model):
+- :func:`bisect` -- geometric bisection, after expanding the bracket until it brackets the root;
+- :func:`grid` -- the paper's parallel variant: K sigmas evaluated together (one batched pass on
+  the model), then linear interpolation of the crossing, verified by one more evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tfb_core.config import SearchConfig
+from tfb_core.posterior import NoiseDraw
+from tfb_core.uncertainty import accuracy, nll
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[Sequence[float]], list[float]]  # sigmas -> criterion values
+
+
+@dataclass
+class SearchPoint:
+    sigma: float
+    value: float
+    ok: bool
+
+
+@dataclass
+class SearchResult:
+    """The outcome of a sigma search; ``satisfied`` is False when even the smallest sigma tried broke
+    the tolerance (then ``sigma`` is 0: no Bayesianization is the only safe answer)."""
+
+    sigma: float
+    value: float
+    criterion: str
+    tolerance: float
+    satisfied: bool
+    method: str
+    history: list[SearchPoint] = field(default_factory=list)
+    seconds: float = 0.0
+    n_evaluations: int = 0
+    reference: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchResult:
+        d = dict(d)
+        d["history"] = [SearchPoint(**p) for p in d.get("history", [])]
+        return cls(**d)
+
+
+class _Recorder:
+    """Evaluates the objective, remembering every point."""
+
+    def __init__(self, objective: Objective, tolerance: float) -> None:
+        self.objective = objective
+        self.tolerance = tolerance
+        self.history: list[SearchPoint] = []
+
+    def __call__(self, sigmas: Sequence[float]) -> list[SearchPoint]:
+        values = self.objective(list(sigmas))
+        if len(values) != len(sigmas):
+            raise ValueError(f"objective returned {len(values)} values for {len(sigmas)} sigmas")
+        points = [SearchPoint(float(s), float(v), bool(v <= self.tolerance)) for s, v in zip(sigmas, values, strict=True)]
+        for p in points:
+            log.info("sigma=%.6g criterion=%.6g %s", p.sigma, p.value, "ok" if p.ok else "over")
+        self.history += points
+        return points
+
+    def one(self, sigma: float) -> SearchPoint:
+        return self([sigma])[0]
+
+
+def _bracket(rec: _Recorder, low: float, high: float, max_expansions: int) -> tuple[SearchPoint | None, SearchPoint | None]:
+    """(largest known ok point, smallest known violating point), expanding the bracket as needed."""
+    hi = rec.one(high)
+    for _ in range(max_expansions):
+        if not hi.ok:
+            break
+        hi = rec.one(hi.sigma * 2.0)
+    if hi.ok:
+        return hi, None  # still within tolerance at the top of the expanded bracket
+    lo = rec.one(low)
+    for _ in range(max_expansions):
+        if lo.ok:
+            break
+        lo = rec.one(lo.sigma / 2.0)
+    return (lo if lo.ok else None), (hi if lo.ok else lo)
+
+
+def bisect(objective: Objective, cfg: SearchConfig) -> SearchResult:
+    """Largest sigma with objective(sigma) <= tolerance, by geometric bisection (objective monotone)."""
+    rec = _Recorder(objective, cfg.tolerance)
+    ok, bad = _bracket(rec, cfg.low, cfg.high, cfg.max_expansions)
+    note = ""
+    if ok is not None and bad is not None:
+        for _ in range(cfg.iters):
+            mid = rec.one(math.sqrt(ok.sigma * bad.sigma))
+            if mid.ok:
+                ok = mid
+            else:
+                bad = mid
+    elif bad is None:
+        note = "the tolerance held at the top of the expanded bracket: sigma may be larger"
+    return _result(rec, ok, cfg, "bisect", note)
+
+
+def grid(objective: Objective, cfg: SearchConfig) -> SearchResult:
+    """The parallel variant: K geometric grid points at once, then interpolate the crossing."""
+    rec = _Recorder(objective, cfg.tolerance)
+    low, high = cfg.low, cfg.high
+    for _ in range(cfg.max_expansions + 1):
+        sigmas = [low * (high / low) ** (k / (cfg.grid_size - 1)) for k in range(cfg.grid_size)]
+        points = rec(sigmas)
+        if points[-1].ok:  # root above the grid: move it up
+            low, high = high, high * (high / low)
+            continue
+        if not points[0].ok:  # root below the grid
+            low, high = low * (low / high), low
+            if points[0].sigma < 1e-9:
+                break
+            continue
+        break
+    oks = [p for p in rec.history if p.ok]
+    bads = [p for p in rec.history if not p.ok]
+    ok = max(oks, key=lambda p: p.sigma) if oks else None
+    bad = min((p for p in bads if ok is None or p.sigma > ok.sigma), key=lambda p: p.sigma, default=None)
+    note = ""
+    if ok is not None and bad is not None and bad.value > ok.value:
+        # linear interpolation of the criterion between the last ok and first violating point
+        t = (cfg.tolerance - ok.value) / (bad.value - ok.value)
+        guess = ok.sigma + t * (bad.sigma - ok.sigma)
+        if ok.sigma < guess < bad.sigma:
+            check = rec.one(guess)
+            if check.ok:
+                ok = check
+    elif ok is not None and bad is None:
+        note = "the tolerance held at the top of the grid: sigma may be larger"
+    return _result(rec, ok, cfg, "grid", note)
+
+
+def _result(rec: _Recorder, ok: SearchPoint | None, cfg: SearchConfig, method: str, note: str) -> SearchResult:
+    if ok is None:
+        note = "even the smallest sigma tried broke the tolerance: serving sigma = 0"
+        log.warning(note)
+    return SearchResult(sigma=ok.sigma if ok else 0.0, value=ok.value if ok else 0.0, criterion=cfg.criterion,
+                        tolerance=cfg.tolerance, satisfied=ok is not None, method=method, history=rec.history,
+                        n_evaluations=len(rec.history), note=note)
+
+
+def search(objective: Objective, cfg: SearchConfig) -> SearchResult:
+    start = time.perf_counter()
+    result = (grid if cfg.method == "grid" else bisect)(objective, cfg)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --- the objective on a model ---------------------------------------------------------------------
+def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, targets: torch.Tensor | None = None,
+                     max_rows: int = 64, progress: bool = False) -> tuple[Objective, dict[str, float]]:
+    """(objective over sigmas, reference figures of the sigma = 0 model) on an anchor set.
+
+    ``clf`` is a :class:`tfb_core.sampling.BayesianClassifier`. All sigmas share one noise draw
+    (common random numbers); a list of sigmas is evaluated in shared batched forwards.
+    """
+    if cfg.criterion == "accuracy" and targets is None:
+        raise ValueError("criterion 'accuracy' needs a labelled anchor set")
+    if not prompts:
+        raise ValueError("the anchor set is empty")
+    tokens = clf.tokenize(prompts)
+    ref = clf.sample_probs(prompts, 1, sigma=0.0, max_rows=max_rows)[:, 0]  # (B, C)
+    pseudo = ref.argmax(-1)  # (B,)
+    nll0 = nll(ref, pseudo)
+    acc0 = accuracy(ref, targets) if targets is not None else float("nan")
+    reference = {"nll_pseudo": nll0, "accuracy": acc0, "n_anchor": float(len(prompts))}
+    draw = clf.posterior.draw(cfg.seed, cfg.n_samples)
+
+    def criterion(mean_probs: torch.Tensor) -> float:  # (B, C)
+        if cfg.criterion == "nll":
+            return abs(nll(mean_probs, pseudo) - nll0) / max(nll0, 1e-12)
+        if cfg.criterion == "flip":
+            return float((mean_probs.argmax(-1) != pseudo).float().mean())
+        return acc0 - accuracy(mean_probs, targets)
+
+    def objective(sigmas: Sequence[float]) -> list[float]:
+        from tfb_core.sampling import Job
+
+        # sigma is folded into each job's own draw so that all sigmas can share one forward
+        draws = [NoiseDraw(draw.seed, [z * s for z in draw.z]) for s in sigmas]
+        jobs = [Job(toks, cfg.n_samples, d) for d in draws for toks in tokens]
+        per_forward = max(1, max_rows // cfg.n_samples)
+        bar = _progress(len(jobs), f"sigma search {', '.join(f'{s:.4g}' for s in sigmas)}", progress)
+        results: list[torch.Tensor] = []
+        for start in range(0, len(jobs), per_forward):
+            chunk = jobs[start:start + per_forward]
+            results += clf.run_jobs(chunk, sigma=1.0)
+            bar.update(len(chunk))
+        bar.close()
+        means = torch.stack([r.mean(0) for r in results]).view(len(sigmas), len(tokens), -1)  # (K, B, C)
+        return [criterion(means[k]) if s > 0 else 0.0 for k, s in enumerate(sigmas)]
+
+    return objective, reference
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="prompt")
+
+
+def search_sigma(clf: Any, prompts: Sequence[str], cfg: SearchConfig, targets: torch.Tensor | None = None,
+                 progress: bool = True, max_rows: int = 64) -> SearchResult:
+    """Run the search of ``cfg`` on a model's anchor prompts (optionally labelled by ``targets``)."""
+    objective, reference = anchor_objective(clf, prompts, cfg, targets, max_rows=max_rows, progress=progress)
+    result = search(objective, cfg)
+    result.reference = reference
+    log.info("sigma search (%s, %s <= %g): sigma=%.6g in %.1fs, %d evaluations", cfg.method, cfg.criterion,
+             cfg.tolerance, result.sigma, result.seconds, result.n_evaluations)
+    return result
