@@ -14,6 +14,8 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 LABELS = ["negative", "positive"]
+#: The core equivalence tests run on this device (``TFB_TEST_DEVICE=cuda`` on a GPU host).
+DEVICE = os.environ.get("TFB_TEST_DEVICE", "cpu")
 CORPUS = [
     "positive", "negative", "True", "False", "yes", "no", "A", "B", "C", "D", "E",
     "Return the label of the correct answer for the question below.",
@@ -99,7 +101,8 @@ def tiny(tmp_path_factory):
 def model_cfg(tiny):
     from tfb_core.config import ModelConfig
 
-    return ModelConfig(model=tiny["model"], adapter=tiny["adapter"], cache_dir=str(tiny["root"] / "cache"))
+    return ModelConfig(model=tiny["model"], adapter=tiny["adapter"], cache_dir=str(tiny["root"] / "cache"),
+                       device=DEVICE)
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LABELS
+from conftest import DEVICE, LABELS
 
 from tfb_core.config import ModelConfig
 from tfb_core.loading import load_adapter, load_base_model, load_classifier
@@ -22,9 +22,9 @@ def peft_reference(cfg: ModelConfig, prompts, labels=LABELS) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for p in prompts:
-            enc = tok(p, return_tensors="pt")
+            enc = tok(p, return_tensors="pt").to(cfg.device)
             out.append(torch.softmax(peft_model(**enc).logits[0, -1, ids].float(), -1))
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def test_svd_reparam_keeps_delta_w_and_orders_d():
@@ -60,7 +60,7 @@ def test_every_module_keeps_ba_and_std_is_sigma_over_d(model_cfg):
 
 @pytest.mark.parametrize("adapter_key", ["adapter", "adapter_qv"])
 def test_sigma_zero_reproduces_the_peft_model(tiny, adapter_key):
-    cfg = ModelConfig(model=tiny["model"], adapter=tiny[adapter_key])
+    cfg = ModelConfig(model=tiny["model"], adapter=tiny[adapter_key], device=DEVICE)
     ref = peft_reference(cfg, PROMPTS)
     clf = load_classifier(cfg, LABELS)
     ours = clf.sample_probs(PROMPTS, n_samples=3, sigma=0.0)  # (B, N, C), batched with left padding

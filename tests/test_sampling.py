@@ -20,7 +20,7 @@ def test_batched_forward_equals_sequential_single_sample_forwards(classifier):
         for b, toks in enumerate(tokens):  # one prompt, one sample, one forward: no padding, no batch
             z_rows = [z[s:s + 1] for z in draw.z]
             logits = classifier.class_logits([toks], z_rows, sigma)
-            torch.testing.assert_close(batched[b, s], torch.softmax(logits[0], -1), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(batched[b, s], torch.softmax(logits[0], -1).cpu(), atol=1e-5, rtol=1e-4)
 
 
 def test_same_seed_same_answer_other_seed_other_answer(classifier):

@@ -86,8 +86,23 @@ def load_base_model(cfg: ModelConfig) -> tuple[Any, torch.nn.Module]:
     return tokenizer, model
 
 
-def _adapter_file_keys(adapter: str, subfolder: str | None) -> list[str]:
-    path = Path(adapter) / (subfolder or "") / "adapter_model.safetensors"
+def _download_adapter(cfg: ModelConfig) -> Path:
+    """The local snapshot of a hub adapter (only its subfolder): published adapters share one repository.
+
+    Resolving to a folder first keeps one code path for local and hub adapters (peft's own offline
+    lookup doubles the subfolder), and works from the hub cache alone with HF_HUB_OFFLINE=1.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{cfg.adapter_subfolder.strip('/')}/*"] if cfg.adapter_subfolder else None
+    try:
+        return Path(snapshot_download(repo_id=cfg.adapter, revision=cfg.adapter_revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise LoadError(f"adapter {cfg.adapter!r}: cannot fetch it from the hub: {exc}") from exc
+
+
+def _adapter_file_keys(folder: Path) -> list[str]:
+    path = folder / "adapter_model.safetensors"
     if not path.is_file():
         return []
     from safetensors import safe_open
@@ -104,33 +119,27 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     if not cfg.adapter:
         raise LoadError("no adapter given: set the adapter (a peft LoRA folder or hub id)")
     local = Path(cfg.adapter).expanduser()
-    kwargs: dict[str, Any] = {}
-    if cfg.adapter_revision:
-        kwargs["revision"] = cfg.adapter_revision
-    if cfg.adapter_subfolder:
-        kwargs["subfolder"] = cfg.adapter_subfolder
-    if local.exists() or cfg.adapter.startswith((".", "/", "~")):
-        folder = local / (cfg.adapter_subfolder or "")
-        if not (folder / "adapter_config.json").is_file():
-            raise LoadError(f"adapter {str(folder)!r}: no adapter_config.json there (is it a peft adapter folder?)")
-        try:
-            json.loads((folder / "adapter_config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise LoadError(f"adapter {str(folder)!r}: adapter_config.json is not valid JSON: {exc}") from exc
+    is_local = local.exists() or cfg.adapter.startswith((".", "/", "~"))
+    if not is_local:
+        local = _download_adapter(cfg)
+    folder = local / (cfg.adapter_subfolder or "")
+    name = str(folder) if is_local else f"{cfg.adapter}" + (f" (subfolder {cfg.adapter_subfolder})" if cfg.adapter_subfolder else "")
+    if not (folder / "adapter_config.json").is_file():
+        raise LoadError(f"adapter {name!r}: no adapter_config.json there (is it a peft adapter folder?)")
     try:
-        peft_cfg = PeftConfig.from_pretrained(str(local) if local.exists() else cfg.adapter, **kwargs)
+        peft_cfg = PeftConfig.from_pretrained(str(folder))
     except Exception as exc:
-        raise LoadError(f"adapter {cfg.adapter!r}: cannot read its config: {exc}") from exc
-    if getattr(peft_cfg, "peft_type", None) is None or str(peft_cfg.peft_type).split(".")[-1] != "LORA":
-        raise LoadError(f"adapter {cfg.adapter!r}: a LoRA adapter is needed, got {peft_cfg.peft_type}")
+        raise LoadError(f"adapter {name!r}: cannot read adapter_config.json: {exc}") from exc
+    if str(getattr(peft_cfg, "peft_type", "")).split(".")[-1] != "LORA":
+        raise LoadError(f"adapter {name!r}: a LoRA adapter is needed, got {getattr(peft_cfg, 'peft_type', None)}")
     base_name = getattr(peft_cfg, "base_model_name_or_path", None)
     if base_name and base_name not in (cfg.model, getattr(model.config, "_name_or_path", None)):
         log.info("adapter %s was made for base model %r; loading it on %r", cfg.adapter, base_name, cfg.model)
-    extra = [k for k in _adapter_file_keys(str(local), cfg.adapter_subfolder) if "lora_A_rho" in k]
+    extra = [k for k in _adapter_file_keys(folder) if "lora_A_rho" in k]
     if extra:
         log.info("adapter %s: ignoring %d keys TFB does not use (e.g. %s)", cfg.adapter, len(extra), extra[0])
     try:
-        peft_model = PeftModel.from_pretrained(model, str(local) if local.exists() else cfg.adapter, **kwargs)
+        peft_model = PeftModel.from_pretrained(model, str(folder))
     except Exception as exc:
         raise LoadError(f"adapter {cfg.adapter!r} does not fit model {cfg.model!r}: {exc}") from exc
     peft_model.eval()
