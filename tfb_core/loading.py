@@ -5,7 +5,6 @@ Every failure becomes a :class:`LoadError` that names the path and the problem.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -123,7 +122,9 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     if not is_local:
         local = _download_adapter(cfg)
     folder = local / (cfg.adapter_subfolder or "")
-    name = str(folder) if is_local else f"{cfg.adapter}" + (f" (subfolder {cfg.adapter_subfolder})" if cfg.adapter_subfolder else "")
+    name = str(folder) if is_local else cfg.adapter
+    if not is_local and cfg.adapter_subfolder:
+        name += f" (subfolder {cfg.adapter_subfolder})"
     if not (folder / "adapter_config.json").is_file():
         raise LoadError(f"adapter {name!r}: no adapter_config.json there (is it a peft adapter folder?)")
     try:
