@@ -183,6 +183,10 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
     if not prompts:
         raise ValueError("the anchor set is empty")
     tokens = clf.tokenize(prompts)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # similar lengths share a forward
+    tokens, prompts = [tokens[i] for i in order], [prompts[i] for i in order]
+    if targets is not None:
+        targets = targets[order]
     ref = clf.sample_probs(prompts, 1, sigma=0.0, max_rows=max_rows)[:, 0]  # (B, C)
     pseudo = ref.argmax(-1)  # (B,)
     nll0 = nll(ref, pseudo)
