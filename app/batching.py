@@ -1,0 +1,342 @@
+"""The model worker: one thread owns the model and coalesces queued requests into batched forwards.
+
+    event loop                         worker thread (owns engine, tokenizer, torch)
+    ----------                         ---------------------------------------------
+    submit(work) -> queue  --------->  wait for the first work, then up to max_wait_ms more
+    await future  (timeout)            take whole works while rows <= max_batch_rows
+                                       tokenize; group by label set; one noise draw per seed
+                                       run_jobs(...) per group, chunked to max_batch_rows rows
+    future.set_result  <-------------  finish(probs) per work, resolved on the loop
+
+Rows of an input = N (1 at sigma = 0). Every row carries its own noise (run_jobs), so a request's
+answer does not depend on which other requests shared its forward. The worker also loads the model
+(so that /healthz answers while it loads) and runs one warm-up forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
+from app.metrics import Metrics
+from tfb_core.engine import TFBEngine
+from tfb_core.sampling import Job
+
+log = logging.getLogger(__name__)
+
+Labels = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_rows: int = 64
+    max_wait_s: float = 0.005
+    max_queue: int = 256
+    timeout_s: float = 60.0
+
+
+@dataclass(eq=False)
+class Work:
+    """One request's share of the worker: its prompts, N, seed, labels and what to make of the result.
+
+    ``finish`` runs on the worker thread with the (B, N, C) per-sample probabilities and returns
+    what the request's future resolves to (so that no torch work is left for the event loop).
+    """
+
+    prompts: list[str]
+    n_samples: int
+    seed: int
+    labels: Labels | None  # None: the configured labels
+    finish: Callable[[torch.Tensor], Any]
+    rows: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future | None = None
+    abandoned: bool = False  # timed out: skip it if not started
+
+
+class ModelWorker:
+    """Loads the engine on its own thread, then serves batches; futures resolve on ``loop``."""
+
+    def __init__(self, load: Callable[[], TFBEngine], limits: BatchLimits, metrics: Metrics,
+                 on_ready: Callable[[TFBEngine], None], on_failure: Callable[[BaseException], None],
+                 warmup: bool = True) -> None:
+        self._load = load
+        self.limits = limits
+        self.metrics = metrics
+        self._on_ready = on_ready
+        self._on_failure = on_failure
+        self._warmup = warmup
+        self.engine: TFBEngine | None = None
+        self._queue: deque[Work] = deque()
+        self._queued_rows = 0
+        self._busy = False
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._class_ids: OrderedDict[Labels, torch.Tensor] = OrderedDict()
+        metrics.queue_capacity.set(limits.max_queue)
+
+    # --- lifecycle (event loop side) -------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # daemon: a load still running at exit (e.g. a long sigma search) must not hold the process
+        self._thread = threading.Thread(target=self._run, name="tfb-model-worker", daemon=True)
+        self._thread.start()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new work, answer what is queued (up to ``timeout_s``), then stop the thread."""
+        with self._cond:
+            self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._queue and not self._busy:
+                    break
+            await asyncio.sleep(0.01)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+            self._stopping = True
+            self._cond.notify_all()
+        self.metrics.queue_depth.set(0)
+        for work in left:
+            self._resolve(work, NotReadyError("the server is shutting down"))
+        if left:
+            log.warning("shutdown: %d queued requests not answered within %.0fs", len(left), timeout_s)
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self.engine is not None:
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 5.0)
+
+    # --- requests (event loop side) --------------------------------------------------------------
+    def rows_of(self, n_inputs: int, n_samples: int) -> int:
+        noisy = self.engine is not None and self.engine.sigma > 0.0
+        return n_inputs * (n_samples if noisy else 1)
+
+    async def submit(self, work: Work) -> Any:
+        """Queue ``work`` and wait for its result; raises the work's error, or 429/503 on overload."""
+        loop = asyncio.get_running_loop()
+        work.future = loop.create_future()
+        work.rows = self.rows_of(len(work.prompts), work.n_samples)
+        with self._cond:
+            if not self._accepting:
+                raise NotReadyError("the server is shutting down")
+            if len(self._queue) >= self.limits.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.limits.max_queue} requests, "
+                                     "TFB_MAX_QUEUE): retry later")
+            work.enqueued = time.monotonic()
+            self._queue.append(work)
+            self._queued_rows += work.rows
+            depth = len(self._queue)
+            self._cond.notify()
+        self.metrics.queue_depth.set(depth)
+        self.metrics.inflight.inc()
+        try:
+            return await asyncio.wait_for(asyncio.shield(work.future), self.limits.timeout_s)
+        except asyncio.TimeoutError:
+            work.abandoned = True
+            raise RequestTimeoutError(f"not answered within the request timeout of {self.limits.timeout_s:g}s "
+                                      "(TFB_REQUEST_TIMEOUT_S): the server is overloaded, retry later") from None
+        finally:
+            self.metrics.inflight.dec()
+
+    def _resolve(self, work: Work, result: Any) -> None:
+        """Set the work's future from any thread (an exception instance is raised to the caller)."""
+        fut, loop = work.future, self._loop
+        if fut is None or loop is None:
+            return
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if work.abandoned:  # timed out: nobody awaits it (and an unread exception would be logged)
+                fut.cancel()
+                return
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    # --- worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            engine = self._load()
+            if self._warmup:
+                self._warm_up(engine)
+        except BaseException as exc:  # noqa: BLE001 -- every start-up failure is reported, then fatal
+            self._call_on_loop(self._on_failure, exc)
+            return
+        self.engine = engine
+        self._call_on_loop(self._on_ready, engine)
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._process(engine, batch)
+            except BaseException as exc:  # noqa: BLE001 -- a bug must fail its requests, not the worker
+                log.exception("batch of %d requests failed", len(batch))
+                for work in batch:
+                    self._resolve(work, exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _call_on_loop(self, fn: Callable[[Any], None], arg: Any) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(fn, arg)
+            except RuntimeError:
+                pass
+
+    def _warm_up(self, engine: TFBEngine) -> None:
+        t0 = time.perf_counter()
+        tokens = engine.classifier.tokenize([engine.task.format(_warmup_input(engine))])[0]
+        noise = engine.noise(engine.cfg.seed, engine.cfg.n_samples)
+        engine.classifier.run_jobs([Job(tokens, engine.cfg.n_samples, noise)])
+        log.info("warm-up forward (N=%d) in %.2fs", engine.cfg.n_samples, time.perf_counter() - t0)
+
+    def _next_batch(self) -> list[Work] | None:
+        """Block for the next batch: whole works, up to max_rows rows (a bigger work comes alone)."""
+        lim = self.limits
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].abandoned:
+                    self._queued_rows -= self._queue.popleft().rows
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].enqueued + lim.max_wait_s
+            while self._queued_rows < lim.max_rows and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[Work] = []
+            rows = 0
+            while self._queue and (not batch or rows + self._queue[0].rows <= lim.max_rows):
+                work = self._queue.popleft()
+                self._queued_rows -= work.rows
+                if not work.abandoned:
+                    batch.append(work)
+                    rows += work.rows
+            self._busy = bool(batch)
+            depth = len(self._queue)
+        self.metrics.queue_depth.set(depth)
+        return batch
+
+    def _labels_ids(self, engine: TFBEngine, labels: Labels | None) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        ids = self._class_ids.get(labels)
+        if ids is None:
+            ids = engine.classifier.class_ids_for(labels)  # TaskError: not one token each
+            self._class_ids[labels] = ids
+            while len(self._class_ids) > 64:
+                self._class_ids.popitem(last=False)
+        return ids
+
+    def _process(self, engine: TFBEngine, batch: Sequence[Work]) -> None:
+        now = time.monotonic()
+        tokens: dict[int, list[list[int]]] = {}
+        groups: dict[Labels | None, list[Work]] = {}
+        for work in batch:
+            self.metrics.queue_wait.observe(now - work.enqueued)
+            try:
+                tokens[id(work)] = engine.classifier.tokenize(work.prompts)
+            except ValueError as exc:  # PromptTooLongError
+                self._resolve(work, exc)
+                continue
+            key = None if work.labels is None or list(work.labels) == engine.classifier.labels else work.labels
+            groups.setdefault(key, []).append(work)
+        for labels, works in groups.items():
+            try:
+                class_ids = self._labels_ids(engine, labels)
+            except ValueError as exc:  # TaskError
+                for work in works:
+                    self._resolve(work, exc)
+                continue
+            results = self._forward_group(engine, works, tokens, class_ids)
+            for work in works:
+                res = results[id(work)]
+                if isinstance(res, BaseException):
+                    self._resolve(work, res)
+                    continue
+                try:
+                    self._resolve(work, work.finish(torch.stack(res)))
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("building a response failed")
+                    self._resolve(work, exc)
+
+    def _forward_group(self, engine: TFBEngine, works: Sequence[Work], tokens: dict[int, list[list[int]]],
+                       class_ids: torch.Tensor | None) -> dict[int, Any]:
+        """Per work: its (N, C) probabilities per input, or the exception its forward raised."""
+        noisy = engine.sigma > 0.0
+        need: dict[int, int] = {}
+        for work in works:  # one draw per seed, big enough for every work that uses it
+            need[work.seed] = max(need.get(work.seed, 0), work.n_samples)
+        noise = {seed: engine.noise(seed, n) for seed, n in need.items()} if noisy else {}
+        items = [(work, i, Job(toks, work.n_samples, noise.get(work.seed)))
+                 for work in works for i, toks in enumerate(tokens[id(work)])]
+        items.sort(key=lambda it: len(it[2].tokens))  # less padding per forward
+        out: dict[int, Any] = {id(w): [None] * len(tokens[id(w)]) for w in works}
+        chunk: list[tuple[Work, int, Job]] = []
+        rows = 0
+        for item in items + [None]:  # type: ignore[list-item]
+            item_rows = 0 if item is None else (item[2].n_samples if noisy else 1)
+            if chunk and (item is None or rows + item_rows > self.limits.max_rows):
+                self._run_chunk(engine, chunk, class_ids, out)
+                chunk, rows = [], 0
+            if item is not None:
+                chunk.append(item)
+                rows += item_rows
+        return out
+
+    def _run_chunk(self, engine: TFBEngine, chunk: list[tuple[Work, int, Job]], class_ids: torch.Tensor | None,
+                   out: dict[int, Any]) -> None:
+        noisy = engine.sigma > 0.0
+        live = [it for it in chunk if not isinstance(out[id(it[0])], BaseException)]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            probs = engine.classifier.run_jobs([job for _, _, job in live], class_ids=class_ids)
+        except Exception as exc:  # noqa: BLE001 -- fails the requests of this chunk only
+            log.exception("forward of %d inputs failed", len(live))
+            for work, _, _ in live:
+                out[id(work)] = exc
+            return
+        self.metrics.forward_duration.observe(time.perf_counter() - t0)
+        self.metrics.batch_inputs.observe(len(live))
+        self.metrics.batch_rows.observe(sum(job.n_samples if noisy else 1 for _, _, job in live))
+        for (work, i, _), p in zip(live, probs, strict=True):
+            out[id(work)][i] = p  # (N, C)
+
+
+def _warmup_input(engine: TFBEngine) -> Any:
+    """A valid input of the configured task (the warm-up needs no real text)."""
+    fields = engine.task.fields
+    if engine.task.formatter is None:
+        return "warm-up"
+    record: dict[str, Any] = {name: "warm-up" for name in fields}
+    if "choices" in fields:
+        record["choices"] = ["warm-up", "warm-up"]
+    return record

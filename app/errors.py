@@ -1,0 +1,118 @@
+"""The one place that maps errors to HTTP: engine and limit errors -> 4xx, overload -> 429/503.
+
+Every error body is ``{"detail": "<message>"}`` (FastAPI's own 422 body keeps its list of
+reasons). A limit's message names the limit and the setting that sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tfb_core.loading import LoadError
+from tfb_core.sampling import PromptTooLongError
+from tfb_core.tasks import TaskError
+
+log = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    """An error with its HTTP status and headers; the message is the response's ``detail``."""
+
+    status_code = 500
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if headers is not None:
+            self.headers = headers
+
+
+class LimitError(ServingError):
+    """A request over a configured limit (inputs, N, ...)."""
+
+    status_code = 422
+
+
+class BodyTooLargeError(ServingError):
+    status_code = 413
+
+
+class UnauthorizedError(ServingError):
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class UnknownPredictionError(ServingError):
+    status_code = 404
+
+
+class DuplicateFeedbackError(ServingError):
+    status_code = 409
+
+
+class QueueFullError(ServingError):
+    """The request queue is at capacity: back off and retry."""
+
+    status_code = 429
+    headers = {"Retry-After": "1"}
+
+
+class NotReadyError(ServingError):
+    """The model is still loading (or failed to load, or the server is shutting down)."""
+
+    status_code = 503
+    headers = {"Retry-After": "5"}
+
+
+class RequestTimeoutError(ServingError):
+    """The request was not answered within the per-request timeout: the server is overloaded."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+
+
+def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
+    """(status, message, headers) of an exception raised while serving a request."""
+    if isinstance(exc, ServingError):
+        return exc.status_code, exc.message, exc.headers or None
+    if isinstance(exc, PromptTooLongError):
+        return 422, f"{exc} tokens (TFB_MAX_LENGTH)", None
+    if isinstance(exc, TaskError):
+        return 422, str(exc), None
+    if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
+        return 503, str(exc), {"Retry-After": "5"}
+    return 500, "internal error (see the server log)", None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``; a 500 is logged with its traceback and never leaks it."""
+
+    async def known(request: Request, exc: Exception) -> JSONResponse:
+        status, message, headers = status_of(exc)
+        if status >= 500 and status != 503:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(status, message, headers)
+
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's body, with the input echoed only when small (a rejected body can be large).
+        errors = [{k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    for cls in (ServingError, PromptTooLongError, TaskError, LoadError):
+        app.add_exception_handler(cls, known)
+    app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, known)

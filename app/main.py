@@ -1,0 +1,55 @@
+"""The app factory: ``uvicorn --factory app.main:create_app`` (or ``tfb serve``).
+
+The lifespan starts the model worker, which loads the engine (model, adapter, sigma from the
+cache or a search, a warm-up forward) on its own thread: /healthz answers at once, /readyz and
+/predict answer 503 until the model is ready. A start-up failure is logged with its cause and
+ends the process with status 1 (``TFB_EXIT_ON_STARTUP_FAILURE=false`` keeps it up, serving the
+cause on /readyz). On shutdown, queued requests are answered before the worker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.middleware import ServingMiddleware
+from app.routes import router
+from app.settings import Settings
+from app.state import AppState
+from tfb_core import __version__
+
+
+def _configure_logging(level: str) -> None:
+    # Under plain `uvicorn --factory` nobody configures the root logger: the load's progress
+    # and a start-up failure's cause must still reach the log.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own settings, registry, worker and state (``Settings()`` reads TFB_*)."""
+    settings = settings or Settings()
+    _configure_logging(settings.log_level)
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.worker.start(asyncio.get_running_loop())
+        yield
+        await state.shutdown()
+
+    app = FastAPI(title="tfb-serve", version=__version__, lifespan=lifespan,
+                  description="Uncertainty-aware LLM classification: Training-Free Bayesianization of a LoRA "
+                              "adapter. Predictions carry predictive entropy and mutual information; "
+                              "POST /feedback feeds the calibration metrics.")
+    app.state.tfb = state
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
+                       routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url})
+    return app

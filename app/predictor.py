@@ -1,0 +1,124 @@
+"""Request -> work for the model worker -> response; and the store that /feedback labels.
+
+Validation that needs no model (limits, label sets, the task's input fields) happens here, on the
+event loop, so that a bad request is refused before it queues; what needs the tokenizer (prompt
+length, labels that are not one token) is checked on the worker and comes back as its error.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.batching import ModelWorker, Work
+from app.errors import DuplicateFeedbackError, LimitError, UnknownPredictionError
+from app.metrics import Metrics
+from app.schemas import FeedbackRequest, PredictRequest
+from app.settings import Settings
+from tfb_core.engine import TFBEngine
+from tfb_core.tasks import TaskError, generic_task
+
+
+@dataclass
+class Record:
+    """What /feedback needs of one prediction."""
+
+    labels: tuple[str, ...]
+    probs: list[float]
+    index: int
+    labelled: bool = False
+
+
+class FeedbackStore:
+    """The last ``capacity`` predictions by id (older ones expire: 404 on /feedback)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Record] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, pred_id: str, record: Record) -> None:
+        self._items[pred_id] = record
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, pred_id: str) -> Record:
+        record = self._items.get(pred_id)
+        if record is None:
+            raise UnknownPredictionError(f"unknown or expired prediction id {pred_id!r} (the server keeps the last "
+                                         f"{self.capacity} predictions, TFB_FEEDBACK_STORE_SIZE)")
+        return record
+
+
+class Predictor:
+    """Serves /predict and /feedback on a loaded engine through the model worker."""
+
+    def __init__(self, engine: TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.settings = settings
+        self.metrics = metrics
+        self.store = FeedbackStore(settings.feedback_store_size)
+        self.labels = tuple(engine.task.labels)
+
+    def _labels(self, requested: list[str] | None) -> tuple[str, ...] | None:
+        """None for the configured labels; another label set only for the generic task (else 422)."""
+        if requested is None or tuple(requested) == self.labels:
+            return None
+        if self.engine.task.formatter is not None:
+            raise TaskError(f"task {self.engine.task.name!r} has fixed labels {list(self.labels)}, "
+                            f"got {list(requested)}")
+        return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
+
+    def prepare(self, req: PredictRequest) -> Work:
+        """The worker's share of a request; raises a 4xx error naming the problem."""
+        s = self.settings
+        if len(req.inputs) > s.max_inputs:
+            raise LimitError(f"too many inputs: {len(req.inputs)}, the limit is {s.max_inputs} per request "
+                             "(TFB_MAX_INPUTS)")
+        n = s.n_samples if req.n_samples is None else req.n_samples
+        if n > s.max_samples:
+            raise LimitError(f"n_samples {n} is over the limit of {s.max_samples} (TFB_MAX_SAMPLES)")
+        labels = self._labels(req.labels)
+        prompts = self.engine.format_inputs(req.inputs)
+        seed = self.engine.cfg.seed if req.seed is None else req.seed
+        return_samples = req.return_samples
+        out_labels = labels or self.labels
+
+        def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
+            out = self.engine.response(sample_probs, return_samples)
+            if labels is not None:
+                out["labels"] = list(out_labels)
+                for p in out["predictions"]:
+                    p["label"] = out_labels[p["index"]]
+            return out
+
+        return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish)
+
+    async def predict(self, req: PredictRequest) -> dict[str, Any]:
+        out = await self.worker.submit(self.prepare(req))
+        labels = tuple(out["labels"])
+        predictions = []
+        for p in out["predictions"]:
+            pred_id = uuid.uuid4().hex
+            self.store.add(pred_id, Record(labels, p["probs"], p["index"]))
+            predictions.append({"id": pred_id, **p})
+        out["predictions"] = predictions
+        self.metrics.observe_predictions(predictions, self.labels)
+        return out
+
+    def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
+        record = self.store.get(req.id)
+        if record.labelled:
+            raise DuplicateFeedbackError(f"prediction {req.id!r} already has a label")
+        target = generic_task(record.labels).label_index(req.label)  # TaskError -> 422
+        record.labelled = True
+        self.metrics.observe_feedback(record.probs, target)
+        return {"id": req.id, "label": record.labels[target], "index": target, "correct": record.index == target,
+                "confidence": max(record.probs)}

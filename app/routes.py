@@ -1,0 +1,103 @@
+"""HTTP routes: /predict, /feedback, /info, /metrics, and the probes /healthz and /readyz."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.errors import UnauthorizedError
+from app.predictor import Predictor
+from app.schemas import ERRORS, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
+from app.state import AppState
+
+_bearer = HTTPBearer(auto_error=False, description="the API key, if the server has one (TFB_API_KEY)")
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tfb
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _check_key(state: AppState, credentials: HTTPAuthorizationCredentials | None) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(),
+                                                         key.get_secret_value().encode()):
+        raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def require_key(state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                         Depends(_bearer)]) -> None:
+    _check_key(state, credentials)
+
+
+def require_metrics_key(state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                                 Depends(_bearer)]) -> None:
+    if not state.settings.metrics_public:
+        _check_key(state, credentials)
+
+
+def get_predictor(state: StateDep, _: Annotated[None, Depends(require_key)]) -> Predictor:
+    return state.require_predictor()
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+router = APIRouter()
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=ERRORS, tags=["inference"])
+async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
+    """Classify inputs with N posterior samples: probabilities, confidence, entropy, mutual information."""
+    return await predictor.predict(body)
+
+
+@router.post("/feedback", response_model=FeedbackResponse, tags=["inference"],
+             responses={**ERRORS, 404: {"description": "unknown or expired prediction id"},
+                        409: {"description": "this prediction already has a label"}})
+async def feedback(body: FeedbackRequest, predictor: PredictorDep) -> dict[str, Any]:
+    """Record the true label of an earlier prediction (feeds the calibration metrics)."""
+    return predictor.feedback(body)
+
+
+@router.get("/healthz", response_model=Health, tags=["probes"])
+async def healthz() -> dict[str, str]:
+    """Liveness: 200 as soon as the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Ready, tags=["probes"], responses={503: {"model": Ready}})
+async def readyz(state: StateDep) -> Response:
+    """Readiness: 200 once the model is loaded and warmed up, else 503 with the reason."""
+    if state.status == "ready":
+        return JSONResponse({"status": "ready"})
+    detail = state.error if state.status == "failed" else None
+    return JSONResponse({"status": state.status, "detail": detail}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+@router.get("/info", tags=["inference"], dependencies=[Depends(require_key)], responses=ERRORS)
+async def info(predictor: PredictorDep) -> dict[str, Any]:
+    """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the limits."""
+    s = predictor.settings
+    limits = {"max_inputs": s.max_inputs, "max_samples": s.max_samples, "max_length": s.max_length,
+              "max_body_bytes": s.max_body_bytes, "max_batch_rows": s.max_batch_rows, "max_wait_ms": s.max_wait_ms,
+              "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s}
+    return {**predictor.engine.info(), "limits": limits}
+
+
+@router.get("/metrics", tags=["probes"], dependencies=[Depends(require_metrics_key)],
+            response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(state: StateDep) -> Response:
+    """Prometheus metrics (text format)."""
+    state.metrics.refresh_recent()
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

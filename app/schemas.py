@@ -1,0 +1,91 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema at /docs comes from these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class PredictRequest(BaseModel):
+    """Inputs to classify, with optional per-request labels, N and seed."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True,
+        json_schema_extra={"examples": [{"inputs": [{"sentence": "a gripping, beautifully acted film"}]},
+                                        {"inputs": ["Is the sky blue? Answer:"], "labels": ["yes", "no"],
+                                         "n_samples": 16, "seed": 7, "return_samples": False}]})
+
+    inputs: list[NonEmpty | dict[str, Any]] = Field(
+        min_length=1,
+        description="prompt strings (generic task), or objects with the configured task's fields")
+    labels: list[NonEmpty] | None = Field(
+        None, min_length=2,
+        description="class labels, each one token; a named task accepts only its own labels")
+    n_samples: int | None = Field(None, ge=1, description="posterior samples N (default: the server's)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="seed of this request's posterior samples (default: the server's)")
+    return_samples: bool = Field(False, description="also return the per-sample probabilities")
+
+
+class Prediction(BaseModel):
+    id: str = Field(description="unique id of this prediction, for POST /feedback")
+    label: str
+    index: int
+    probs: list[float] = Field(description="mean over samples of the class probabilities, aligned with labels")
+    confidence: float = Field(description="max of probs")
+    predictive_entropy: float = Field(description="H[mean p] in nats (total uncertainty)")
+    expected_entropy: float = Field(description="mean of H[p_n] in nats (aleatoric)")
+    mutual_information: float = Field(description="predictive minus expected entropy (epistemic)")
+    samples: list[list[float]] | None = Field(None, description="per-sample probabilities (N x C), if asked")
+
+
+class PredictResponse(BaseModel):
+    labels: list[str]
+    sigma: float
+    n_samples: int
+    predictions: list[Prediction]
+
+
+class FeedbackRequest(BaseModel):
+    """The true label of an earlier prediction."""
+
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"id": "3f2b9c0e5a7d4e1f8a6b2c9d0e1f2a3b",
+                                                               "label": "positive"}]})
+
+    id: str = Field(min_length=1, max_length=128, description="the prediction's id")
+    label: str | int = Field(description="the true label, as a string of the prediction's labels or an index")
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    label: str
+    index: int
+    correct: bool
+    confidence: float
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str = Field(description="'ready', 'loading', 'failed' or 'draining'")
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+#: error responses documented on the routes (bodies are ``{"detail": ...}``)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong API key"},
+    413: {"model": ErrorBody, "description": "body over TFB_MAX_BODY_BYTES"},
+    422: {"description": "invalid request: types, empty inputs, unknown labels, or a limit"},
+    429: {"model": ErrorBody, "description": "queue full (Retry-After)"},
+    503: {"model": ErrorBody, "description": "not ready, shutting down, or timed out (Retry-After)"},
+}

@@ -1,0 +1,133 @@
+"""Server settings: environment variables with the ``TFB_`` prefix (or keyword arguments).
+
+No instance is created at import; :func:`app.main.create_app` builds one when none is given.
+``Settings.engine_config()`` maps the model side to :class:`tfb_core.engine.EngineConfig`, the
+one place where the algorithm's defaults live.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
+from tfb_core.engine import EngineConfig
+
+_SEARCH = SearchConfig()
+_ENGINE = EngineConfig()
+_MODEL = ModelConfig()
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Env: ``TFB_<FIELD>`` (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_prefix="TFB_", extra="forbid", frozen=True,
+                                      protected_namespaces=("settings_",))
+
+    # --- model and adapter (-> ModelConfig) ---------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="base model: local folder, hub id, or pip:<wheel>")
+    model_revision: str | None = None
+    model_subfolder: str | None = None
+    gguf_file: str | None = None
+    adapter: str | None = Field(None, description="peft LoRA folder or hub id (default: the demo adapter)")
+    adapter_revision: str | None = None
+    adapter_subfolder: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+    load_in_8bit: bool = False
+    cache_dir: str | None = Field(None, description="model conversions and sigma searches (default ~/.cache/tfb-serve)")
+    max_length: int = Field(_MODEL.max_length, ge=8, description="longest prompt in tokens")
+
+    # --- task ----------------------------------------------------------------------------------
+    task: str | None = None
+    labels: Annotated[tuple[str, ...] | None, NoDecode] = Field(
+        None, description="labels of the generic task: JSON list or comma-separated")
+
+    # --- sigma: fixed, or searched on an anchor set (-> SearchConfig) ---------------------------
+    sigma: float | None = Field(None, ge=0.0, description="fixed sigma; unset: cache or search on the anchor")
+    anchor: str | None = Field(None, description="JSON Lines anchor file for the sigma search")
+    search_criterion: Literal["nll", "flip", "accuracy"] = _SEARCH.criterion
+    search_tolerance: float = _SEARCH.tolerance
+    search_low: float = _SEARCH.low
+    search_high: float = _SEARCH.high
+    search_iters: int = _SEARCH.iters
+    search_samples: int = _SEARCH.n_samples
+    search_seed: int | None = Field(None, description="seed of the search's fixed noise (default: seed, as --seed)")
+    search_method: Literal["bisect", "grid"] = _SEARCH.method
+    d_floor: float = _ENGINE.d_floor
+
+    # --- Monte Carlo ---------------------------------------------------------------------------
+    n_samples: int = Field(_ENGINE.n_samples, ge=1, description="default N per request")
+    max_samples: int = Field(64, ge=1, description="largest N a request may ask for")
+    seed: int = Field(_ENGINE.seed, ge=0, description="seed of the default posterior samples")
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="if set, 'Authorization: Bearer <key>' is required")
+    metrics_public: bool = Field(False, description="serve /metrics without the API key")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # --- batching and limits -------------------------------------------------------------------
+    max_batch_rows: int = Field(_ENGINE.max_rows, ge=1, description="rows (inputs x samples) per forward")
+    max_wait_ms: float = Field(5.0, ge=0.0, description="longest a request waits for others to join its batch")
+    max_queue: int = Field(256, ge=1, description="queued requests; past it 429 with Retry-After")
+    request_timeout_s: float = Field(60.0, gt=0.0)
+    max_inputs: int = Field(64, ge=1, description="inputs per request")
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    drain_timeout_s: float = Field(30.0, ge=0.0, description="graceful shutdown: wait this long for queued work")
+    warmup: bool = True
+    exit_on_startup_failure: bool = Field(True, description="exit the process (code 1) if loading fails")
+
+    # --- feedback and calibration ---------------------------------------------------------------
+    feedback_store_size: int = Field(100_000, ge=1, description="predictions kept for /feedback")
+    recent_window: int = Field(1000, ge=1, description="K of the tfb_recent_* gauges")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"labels: not a JSON list: {exc}") from exc
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_samples > self.max_batch_rows:
+            raise ValueError(f"max_samples ({self.max_samples}) must be <= max_batch_rows ({self.max_batch_rows}): "
+                             "one input's samples must fit in one forward")
+        if self.n_samples > self.max_samples:
+            raise ValueError(f"n_samples ({self.n_samples}) must be <= max_samples ({self.max_samples})")
+        self.engine_config()  # the model side is validated by tfb_core's own configs
+        return self
+
+    def model_settings(self) -> ModelConfig:
+        return ModelConfig(
+            model=self.model, adapter=self.adapter, model_revision=self.model_revision,
+            model_subfolder=self.model_subfolder, gguf_file=self.gguf_file, adapter_revision=self.adapter_revision,
+            adapter_subfolder=self.adapter_subfolder, dtype=self.dtype, device=self.device,
+            load_in_8bit=self.load_in_8bit, cache_dir=self.cache_dir, max_length=self.max_length)
+
+    def engine_config(self) -> EngineConfig:
+        """The :class:`EngineConfig` these settings describe (``ValueError`` naming a bad value)."""
+        search = SearchConfig(criterion=self.search_criterion, tolerance=self.search_tolerance, low=self.search_low,
+                              high=self.search_high, iters=self.search_iters, n_samples=self.search_samples,
+                              seed=self.seed if self.search_seed is None else self.search_seed,
+                              method=self.search_method)
+        return EngineConfig(model=self.model_settings(), task=self.task, labels=self.labels, sigma=self.sigma,
+                            anchor=self.anchor, search=search, d_floor=self.d_floor, n_samples=self.n_samples,
+                            seed=self.seed, max_rows=self.max_batch_rows)
+
+    def public(self) -> dict[str, Any]:
+        """The settings without secrets (for /info and logs)."""
+        data = self.model_dump(exclude={"api_key"})
+        data["api_key_set"] = self.api_key is not None
+        return data

@@ -1,0 +1,80 @@
+"""The state one app shares between its routes, its lifespan and its worker (``app.state.tfb``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Literal
+
+from prometheus_client import CollectorRegistry
+
+from app.batching import BatchLimits, ModelWorker
+from app.errors import NotReadyError
+from app.metrics import Metrics
+from app.predictor import Predictor
+from app.settings import Settings
+from tfb_core.engine import TFBEngine
+
+log = logging.getLogger("app")
+
+Status = Literal["loading", "ready", "failed", "draining"]
+
+
+class AppState:
+    """Everything the routes share, set up once per app (``app.state.tfb``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine_config = settings.engine_config()
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, settings.recent_window)
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.predictor: Predictor | None = None
+        limits = BatchLimits(max_rows=settings.max_batch_rows, max_wait_s=settings.max_wait_ms / 1000.0,
+                             max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
+        self.worker = ModelWorker(self._load, limits, self.metrics, self._ready, self._failed, settings.warmup)
+
+    def _load(self) -> TFBEngine:  # on the worker thread
+        cfg = self.engine_config.with_defaults()
+        log.info("loading model %s with adapter %s (task %s)", cfg.model.model, cfg.model.adapter,
+                 cfg.task or f"generic {list(cfg.labels or ())}")
+        return TFBEngine.load(cfg)
+
+    def _ready(self, engine: TFBEngine) -> None:
+        self.predictor = Predictor(engine, self.worker, self.settings, self.metrics)
+        self.metrics.sigma.set(engine.sigma)
+        self.metrics.default_samples.set(engine.cfg.n_samples)
+        if self.status == "loading":
+            self.status = "ready"
+            self.metrics.ready.set(1)
+        log.info("ready in %.1fs: sigma=%.6g (%s), N=%d, %d LoRA modules", time.monotonic() - self.started,
+                 engine.sigma, engine.sigma_source, engine.cfg.n_samples, len(engine.classifier.posterior.modules))
+
+    def _failed(self, exc: BaseException) -> None:
+        self.status = "failed"
+        self.error = f"start-up failed: {exc}"
+        log.critical("%s", self.error, exc_info=not isinstance(exc, (ValueError, RuntimeError)))
+        if self.settings.exit_on_startup_failure:
+            for handler in logging.getLogger().handlers + log.handlers:
+                handler.flush()
+            print(f"tfb-serve: {self.error}", file=sys.stderr, flush=True)
+            os._exit(1)  # the server cannot serve; uvicorn would otherwise exit 0 on a signal
+
+    def require_predictor(self) -> Predictor:
+        if self.status == "ready" and self.predictor is not None:
+            return self.predictor
+        if self.status == "failed":
+            raise NotReadyError(f"the model is not available: {self.error}")
+        if self.status == "draining":
+            raise NotReadyError("the server is shutting down")
+        raise NotReadyError("the model is still loading: retry when /readyz answers 200")
+
+    async def shutdown(self) -> None:
+        if self.status == "ready":
+            self.status = "draining"
+        self.metrics.ready.set(0)
+        await self.worker.drain(self.settings.drain_timeout_s)

@@ -1,0 +1,228 @@
+"""Coalescing: concurrent requests share forwards, answers do not depend on the company they keep,
+big requests are chunked, overload is 429/503 with Retry-After, shutdown answers what was accepted.
+
+Ordering is forced with events (a gated ``run_jobs``), never with sleeps or timing asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from test_app_support import (
+    PROMPTS,
+    assert_close,
+    make_settings,
+    metric,
+    metric_samples,
+    one_torch_thread,  # noqa: F401 (an autouse fixture)
+    ready_client,
+    strip_ids,
+)
+
+from app.batching import BatchLimits, ModelWorker, Work
+from app.errors import NotReadyError
+from app.metrics import Metrics
+from tfb_core.engine import TFBEngine
+
+
+def _bodies(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        body: dict = {"inputs": [PROMPTS[(i + k) % len(PROMPTS)] for k in range(1 + i % 3)]}
+        if i % 4:
+            body["n_samples"] = (3, 8, 16)[i % 3]
+        if i % 5 == 1:
+            body["seed"] = i % 3
+        if i % 7 == 2:
+            body["labels"] = ["yes", "no"]
+        if i % 6 == 3:
+            body["return_samples"] = True
+        out.append(body)
+    return out
+
+
+def test_concurrent_requests_equal_one_at_a_time(tiny):
+    bodies = _bodies(60)
+    with ready_client(make_settings(tiny, max_wait_ms=20.0)) as c:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            responses = list(pool.map(lambda b: c.post("/predict", json=b), bodies))
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+        ids = [p["id"] for r in responses for p in r.json()["predictions"]]
+        assert len(set(ids)) == len(ids)
+        for body, r in zip(bodies, responses, strict=True):
+            alone = c.post("/predict", json=body)
+            assert alone.status_code == 200
+            assert_close(strip_ids(r.json()), strip_ids(alone.json()))
+        samples = metric_samples(c.get("/metrics").text)
+        assert metric(samples, "tfb_requests_total", route="/predict", status="200") == 2 * len(bodies)
+        assert metric(samples, "tfb_inflight_requests") == 0 and metric(samples, "tfb_queue_depth") == 0
+
+
+# --- the worker on its own, with a gate in the forward ------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return TFBEngine.load(make_settings(tiny).engine_config(), progress=False)
+
+
+class Gate:
+    """Wraps run_jobs: records each call's job count and rows; holds the first call until released."""
+
+    def __init__(self, run_jobs, hold_first: bool = True) -> None:
+        self.run_jobs = run_jobs
+        self.calls: list[tuple[int, int]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, jobs, sigma=None, class_ids=None):
+        self.calls.append((len(jobs), sum(j.n_samples for j in jobs)))
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.run_jobs(jobs, sigma, class_ids)
+
+
+async def _started(engine, limits: BatchLimits) -> ModelWorker:
+    ready = asyncio.Event()
+    worker = ModelWorker(lambda: engine, limits, Metrics(CollectorRegistry()), lambda e: ready.set(),
+                         lambda exc: pytest.fail(f"load failed: {exc}"), warmup=False)
+    worker.start(asyncio.get_running_loop())
+    await asyncio.wait_for(ready.wait(), 60)
+    return worker
+
+
+def _work(prompts, n=4, seed=0, labels=None) -> Work:
+    return Work(prompts=list(prompts), n_samples=n, seed=seed, labels=labels, finish=lambda probs: probs)
+
+
+async def _wait_for(predicate, what: str) -> None:
+    for _ in range(6000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_queued_requests_share_one_forward(engine, monkeypatch):
+    gate = Gate(engine.classifier.run_jobs)
+    monkeypatch.setattr(engine.classifier, "run_jobs", gate)
+
+    async def scenario():
+        worker = await _started(engine, BatchLimits(max_rows=32, max_wait_s=0.0))
+        first = asyncio.create_task(worker.submit(_work(PROMPTS[:1])))
+        await asyncio.to_thread(gate.entered.wait, 60)
+        rest = [asyncio.create_task(worker.submit(_work([p], seed=s))) for p, s in zip(PROMPTS, (0, 0, 1, 2),
+                                                                                         strict=True)]
+        await _wait_for(lambda: len(worker._queue) == 4, "4 queued requests")
+        gate.release.set()
+        results = await asyncio.gather(first, *rest)
+        await worker.drain(10)
+        return results
+
+    results = asyncio.run(scenario())
+    assert gate.calls == [(1, 4), (4, 16)]  # the four queued requests: one forward of 4 inputs x 4 samples
+    for (prompt, seed), got in zip(zip(PROMPTS, (0, 0, 1, 2), strict=True), results[1:], strict=True):
+        alone = engine.predict([prompt], n_samples=4, seed=seed, return_samples=True)
+        assert torch.allclose(got[0], torch.tensor(alone["predictions"][0]["samples"]), atol=1e-5)
+
+
+def test_big_request_is_chunked(engine, monkeypatch):
+    gate = Gate(engine.classifier.run_jobs, hold_first=False)
+    monkeypatch.setattr(engine.classifier, "run_jobs", gate)
+    prompts = PROMPTS * 2  # 8 inputs x 16 samples = 128 rows > 32
+
+    async def scenario():
+        worker = await _started(engine, BatchLimits(max_rows=32, max_wait_s=0.0))
+        out = await worker.submit(_work(prompts, n=16))
+        await worker.drain(10)
+        return out
+
+    got = asyncio.run(scenario())
+    assert len(gate.calls) == 4 and all(rows <= 32 for _, rows in gate.calls)
+    expected = engine.predict(prompts, n_samples=16, return_samples=True)
+    assert torch.allclose(got, torch.tensor([p["samples"] for p in expected["predictions"]]), atol=1e-5)
+
+
+def test_drain_answers_accepted_requests_then_refuses(engine, monkeypatch):
+    gate = Gate(engine.classifier.run_jobs)
+    monkeypatch.setattr(engine.classifier, "run_jobs", gate)
+
+    async def scenario():
+        worker = await _started(engine, BatchLimits(max_rows=8, max_wait_s=0.0))
+        tasks = [asyncio.create_task(worker.submit(_work([p]))) for p in PROMPTS * 2]
+        await asyncio.to_thread(gate.entered.wait, 60)
+        drain = asyncio.create_task(worker.drain(60))
+        await asyncio.sleep(0)
+        with pytest.raises(NotReadyError, match="shutting down"):
+            await worker.submit(_work(PROMPTS[:1]))
+        gate.release.set()
+        results = await asyncio.gather(*tasks)
+        await drain
+        return worker, results
+
+    worker, results = asyncio.run(scenario())
+    assert len(results) == 8 and all(r.shape == (1, 4, 2) for r in results)
+    assert worker._thread is not None and not worker._thread.is_alive()
+
+
+# --- overload over HTTP ---------------------------------------------------------------------------
+def _gated_client(tiny, monkeypatch, **overrides):
+    cm = ready_client(make_settings(tiny, warmup=False, **overrides))
+    c = cm.__enter__()
+    engine = c.app.state.tfb.predictor.engine
+    gate = Gate(engine.classifier.run_jobs)
+    monkeypatch.setattr(engine.classifier, "run_jobs", gate)
+    return cm, c, gate
+
+
+def _wait_metric(c, name: str, value: float) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if metric(metric_samples(c.get("/metrics").text), name) == value:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never reached {value}")
+
+
+def test_queue_full_is_429_with_retry_after(tiny, monkeypatch):
+    cm, c, gate = _gated_client(tiny, monkeypatch, max_queue=1)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            busy = pool.submit(c.post, "/predict", json={"inputs": PROMPTS[:1]})
+            assert gate.entered.wait(60)  # the worker holds the first request in its forward
+            queued = pool.submit(c.post, "/predict", json={"inputs": PROMPTS[1:2]})
+            _wait_metric(c, "tfb_queue_depth", 1)
+            r = c.post("/predict", json={"inputs": PROMPTS[2:3]})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert "TFB_MAX_QUEUE" in r.json()["detail"]
+            gate.release.set()
+            assert busy.result().status_code == 200 and queued.result().status_code == 200
+        assert c.post("/predict", json={"inputs": PROMPTS[2:3]}).status_code == 200
+    finally:
+        gate.release.set()
+        cm.__exit__(None, None, None)
+
+
+def test_request_timeout_is_503_with_retry_after(tiny, monkeypatch):
+    cm, c, gate = _gated_client(tiny, monkeypatch, request_timeout_s=0.2)
+    try:
+        r = c.post("/predict", json={"inputs": PROMPTS[:1]})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert "TFB_REQUEST_TIMEOUT_S" in r.json()["detail"]
+        gate.release.set()
+        _wait_metric(c, "tfb_inflight_requests", 0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the timed-out forward may still be finishing
+            r = c.post("/predict", json={"inputs": PROMPTS[:1]})
+            if r.status_code == 200:
+                break
+        assert r.status_code == 200
+    finally:
+        gate.release.set()
+        cm.__exit__(None, None, None)
