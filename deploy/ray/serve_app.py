@@ -1,0 +1,333 @@
+"""tfb-serve on Ray Serve: the same FastAPI app, one replica per GPU, autoscaled.
+
+    serve run serve_app:build_app model=... adapter=...         # ad hoc, settings as args
+    serve deploy deploy/ray/serve_config.yaml                     # declarative (or KubeRay, rayservice.yaml)
+
+Each replica is one :func:`app.main.create_app` with its own model, batching worker and metrics
+registry. Ray Serve's proxy routes and queues requests across replicas; inside a replica the app's
+own batcher coalesces them into N-sample forwards, as in the single-process server.
+
+* Start-up: a replica takes traffic only once its model is loaded and warmed up (the app loads on
+  a worker thread; the replica's ASGI start-up waits for it). A load failure fails the replica's
+  start, with the cause in its log, and Ray retries it.
+* Health: ``check_health`` is the app's readiness (failed or draining = unhealthy; the worker
+  thread must be alive).
+* Metrics: Prometheus cannot scrape each replica's /metrics through the proxy (each scrape would
+  hit a random replica), so every replica mirrors its registry into ``ray.util.metrics`` and Ray's
+  per-node metrics agent exports them, prefixed ``ray_``. Counters and histogram series are
+  exported as gauges holding the cumulative values (exact buckets and sums; ``rate``,
+  ``increase`` and ``histogram_quantile`` work on them as on the originals; zero-valued series
+  exist from the start, which ``increase`` needs). Strip the prefix at scrape time
+  (``metric_relabel_configs``, see prometheus-ray.yml) and deploy/prometheus/rules.yml and the
+  Grafana dashboard work unchanged.
+* Feedback: a prediction's id is remembered by the replica that made it and by one shared actor,
+  so POST /feedback works whichever replica the proxy picks.
+* Each response carries ``X-TFB-Replica`` (the Serve replica id) and ``X-TFB-PID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+log = logging.getLogger("tfb.ray")
+
+DEFAULT_AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 4,
+    # requests in flight per replica that autoscaling aims for: enough to fill the app's batches
+    "target_ongoing_requests": 16,
+    "upscale_delay_s": 30,
+    # a replica costs a model load (minutes for an 8B model): give traffic time to come back
+    "downscale_delay_s": 600,
+}
+
+
+class RayMetricsMirror:
+    """Copies a prometheus_client registry into ``ray.util.metrics`` gauges every ``interval_s``.
+
+    Every sample becomes a gauge of the same name (``_total``, ``_bucket``, ``_sum``, ``_count``
+    included) holding the sample's value, with the sample's labels as tags; ``_created``
+    timestamps are skipped. ``before`` runs before each copy (e.g. the app's refresh of its
+    recent-window gauges, which it otherwise does at scrape time).
+    """
+
+    def __init__(self, registry: Any, interval_s: float = 5.0, before: Callable[[], None] | None = None) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self.before = before
+        self._gauges: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sync(self) -> int:
+        """One copy; returns the number of samples copied."""
+        from ray.util.metrics import Gauge
+
+        if self.before is not None:
+            self.before()
+        copied = 0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                keys = tuple(sorted(sample.labels))
+                entry = self._gauges.get(sample.name)
+                if entry is None:
+                    entry = (Gauge(sample.name, description=family.documentation or sample.name, tag_keys=keys), keys)
+                    self._gauges[sample.name] = entry
+                gauge, known = entry
+                if keys != known:  # a label set the gauge was not declared with: not exportable
+                    continue
+                gauge.set(float(sample.value), tags=dict(sample.labels) if keys else None)
+                copied += 1
+        return copied
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tfb-ray-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception:  # a metrics hiccup must never take the replica down
+                log.exception("mirroring metrics to Ray failed")
+            self._stop.wait(self.interval_s)
+
+
+FEEDBACK_ACTOR = "tfb-feedback-store"
+
+
+class FeedbackStoreActor:
+    """Predictions of every replica by id, so /feedback works whichever replica it reaches.
+
+    One named, detached actor per Serve application namespace; bounded like the app's own store.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self.items: OrderedDict[str, list[Any]] = OrderedDict()  # id -> [labels, probs, index, labelled]
+
+    def add(self, pred_id: str, labels: tuple[str, ...], probs: list[float], index: int) -> None:
+        self.items[pred_id] = [labels, probs, index, False]
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def claim(self, pred_id: str) -> list[Any] | None:
+        """The record (with its labelled flag as it was) and mark it labelled; None if unknown."""
+        item = self.items.get(pred_id)
+        if item is None:
+            return None
+        out = list(item)
+        item[3] = True
+        return out
+
+
+class SharedFeedbackStore:
+    """The app's FeedbackStore, backed by :class:`FeedbackStoreActor` for other replicas' ids.
+
+    Writes go to both (the actor call is fire-and-forget, off the /predict path). A lookup asks
+    the actor (one round trip, a few ms, on the event loop: /feedback only), which also records
+    the label claim, so a duplicate label is refused (409) whichever replica each copy reaches.
+    """
+
+    def __init__(self, local: Any, actor: Any, retries: int = 3) -> None:
+        self.local = local
+        self.actor = actor
+        self.capacity = local.capacity
+        self.retries = retries
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def add(self, pred_id: str, record: Any) -> None:
+        self.local.add(pred_id, record)
+        self.actor.add.remote(pred_id, tuple(record.labels), list(record.probs), int(record.index))
+
+    def get(self, pred_id: str) -> Any:
+        import ray
+
+        from app.errors import UnknownPredictionError
+        from app.predictor import Record
+
+        try:
+            record = self.local.get(pred_id)
+        except UnknownPredictionError:
+            record = None
+        shared = ray.get(self.actor.claim.remote(pred_id), timeout=10)
+        for _ in range(self.retries if record is None and shared is None else 0):
+            # the predicting replica's fire-and-forget add may still be on its way
+            time.sleep(0.05)
+            shared = ray.get(self.actor.claim.remote(pred_id), timeout=10)
+            if shared is not None:
+                break
+        if record is None:
+            if shared is None:
+                return self.local.get(pred_id)  # raises the app's 404, with its message
+            labels, probs, index, labelled = shared
+            return Record(tuple(labels), list(probs), int(index), bool(labelled))
+        if shared is not None and shared[3]:
+            record.labelled = True  # labelled through another replica
+        return record
+
+
+def _feedback_actor(capacity: int) -> Any:
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=-1)(FeedbackStoreActor)
+    return cls.options(name=FEEDBACK_ACTOR, lifetime="detached", get_if_exists=True).remote(capacity)
+
+
+class ReplicaHeaders:
+    """ASGI middleware: name the replica that answered (X-TFB-Replica, X-TFB-PID)."""
+
+    def __init__(self, app: Any, replica: str, pid: int) -> None:
+        self.app = app
+        self.headers = [(b"x-tfb-replica", replica.encode()), (b"x-tfb-pid", str(pid).encode())]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + self.headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _wait_ready(state: Any, timeout_s: float) -> None:
+    """Block until the app's worker has loaded the model; raise with the cause if it failed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while state.status == "loading":
+        if loop.time() > deadline:
+            raise TimeoutError(f"the model did not load within {timeout_s:.0f}s (ready_timeout_s)")
+        await asyncio.sleep(0.2)
+    if state.status != "ready":
+        raise RuntimeError(state.error or f"replica not ready: {state.status}")
+
+
+@serve.deployment(
+    name="tfb",
+    ray_actor_options={"num_gpus": 1, "num_cpus": 2},
+    autoscaling_config=DEFAULT_AUTOSCALING,
+    # In flight inside one replica: queued in the app's batcher, which fills forwards of up to
+    # TFB_MAX_BATCH_ROWS rows. Keep it below the app's TFB_MAX_QUEUE so that overload queues in
+    # Ray's router (across replicas) rather than bouncing with the app's 429.
+    max_ongoing_requests=32,
+    # Past this, Ray's proxy answers 503 at once instead of letting latency grow without bound.
+    max_queued_requests=512,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=2,
+    graceful_shutdown_timeout_s=60,
+)
+@serve.ingress()
+class TFBDeployment:
+    """One replica: one app, one model, on the GPU(s) Ray gave this actor."""
+
+    async def __init__(self, settings: dict[str, Any] | None = None, metrics_interval_s: float = 5.0,
+                       ready_timeout_s: float = 3600.0, shared_feedback: bool = True) -> None:
+        from app.main import create_app
+        from app.settings import Settings
+
+        overrides = dict(settings or {})
+        # A failed load must fail the replica's start (Ray reports it and retries), not exit the process.
+        overrides.setdefault("exit_on_startup_failure", False)
+        self.settings = Settings(**overrides)  # TFB_* from the environment, overridden by args
+        self.fastapi = create_app(self.settings)
+        self.state = self.fastapi.state.tfb
+        self.replica_id = _replica_id()
+        self._install_replica_headers()
+        self._wait_for_model_on_startup(ready_timeout_s, shared_feedback)
+        self.mirror = RayMetricsMirror(self.state.registry, metrics_interval_s, self.state.metrics.refresh_recent)
+        self.mirror.start()
+        log.info("replica %s (pid %d): app created, model loading", self.replica_id, os.getpid())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.fastapi
+
+    def _install_replica_headers(self) -> None:
+        self.fastapi.add_middleware(ReplicaHeaders, replica=self.replica_id, pid=os.getpid())
+
+    def _wait_for_model_on_startup(self, timeout_s: float, shared_feedback: bool) -> None:
+        # Ray Serve runs the app's lifespan as part of starting the replica; extending that
+        # start-up until the model is ready keeps traffic away from a replica that would 503.
+        inner = self.fastapi.router.lifespan_context
+        state = self.state
+
+        @asynccontextmanager
+        async def lifespan(app: Any) -> AsyncIterator[Any]:
+            async with inner(app) as value:
+                await _wait_ready(state, timeout_s)
+                if shared_feedback:
+                    predictor = state.predictor
+                    predictor.store = SharedFeedbackStore(predictor.store, _feedback_actor(predictor.store.capacity))
+                yield value
+
+        self.fastapi.router.lifespan_context = lifespan
+
+    async def check_health(self) -> None:
+        """Unhealthy (Ray replaces the replica) when the app failed, drains, or lost its worker."""
+        status = self.state.status
+        if status in ("failed", "draining"):
+            raise RuntimeError(f"replica {self.replica_id}: {self.state.error or status}")
+        thread = getattr(self.state.worker, "_thread", None)
+        if status == "ready" and thread is not None and not thread.is_alive():
+            raise RuntimeError(f"replica {self.replica_id}: the model worker thread has died")
+
+    def __del__(self) -> None:
+        mirror = getattr(self, "mirror", None)
+        if mirror is not None:
+            mirror.stop()
+
+
+def _replica_id() -> str:
+    try:
+        ctx = serve.get_replica_context()
+        rid = getattr(ctx, "replica_id", None)
+        return str(getattr(rid, "unique_id", None) or rid or getattr(ctx, "replica_tag", "unknown"))
+    except Exception:  # outside a replica (tests constructing the class directly)
+        return f"local-{os.getpid()}"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for ``serve run serve_app:build_app`` and serve_config.yaml's ``args``.
+
+    ``args``: TFB settings by field name (``model``, ``adapter``, ``task``, ``sigma``... as in
+    ``TFB_<FIELD>``; the environment is read too), plus ``num_gpus``/``num_cpus`` per replica,
+    ``num_replicas`` (fixed count instead of autoscaling), ``metrics_interval_s``,
+    ``ready_timeout_s`` and ``shared_feedback`` (default true: /feedback finds predictions made by
+    any replica, through one small named actor).
+    """
+    args = dict(args or {})
+    options: dict[str, Any] = {}
+    actor = {"num_gpus": float(args.pop("num_gpus", 1)), "num_cpus": float(args.pop("num_cpus", 2))}
+    options["ray_actor_options"] = actor
+    if "num_replicas" in args:
+        options["num_replicas"] = int(args.pop("num_replicas"))
+        options["autoscaling_config"] = None
+    deploy_kwargs = {k: args.pop(k) for k in ("metrics_interval_s", "ready_timeout_s", "shared_feedback") if k in args}
+    return TFBDeployment.options(**options).bind(settings=args, **deploy_kwargs)
+
+
+#: ``serve run serve_app:app`` with every setting from TFB_* environment variables.
+app = TFBDeployment.bind()
