@@ -106,6 +106,8 @@ def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") 
 class TFBEngine:
     """A Bayesianized classifier with its task, sigma, and default Monte Carlo noise."""
 
+    NOISE_CACHE = 3  # draws kept for reuse
+
     def __init__(self, cfg: EngineConfig, classifier: BayesianClassifier, task: Task, sigma: float,
                  sigma_source: str, search_result: SearchResult | None = None) -> None:
         self.cfg = cfg
@@ -172,15 +174,19 @@ class TFBEngine:
 
     # --- prediction ---------------------------------------------------------------------------
     def noise(self, seed: int, n_samples: int) -> NoiseDraw | None:
-        """The standard-normal draw of ``seed`` with at least ``n_samples`` samples (kept for reuse)."""
+        """The standard-normal draw of ``seed`` with at least ``n_samples`` samples.
+
+        The last few draws are kept (the configured seed's always): a draw is
+        N x sum(r x in) numbers, about 0.3 GB in bf16 for N = 64 on Llama-3.1-8B with 65 modules.
+        """
         if self.sigma == 0.0:
             return None
         draw = self._noise.get(seed)
         if draw is None or draw.n_samples < n_samples:
             draw = self.classifier.posterior.draw(seed, max(n_samples, self.cfg.n_samples))
             self._noise[seed] = draw
-            while len(self._noise) > 8:
-                self._noise.popitem(last=False)
+            while len(self._noise) > self.NOISE_CACHE:  # evict the oldest, never the configured seed's
+                del self._noise[next(k for k in self._noise if k != self.cfg.seed)]
         self._noise.move_to_end(seed)
         return draw
 
