@@ -67,13 +67,14 @@ class SearchConfig:
 
     ``tolerance`` is the plain bound on the criterion: for ``nll`` the relative change
     |NLL_sigma - NLL_0| / NLL_0 against the sigma=0 model's own predictions (the reference
-    code divides by the anchor size, so its 0.003 with 500 anchors is our 1.5); for ``flip``
+    code divides by the anchor size, so its 0.003 with 500 anchors is our 1.5, the default: on the
+    demo adapter it lowers held-out ECE and NLL without changing accuracy, see README); for ``flip``
     the fraction of anchor predictions whose argmax changes; for ``accuracy`` the drop of
     true-label accuracy (labelled anchors only).
     """
 
     criterion: Criterion = "nll"
-    tolerance: float = 0.3
+    tolerance: float = 1.5
     low: float = 0.001
     high: float = 0.015
     iters: int = 7

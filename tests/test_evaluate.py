@@ -1,0 +1,109 @@
+"""Evaluation on the tiny model: every metric, the bootstrap, OOD AUROC and the plot file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tfb_core.config import SearchConfig
+from tfb_core.evaluate import (
+    METHODS,
+    METRICS,
+    EvalOptions,
+    bootstrap_differences,
+    evaluate,
+    format_table,
+    ood_auroc,
+    reliability_bins,
+)
+from tfb_core.tasks import get_task
+
+SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
+             "the plot is thin but the acting is superb", "I would not watch it again", "a great film",
+             "a dull movie", "the acting is superb", "tedious"]
+
+
+def records(n: int, offset: int = 0) -> list[dict]:
+    return [{"sentence": SENTENCES[(i + offset) % len(SENTENCES)], "label": (i + offset) % 2} for i in range(n)]
+
+
+def test_bootstrap_is_paired_and_deterministic():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(50, 2, generator=gen), 1)
+    y = torch.randint(0, 2, (50,), generator=gen)
+    same = bootstrap_differences({"mle": p, "copy": p.clone()}, y, n_boot=50, seed=1)
+    for m in METRICS:
+        assert same["copy-mle"][m]["diff"] == 0.0 and same["copy-mle"][m]["lo"] == same["copy-mle"][m]["hi"] == 0.0
+    a = bootstrap_differences({"mle": p, "t": p.pow(0.5) / p.pow(0.5).sum(1, keepdim=True)}, y, n_boot=50, seed=1)
+    b = bootstrap_differences({"mle": p, "t": p.pow(0.5) / p.pow(0.5).sum(1, keepdim=True)}, y, n_boot=50, seed=1)
+    assert a == b
+    assert all(r["lo"] <= r["hi"] for r in a["t-mle"].values())
+
+
+def test_ood_auroc_and_bins():
+    assert ood_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.8, 0.9])) == 1.0
+    assert ood_auroc(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2])) == 0.0
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45]])
+    bins = reliability_bins(p, torch.tensor([0, 0, 1]), n_bins=15)
+    assert sum(bins["count"]) == 3
+    assert len(bins["confidence"]) == 15
+
+
+def test_evaluate_tiny_model_all_metrics_and_plot(classifier, tmp_path):
+    task = get_task("sst2")
+    plot = tmp_path / "reliability.png"
+    opts = EvalOptions(n_boot=20, plot=str(plot), max_rows=32)
+    search = SearchConfig(criterion="nll", tolerance=0.3, iters=2, n_samples=3, max_expansions=1)
+    ood = [{"question": "is the sky blue", "passage": "x", "answer": True},
+           {"question": "does water boil at 100 degrees", "passage": "x", "answer": False}]
+    out = evaluate(classifier, task, records(12), records(6, offset=3), search, opts, n_samples=3, seed=0, ood=ood)
+    assert set(out["methods"]) == set(METHODS)
+    for m in out["methods"].values():
+        for k in (*METRICS, "mean_mi", "mean_confidence"):
+            assert math.isfinite(m[k])
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+    assert out["methods"]["mle"]["mean_mi"] == 0.0
+    assert out["sigma"] >= 0.0 and out["search"]["criterion"] == "nll"
+    assert set(out["differences"]) == {"tfb-mle", "temperature-mle", "tfb+temperature-mle"}
+    assert {"auroc_mi_tfb", "auroc_entropy_tfb", "auroc_entropy_mle"} <= set(out["ood"])
+    assert plot.is_file() and plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(out)  # JSON-able
+    assert "tfb+temperature" in format_table(out)
+
+
+def test_evaluate_fixed_sigma_is_deterministic(classifier):
+    task = get_task("sst2")
+    opts = EvalOptions(n_boot=0)
+    a = evaluate(classifier, task, records(8), records(4), SearchConfig(), opts, sigma=0.05, n_samples=2, seed=3)
+    b = evaluate(classifier, task, records(8), records(4), SearchConfig(), opts, sigma=0.05, n_samples=2, seed=3)
+    assert a["methods"] == b["methods"] and a["search"] is None
+    assert a["methods"]["tfb"]["mean_mi"] > 0.0
+
+
+def test_eval_options_reject_bad_values():
+    with pytest.raises(ValueError, match="n_boot"):
+        EvalOptions(n_boot=-1)
+    with pytest.raises(ValueError, match="limit"):
+        EvalOptions(limit=0)
+
+
+def test_tfb_eval_command_on_the_tiny_model(tiny, tmp_path, monkeypatch, capsys):
+    """``tfb eval`` end to end: flags -> run_eval -> JSON on stdout, table on stderr, files written."""
+    from tfb_core import evaluate as ev
+    from tfb_core.cli import build_parser
+
+    monkeypatch.setattr(ev, "_load_split", lambda task, split, limit, cache: records(limit or 6))
+    anchor = tmp_path / "anchor.jsonl"
+    anchor.write_text("".join(json.dumps(r) + "\n" for r in records(4, offset=1)))
+    args = build_parser().parse_args([
+        "eval", "--model", tiny["model"], "--adapter", tiny["adapter"], "--task", "sst2", "--anchor", str(anchor),
+        "--sigma", "0.05", "--samples", "2", "--limit", "6", "--ood-task", "boolq", "--bootstrap", "5",
+        "--output", str(tmp_path / "out.json"), "--plot", str(tmp_path / "plot.png")])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sigma"] == 0.05 and out["n_test"] == 6 and "ood" in out
+    assert json.loads((tmp_path / "out.json").read_text())["methods"] == out["methods"]
+    assert (tmp_path / "plot.png").is_file()

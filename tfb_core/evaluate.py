@@ -1,0 +1,345 @@
+"""Evaluation: what TFB does to calibration, against the MLE adapter and temperature scaling.
+
+On the same test examples, with the same adapter::
+
+    mle              sigma = 0 (the adapter as trained)
+    tfb              sigma from the anchor search, N samples, mean of per-sample softmax
+    temperature      mle probabilities, one temperature fitted (NLL) on the labelled anchor set
+    tfb+temperature  tfb mean probabilities, one temperature fitted on the same anchor set
+
+Per method: accuracy, ECE (15 bins), NLL, Brier (fractions, not x100) and mean mutual information;
+paired bootstrap intervals for the differences to ``mle``; with an OOD set, the AUROC of
+predictive entropy and of mutual information separating in- (label 0) from out-of-distribution
+(label 1) inputs. ``tfb eval`` (see :mod:`tfb_core.cli`) is :func:`eval_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfb_core.config import SearchConfig
+from tfb_core.tasks import Record, Task
+from tfb_core.uncertainty import apply_temperature, brier, classification_metrics, ece, fit_temperature, nll, summarize
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "ece", "nll", "brier")
+METHODS = ("mle", "tfb", "temperature", "tfb+temperature")
+_METRIC_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
+    "accuracy": lambda p, y: float((p.argmax(1) == y).double().mean()), "ece": ece, "nll": nll, "brier": brier}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate beyond the model: data, Monte Carlo and bootstrap settings, outputs."""
+
+    test_split: str = "test"
+    limit: int | None = None
+    anchor_split: str = "anchor"  # used when no anchor file is given
+    anchor_limit: int | None = None  # that many of the split, shuffled with seed 42 (the reference's anchor)
+    ood_task: str | None = None
+    ood_split: str = "validation"
+    ood_field: str = "question"  # the OOD record field fed to the task as its input text
+    ood_limit: int | None = None
+    n_boot: int = 1000
+    boot_seed: int = 0
+    max_rows: int = 64
+    plot: str | None = None
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_boot < 0:
+            raise ValueError(f"n_boot must be >= 0, got {self.n_boot}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+
+
+# --- pure functions -----------------------------------------------------------------------------
+def bootstrap_differences(probs: dict[str, torch.Tensor], target: torch.Tensor, baseline: str = "mle",
+                          n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap of metric(method) - metric(baseline) over test examples.
+
+    probs: method -> (B, C) mean probabilities on the same B examples. Returns, per method and
+    metric, the observed difference and the percentile interval of ``level``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = target.shape[0]
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)  # (n_boot, B)
+    alpha = (1.0 - level) / 2
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in probs.items():
+        if name == baseline:
+            continue
+        rows: dict[str, Any] = {}
+        for metric, fn in _METRIC_FNS.items():
+            diff = fn(p, target) - fn(probs[baseline], target)
+            if n_boot:
+                d = torch.tensor([fn(p[i], target[i]) - fn(probs[baseline][i], target[i]) for i in idx])
+                lo, hi = torch.quantile(d.double(), torch.tensor([alpha, 1 - alpha], dtype=torch.double)).tolist()
+            else:
+                lo = hi = float("nan")
+            rows[metric] = {"diff": diff, "lo": lo, "hi": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
+        out[f"{name}-{baseline}"] = rows
+    return out
+
+
+def ood_auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """AUROC of a score (higher = more uncertain) separating OOD (positive) from in-distribution."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores = torch.cat([in_scores, out_scores]).double()
+    labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
+    return float(binary_auroc(scores, labels))
+
+
+def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: mean confidence, accuracy and count (empty bins: NaN)."""
+    conf, pred = probs.max(1)
+    correct = (pred == target).double()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    which = torch.bucketize(conf.double(), edges.double(), right=False).clamp(1, n_bins) - 1  # (B,)
+    count = torch.bincount(which, minlength=n_bins).double()
+    mean_conf = torch.bincount(which, conf.double(), minlength=n_bins) / count
+    acc = torch.bincount(which, correct, minlength=n_bins) / count
+    return {"edges": edges.tolist(), "confidence": mean_conf.tolist(), "accuracy": acc.tolist(),
+            "count": count.tolist()}
+
+
+def plot_reliability(probs: dict[str, torch.Tensor], target: torch.Tensor, path: str | Path,
+                     title: str = "", n_bins: int = 15) -> Path:
+    """Reliability diagrams (top) and confidence histograms (bottom), one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(probs)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.0), sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1.3]}, squeeze=False)
+    width = 1.0 / n_bins
+    for j, name in enumerate(names):
+        bins = reliability_bins(probs[name], target, n_bins)
+        centers = [e + width / 2 for e in bins["edges"][:-1]]
+        acc = [a if a == a else 0.0 for a in bins["accuracy"]]
+        ax = axes[0][j]
+        ax.bar(centers, acc, width=width, edgecolor="black", color="#4C72B0", label="accuracy")
+        gap = [(c if c == c else 0.0) - a for c, a in zip(bins["confidence"], acc, strict=True)]
+        ax.bar(centers, gap, bottom=acc, width=width, edgecolor="#C44E52", color="#C44E52", alpha=0.35,
+               hatch="//", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        m = classification_metrics(probs[name], target)
+        ax.set_title(f"{name}\nACC {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        if j == 0:
+            ax.set_ylabel("accuracy in bin")
+            ax.legend(loc="upper left", fontsize=7)
+        h = axes[1][j]
+        h.bar(centers, [c / max(1.0, float(target.shape[0])) for c in bins["count"]], width=width,
+              color="#55A868", edgecolor="black")
+        h.set_xlabel("confidence")
+        h.set_yscale("log")
+        h.set_ylim(1e-3, 1.0)
+        if j == 0:
+            h.set_ylabel("fraction of examples")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- on a model -----------------------------------------------------------------------------------
+def _prompts(task: Task, records: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+    prompts = [task.format(r) for r in records]
+    targets = [task.target(r) for r in records]
+    if any(t is None for t in targets):
+        raise ValueError("every evaluation record needs a label")
+    return prompts, torch.tensor(targets)
+
+
+def ood_input(task: Task, record: Record, field: str) -> Record:
+    """An OOD record as an input of ``task``: its ``field`` as the task's one input field (e.g. a
+    BoolQ question as an SST-2 sentence); a record of the task's own fields is used as it is."""
+    if len(task.fields) == 1 and field in record:
+        return {task.fields[0]: record[field]}
+    return record
+
+
+def _sample(clf: Any, prompts: Sequence[str], n: int, sigma: float, seed: int, max_rows: int,
+            progress: bool, desc: str) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt") as bar:
+        return clf.sample_probs(prompts, n if sigma > 0 else 1, seed=seed, sigma=sigma, max_rows=max_rows,
+                                progress=bar)  # (B, N, C)
+
+
+def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Record], search: SearchConfig,
+             opts: EvalOptions, sigma: float | None = None, n_samples: int = 10, seed: int = 0,
+             ood: Sequence[Record] | None = None, progress: bool = False) -> dict[str, Any]:
+    """All four methods on ``test``; sigma from ``search`` on ``anchor`` unless given. JSON-able."""
+    from tfb_core.search import search_sigma
+
+    start = time.perf_counter()
+    test_prompts, y = _prompts(task, test)
+    anchor_prompts, y_anchor = _prompts(task, anchor)
+    search_info: dict[str, Any] | None = None
+    if sigma is None:
+        result = search_sigma(clf, anchor_prompts, search, targets=y_anchor, progress=progress, max_rows=opts.max_rows)
+        sigma = result.sigma
+        search_info = {k: v for k, v in result.to_dict().items() if k != "history"}
+        search_info["history"] = [asdict(p) for p in result.history]
+    run = lambda prompts, s, desc: _sample(clf, prompts, n_samples, s, seed, opts.max_rows, progress, desc)  # noqa: E731
+    mle_anchor = run(anchor_prompts, 0.0, "anchor mle").mean(1)  # (A, C)
+    tfb_anchor = summarize(run(anchor_prompts, sigma, "anchor tfb")).probs if sigma > 0 else mle_anchor
+    t_mle, t_tfb = fit_temperature(mle_anchor, y_anchor), fit_temperature(tfb_anchor, y_anchor)
+    mle_test = run(test_prompts, 0.0, "test mle")  # (B, 1, C)
+    tfb_test = run(test_prompts, sigma, "test tfb") if sigma > 0 else mle_test  # (B, N, C)
+    u_tfb = summarize(tfb_test)
+    probs = {"mle": mle_test.mean(1), "tfb": u_tfb.probs, "temperature": apply_temperature(mle_test.mean(1), t_mle),
+             "tfb+temperature": apply_temperature(u_tfb.probs, t_tfb)}
+    methods: dict[str, dict[str, float]] = {}
+    for name, p in probs.items():
+        methods[name] = classification_metrics(p, y)
+        methods[name]["mean_confidence"] = float(p.max(1).values.mean())
+        methods[name]["mean_mi"] = float(u_tfb.mutual_information.mean()) if name.startswith("tfb") else 0.0
+    out: dict[str, Any] = {
+        "task": task.name, "labels": list(task.labels), "n_test": len(test), "n_anchor": len(anchor),
+        "sigma": sigma, "n_samples": n_samples, "seed": seed, "search": search_info,
+        "search_config": asdict(search), "temperature": {"mle": t_mle, "tfb": t_tfb},
+        "anchor_metrics": {"mle": classification_metrics(mle_anchor, y_anchor),
+                           "tfb": classification_metrics(tfb_anchor, y_anchor)},
+        "methods": methods, "n_boot": opts.n_boot,
+        "differences": bootstrap_differences(probs, y, n_boot=opts.n_boot, seed=opts.boot_seed),
+    }
+    if ood:
+        ood_prompts = [task.format(ood_input(task, r, opts.ood_field)) for r in ood]
+        u_in_mle = summarize(mle_test)
+        u_out_mle = summarize(run(ood_prompts, 0.0, "ood mle"))
+        u_out = summarize(run(ood_prompts, sigma, "ood tfb")) if sigma > 0 else u_out_mle
+        out["ood"] = {
+            "n_ood": len(ood),
+            "auroc_entropy_mle": ood_auroc(u_in_mle.predictive_entropy, u_out_mle.predictive_entropy),
+            "auroc_entropy_tfb": ood_auroc(u_tfb.predictive_entropy, u_out.predictive_entropy),
+            "auroc_mi_tfb": ood_auroc(u_tfb.mutual_information, u_out.mutual_information),
+            "mean_mi_in": float(u_tfb.mutual_information.mean()), "mean_mi_ood": float(u_out.mutual_information.mean()),
+            "mean_entropy_in_tfb": float(u_tfb.predictive_entropy.mean()),
+            "mean_entropy_ood_tfb": float(u_out.predictive_entropy.mean()),
+        }
+    if opts.plot:
+        title = f"{task.name}: {len(test)} test examples, sigma={sigma:.4g}, N={n_samples}"
+        out["plot"] = str(plot_reliability(probs, y, opts.plot, title=title))
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the methods and the bootstrap intervals of their differences to MLE."""
+    lines = [f"{result['task']}: n_test={result['n_test']} n_anchor={result['n_anchor']} sigma={result['sigma']:.5g} "
+             f"N={result['n_samples']}  T(mle)={result['temperature']['mle']:.3f} T(tfb)={result['temperature']['tfb']:.3f}",
+             f"{'method':<16}" + "".join(f"{m:>10}" for m in (*METRICS, "mean_mi"))]
+    for name, m in result["methods"].items():
+        lines.append(f"{name:<16}" + "".join(f"{m[k]:>10.4f}" for k in (*METRICS, "mean_mi")))
+    if result.get("n_boot"):
+        lines.append(f"differences to mle, {result['n_boot']} paired bootstrap resamples, 95% interval:")
+        for pair, rows in result["differences"].items():
+            lines.append(f"  {pair:<22}" + "  ".join(
+                f"{k} {r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{'*' if r['excludes_zero'] else ''}"
+                for k, r in rows.items()))
+    if "ood" in result:
+        o = result["ood"]
+        lines.append(f"OOD ({o['n_ood']}): AUROC entropy mle {o['auroc_entropy_mle']:.3f}, entropy tfb "
+                     f"{o['auroc_entropy_tfb']:.3f}, MI tfb {o['auroc_mi_tfb']:.3f}")
+    return "\n".join(lines)
+
+
+def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None) -> list[Record]:
+    from tfb_core.data import load_records
+
+    return load_records(task, split, limit=limit, cache_dir=cache_dir)
+
+
+def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
+    """Load the model of ``cfg`` (an :class:`tfb_core.engine.EngineConfig`), evaluate, write outputs.
+
+    Test (and OOD) records come from :mod:`tfb_core.data`; the anchor from ``cfg.anchor`` (a JSONL
+    file) or else the data set's ``opts.anchor_split``. Prints the table to stderr.
+    """
+    from tfb_core.engine import read_jsonl
+    from tfb_core.loading import load_classifier
+    from tfb_core.tasks import get_task
+
+    cfg = cfg.with_defaults()
+    if cfg.task is None:
+        raise ValueError("evaluation needs a named task (--task), whose records carry labels")
+    task = get_task(cfg.task)
+    clf = load_classifier(cfg.model, task.labels)
+    test = _load_split(task.name, opts.test_split, opts.limit, cfg.model.cache_dir)
+    if cfg.anchor:
+        anchor = read_jsonl(cfg.anchor)
+    else:
+        anchor = _load_split(task.name, opts.anchor_split, None, cfg.model.cache_dir)
+        if opts.anchor_limit:
+            random.Random(42).shuffle(anchor)
+            anchor = anchor[:opts.anchor_limit]
+    ood = _load_split(opts.ood_task, opts.ood_split, opts.ood_limit or len(test), cfg.model.cache_dir) \
+        if opts.ood_task else None
+    result = evaluate(clf, task, test, anchor, cfg.search, opts, sigma=cfg.sigma, n_samples=cfg.n_samples,
+                      seed=cfg.seed, ood=ood, progress=progress)
+    result["model"] = {"model": cfg.model.model, "adapter": cfg.model.adapter, "device": cfg.model.device,
+                       "anchor": cfg.anchor or f"{task.name}:{opts.anchor_split}", "test": f"{task.name}:{opts.test_split}",
+                       "ood": f"{opts.ood_task}:{opts.ood_split}" if opts.ood_task else None}
+    print(format_table(result), file=sys.stderr)
+    if opts.output:
+        path = Path(opts.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``tfb eval`` flags (on top of the shared model/task/search flags of the CLI)."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--test-split", default="test", help="split of the task's data to evaluate on (default test)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate on the first N test records")
+    g.add_argument("--anchor-split", default="anchor", help="anchor split when no --anchor file is given")
+    g.add_argument("--anchor-limit", type=int, default=None,
+                   help="anchor: this many records of --anchor-split, shuffled with seed 42 (reference: 500 of train)")
+    g.add_argument("--ood-task", default=None, help="OOD data set (e.g. boolq, arc_easy) fed through the task's prompt")
+    g.add_argument("--ood-split", default="validation")
+    g.add_argument("--ood-field", default="question", help="field of the OOD records used as the input text")
+    g.add_argument("--ood-limit", type=int, default=None, help="OOD records (default: as many as test records)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: none)")
+    g.add_argument("--max-rows", type=int, default=64, help="rows (prompt x sample) per forward")
+    g.add_argument("--plot", default=None, help="write the reliability diagram PNG here")
+    g.add_argument("--output", default=None, help="write the JSON result here (also printed to stdout)")
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """``tfb eval``: print the JSON result to stdout and the table to stderr."""
+    from tfb_core.cli import engine_config_from_args
+
+    opts = EvalOptions(test_split=args.test_split, limit=args.limit, anchor_split=args.anchor_split,
+                       ood_task=args.ood_task, ood_split=args.ood_split, ood_field=args.ood_field,
+                       ood_limit=args.ood_limit, anchor_limit=args.anchor_limit, n_boot=args.bootstrap,
+                       max_rows=args.max_rows, plot=args.plot, output=args.output)
+    result = run_eval(engine_config_from_args(args), opts)
+    print(json.dumps(result))
+    return 0
