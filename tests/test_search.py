@@ -149,3 +149,12 @@ def test_tensors_hash_sees_one_changed_value():
     u[2, 3] += 1e-3
     assert cache.tensors_sha256([t]) != cache.tensors_sha256([u])
     assert cache.tensors_sha256([t]) == cache.tensors_sha256([t.clone()])
+
+
+def test_expanding_upwards_does_not_evaluate_below_the_bracket():
+    calls: list[float] = []
+    cfg = SearchConfig(tolerance=0.1, low=0.001, high=0.015, iters=5)
+    res = search(monotone(0.05, calls), cfg)
+    assert min(calls) >= 0.015  # the last ok point of the expansion is the lower end
+    assert len(calls) == 3 + 5  # 0.015, 0.03, 0.06, then the bisection steps
+    assert res.n_evaluations == len(calls)

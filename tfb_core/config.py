@@ -77,7 +77,7 @@ class SearchConfig:
     tolerance: float = 1.5
     low: float = 0.001
     high: float = 0.015
-    iters: int = 7
+    iters: int = 5
     n_samples: int = 10
     seed: int = 0
     method: SearchMethod = "bisect"

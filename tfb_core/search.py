@@ -89,18 +89,21 @@ class _Recorder:
 def _bracket(rec: _Recorder, low: float, high: float, max_expansions: int) -> tuple[SearchPoint | None, SearchPoint | None]:
     """(largest known ok point, smallest known violating point), expanding the bracket as needed."""
     hi = rec.one(high)
+    ok: SearchPoint | None = None
     for _ in range(max_expansions):
         if not hi.ok:
             break
-        hi = rec.one(hi.sigma * 2.0)
+        ok, hi = hi, rec.one(hi.sigma * 2.0)
     if hi.ok:
         return hi, None  # still within tolerance at the top of the expanded bracket
+    if ok is not None:  # expanded upwards: the last ok point is the lower end
+        return ok, hi
     lo = rec.one(low)
     for _ in range(max_expansions):
         if lo.ok:
             break
-        lo = rec.one(lo.sigma / 2.0)
-    return (lo if lo.ok else None), (hi if lo.ok else lo)
+        hi, lo = lo, rec.one(lo.sigma / 2.0)
+    return (lo if lo.ok else None), hi
 
 
 def bisect(objective: Objective, cfg: SearchConfig) -> SearchResult:
