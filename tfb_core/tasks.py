@@ -135,6 +135,8 @@ class Task:
                 raise TaskError("an input must be a non-empty prompt string")
             return record
         if isinstance(record, str):
+            if len(self.fields) == 1:  # e.g. sst2: a bare string is its one field, the sentence
+                return self.formatter({self.fields[0]: record})
             raise TaskError(f"task {self.name!r} takes objects with fields {list(self.fields)}, got a string")
         return self.formatter(record)
 
