@@ -166,7 +166,9 @@ def test_named_task_labels_and_fields(tiny):
         assert out.status_code == 200 and out.json()["labels"] == ["negative", "positive"]
         r = c.post("/predict", json={"inputs": [{"sentence": "a great film"}], "labels": ["yes", "no"]})
         assert r.status_code == 422 and "fixed labels" in r.json()["detail"]
-        r = c.post("/predict", json={"inputs": ["a great film"]})
+        r = c.post("/predict", json={"inputs": ["a great film"]})  # a one-field task takes a bare string
+        assert r.status_code == 200 and r.json()["predictions"][0]["probs"] == out.json()["predictions"][0]["probs"]
+        r = c.post("/predict", json={"inputs": [{"text": "a great film"}]})
         assert r.status_code == 422 and "sentence" in r.json()["detail"]
         r = c.post("/predict", json={"inputs": [{"sentence": "ok"}, {"text": "x"}]})
         assert r.status_code == 422 and "input 1" in r.json()["detail"]
