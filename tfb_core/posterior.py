@@ -9,9 +9,10 @@ For every LoRA module y = base(x) + s * B A x, with B (out x r) and A (r x in)::
 
 so the weight noise s * B' E is isotropic N(0, sigma^2) noise on the column space of B.
 
-At prediction time each of the R rows of a batch carries its own sample of A' (R x r x in);
-the shrink x -> A'_row x is one ``bmm`` per module, the expand by B' is shared. No copy of any
-weight matrix is made per sample.
+At prediction time each of the R rows of a batch carries its own sample of A'; rows that share a
+sample (the B prompts of one Monte Carlo sample) share one slice of the noise (N x r x in, not
+R x r x in). The shrink x -> A'_row x is one ``bmm`` per module, the expand by B' is shared. No
+copy of any weight matrix is made per sample.
 """
 
 from __future__ import annotations
@@ -53,8 +54,16 @@ class TFBLinear(nn.Module):
         self.register_buffer("lora_B", B.to(device=device, dtype=dtype), persistent=False)  # (out, r)
         self.register_buffer("d", d.to(device), persistent=False)  # (r,) float32
         self.register_buffer("inv_d", 1.0 / d.clamp_min(d_floor).to(device), persistent=False)  # (r,) float32
-        #: per-row deviation of A' from its mean, set by :meth:`TFBPosterior.noise` for one forward
-        self.delta: torch.Tensor | None = None  # (R, r, in)
+        #: this forward's noise, set by :meth:`TFBPosterior.set_noise`: standard-normal draws z and the
+        #: std sigma / d of each row of A'; sample s serves the ``group`` rows s*group .. (s+1)*group - 1
+        self.z: torch.Tensor | None = None  # (R / group, r, in)
+        self.z_scale: torch.Tensor | None = None  # (r, 1)
+        self.group = 1
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        """The deviation of A' from its mean in this forward, (sigma / d) * z: (R / group, r, in)."""
+        return None if self.z is None else self.z * self.z_scale
 
     @property
     def rank(self) -> int:
@@ -65,17 +74,24 @@ class TFBLinear(nn.Module):
         return self.lora_A.shape[1]
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
-        """x (R, T, in) -> A'_row x (R, T, r), with this forward's per-row sample of A'."""
-        if self.delta is None:
+        """x (R, T, in) -> A'_row x (R, T, r), with this forward's sample of A' for each row."""
+        if self.z is None:
             return x @ self.lora_A.T  # (R, T, r)
-        if self.delta.shape[0] != x.shape[0]:
-            raise RuntimeError(f"{self.name}: noise for {self.delta.shape[0]} rows, batch has {x.shape[0]}")
-        a_rows = self.lora_A.unsqueeze(0) + self.delta  # (R, r, in)
-        return torch.bmm(x, a_rows.transpose(1, 2))  # (R, T, r)
+        R, T, _ = x.shape
+        S = self.z.shape[0]
+        if S * self.group != R:
+            raise RuntimeError(f"{self.name}: noise for {S * self.group} rows, batch has {R}")
+        # A' + (sigma / d) z, made here one module at a time: no scaled copy of the noise is kept
+        a_rows = torch.addcmul(self.lora_A, self.z, self.z_scale)  # (S, r, in)
+        # rows of one sample share one bmm slice: (S, group*T, in) @ (S, in, r)
+        return torch.bmm(x.reshape(S, self.group * T, -1), a_rows.transpose(1, 2)).view(R, T, -1)  # (R, T, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (R, T, out)
         z = self.shrink(x.to(self.lora_A.dtype))  # (R, T, r)
+        if z.dtype == y.dtype and y.is_contiguous():  # y += s * z B'^T in one pass over y, no temporaries
+            y2 = y.view(-1, y.shape[-1])  # (R*T, out)
+            return y2.addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.T, alpha=self.scaling).view(y.shape)
         return y + (self.scaling * (z @ self.lora_B.T)).to(y.dtype)  # (R, T, out)
 
     def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -148,19 +164,23 @@ class TFBPosterior:
         z = [torch.stack([s[k] for s in per_sample]) for k in range(len(self.modules))]  # (N, r, in)
         return NoiseDraw(seed=seed, z=z)
 
-    def set_noise(self, sigma: float, z_rows: list[torch.Tensor] | None) -> None:
-        """Arm every module for one forward: row j uses A' + (sigma / d) * z_rows[k][j].
+    def set_noise(self, sigma: float, z_rows: list[torch.Tensor] | None, group: int = 1) -> None:
+        """Arm every module for one forward: row j uses A' + (sigma / d) * z_rows[k][j // group].
 
-        ``z_rows[k]`` is (R, r, in) for module k; ``None`` (or sigma = 0) means the posterior mean.
+        ``z_rows[k]`` is (R / group, r, in) for module k; ``None`` (or sigma = 0) means the posterior
+        mean. ``group`` > 1 lets consecutive rows share a sample (sample-major rows of B prompts:
+        group = B) without a copy of the noise per row: the noise costs O(N r in) per module.
         """
         if z_rows is None or sigma == 0.0:
             for m in self.modules:
-                m.delta = None
+                m.z, m.z_scale, m.group = None, None, 1
             return
         if len(z_rows) != len(self.modules):
             raise ValueError(f"noise for {len(z_rows)} modules, the model has {len(self.modules)}")
+        if group < 1:
+            raise ValueError(f"group must be >= 1, got {group}")
         for m, z in zip(self.modules, z_rows, strict=True):
-            m.delta = z * (sigma * m.inv_d).to(z.dtype)[None, :, None]  # (R, r, in)
+            m.z, m.z_scale, m.group = z, (sigma * m.inv_d).to(z.dtype)[:, None], group  # (R / group, r, in), (r, 1)
 
     def clear_noise(self) -> None:
         self.set_noise(0.0, None)

@@ -95,16 +95,16 @@ class BayesianClassifier:
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def class_logits(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
-                     class_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     class_ids: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
         """Class-token logits at the last position of each row: (R, C) float32.
 
-        ``z_rows[k]`` (R, r, in) are the standard-normal draws of module k for each row; the
-        deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
+        ``z_rows[k]`` (R / group, r, in) are the standard-normal draws of module k, one per
+        ``group`` consecutive rows; the deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
         """
         ids = self.class_ids if class_ids is None else class_ids
         input_ids, mask = self._pad_left(rows)  # (R, T)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
-        self.posterior.set_noise(sigma, z_rows)
+        self.posterior.set_noise(sigma, z_rows, group)
         try:
             hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                    use_cache=False).last_hidden_state[:, -1]  # (R, H)
@@ -136,6 +136,10 @@ class BayesianClassifier:
                 raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
             key = id(job.noise) if (noisy and job.noise is not None) else 0
             groups.setdefault(key, []).append(j)
+        # every draw's jobs share one N, and every draw has as many jobs: rows n*G .. n*G+G-1 all use
+        # sample n, so each module gets the N samples (views of the draw), not one copy per row
+        uniform = noisy and 0 not in groups and len({len(m) for m in groups.values()}) == 1 and all(
+            len({jobs[j].n_samples for j in m}) == 1 for m in groups.values())
         rows: list[list[int]] = []
         owner: list[tuple[int, int]] = []  # (job, sample) of each row
         z_parts: list[list[torch.Tensor]] = []
@@ -157,18 +161,28 @@ class BayesianClassifier:
                         rows.append(jobs[j].tokens)
                         owner.append((j, n))
                         sample_idx.append(n)
-            idx = torch.tensor(sample_idx, device=self.device)
-            z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
+            if not uniform:
+                idx = torch.tensor(sample_idx, device=self.device)
+                z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
         z_rows = None
-        if noisy and any(k != 0 for k in groups):
+        group = 1
+        if uniform:
+            group = len(next(iter(groups.values())))
+            parts = [(jobs[m[0]].noise, jobs[m[0]].n_samples) for m in groups.values()]  # (draw, N) per group
+            z_rows = []
+            for k in range(len(self.posterior.modules)):
+                zs = [draw.z[k][:n] for draw, n in parts]  # views
+                z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
+        elif noisy and any(k != 0 for k in groups):
             z_rows = [torch.cat([part[k] for part in z_parts]) for k in range(len(self.posterior.modules))]
-        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids), dim=-1)  # (R, C)
+        # one copy to the host, not one per row (each a device sync on a GPU)
+        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, group), dim=-1).cpu()  # (R, C)
         out = [torch.empty((job.n_samples, probs.shape[1])) for job in jobs]
         for r, (j, n) in enumerate(owner):
             if n < 0:
-                out[j][:] = probs[r].cpu()
+                out[j][:] = probs[r]
             else:
-                out[j][n] = probs[r].cpu()
+                out[j][n] = probs[r]
         return out
 
     def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, sigma: float | None = None,

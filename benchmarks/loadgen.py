@@ -1,0 +1,223 @@
+"""The HTTP app under concurrent load, request coalescing on and off (loopback only, bounded).
+
+A tiny random Llama with a local tokenizer and a random LoRA are saved to a temporary folder; the
+app (``uvicorn --factory app.main:create_app``) is started in a subprocess on 127.0.0.1 for each
+batching setting, and ``clients`` async httpx clients send requests back to back until ``requests``
+are answered or ``seconds`` have passed. Throughput and latency percentiles are measured here.
+
+    coalescing on : TFB_MAX_BATCH_ROWS = clients * N, TFB_MAX_WAIT_MS = 5 (the default), and 20
+    coalescing off: TFB_MAX_BATCH_ROWS = N, TFB_MAX_WAIT_MS = 0 (one request per forward)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ["positive", "negative", "a great film with a wonderful cast", "a dull and tedious mess of a movie",
+          "the plot is thin but the acting is superb", "I would not watch it again",
+          "Classify the sentiment of the movie review sentence below as 'positive' or 'negative'."]
+SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
+             "the plot is thin but the acting is superb", "I would not watch it again",
+             "superb", "a tedious plot", "wonderful acting, thin plot", "a mess"]
+
+
+SERVER_MODELS = {  # hidden, intermediate, layers, heads, kv heads
+    "tiny": (32, 64, 2, 4, 2),     # the test suite's: the forward costs next to nothing, HTTP dominates
+    "small": (256, 688, 4, 4, 2),  # a forward of a few ms per request on one core
+}
+
+
+def build_tiny_server_model(root: Path, seed: int = 0, shape: str = "tiny") -> tuple[Path, Path]:
+    """(model folder with a local BPE tokenizer, LoRA adapter folder): nothing is downloaded."""
+    from bench_models import lora_config, randomize_lora
+    from peft import get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir, adapter_dir = root / "model", root / "adapter"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.padding_side = "left"
+    fast.save_pretrained(model_dir)
+    torch.manual_seed(seed)  # model init only
+    hidden, inter, layers, heads, kv = SERVER_MODELS[shape]
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=512, bos_token_id=0,
+                      eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, lora_config(4))
+    randomize_lora(peft_model, seed + 1)
+    peft_model.save_pretrained(adapter_dir)
+    return model_dir, adapter_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    issued = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0, trust_env=False) as client:
+        async def one_client(c: int) -> None:
+            nonlocal issued, errors
+            k = c
+            while issued < total and time.perf_counter() < stop_at:
+                issued += 1
+                body = {"inputs": [SENTENCES[k % len(SENTENCES)]], "n_samples": n_samples, "seed": k % 4}
+                k += clients
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/predict", json=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    lat.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        for _ in range(2):  # warm the connections and the model path
+            await client.post("/predict", json={"inputs": [SENTENCES[0]], "n_samples": n_samples})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
+            "p50_ms": 1e3 * statistics.median(lat) if lat else float("nan"),
+            "p99_ms": 1e3 * _percentile(lat, 0.99) if lat else float("nan"),
+            "max_ms": 1e3 * max(lat) if lat else float("nan")}
+
+
+def _server_metrics(url: str) -> dict[str, float]:
+    """Sums and counts of the app's forward, batch and queue histograms (Prometheus text format)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=5.0, trust_env=False).text
+    want = ("tfb_forward_duration_seconds", "tfb_batch_inputs", "tfb_batch_rows", "tfb_queue_wait_seconds")
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if any(name in (f"{w}_sum", f"{w}_count") for w in want):
+            out[name] = float(value)
+    return out
+
+
+def _serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning"]
+    with open(log_path, "ab") as logf:
+        return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2.0, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the server was not ready in time")
+
+
+def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, sigma: float = 0.05,
+                   log: Callable[[str], None] = print, threads: int = 1, shape: str = "tiny") -> dict[str, Any]:
+    """Both batching settings under the same bounded load; ``threads``: the server's OMP_NUM_THREADS."""
+    threads = str(threads)
+    total = 64 if quick else 800
+    seconds = 10.0 if quick else 40.0
+    hidden, _, layers, _, _ = SERVER_MODELS[shape]
+    out: dict[str, Any] = {"model": f"{shape} random Llama ({layers} layers, hidden {hidden}) + random LoRA r=4",
+                           "clients": clients,
+                           "n_samples": n_samples, "inputs_per_request": 1, "sigma": sigma, "server_threads": int(threads),
+                           "bound": {"requests": total, "seconds": seconds}, "runs": []}
+    settings = {
+        "coalescing on": {"TFB_MAX_BATCH_ROWS": str(clients * n_samples), "TFB_MAX_WAIT_MS": "5"},
+        "coalescing on, 20 ms": {"TFB_MAX_BATCH_ROWS": str(clients * n_samples), "TFB_MAX_WAIT_MS": "20"},
+        "coalescing off": {"TFB_MAX_BATCH_ROWS": str(n_samples), "TFB_MAX_WAIT_MS": "0"},
+    }
+    with tempfile.TemporaryDirectory(prefix="tfb-bench-server-") as tmp:
+        root = Path(tmp)
+        model_dir, adapter_dir = build_tiny_server_model(root, shape=shape)
+        for name, extra in settings.items():
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TFB_")}
+            env.update({"TFB_MODEL": str(model_dir), "TFB_ADAPTER": str(adapter_dir), "TFB_LABELS": "negative,positive",
+                        "TFB_SIGMA": str(sigma), "TFB_N_SAMPLES": str(n_samples), "TFB_MAX_SAMPLES": str(n_samples),
+                        "TFB_MAX_QUEUE": str(4 * clients), "TFB_CACHE_DIR": str(root / "cache"),
+                        "TFB_LOG_LEVEL": "warning", "TFB_HOST": "127.0.0.1", "OMP_NUM_THREADS": threads,
+                        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)},
+                       **extra)
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = _serve(env, port, root / "server.log")
+            try:
+                _wait_ready(url, proc)
+                before = _server_metrics(url)
+                row = asyncio.run(_load(url, clients, total, seconds, n_samples))
+                after = _server_metrics(url)
+                d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                forwards = d.get("tfb_forward_duration_seconds_count", 0.0)
+                row.update(forwards=int(forwards),
+                           inputs_per_forward=d.get("tfb_batch_inputs_sum", 0.0) / max(forwards, 1.0),
+                           forward_seconds=d.get("tfb_forward_duration_seconds_sum", 0.0),
+                           forward_share=d.get("tfb_forward_duration_seconds_sum", 0.0) / row["seconds"],
+                           mean_queue_wait_ms=1e3 * d.get("tfb_queue_wait_seconds_sum", 0.0)
+                           / max(d.get("tfb_queue_wait_seconds_count", 0.0), 1.0))
+            except Exception:
+                log((root / "server.log").read_text()[-2000:])
+                raise
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            row = {"name": name, "max_batch_rows": int(extra["TFB_MAX_BATCH_ROWS"]),
+                   "max_wait_ms": float(extra["TFB_MAX_WAIT_MS"]), **row}
+            out["runs"].append(row)
+            log(f"server {name}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+                f"{row['errors']} errors, {row['forwards']} forwards of {row['inputs_per_forward']:.1f} inputs, "
+                f"forward {100 * row['forward_share']:.0f}% of the time")
+    on, on20, off = out["runs"]
+    if off["rps"]:
+        out["coalescing_speedup"] = on["rps"] / off["rps"]
+        out["coalescing_speedup_20ms"] = on20["rps"] / off["rps"]
+    return out
