@@ -46,8 +46,8 @@ T0=$SECONDS
 for m in $MODELS; do
   case $m in
     tiny)          run tiny          float32 35  70  equiv,peak,forward,overhead,memory,profile,search ;;
-    smollm2)       run smollm2       "$BIG"  45  80  equiv,peak,forward,overhead,memory,profile,search ;;
-    llama8b-shape) run llama8b-shape "$BIG"  100 150 equiv,peak,forward,overhead,memory,profile ;;
+    smollm2)       run smollm2       "$BIG"  60  110 equiv,peak,forward,overhead,memory,profile,search ;;
+    llama8b-shape) run llama8b-shape "$BIG"  120 200 equiv,peak,forward,overhead,memory,profile ;;
     *) echo "== unknown model $m" | tee -a "$LOG" ;;
   esac
 done
