@@ -32,7 +32,7 @@ def test_search_finds_a_known_root(method, root):
     res = search(monotone(root), cfg)
     assert res.satisfied
     assert res.sigma <= root * (1 + 1e-9)  # never above the root: the largest sigma that satisfies
-    assert res.sigma >= root * (0.995 if method == "bisect" else 0.97)
+    assert res.sigma >= root * 0.995
     assert res.value <= 0.1
     assert all(p.ok == (p.value <= 0.1) for p in res.history)
 

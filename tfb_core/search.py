@@ -7,7 +7,7 @@ so the criterion is a smooth, deterministic function of sigma and bisection is w
 Two strategies over an objective passed in as a function (testable without a model):
 - :func:`bisect` -- geometric bisection, after expanding the bracket until it brackets the root;
 - :func:`grid` -- the paper's parallel variant: K sigmas evaluated together (one batched pass on
-  the model), then linear interpolation of the crossing, verified by one more evaluation.
+  the model), then interpolation of the crossing (log-log), verified, up to 3 times.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tfb_core.uncertainty import accuracy, nll
 log = logging.getLogger(__name__)
 
 Objective = Callable[[Sequence[float]], list[float]]  # sigmas -> criterion values
+GRID_REFINEMENTS = 3  # sequential single evaluations after the parallel grid
 
 
 @dataclass
@@ -144,17 +145,32 @@ def grid(objective: Objective, cfg: SearchConfig) -> SearchResult:
     ok = max(oks, key=lambda p: p.sigma) if oks else None
     bad = min((p for p in bads if ok is None or p.sigma > ok.sigma), key=lambda p: p.sigma, default=None)
     note = ""
-    if ok is not None and bad is not None and bad.value > ok.value:
-        # linear interpolation of the criterion between the last ok and first violating point
-        t = (cfg.tolerance - ok.value) / (bad.value - ok.value)
-        guess = ok.sigma + t * (bad.sigma - ok.sigma)
-        if ok.sigma < guess < bad.sigma:
-            check = rec.one(guess)
-            if check.ok:
-                ok = check
-    elif ok is not None and bad is None:
+    for _ in range(GRID_REFINEMENTS):  # interpolate the crossing, verify, tighten the bracket
+        if ok is None or bad is None or not bad.value > ok.value:
+            break
+        check = rec.one(_interpolate(ok, bad, cfg.tolerance))
+        if check.ok:
+            ok = check
+        else:
+            bad = check
+    if ok is not None and bad is None:
         note = "the tolerance held at the top of the grid: sigma may be larger"
     return _result(rec, ok, cfg, "grid", note)
+
+
+def _interpolate(ok: SearchPoint, bad: SearchPoint, tolerance: float) -> float:
+    """Where the criterion crosses the tolerance between two points.
+
+    Log-log (a power law c * sigma^p, which the NLL change follows near 0) when both values are
+    positive, else linear; kept inside the inner 90% of the bracket so that it always tightens.
+    """
+    if ok.value > 0 and bad.value > 0 and tolerance > 0:
+        t = (math.log(tolerance) - math.log(ok.value)) / (math.log(bad.value) - math.log(ok.value))
+        guess = math.exp(math.log(ok.sigma) + t * (math.log(bad.sigma) - math.log(ok.sigma)))
+    else:
+        guess = ok.sigma + (tolerance - ok.value) / (bad.value - ok.value) * (bad.sigma - ok.sigma)
+    lo, hi = ok.sigma + 0.05 * (bad.sigma - ok.sigma), bad.sigma - 0.05 * (bad.sigma - ok.sigma)
+    return min(max(guess, lo), hi)
 
 
 def _result(rec: _Recorder, ok: SearchPoint | None, cfg: SearchConfig, method: str, note: str) -> SearchResult:
