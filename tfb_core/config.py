@@ -78,6 +78,7 @@ class SearchConfig:
     low: float = 0.001
     high: float = 0.015
     iters: int = 5
+    rtol: float = 0.03  # stop once an ok sigma's criterion is within 3% of the tolerance
     n_samples: int = 10
     seed: int = 0
     method: SearchMethod = "bisect"
@@ -93,6 +94,8 @@ class SearchConfig:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance!r}")
         if not 0.0 < self.low < self.high:
             raise ValueError(f"need 0 < low < high, got low={self.low!r}, high={self.high!r}")
+        if not 0.0 <= self.rtol < 1.0:
+            raise ValueError(f"rtol must be in [0, 1), got {self.rtol!r}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
         if self.n_samples < 1:

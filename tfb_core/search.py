@@ -108,17 +108,32 @@ def _bracket(rec: _Recorder, low: float, high: float, max_expansions: int) -> tu
 
 
 def bisect(objective: Objective, cfg: SearchConfig) -> SearchResult:
-    """Largest sigma with objective(sigma) <= tolerance, by geometric bisection (objective monotone)."""
+    """Largest sigma with objective(sigma) <= tolerance, for a monotone objective.
+
+    Safeguarded regula falsi: each step tries the log-log interpolation of the crossing and, when the
+    previous step moved the same end of the bracket (where plain interpolation stalls), the
+    geometric midpoint. It stops after ``iters`` steps, or once an ok point's criterion is within
+    ``rtol`` of the tolerance: sigma is then as large as the tolerance allows, to that precision.
+    """
     rec = _Recorder(objective, cfg.tolerance)
     ok, bad = _bracket(rec, cfg.low, cfg.high, cfg.max_expansions)
     note = ""
     if ok is not None and bad is not None:
+        moved_ok: list[bool] = []  # which end each step moved
         for _ in range(cfg.iters):
-            mid = rec.one(math.sqrt(ok.sigma * bad.sigma))
+            if ok.value >= (1.0 - cfg.rtol) * cfg.tolerance:
+                break
+            stalled = len(moved_ok) >= 2 and moved_ok[-1] == moved_ok[-2]
+            if stalled or not bad.value > ok.value:
+                guess = math.sqrt(ok.sigma * bad.sigma)
+            else:
+                guess = _interpolate(ok, bad, cfg.tolerance)
+            mid = rec.one(guess)
             if mid.ok:
                 ok = mid
             else:
                 bad = mid
+            moved_ok.append(mid.ok)
     elif bad is None:
         note = "the tolerance held at the top of the expanded bracket: sigma may be larger"
     return _result(rec, ok, cfg, "bisect", note)
