@@ -20,7 +20,7 @@ FLAG_SETTINGS = {
     "adapter_subfolder": "adapter_subfolder", "dtype": "dtype", "device": "device", "load_in_8bit": "load_in_8bit",
     "cache_dir": "cache_dir", "max_length": "max_length", "task": "task", "labels": "labels", "sigma": "sigma",
     "samples": "n_samples", "seed": "seed", "anchor": "anchor", "criterion": "search_criterion",
-    "tolerance": "search_tolerance", "low": "search_low", "high": "search_high", "iters": "search_iters",
+    "tolerance": "search_tolerance", "low": "search_low", "high": "search_high", "iters": "search_iters", "rtol": "search_rtol",
     "search_samples": "search_samples", "search_method": "search_method", "host": "host", "port": "port",
 }
 

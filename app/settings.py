@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     search_low: float = _SEARCH.low
     search_high: float = _SEARCH.high
     search_iters: int = _SEARCH.iters
+    search_rtol: float = Field(_SEARCH.rtol, description="stop once the criterion is within this fraction of the tolerance")
     search_samples: int = _SEARCH.n_samples
     search_seed: int | None = Field(None, description="seed of the search's fixed noise (default: seed, as --seed)")
     search_method: Literal["bisect", "grid"] = _SEARCH.method
@@ -119,7 +120,8 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` these settings describe (``ValueError`` naming a bad value)."""
         search = SearchConfig(criterion=self.search_criterion, tolerance=self.search_tolerance, low=self.search_low,
-                              high=self.search_high, iters=self.search_iters, n_samples=self.search_samples,
+                              high=self.search_high, iters=self.search_iters, rtol=self.search_rtol,
+                              n_samples=self.search_samples,
                               seed=self.seed if self.search_seed is None else self.search_seed,
                               method=self.search_method)
         return EngineConfig(model=self.model_settings(), task=self.task, labels=self.labels, sigma=self.sigma,

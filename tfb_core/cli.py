@@ -50,6 +50,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
     s.add_argument("--high", type=float, default=None, help=f"upper end of the sigma bracket (default {_SEARCH.high})")
     s.add_argument("--iters", type=int, default=None, help=f"bisection steps (default {_SEARCH.iters})")
+    s.add_argument("--rtol", type=float, default=None,
+                   help=f"stop once the criterion is within this fraction of the tolerance (default {_SEARCH.rtol})")
     s.add_argument("--search-samples", type=int, default=None, help=f"N during the search (default {_SEARCH.n_samples})")
     s.add_argument("--search-method", choices=("bisect", "grid"), default=None)
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -64,6 +66,7 @@ MODEL_FLAGS = {"model": "model", "model_revision": "model_revision", "model_subf
                "adapter_subfolder": "adapter_subfolder", "dtype": "dtype", "device": "device",
                "load_in_8bit": "load_in_8bit", "cache_dir": "cache_dir", "max_length": "max_length"}
 SEARCH_FLAGS = {"criterion": "criterion", "tolerance": "tolerance", "low": "low", "high": "high", "iters": "iters",
+                "rtol": "rtol",
                 "search_samples": "n_samples", "search_method": "method", "seed": "seed"}
 
 
