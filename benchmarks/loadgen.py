@@ -26,9 +26,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ["positive", "negative", "a great film with a wonderful cast", "a dull and tedious mess of a movie",
-          "the plot is thin but the acting is superb", "I would not watch it again",
-          "Classify the sentiment of the movie review sentence below as 'positive' or 'negative'."]
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again",
              "superb", "a tedious plot", "wonderful acting, thin plot", "a mess"]
@@ -44,21 +41,12 @@ def build_tiny_server_model(root: Path, seed: int = 0, shape: str = "tiny") -> t
     """(model folder with a local BPE tokenizer, LoRA adapter folder): nothing is downloaded."""
     from bench_models import lora_config, randomize_lora
     from peft import get_peft_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tfb_core.testing import build_tokenizer
 
     model_dir, adapter_dir = root / "model", root / "adapter"
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.padding_side = "left"
-    fast.save_pretrained(model_dir)
+    fast = build_tokenizer(model_dir)
     torch.manual_seed(seed)  # model init only
     hidden, inter, layers, heads, kv = SERVER_MODELS[shape]
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

@@ -11,39 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tfb_core.testing import build_tokenizer
+
 torch.set_num_threads(1)  # tiny models: threads cost more than they bring, and CI has 2 cores
 
 LABELS = ["negative", "positive"]
 #: The core equivalence tests run on this device (``TFB_TEST_DEVICE=cuda`` on a GPU host).
 DEVICE = os.environ.get("TFB_TEST_DEVICE", "cpu")
-CORPUS = [
-    "positive", "negative", "True", "False", "yes", "no", "A", "B", "C", "D", "E",
-    "Return the label of the correct answer for the question below.",
-    "Classify the sentiment of the movie review sentence below as 'positive' or 'negative'.",
-    "Read the passage below and answer the question with the words 'true' or 'false'.",
-    "Question: Choices: Answer: Sentence: Passage: Answer (true or false):",
-    "a great film with a wonderful cast", "a dull and tedious mess of a movie",
-    "the plot is thin but the acting is superb", "I would not watch it again",
-]
-
-
-def build_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.padding_side = "left"
-    fast.save_pretrained(path)
-    return fast
 
 
 def build_tiny_model(path: Path, vocab_size: int, seed: int = 0):
