@@ -74,3 +74,34 @@ def test_noise_is_common_random_numbers_scaled_by_sigma(classifier):
     direct = classifier.sample_probs(PROMPTS, 3, sigma=0.25, noise=draw)
     folded = classifier.sample_probs(PROMPTS, 3, sigma=1.0, noise=NoiseDraw(3, [z * 0.25 for z in draw.z]))
     torch.testing.assert_close(direct, folded, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifier):
+    """A task's instruction is common to every row: running it once per sample changes nothing."""
+    from tfb_core.tasks import get_task
+
+    task = get_task("sst2")
+    prompts = [task.format(s) for s in PROMPTS]
+    from tfb_core.sampling import _common_prefix
+
+    assert _common_prefix(classifier.tokenize(prompts)) >= 8
+    draw = classifier.posterior.draw(seed=2, n_samples=5)
+    results = {}
+    for share in (True, False):
+        classifier.share_prefix = share
+        toks = classifier.tokenize(prompts)
+        mixed = [Job(toks[0], 5, draw), Job(toks[1], 3, classifier.posterior.draw(9, 3)), Job(toks[2], 2, None)]
+        results[share] = (classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw),  # rows grouped by sample
+                          classifier.sample_probs(prompts, 5, sigma=0.0),  # posterior mean: one prefix row
+                          classifier.run_jobs(mixed, sigma=0.3))  # per-row noise: no sharing possible
+    calls = []
+    backbone = classifier.backbone
+    classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
+    classifier.share_prefix = True
+    classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw)
+    prefix = _common_prefix(classifier.tokenize(prompts))
+    assert calls[0] == (5, prefix) and calls[1][0] == 20  # the prefix on 5 sample rows, the rest on 20
+    for a, b in zip(results[True][:2], results[False][:2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(results[True][2], results[False][2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

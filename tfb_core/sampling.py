@@ -8,6 +8,7 @@ position is read, and only the class-token rows of ``lm_head`` (and of its LoRA)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,18 @@ from torch import nn
 
 from tfb_core.posterior import NoiseDraw, TFBLinear, TFBPosterior, bayesianize
 from tfb_core.tasks import class_token_ids
+
+#: Shorter common prefixes are not worth a separate forward.
+MIN_SHARED_PREFIX = 8
+
+
+def _common_prefix(rows: Sequence[list[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
+    first, shortest = rows[0], min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 class PromptTooLongError(ValueError):
@@ -50,8 +63,13 @@ class BayesianClassifier:
         if pad is None:
             raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
         self.pad_id = int(pad)
+        #: run a prefix shared by all rows once per posterior sample (see :meth:`_last_hidden`)
+        self.share_prefix = True
         self.backbone = model.base_model  # the decoder stack without lm_head
         self.output_embeddings = model.get_output_embeddings()
+        # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
+        params = inspect.signature(self.backbone.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str], sigma: float = 0.0,
@@ -102,12 +120,8 @@ class BayesianClassifier:
         ``group`` consecutive rows; the deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
         """
         ids = self.class_ids if class_ids is None else class_ids
-        input_ids, mask = self._pad_left(rows)  # (R, T)
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
-        self.posterior.set_noise(sigma, z_rows, group)
         try:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state[:, -1]  # (R, H)
+            hidden = self._last_hidden(rows, z_rows, sigma, group)  # (R, H)
             if self.head is not None:
                 logits = self.head.rows(hidden, ids)  # (R, C)
             else:
@@ -118,6 +132,41 @@ class BayesianClassifier:
         finally:
             self.posterior.clear_noise()
         return logits.float()
+
+    def _last_hidden(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
+                     group: int) -> torch.Tensor:
+        """Final hidden state at the last position of each row: (R, H).
+
+        Rows that start with the same tokens (a task's instruction) and use only S < R distinct
+        posterior samples share that prefix: it runs once per sample (S rows), its keys and values
+        are copied to the rows of that sample, and only the suffixes run on all R rows.
+        """
+        n_rows = len(rows)
+        noisy = z_rows is not None and sigma != 0.0
+        n_distinct = z_rows[0].shape[0] if noisy else 1  # distinct A' samples, one per `group` rows
+        prefix = _common_prefix(rows)
+        if not (self.share_prefix and prefix >= MIN_SHARED_PREFIX and n_distinct < n_rows
+                and (not noisy or n_distinct * group == n_rows)):
+            input_ids, mask = self._pad_left(rows)  # (R, T)
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
+            self.posterior.set_noise(sigma, z_rows, group)
+            return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[:, -1]
+        from transformers import DynamicCache
+
+        head_ids = torch.tensor(rows[0][:prefix], device=self.device).expand(n_distinct, prefix)  # (S, P)
+        cache = DynamicCache(config=self.model.config)
+        self.posterior.set_noise(sigma, z_rows, 1)  # one row per sample
+        positions = torch.arange(prefix, device=self.device).expand(n_distinct, prefix)
+        self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
+        owner = torch.arange(n_rows, device=self.device) // (group if noisy else n_rows)  # row -> its sample
+        cache.reorder_cache(owner)  # (R, heads, P, d) per layer
+        tail_ids, tail_mask = self._pad_left([r[prefix:] for r in rows])  # (R, T - P)
+        mask = torch.cat([torch.ones((n_rows, prefix), dtype=tail_mask.dtype, device=self.device), tail_mask], 1)
+        position_ids = prefix + (tail_mask.cumsum(-1) - 1).clamp_min(0)
+        self.posterior.set_noise(sigma, z_rows, group)
+        return self.backbone(input_ids=tail_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                             **{self._cache_kw: cache}).last_hidden_state[:, -1]
 
     def run_jobs(self, jobs: Sequence[Job], sigma: float | None = None,
                  class_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
