@@ -13,7 +13,6 @@ from schemathesis import GenerationMode
 from test_app_support import (
     LABELS,
     make_settings,
-    one_torch_thread,  # noqa: F401 (an autouse fixture)
     ready_client,
 )
 

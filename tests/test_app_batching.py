@@ -20,7 +20,6 @@ from test_app_support import (
     make_settings,
     metric,
     metric_samples,
-    one_torch_thread,  # noqa: F401 (an autouse fixture)
     ready_client,
     strip_ids,
 )

@@ -16,7 +16,6 @@ from test_app_support import (
     PROMPTS,
     clean_env,
     make_settings,
-    one_torch_thread,  # noqa: F401 (an autouse fixture)
     ready_client,
     wait_ready,
 )
@@ -73,7 +72,7 @@ def test_startup_failure_is_reported(tiny):
 def _env(tiny) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TFB_")}
     env["TFB_CACHE_DIR"] = str(tiny["root"] / "cache")
-    env["OMP_NUM_THREADS"] = "1"  # see one_torch_thread
+    env["OMP_NUM_THREADS"] = "1"  # as tests/conftest.py: one thread on a shared CPU
     return env
 
 

@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -94,13 +92,3 @@ def assert_close(a: Any, b: Any, tol: float = 1e-5, path: str = "") -> None:
             assert_close(x, y, tol, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while a module runs: on a shared CPU, torch's thread pool spinning
-    against other processes made the tiny model's forward ~50x slower (1.5 s vs 0.02 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
