@@ -20,7 +20,7 @@ from tfb_core import __version__, cache
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.loading import LoadError, default_cache_dir, load_classifier
 from tfb_core.posterior import NoiseDraw
-from tfb_core.sampling import BayesianClassifier, Job
+from tfb_core.sampling import BayesianClassifier
 from tfb_core.search import SearchResult, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
 from tfb_core.uncertainty import summarize
@@ -204,13 +204,10 @@ class TFBEngine:
                 return_samples: bool = False) -> dict[str, Any]:
         """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
         n = n_samples or self.cfg.n_samples
-        tokens = self.classifier.tokenize(self.format_inputs(inputs))
         noise = self.noise(self.cfg.seed if seed is None else seed, n)
-        per = max(1, self.cfg.max_rows // (n if self.sigma > 0 else 1))
-        probs: list[torch.Tensor] = []
-        for start in range(0, len(tokens), per):
-            probs += self.classifier.run_jobs([Job(t, n, noise) for t in tokens[start:start + per]])
-        return self.response(torch.stack(probs), return_samples)
+        probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
+                                             max_rows=self.cfg.max_rows)  # (B, N, C)
+        return self.response(probs, return_samples)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False) -> dict[str, Any]:
         """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``."""
