@@ -5,7 +5,8 @@
     submit(work) -> queue  --------->  wait for the first work, then up to max_wait_ms more
     await future  (timeout)            take whole works while rows <= max_batch_rows
                                        tokenize; group by label set; one noise draw per seed
-                                       run_jobs(...) per group, chunked to max_batch_rows rows
+                                       run_jobs(...) per group, in forwards of <= max_batch_rows
+                                       rows planned by length (classifier.plan)
     future.set_result  <-------------  finish(probs) per work, resolved on the loop
 
 Rows of an input = N (1 at sigma = 0). Every row carries its own noise (run_jobs), so a request's
@@ -206,11 +207,18 @@ class ModelWorker:
                 pass
 
     def _warm_up(self, engine: TFBEngine) -> None:
+        """One forward of one input; on a GPU also one of a full batch (max_rows rows), so that the
+        first coalesced batch does not pay for loading kernels and growing the allocator's pool."""
         t0 = time.perf_counter()
-        tokens = engine.classifier.tokenize([engine.task.format(_warmup_input(engine))])[0]
-        noise = engine.noise(engine.cfg.seed, engine.cfg.n_samples)
-        engine.classifier.run_jobs([Job(tokens, engine.cfg.n_samples, noise)])
-        log.info("warm-up forward (N=%d) in %.2fs", engine.cfg.n_samples, time.perf_counter() - t0)
+        clf = engine.classifier
+        tokens = clf.tokenize([engine.task.format(_warmup_input(engine))])[0]
+        n = engine.cfg.n_samples
+        noise = engine.noise(engine.cfg.seed, n)
+        clf.run_jobs([Job(tokens, n, noise)])
+        inputs = self.limits.max_rows // n if engine.sigma > 0.0 else self.limits.max_rows
+        if clf.device.type != "cpu" and inputs > 1:
+            clf.run_jobs([Job(tokens, n, noise)] * inputs)
+        log.info("warm-up forwards (N=%d) in %.2fs", n, time.perf_counter() - t0)
 
     def _next_batch(self) -> list[Work] | None:
         """Block for the next batch: whole works, up to max_rows rows (a bigger work comes alone)."""
@@ -296,18 +304,13 @@ class ModelWorker:
         noise = {seed: engine.noise(seed, n) for seed, n in need.items()} if noisy else {}
         items = [(work, i, Job(toks, work.n_samples, noise.get(work.seed)))
                  for work in works for i, toks in enumerate(tokens[id(work)])]
-        items.sort(key=lambda it: len(it[2].tokens))  # less padding per forward
         out: dict[int, Any] = {id(w): [None] * len(tokens[id(w)]) for w in works}
-        chunk: list[tuple[Work, int, Job]] = []
-        rows = 0
-        for item in items + [None]:  # type: ignore[list-item]
-            item_rows = 0 if item is None else (item[2].n_samples if noisy else 1)
-            if chunk and (item is None or rows + item_rows > self.limits.max_rows):
-                self._run_chunk(engine, chunk, class_ids, out)
-                chunk, rows = [], 0
-            if item is not None:
-                chunk.append(item)
-                rows += item_rows
+        # forwards of similar lengths; inputs of one draw and N together (they share a prompt prefix)
+        plan = engine.classifier.plan([job.tokens for _, _, job in items],
+                                      [job.n_samples if noisy else 1 for _, _, job in items], self.limits.max_rows,
+                                      keys=[(work.seed, job.n_samples) if noisy else 0 for work, _, job in items])
+        for chunk in plan:
+            self._run_chunk(engine, [items[k] for k in chunk], class_ids, out)
         return out
 
     def _run_chunk(self, engine: TFBEngine, chunk: list[tuple[Work, int, Job]], class_ids: torch.Tensor | None,

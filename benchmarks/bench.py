@@ -55,11 +55,16 @@ for p in (str(ROOT), str(HERE)):
 import torch  # noqa: E402
 from bench_models import DTYPES, Harness  # noqa: E402
 
+from tfb_core.sampling import MIN_SHARED_PREFIX  # noqa: E402
+
 GRIDS: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {  # (B prompts, L tokens, Ns)
     "full": [(b, L, (1, 4, 10, 32)) for b in (1, 8) for L in (64, 256)],
     # CPU, a 135M model, 2 shared cores: what fits in ~10-15 minutes (see RESULTS.md)
     "cpu": [(1, 64, (1, 4, 10, 32)), (8, 64, (1, 10)), (1, 256, (1, 10))],
     "quick": [(1, 16, (1, 4)), (2, 16, (1, 4))],
+    # with --shared-prefix: the batches of several prompts (with one prompt nothing is shared)
+    "cpu-prefix": [(8, 64, (1, 10))],
+    "b8": [(8, L, (1, 4, 10, 32)) for L in (64, 256)],  # the batches of 8 prompts of the full grid
 }
 METHODS = ("ref_full", "ref_last", "mixed", "ours")
 
@@ -110,9 +115,16 @@ def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 3.0) -> dict[s
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "flops": best, "tflops": best / 1e12}
 
 
+SHARED_PREFIX = 0  # --shared-prefix: leading tokens common to every prompt of a batch (a task's instruction)
+
+
 def make_ids(h: Harness, B: int, T: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 1000 * B + T)
-    return torch.randint(10, h.config.vocab_size, (B, T), generator=gen).to(h.device)  # (B, T)
+    ids = torch.randint(10, h.config.vocab_size, (B, T), generator=gen)  # (B, T)
+    p = min(SHARED_PREFIX, T - 1)
+    if p > 0:
+        ids[:, :p] = ids[0, :p].clone()
+    return ids.to(h.device)
 
 
 def equivalence(h: Harness) -> dict[str, Any]:
@@ -189,6 +201,11 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
                     row[f"speedup_vs_{k}_paired"] = statistics.median(
                         a / b for a, b in zip(times[k], times["ours"], strict=True))
             fl = forward_flops(counts, N * B, T, "ours")
+            p = min(SHARED_PREFIX, T - 1)
+            if p >= MIN_SHARED_PREFIX and B > 1:  # ours runs the prefix on N rows, the rest on N*B rows
+                c = counts
+                fl -= 2.0 * (N * B - N) * p * (c["decoder_linear"] + c["lora_body"])
+                fl -= 4.0 * (N * B - N) * p * p * c["hidden"] * c["layers"]
             row["ours_flops"] = fl
             row["ours_flops_per_s"] = fl / ours
             if peak:
@@ -482,6 +499,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    global SHARED_PREFIX
+    SHARED_PREFIX = args.shared_prefix
     grid_name = args.grid or ("quick" if args.quick else ("full" if args.model == "tiny" or args.device != "cpu"
                                                           else "cpu"))
     grid = GRIDS[grid_name]
@@ -494,7 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = results["meta"]
     meta.update({"model": args.model, "dtype": args.dtype, "device": args.device, "grid": grid_name,
                  "grid_points": [list(g[:2]) + [list(g[2])] for g in grid], "rounds": rounds,
-                 "sigma": args.sigma, "rank": args.rank, "torch": torch.__version__, "python": platform.python_version(),
+                 "sigma": args.sigma, "rank": args.rank, "shared_prefix": args.shared_prefix,
+                 "torch": torch.__version__, "python": platform.python_version(),
                  "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_start": load_avg(),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]})
     try:
@@ -582,8 +602,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log("section server")
             from loadgen import server_section
 
+            settings = tuple(x.strip() for x in args.server_settings.split(";")) if args.server_settings else None
             results["server"] = server_section(quick=args.quick, clients=args.clients, log=log,
-                                               shape=args.server_model)
+                                               shape=args.server_model, device=args.device, dtype=args.dtype,
+                                               seconds=args.server_seconds, **({"settings": settings} if settings else {}))
         except ModuleNotFoundError as exc:  # the GPU machine lacks the app's dependencies
             results["server"] = {"skipped": f"missing module: {exc.name}"}
             log(f"server skipped: {exc}")
@@ -603,7 +625,9 @@ def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     out = [f"### {m['model']} ({m.get('weights', '?')}), {m['dtype']} on {m['device']}"
            f"{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, torch {m['torch']}, {m.get('threads')} threads, "
-           f"load {m.get('loadavg_start')} -> {m.get('loadavg_end')}", ""]
+           f"load {m.get('loadavg_start')} -> {m.get('loadavg_end')}"
+           f"{', first ' + str(m['shared_prefix']) + ' tokens shared by the prompts' if m.get('shared_prefix') else ''}",
+           ""]
     if res.get("equivalence"):
         out += ["Equivalence (max |Δp| against ours, same posterior samples): " +
                 ", ".join(f"{k} {v:.1e}" for k, v in res["equivalence"].items()), ""]
@@ -680,9 +704,13 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r.get('forwards', '-')} | "
                 f"{r.get('inputs_per_forward', float('nan')):.1f} | {100 * r.get('forward_share', float('nan')):.0f}% | "
                 f"{r.get('mean_queue_wait_ms', float('nan')):.1f} |" for r in sv["runs"]]
+        slow = [f"{r['name']}: " + ", ".join(f"{x['ms']:.0f} ms (sent at {x['sent_s']:.1f} s)" for x in r["slowest"][:3])
+                for r in sv["runs"] if r.get("slowest")]
+        if slow:
+            out.append("\nSlowest requests: " + "; ".join(slow) + ".")
         if "coalescing_speedup" in sv:
-            out.append(f"\nCoalescing: {sv['coalescing_speedup']:.2f}× (max wait 5 ms), "
-                       f"{sv.get('coalescing_speedup_20ms', float('nan')):.2f}× (20 ms) the throughput of one "
+            also = (f", {sv['coalescing_speedup_20ms']:.2f}× (20 ms)" if "coalescing_speedup_20ms" in sv else "")
+            out.append(f"\nCoalescing: {sv['coalescing_speedup']:.2f}× (max wait 5 ms){also} the throughput of one "
                        "request per forward.")
         out.append("")
     elif sv:
@@ -710,9 +738,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sigma", type=float, default=0.05)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="P",
+                    help="the first P tokens of every prompt are the same (a task instruction; the demo's SST-2 "
+                         "instruction is 23 SmolLM2 tokens); default 0: random tokens throughout")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--server-model", default="tiny", choices=["tiny", "small"],
-                    help="the model the app serves in the server section")
+    ap.add_argument("--server-model", default="tiny", choices=["tiny", "small", "smollm2", "demo"],
+                    help="the model the app serves in the server section (demo: the embedded default, real "
+                         "SmolLM2 weights and the bundled adapter, on SST-2 sentences)")
+    ap.add_argument("--server-seconds", type=float, help="load per batching setting (default 40)")
+    ap.add_argument("--server-settings", help="';'-separated list of: coalescing on;coalescing on, 20 ms;"
+                                              "coalescing off (default all three)")
     ap.add_argument("--search-rows", type=int, help="max rows per forward in the sigma search")
     ap.add_argument("--profile-at", type=int, nargs=3, metavar=("B", "L", "N"))
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)

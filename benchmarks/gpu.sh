@@ -9,7 +9,10 @@
 # starting new configurations and a hard timeout.
 #
 # Dry run on a CPU machine:  OUT=/tmp/gpu-dry DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh
-# (env: MODELS="tiny smollm2 llama8b-shape", DTYPE for the two larger models, PYTHON, QUICK)
+# env: MODELS="tiny smollm2 llama8b-shape" (add "server": the app under load on the GPU), DTYPE for the
+# two larger models, PYTHON, QUICK, SERVER_SECONDS; PLAN="model:dtype:budget:timeout:sections[:grid] ..."
+# runs just those entries (sections joined by '+', dtype BIG = DTYPE), e.g.
+#   PLAN="llama8b-shape:BIG:60:150:overhead+memory smollm2:BIG:60:110:forward:b8" MODELS=server
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:?set OUT to the folder for the results}"
@@ -28,32 +31,58 @@ if [ -n "${QUICK:-}" ]; then EXTRA+=(--quick); fi
   "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-# model  dtype  budget-s (no new configuration after it)  hard timeout-s  sections
+# model  dtype  budget-s (no new configuration after it)  hard timeout-s  sections  [grid]
 run() {
-  local model=$1 dtype=$2 budget=$3 hard=$4 sections=$5
-  echo "== $model ($dtype): budget ${budget}s, timeout ${hard}s" | tee -a "$LOG"
+  local model=$1 dtype=$2 budget=$3 hard=$4 sections=$5 grid=${6:-}
+  local g=()
+  if [ -n "$grid" ]; then g=(--grid "$grid"); fi
+  echo "== $model ($dtype): budget ${budget}s, timeout ${hard}s, sections $sections ${grid:+grid $grid}" | tee -a "$LOG"
   timeout -k 10 "$hard" "$PY" benchmarks/bench.py --model "$model" --dtype "$dtype" --device "$DEVICE" \
-      --weights random --budget-s "$budget" --sections "$sections" --out "$OUT/$model.json" "${EXTRA[@]}" \
-      2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|Loading weights" | tee -a "$LOG"
+      --weights random --budget-s "$budget" --sections "$sections" --out "$OUT/$model${grid:+-$grid}.json" \
+      "${g[@]}" "${EXTRA[@]}" 2>&1 | grep --line-buffered -v -E "Warning|warnings.warn|Loading weights" | tee -a "$LOG"
   echo "== $model exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+# the app under concurrent load, coalescing on and off: a SmolLM2-shaped random model served on the GPU
+# (needs the app's dependencies: fastapi, uvicorn, pydantic-settings, prometheus-client, httpx)
+server() {
+  local dtype=$1 seconds=$2 hard=$3
+  echo "== server (smollm2 shape, $dtype): ${seconds}s per setting, timeout ${hard}s" | tee -a "$LOG"
+  timeout -k 10 "$hard" "$PY" benchmarks/bench.py --model tiny --device "$DEVICE" --dtype "$dtype" --sections server \
+      --server-model smollm2 --server-seconds "$seconds" --out "$OUT/server.json" "${EXTRA[@]}" 2>&1 \
+      | grep --line-buffered -v -E "Warning|warnings.warn|Loading weights" | tee -a "$LOG"
+  echo "== server exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
 # On a CPU (the dry run) bfloat16 matmuls crawl and the 8B shape needs 16 GB: float32, no 8B.
 if [ "$DEVICE" = cpu ]; then BIG="${DTYPE:-float32}"; MODELS="${MODELS:-tiny smollm2}"
-else BIG="${DTYPE:-bfloat16}"; MODELS="${MODELS:-tiny smollm2 llama8b-shape}"; fi
+else BIG="${DTYPE:-bfloat16}"; MODELS="${MODELS:-tiny smollm2 llama8b-shape server}"; fi
+ALL=equiv,peak,forward,overhead,memory,profile
+
+# PLAN: "model:dtype:budget:timeout:sections[:grid]" entries; default, the whole suite for MODELS
+if [ -z "${PLAN:-}" ]; then
+  PLAN=""
+  for m in $MODELS; do
+    case $m in
+      tiny)          PLAN+=" tiny:float32:35:70:$ALL,search" ;;
+      smollm2)       PLAN+=" smollm2:$BIG:60:110:$ALL,search" ;;
+      llama8b-shape) PLAN+=" llama8b-shape:$BIG:120:200:$ALL" ;;
+      server)        ;;
+      *) echo "== unknown model $m" | tee -a "$LOG" ;;
+    esac
+  done
+fi
 
 T0=$SECONDS
-for m in $MODELS; do
-  case $m in
-    tiny)          run tiny          float32 35  70  equiv,peak,forward,overhead,memory,profile,search ;;
-    smollm2)       run smollm2       "$BIG"  60  110 equiv,peak,forward,overhead,memory,profile,search ;;
-    llama8b-shape) run llama8b-shape "$BIG"  120 200 equiv,peak,forward,overhead,memory,profile ;;
-    *) echo "== unknown model $m" | tee -a "$LOG" ;;
-  esac
+for entry in $PLAN; do
+  IFS=: read -r model dtype budget hard sections grid <<<"$entry"
+  if [ "$dtype" = BIG ]; then dtype=$BIG; fi
+  run "$model" "$dtype" "$budget" "$hard" "${sections//+/,}" "$grid"
 done
+if [[ " $MODELS " == *" server "* ]]; then server "$BIG" "${SERVER_SECONDS:-30}" "${SERVER_TIMEOUT:-200}"; fi
 echo "== all done in $((SECONDS - T0))s" | tee -a "$LOG"
 
-for m in $MODELS; do
-  if [ -f "$OUT/$m.json" ]; then "$PY" benchmarks/bench.py --markdown-from "$OUT/$m.json"; echo; fi
+for f in "$OUT"/*.json; do
+  if [ -f "$f" ]; then "$PY" benchmarks/bench.py --markdown-from "$f"; echo; fi
 done > "$OUT/gpu.md" 2>>"$LOG"
 cat "$OUT/gpu.md"

@@ -1,9 +1,12 @@
 """The HTTP app under concurrent load, request coalescing on and off (loopback only, bounded).
 
-A tiny random Llama with a local tokenizer and a random LoRA are saved to a temporary folder; the
-app (``uvicorn --factory app.main:create_app``) is started in a subprocess on 127.0.0.1 for each
-batching setting, and ``clients`` async httpx clients send requests back to back until ``requests``
-are answered or ``seconds`` have passed. Throughput and latency percentiles are measured here.
+The served model (``shape``): a random Llama of a given shape with a local tokenizer and a random
+LoRA, saved to a temporary folder (``tiny``, ``small``, ``smollm2``: SmolLM2-135M's shape), or
+``demo``: the server's embedded default (SmolLM2-135M-Instruct and the bundled SST-2 adapter, with
+the fixed sigma ``DEMO_SIGMA``), sent the bundled SST-2 anchor sentences. The app (``uvicorn
+--factory app.main:create_app``) is started in a subprocess on 127.0.0.1 for each batching setting,
+and ``clients`` async httpx clients send requests back to back until ``requests`` are answered or
+``seconds`` have passed. Throughput and latency percentiles are measured here.
 
     coalescing on : TFB_MAX_BATCH_ROWS = clients * N, TFB_MAX_WAIT_MS = 5 (the default), and 20
     coalescing off: TFB_MAX_BATCH_ROWS = N, TFB_MAX_WAIT_MS = 0 (one request per forward)
@@ -34,7 +37,16 @@ SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a
 SERVER_MODELS = {  # hidden, intermediate, layers, heads, kv heads
     "tiny": (32, 64, 2, 4, 2),     # the test suite's: the forward costs next to nothing, HTTP dominates
     "small": (256, 688, 4, 4, 2),  # a forward of a few ms per request on one core
+    "smollm2": (576, 1536, 30, 9, 3),  # SmolLM2-135M's shape (the local tokenizer's small vocabulary)
 }
+DEMO_SIGMA = 0.0249  # what the demo's sigma search finds on a CPU (README); fixed: the load test is not the search
+
+
+def demo_sentences() -> list[str]:
+    import json
+
+    path = ROOT / "tfb_core" / "adapters" / "sst2-mle" / "anchor.jsonl"
+    return [json.loads(line)["sentence"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def build_tiny_server_model(root: Path, seed: int = 0, shape: str = "tiny") -> tuple[Path, Path]:
@@ -71,21 +83,23 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
 
 
-async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int) -> dict[str, Any]:
+async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int,
+                sentences: list[str] = SENTENCES, timeout: float = 30.0) -> dict[str, Any]:
     import httpx
 
     lat: list[float] = []
+    slow: list[tuple[float, float]] = []  # (start after the load began, latency), seconds
     errors = 0
     issued = 0
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
         async def one_client(c: int) -> None:
             nonlocal issued, errors
             k = c
             while issued < total and time.perf_counter() < stop_at:
                 issued += 1
-                body = {"inputs": [SENTENCES[k % len(SENTENCES)]], "n_samples": n_samples, "seed": k % 4}
+                body = {"inputs": [sentences[k % len(sentences)]], "n_samples": n_samples, "seed": k % 4}
                 k += clients
                 t0 = time.perf_counter()
                 try:
@@ -95,18 +109,21 @@ async def _load(url: str, clients: int, total: int, seconds: float, n_samples: i
                     ok = False
                 if ok:
                     lat.append(time.perf_counter() - t0)
+                    slow.append((t0 - began, lat[-1]))
                 else:
                     errors += 1
 
         for _ in range(2):  # warm the connections and the model path
-            await client.post("/predict", json={"inputs": [SENTENCES[0]], "n_samples": n_samples})
-        t0 = time.perf_counter()
+            await client.post("/predict", json={"inputs": [sentences[0]], "n_samples": n_samples})
+        began = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - began
     return {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
             "p50_ms": 1e3 * statistics.median(lat) if lat else float("nan"),
             "p99_ms": 1e3 * _percentile(lat, 0.99) if lat else float("nan"),
-            "max_ms": 1e3 * max(lat) if lat else float("nan")}
+            "max_ms": 1e3 * max(lat) if lat else float("nan"),
+            # where the tail is: the slowest requests, with when they were sent
+            "slowest": [{"sent_s": round(t, 3), "ms": round(1e3 * x, 1)} for t, x in sorted(slow, key=lambda p: -p[1])[:5]]}
 
 
 def _server_metrics(url: str) -> dict[str, float]:
@@ -147,29 +164,44 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> Non
 
 
 def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, sigma: float = 0.05,
-                   log: Callable[[str], None] = print, threads: int = 1, shape: str = "tiny") -> dict[str, Any]:
-    """Both batching settings under the same bounded load; ``threads``: the server's OMP_NUM_THREADS."""
+                   log: Callable[[str], None] = print, threads: int = 1, shape: str = "tiny", device: str = "cpu",
+                   dtype: str = "float32", seconds: float | None = None, total: int | None = None,
+                   settings: tuple[str, ...] = ("coalescing on", "coalescing on, 20 ms", "coalescing off"),
+                   ) -> dict[str, Any]:
+    """The batching ``settings`` under the same bounded load; ``threads``: the server's OMP_NUM_THREADS."""
     threads = str(threads)
-    total = 64 if quick else 800
-    seconds = 10.0 if quick else 40.0
-    hidden, _, layers, _, _ = SERVER_MODELS[shape]
-    out: dict[str, Any] = {"model": f"{shape} random Llama ({layers} layers, hidden {hidden}) + random LoRA r=4",
-                           "clients": clients,
+    total = total or (64 if quick else 800)
+    seconds = seconds or (10.0 if quick else 40.0)
+    demo = shape == "demo"
+    if demo:
+        sigma = DEMO_SIGMA
+        model = "demo: SmolLM2-135M-Instruct + the bundled SST-2 LoRA (r=8), SST-2 anchor sentences"
+        sentences = demo_sentences()
+    else:
+        hidden, _, layers, _, _ = SERVER_MODELS[shape]
+        model = f"{shape} random Llama ({layers} layers, hidden {hidden}) + random LoRA r=4"
+        sentences = SENTENCES
+    out: dict[str, Any] = {"model": model, "shape": shape, "clients": clients, "device": device, "dtype": dtype,
                            "n_samples": n_samples, "inputs_per_request": 1, "sigma": sigma, "server_threads": int(threads),
                            "bound": {"requests": total, "seconds": seconds}, "runs": []}
-    settings = {
+    all_settings = {
         "coalescing on": {"TFB_MAX_BATCH_ROWS": str(clients * n_samples), "TFB_MAX_WAIT_MS": "5"},
         "coalescing on, 20 ms": {"TFB_MAX_BATCH_ROWS": str(clients * n_samples), "TFB_MAX_WAIT_MS": "20"},
         "coalescing off": {"TFB_MAX_BATCH_ROWS": str(n_samples), "TFB_MAX_WAIT_MS": "0"},
     }
+    timeout = max(30.0, 4 * seconds)  # a request may queue behind the whole load at once (CPU, demo)
     with tempfile.TemporaryDirectory(prefix="tfb-bench-server-") as tmp:
         root = Path(tmp)
-        model_dir, adapter_dir = build_tiny_server_model(root, shape=shape)
-        for name, extra in settings.items():
+        served: dict[str, str] = {"TFB_SIGMA": str(sigma), "TFB_DEVICE": device, "TFB_DTYPE": dtype}
+        if not demo:
+            model_dir, adapter_dir = build_tiny_server_model(root, shape=shape)
+            served.update(TFB_MODEL=str(model_dir), TFB_ADAPTER=str(adapter_dir), TFB_LABELS="negative,positive",
+                          TFB_CACHE_DIR=str(root / "cache"))
+        for name in settings:
+            extra = all_settings[name]
             env = {k: v for k, v in os.environ.items() if not k.startswith("TFB_")}
-            env.update({"TFB_MODEL": str(model_dir), "TFB_ADAPTER": str(adapter_dir), "TFB_LABELS": "negative,positive",
-                        "TFB_SIGMA": str(sigma), "TFB_N_SAMPLES": str(n_samples), "TFB_MAX_SAMPLES": str(n_samples),
-                        "TFB_MAX_QUEUE": str(4 * clients), "TFB_CACHE_DIR": str(root / "cache"),
+            env.update({**served, "TFB_N_SAMPLES": str(n_samples), "TFB_MAX_SAMPLES": str(n_samples),
+                        "TFB_MAX_QUEUE": str(4 * clients), "TFB_REQUEST_TIMEOUT_S": str(timeout),
                         "TFB_LOG_LEVEL": "warning", "TFB_HOST": "127.0.0.1", "OMP_NUM_THREADS": threads,
                         "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)},
                        **extra)
@@ -179,7 +211,7 @@ def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, 
             try:
                 _wait_ready(url, proc)
                 before = _server_metrics(url)
-                row = asyncio.run(_load(url, clients, total, seconds, n_samples))
+                row = asyncio.run(_load(url, clients, total, seconds, n_samples, sentences, timeout))
                 after = _server_metrics(url)
                 d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
                 forwards = d.get("tfb_forward_duration_seconds_count", 0.0)
@@ -204,8 +236,10 @@ def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, 
             log(f"server {name}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
                 f"{row['errors']} errors, {row['forwards']} forwards of {row['inputs_per_forward']:.1f} inputs, "
                 f"forward {100 * row['forward_share']:.0f}% of the time")
-    on, on20, off = out["runs"]
-    if off["rps"]:
-        out["coalescing_speedup"] = on["rps"] / off["rps"]
-        out["coalescing_speedup_20ms"] = on20["rps"] / off["rps"]
+    by_name = {r["name"]: r for r in out["runs"]}
+    off = by_name.get("coalescing off")
+    if off and off["rps"]:
+        for key, name in (("coalescing_speedup", "coalescing on"), ("coalescing_speedup_20ms", "coalescing on, 20 ms")):
+            if name in by_name:
+                out[key] = by_name[name]["rps"] / off["rps"]
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tfb_core.posterior import NoiseDraw
-from tfb_core.sampling import Job
+from tfb_core.sampling import Job, plan_chunks
 from tfb_core.uncertainty import summarize
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
@@ -98,6 +98,7 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
     backbone = classifier.backbone
     classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
     classifier.share_prefix = True
+    classifier.forward_overhead_tokens = 1e9  # one forward for all four prompts
     classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw)
     prefix = _common_prefix(classifier.tokenize(prompts))
     assert calls[0] == (5, prefix) and calls[1][0] == 20  # the prefix on 5 sample rows, the rest on 20
@@ -105,3 +106,73 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     for a, b in zip(results[True][2], results[False][2], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _plan_cost(tokens, rows, keys, chunk, overhead, prefix):
+    total = sum(rows[i] for i in chunk)
+    one_key = len({keys[i] for i in chunk}) == 1
+    saving = (total - max(rows[i] for i in chunk)) * prefix if one_key else 0
+    return overhead + total * max(len(tokens[i]) for i in chunk) - saving
+
+
+def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix):
+    """Cheapest split of the (key, length) order into consecutive forwards, by trying every split."""
+    order = sorted(range(len(tokens)), key=lambda i: (str(keys[i]), len(tokens[i])))
+    best = float("inf")
+    for mask in range(2 ** (len(order) - 1)):
+        chunks, start = [], 0
+        for k in range(1, len(order)):
+            if mask >> (k - 1) & 1:
+                chunks.append(order[start:k])
+                start = k
+        chunks.append(order[start:])
+        if any(len(c) > 1 and sum(rows[i] for i in c) > max_rows for c in chunks):
+            continue
+        best = min(best, sum(_plan_cost(tokens, rows, keys, c, overhead, prefix) for c in chunks))
+    return best
+
+
+def test_plan_chunks_covers_every_input_once_within_the_row_limit_at_least_cost():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 8, (1,), generator=gen))
+        prefix = [7] * 9 if trial % 2 else []  # with and without a shared instruction (>= 8 tokens)
+        tokens = [prefix + [100 + i] * int(torch.randint(1, 40, (1,), generator=gen)) for i in range(n)]
+        rows = [int(torch.randint(1, 12, (1,), generator=gen)) for _ in range(n)]
+        keys = [int(torch.randint(0, 2, (1,), generator=gen)) for _ in range(n)]
+        max_rows, overhead = int(torch.randint(1, 30, (1,), generator=gen)), [0, 5, 50, 1e6][trial % 4]
+        plan = plan_chunks(tokens, rows, max_rows, overhead, keys)
+        assert sorted(i for c in plan for i in c) == list(range(n))
+        assert all(len(c) == 1 or sum(rows[i] for i in c) <= max_rows for c in plan)
+        shared = len(prefix) if n > 1 else 0
+        cost = sum(_plan_cost(tokens, rows, keys, c, overhead, shared) for c in plan)
+        assert cost == _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, shared)
+
+
+def test_plan_chunks_buckets_by_length_when_forwards_are_cheap_and_packs_when_not():
+    tokens = [[1] * 5, [1] * 200, [1] * 6, [1] * 198]
+    assert plan_chunks(tokens, [10] * 4, 64, overhead_tokens=32) == [[0, 2], [3, 1]]
+    assert plan_chunks(tokens, [10] * 4, 64, overhead_tokens=1e6) == [[0, 2, 3, 1]]
+    assert plan_chunks(tokens, [10] * 4, 20, overhead_tokens=1e6) == [[0, 2], [3, 1]]  # row limit
+    assert plan_chunks([[1] * 5], [99], 64, 32) == [[0]]  # too many rows for a forward: alone
+    # other draws lose the shared prompt prefix: kept apart where that costs more than a forward
+    shared = [[7] * 30 + [i] * 5 for i in range(4)]
+    assert plan_chunks(shared, [10] * 4, 64, overhead_tokens=32, keys="abab") == [[0, 2], [1, 3]]
+    assert plan_chunks(shared, [10] * 4, 64, overhead_tokens=32, keys="aaaa") == [[0, 1, 2, 3]]
+    assert plan_chunks(shared, [10] * 4, 64, overhead_tokens=1e6, keys="abab") == [[0, 2, 1, 3]]
+
+
+def test_forwards_planned_by_length_give_the_same_probabilities(classifier):
+    prompts = [p * k for k in (1, 6) for p in PROMPTS]  # short and long inputs
+    draw = classifier.posterior.draw(seed=4, n_samples=3)
+    calls = []
+    backbone = classifier.backbone
+    classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
+    results = {}
+    for overhead in (1e9, 0.0):  # one forward of everything; forwards by length
+        classifier.forward_overhead_tokens = overhead
+        calls.clear()
+        results[overhead] = classifier.sample_probs(prompts, 3, sigma=0.3, noise=draw)
+        results[overhead, "forwards"] = len(calls)
+    assert results[1e9, "forwards"] == 1 < results[0.0, "forwards"]
+    torch.testing.assert_close(results[0.0], results[1e9], atol=1e-5, rtol=1e-4)

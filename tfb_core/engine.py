@@ -46,6 +46,8 @@ class EngineConfig:
     n_samples: int = 10
     seed: int = 0
     max_rows: int = 64
+    #: fixed cost of a forward in prompt tokens, for planning forwards by length (None: by device)
+    forward_overhead_tokens: float | None = None
 
     def __post_init__(self) -> None:
         if self.sigma is not None:
@@ -54,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.forward_overhead_tokens is not None and not self.forward_overhead_tokens >= 0:
+            raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
 
     def with_defaults(self) -> EngineConfig:
         """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
@@ -128,6 +132,7 @@ class TFBEngine:
         except TaskError as exc:
             raise LoadError(str(exc)) from exc
         clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
+        clf.forward_overhead_tokens = cfg.forward_overhead_tokens
         if cfg.sigma is not None:
             return cls(cfg, clf, task, cfg.sigma, "fixed")
         if not cfg.anchor:

@@ -32,6 +32,63 @@ def _common_prefix(rows: Sequence[list[int]]) -> int:
     return n
 
 
+#: Default fixed cost of one forward, in prompt tokens (what a forward of this many more tokens costs):
+#: measured about 30 for SmolLM2 on one CPU core, about 1000 for a Llama-3.1-8B shape on an H200,
+#: where small forwards are bound by kernel launches (benchmarks/RESULTS.md).
+FORWARD_OVERHEAD_TOKENS = {"cpu": 32, "other": 1024}
+
+
+def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
+                overhead_tokens: float, keys: Sequence[Any] | None = None) -> list[list[int]]:
+    """Group inputs into forwards of at most ``max_rows`` rows, as cheaply as padding allows.
+
+    Input i has ``rows[i]`` rows (its samples) and is padded to the longest input of its forward.
+    Inputs are ordered by (key, length) and cut into consecutive chunks that minimise
+
+        sum over forwards of  overhead_tokens + rows * longest  - shared prefix saving
+
+    (dynamic programming, O(n * inputs per forward)). The saving, (rows - rows of one input) *
+    common prefix, applies to a forward whose inputs all have one key (one noise draw and N: the
+    shared-prefix path of :meth:`BayesianClassifier._last_hidden`). A small overhead (CPU) buckets
+    inputs by length; a large one (GPU) packs as many rows as allowed. An input with more than
+    ``max_rows`` rows gets a forward of its own. Returns lists of input indices.
+    """
+    n = len(token_lists)
+    if n == 0:
+        return []
+    key_of = [0] * n if keys is None else list(keys)
+    order = sorted(range(n), key=lambda i: (str(key_of[i]), len(token_lists[i])))
+    prefix = _common_prefix([token_lists[i] for i in order]) if n > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    inf = float("inf")
+    best = [0.0] + [inf] * n  # best[j]: cheapest plan of the first j inputs (in order)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        last = order[j - 1]
+        longest = len(token_lists[last])  # the longest of any chunk ending at j (sorted per key)
+        total = 0
+        one_key = True
+        most = 0
+        for i in range(j - 1, -1, -1):  # chunk order[i:j], growing to the left
+            item = order[i]
+            total += rows[item]
+            if total > max_rows and i < j - 1:
+                break
+            one_key = one_key and key_of[item] == key_of[last]
+            most = max(most, rows[item])
+            longest = max(longest, len(token_lists[item]))
+            cost = overhead_tokens + total * longest - ((total - most) * prefix if one_key else 0)
+            if best[i] + cost <= best[j]:  # ties: the bigger chunk (fewer forwards)
+                best[j] = best[i] + cost
+                cut[j] = i
+    chunks: list[list[int]] = []
+    j = n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
 class PromptTooLongError(ValueError):
     """A prompt with more tokens than the configured maximum."""
 
@@ -65,6 +122,8 @@ class BayesianClassifier:
         self.pad_id = int(pad)
         #: run a prefix shared by all rows once per posterior sample (see :meth:`_last_hidden`)
         self.share_prefix = True
+        #: fixed cost of a forward in prompt tokens, for :meth:`plan` (None: by device type)
+        self.forward_overhead_tokens: float | None = None
         self.backbone = model.base_model  # the decoder stack without lm_head
         self.output_embeddings = model.get_output_embeddings()
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
@@ -109,6 +168,14 @@ class BayesianClassifier:
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
         return ids.to(self.device), mask.to(self.device)  # (R, T), (R, T)
+
+    def plan(self, token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
+             keys: Sequence[Any] | None = None) -> list[list[int]]:
+        """:func:`plan_chunks` with this model's forward overhead."""
+        overhead = self.forward_overhead_tokens
+        if overhead is None:
+            overhead = FORWARD_OVERHEAD_TOKENS["cpu" if self.device.type == "cpu" else "other"]
+        return plan_chunks(token_lists, rows, max_rows, overhead, keys)
 
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -247,12 +314,9 @@ class BayesianClassifier:
         if sigma > 0.0 and noise is None:
             noise = self.posterior.draw(seed, n_samples)
         rows_per_prompt = n_samples if sigma > 0.0 else 1
-        per_forward = max(1, max_rows // rows_per_prompt)
-        # Sort by length so that each forward pads little; results go back in input order.
-        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        # forwards of similar lengths (little padding); results go back in input order
         out = torch.empty((len(tokens), n_samples, len(self.labels if class_ids is None else class_ids)))
-        for start in range(0, len(order), per_forward):
-            chunk = order[start:start + per_forward]
+        for chunk in self.plan(tokens, [rows_per_prompt] * len(tokens), max_rows):
             results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids)
             for i, res in zip(chunk, results, strict=True):
                 out[i] = res

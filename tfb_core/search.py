@@ -238,18 +238,21 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
     def objective(sigmas: Sequence[float]) -> list[float]:
         from tfb_core.sampling import Job
 
-        # sigma is folded into each job's own draw so that all sigmas can share one forward
+        # sigma is folded into each job's own draw so that several sigmas can share one forward:
+        # per forward, the same prompts under each of up to max_rows // N sigmas (one shared-prefix
+        # forward: every draw has as many rows)
         draws = [NoiseDraw(draw.seed, [z * s for z in draw.z]) for s in sigmas]
-        jobs = [Job(toks, cfg.n_samples, d) for d in draws for toks in tokens]
-        per_forward = max(1, max_rows // cfg.n_samples)
-        bar = _progress(len(jobs), f"sigma search {', '.join(f'{s:.4g}' for s in sigmas)}", progress)
-        results: list[torch.Tensor] = []
-        for start in range(0, len(jobs), per_forward):
-            chunk = jobs[start:start + per_forward]
-            results += clf.run_jobs(chunk, sigma=1.0)
-            bar.update(len(chunk))
+        per_sigma = max(1, max_rows // cfg.n_samples)
+        bar = _progress(len(draws) * len(tokens), f"sigma search {', '.join(f'{s:.4g}' for s in sigmas)}", progress)
+        means = torch.empty((len(sigmas), len(tokens), len(clf.labels)))  # (K, B, C)
+        for k0 in range(0, len(draws), per_sigma):
+            part = draws[k0:k0 + per_sigma]
+            for chunk in clf.plan(tokens, [cfg.n_samples * len(part)] * len(tokens), max_rows):
+                results = clf.run_jobs([Job(tokens[i], cfg.n_samples, d) for d in part for i in chunk], sigma=1.0)
+                for r, (k, i) in zip(results, [(k, i) for k in range(len(part)) for i in chunk], strict=True):
+                    means[k0 + k, i] = r.mean(0)
+                bar.update(len(results))
         bar.close()
-        means = torch.stack([r.mean(0) for r in results]).view(len(sigmas), len(tokens), -1)  # (K, B, C)
         return [criterion(means[k]) if s > 0 else 0.0 for k, s in enumerate(sigmas)]
 
     return objective, reference
