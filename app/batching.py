@@ -309,19 +309,20 @@ class ModelWorker:
         plan = engine.classifier.plan([job.tokens for _, _, job in items],
                                       [job.n_samples if noisy else 1 for _, _, job in items], self.limits.max_rows,
                                       keys=[(work.seed, job.n_samples) if noisy else 0 for work, _, job in items])
+        prefix = engine.classifier.shared_prefix([job.tokens for _, _, job in items])
         for chunk in plan:
-            self._run_chunk(engine, [items[k] for k in chunk], class_ids, out)
+            self._run_chunk(engine, [items[k] for k in chunk], class_ids, out, prefix)
         return out
 
     def _run_chunk(self, engine: TFBEngine, chunk: list[tuple[Work, int, Job]], class_ids: torch.Tensor | None,
-                   out: dict[int, Any]) -> None:
+                   out: dict[int, Any], prefix: int | None = None) -> None:
         noisy = engine.sigma > 0.0
         live = [it for it in chunk if not isinstance(out[id(it[0])], BaseException)]
         if not live:
             return
         t0 = time.perf_counter()
         try:
-            probs = engine.classifier.run_jobs([job for _, _, job in live], class_ids=class_ids)
+            probs = engine.classifier.run_jobs([job for _, _, job in live], class_ids=class_ids, prefix=prefix)
         except Exception as exc:  # noqa: BLE001 -- fails the requests of this chunk only
             log.exception("forward of %d inputs failed", len(live))
             for work, _, _ in live:

@@ -238,8 +238,10 @@ class Harness:
         return self._softmax_last(out.logits)
 
     def run_ours(self, tokens: list[list[int]], n: int, draw: Any, sigma: float | None = None) -> torch.Tensor:
-        """tfb-serve: one forward of N*B rows through run_jobs: (B, N, C)."""
+        """tfb-serve: one forward of N*B rows through run_jobs: (B, N, C). Cold: a shared prompt prefix is
+        computed again (the server reuses it across batches with the same posterior samples)."""
         self.use_tfb()
+        self.clf.clear_prefix_memo()
         return torch.stack(self.clf.run_jobs([Job(t, n, draw) for t in tokens],
                                              sigma=self.sigma if sigma is None else sigma))
 

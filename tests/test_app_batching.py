@@ -80,11 +80,11 @@ class Gate:
         if not hold_first:
             self.release.set()
 
-    def __call__(self, jobs, sigma=None, class_ids=None):
+    def __call__(self, jobs, sigma=None, class_ids=None, prefix=None):
         self.calls.append((len(jobs), sum(j.n_samples for j in jobs)))
         self.entered.set()
         assert self.release.wait(60)
-        return self.run_jobs(jobs, sigma, class_ids)
+        return self.run_jobs(jobs, sigma, class_ids, prefix)
 
 
 async def _started(engine, limits: BatchLimits) -> ModelWorker:

@@ -110,9 +110,8 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
 
 def _plan_cost(tokens, rows, keys, chunk, overhead, prefix):
     total = sum(rows[i] for i in chunk)
-    one_key = len({keys[i] for i in chunk}) == 1
-    saving = (total - max(rows[i] for i in chunk)) * prefix if one_key else 0
-    return overhead + total * max(len(tokens[i]) for i in chunk) - saving
+    one_key = len({keys[i] for i in chunk}) == 1  # the shared prefix is computed once, not per forward
+    return overhead + total * (max(len(tokens[i]) for i in chunk) - (prefix if one_key else 0))
 
 
 def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix):
@@ -176,3 +175,38 @@ def test_forwards_planned_by_length_give_the_same_probabilities(classifier):
         results[overhead, "forwards"] = len(calls)
     assert results[1e9, "forwards"] == 1 < results[0.0, "forwards"]
     torch.testing.assert_close(results[0.0], results[1e9], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classifier):
+    """The instruction's keys and values are computed once per posterior sample and reused by the
+    next forwards (other prompts, also one prompt alone), and never for other samples or sigma."""
+    from tfb_core.tasks import get_task
+
+    task = get_task("sst2")
+    prompts = [task.format(s) for s in PROMPTS]
+    draw, other = classifier.posterior.draw(seed=2, n_samples=4), classifier.posterior.draw(seed=3, n_samples=4)
+    expected = {}
+    classifier.share_prefix = False
+    for name, d, sigma in (("a", draw, 0.3), ("b", other, 0.3), ("c", draw, 0.2), ("mean", None, 0.0)):
+        expected[name] = classifier.sample_probs(prompts, 4, sigma=sigma, noise=d)
+    classifier.share_prefix = True
+    calls = []
+    backbone = classifier.backbone
+    classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
+    toks = classifier.tokenize(prompts)
+    prefix = classifier.shared_prefix(toks)
+    assert prefix >= 8
+    got = torch.stack(classifier.run_jobs([Job(t, 4, draw) for t in toks[:2]], sigma=0.3, prefix=prefix))
+    assert calls == [(4, prefix), (8, max(len(t) for t in toks[:2]) - prefix)]  # prefix on 4 sample rows
+    calls.clear()
+    for i in (2, 3):  # one prompt alone: its 4 rows reuse the prefix computed above
+        got = torch.cat([got, classifier.run_jobs([Job(toks[i], 4, draw)], sigma=0.3, prefix=prefix)[0][None]])
+    assert calls == [(4, len(toks[2]) - prefix), (4, len(toks[3]) - prefix)]
+    torch.testing.assert_close(got, expected["a"], atol=1e-5, rtol=1e-4)
+    for name, d, sigma in (("b", other, 0.3), ("c", draw, 0.2), ("a", draw, 0.3), ("mean", None, 0.0)):
+        calls.clear()
+        res = torch.stack(classifier.run_jobs([Job(t, 4, d) for t in toks], sigma=sigma, prefix=prefix))
+        torch.testing.assert_close(res, expected[name], atol=1e-5, rtol=1e-4)
+        assert calls[0][1] == prefix  # other samples or sigma: the prefix is computed again
+    classifier.clear_prefix_memo()
+    assert classifier._prefix_memo is None

@@ -45,13 +45,13 @@ def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_r
     Input i has ``rows[i]`` rows (its samples) and is padded to the longest input of its forward.
     Inputs are ordered by (key, length) and cut into consecutive chunks that minimise
 
-        sum over forwards of  overhead_tokens + rows * longest  - shared prefix saving
+        sum over forwards of  overhead_tokens + rows * longest  - rows * common prefix (one key)
 
-    (dynamic programming, O(n * inputs per forward)). The saving, (rows - rows of one input) *
-    common prefix, applies to a forward whose inputs all have one key (one noise draw and N: the
-    shared-prefix path of :meth:`BayesianClassifier._last_hidden`). A small overhead (CPU) buckets
-    inputs by length; a large one (GPU) packs as many rows as allowed. An input with more than
-    ``max_rows`` rows gets a forward of its own. Returns lists of input indices.
+    (dynamic programming, O(n * inputs per forward)). A forward whose inputs all have one key (one
+    noise draw and N) runs only their suffixes: the common prefix (a task's instruction) runs once
+    per posterior sample and is reused by every forward (:meth:`BayesianClassifier.run_jobs`). A
+    small overhead (CPU) buckets inputs by length; a large one (GPU) packs as many rows as allowed.
+    An input with more than ``max_rows`` rows gets a forward of its own. Returns lists of indices.
     """
     n = len(token_lists)
     if n == 0:
@@ -68,16 +68,14 @@ def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_r
         longest = len(token_lists[last])  # the longest of any chunk ending at j (sorted per key)
         total = 0
         one_key = True
-        most = 0
         for i in range(j - 1, -1, -1):  # chunk order[i:j], growing to the left
             item = order[i]
             total += rows[item]
             if total > max_rows and i < j - 1:
                 break
             one_key = one_key and key_of[item] == key_of[last]
-            most = max(most, rows[item])
             longest = max(longest, len(token_lists[item]))
-            cost = overhead_tokens + total * longest - ((total - most) * prefix if one_key else 0)
+            cost = overhead_tokens + total * (longest - (prefix if one_key else 0))
             if best[i] + cost <= best[j]:  # ties: the bigger chunk (fewer forwards)
                 best[j] = best[i] + cost
                 cut[j] = i
@@ -124,6 +122,9 @@ class BayesianClassifier:
         self.share_prefix = True
         #: fixed cost of a forward in prompt tokens, for :meth:`plan` (None: by device type)
         self.forward_overhead_tokens: float | None = None
+        # the last shared prefix's keys and values per posterior sample, reused by the next forwards
+        # with the same prefix and samples: (key, the draws it used (kept alive: ids are in the key), cache)
+        self._prefix_memo: tuple[Any, Any, Any] | None = None
         self.backbone = model.base_model  # the decoder stack without lm_head
         self.output_embeddings = model.get_output_embeddings()
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
@@ -177,18 +178,31 @@ class BayesianClassifier:
             overhead = FORWARD_OVERHEAD_TOKENS["cpu" if self.device.type == "cpu" else "other"]
         return plan_chunks(token_lists, rows, max_rows, overhead, keys)
 
+    @staticmethod
+    def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
+        """Tokens all inputs share (0 if fewer than MIN_SHARED_PREFIX): pass it to every
+        :meth:`run_jobs` of a planned batch, so that its forwards reuse one prefix computation."""
+        n = _common_prefix(token_lists) if len(token_lists) > 1 else 0
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def clear_prefix_memo(self) -> None:
+        """Forget the reused prefix keys and values (the next forward computes them again)."""
+        self._prefix_memo = None
+
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def class_logits(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
-                     class_ids: torch.Tensor | None = None, group: int = 1) -> torch.Tensor:
+                     class_ids: torch.Tensor | None = None, group: int = 1, prefix: int | None = None,
+                     samples: tuple[Any, Any] | None = None) -> torch.Tensor:
         """Class-token logits at the last position of each row: (R, C) float32.
 
         ``z_rows[k]`` (R / group, r, in) are the standard-normal draws of module k, one per
         ``group`` consecutive rows; the deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
+        ``prefix``, ``samples``: see :meth:`_last_hidden`.
         """
         ids = self.class_ids if class_ids is None else class_ids
         try:
-            hidden = self._last_hidden(rows, z_rows, sigma, group)  # (R, H)
+            hidden = self._last_hidden(rows, z_rows, sigma, group, prefix, samples)  # (R, H)
             if self.head is not None:
                 logits = self.head.rows(hidden, ids)  # (R, C)
             else:
@@ -201,46 +215,65 @@ class BayesianClassifier:
         return logits.float()
 
     def _last_hidden(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
-                     group: int) -> torch.Tensor:
+                     group: int, prefix: int | None = None, samples: tuple[Any, Any] | None = None) -> torch.Tensor:
         """Final hidden state at the last position of each row: (R, H).
 
-        Rows that start with the same tokens (a task's instruction) and use only S < R distinct
-        posterior samples share that prefix: it runs once per sample (S rows), its keys and values
-        are copied to the rows of that sample, and only the suffixes run on all R rows.
+        Rows that start with the same tokens (a task's instruction) and use S distinct posterior
+        samples share that prefix: it runs once per sample (S rows), its keys and values are copied
+        to the rows of that sample, and only the suffixes run on all R rows. ``prefix`` caps the
+        shared length (a batch's common prefix, so that all its forwards share one). With
+        ``samples`` = (a key that identifies the S samples, e.g. the ids of the draws and their N,
+        the objects it refers to, kept alive while the key is remembered), the prefix's keys and
+        values are kept and reused by the next forward with the same samples and prefix tokens,
+        also when S = R.
         """
         n_rows = len(rows)
         noisy = z_rows is not None and sigma != 0.0
         n_distinct = z_rows[0].shape[0] if noisy else 1  # distinct A' samples, one per `group` rows
-        prefix = _common_prefix(rows)
-        if not (self.share_prefix and prefix >= MIN_SHARED_PREFIX and n_distinct < n_rows
+        shared = _common_prefix(rows)
+        if prefix is not None:
+            shared = min(shared, prefix)
+        head = tuple(rows[0][:shared])
+        key = None if samples is None else (samples[0], float(sigma), n_distinct, head)
+        memo = self._prefix_memo
+        hit = key is not None and memo is not None and memo[0] == key
+        if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or hit)
                 and (not noisy or n_distinct * group == n_rows)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
             self.posterior.set_noise(sigma, z_rows, group)
             return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state[:, -1]
+        import copy
+
         from transformers import DynamicCache
 
-        head_ids = torch.tensor(rows[0][:prefix], device=self.device).expand(n_distinct, prefix)  # (S, P)
-        cache = DynamicCache(config=self.model.config)
-        self.posterior.set_noise(sigma, z_rows, 1)  # one row per sample
-        positions = torch.arange(prefix, device=self.device).expand(n_distinct, prefix)
-        self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
+        if hit:
+            cache = copy.deepcopy(memo[2])  # (S, heads, P, d) per layer; reorder below must not touch the memo
+        else:
+            head_ids = torch.tensor(head, device=self.device).expand(n_distinct, shared)  # (S, P)
+            cache = DynamicCache(config=self.model.config)
+            self.posterior.set_noise(sigma, z_rows, 1)  # one row per sample
+            positions = torch.arange(shared, device=self.device).expand(n_distinct, shared)
+            self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
+            if key is not None:
+                self._prefix_memo = (key, samples[1], copy.deepcopy(cache))
         owner = torch.arange(n_rows, device=self.device) // (group if noisy else n_rows)  # row -> its sample
         cache.reorder_cache(owner)  # (R, heads, P, d) per layer
-        tail_ids, tail_mask = self._pad_left([r[prefix:] for r in rows])  # (R, T - P)
-        mask = torch.cat([torch.ones((n_rows, prefix), dtype=tail_mask.dtype, device=self.device), tail_mask], 1)
-        position_ids = prefix + (tail_mask.cumsum(-1) - 1).clamp_min(0)
+        tail_ids, tail_mask = self._pad_left([r[shared:] for r in rows])  # (R, T - P)
+        mask = torch.cat([torch.ones((n_rows, shared), dtype=tail_mask.dtype, device=self.device), tail_mask], 1)
+        position_ids = shared + (tail_mask.cumsum(-1) - 1).clamp_min(0)
         self.posterior.set_noise(sigma, z_rows, group)
         return self.backbone(input_ids=tail_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                              **{self._cache_kw: cache}).last_hidden_state[:, -1]
 
     def run_jobs(self, jobs: Sequence[Job], sigma: float | None = None,
-                 class_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 class_ids: torch.Tensor | None = None, prefix: int | None = None) -> list[torch.Tensor]:
         """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
 
         Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
-        noise) each job needs one row whose result stands for all its samples.
+        noise) each job needs one row whose result stands for all its samples. ``prefix``: the
+        shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
         """
         sigma = self.sigma if sigma is None else sigma
         noisy = sigma > 0.0
@@ -282,9 +315,11 @@ class BayesianClassifier:
                 z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
         z_rows = None
         group = 1
+        samples: tuple[Any, Any] | None = (("mean",), None) if not noisy or list(groups) == [0] else None
         if uniform:
             group = len(next(iter(groups.values())))
             parts = [(jobs[m[0]].noise, jobs[m[0]].n_samples) for m in groups.values()]  # (draw, N) per group
+            samples = tuple((id(draw), n) for draw, n in parts), [draw for draw, _ in parts]
             z_rows = []
             for k in range(len(self.posterior.modules)):
                 zs = [draw.z[k][:n] for draw, n in parts]  # views
@@ -292,7 +327,8 @@ class BayesianClassifier:
         elif noisy and any(k != 0 for k in groups):
             z_rows = [torch.cat([part[k] for part in z_parts]) for k in range(len(self.posterior.modules))]
         # one copy to the host, not one per row (each a device sync on a GPU)
-        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, group), dim=-1).cpu()  # (R, C)
+        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, group, prefix, samples),
+                              dim=-1).cpu()  # (R, C)
         out = [torch.empty((job.n_samples, probs.shape[1])) for job in jobs]
         for r, (j, n) in enumerate(owner):
             if n < 0:
@@ -316,8 +352,9 @@ class BayesianClassifier:
         rows_per_prompt = n_samples if sigma > 0.0 else 1
         # forwards of similar lengths (little padding); results go back in input order
         out = torch.empty((len(tokens), n_samples, len(self.labels if class_ids is None else class_ids)))
+        prefix = self.shared_prefix(tokens)
         for chunk in self.plan(tokens, [rows_per_prompt] * len(tokens), max_rows):
-            results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids)
+            results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids, prefix)
             for i, res in zip(chunk, results, strict=True):
                 out[i] = res
             if progress is not None:

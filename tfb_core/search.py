@@ -245,10 +245,12 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
         per_sigma = max(1, max_rows // cfg.n_samples)
         bar = _progress(len(draws) * len(tokens), f"sigma search {', '.join(f'{s:.4g}' for s in sigmas)}", progress)
         means = torch.empty((len(sigmas), len(tokens), len(clf.labels)))  # (K, B, C)
+        prefix = clf.shared_prefix(tokens)
         for k0 in range(0, len(draws), per_sigma):
             part = draws[k0:k0 + per_sigma]
             for chunk in clf.plan(tokens, [cfg.n_samples * len(part)] * len(tokens), max_rows):
-                results = clf.run_jobs([Job(tokens[i], cfg.n_samples, d) for d in part for i in chunk], sigma=1.0)
+                results = clf.run_jobs([Job(tokens[i], cfg.n_samples, d) for d in part for i in chunk], sigma=1.0,
+                                       prefix=prefix)
                 for r, (k, i) in zip(results, [(k, i) for k in range(len(part)) for i in chunk], strict=True):
                     means[k0 + k, i] = r.mean(0)
                 bar.update(len(results))
