@@ -211,7 +211,7 @@ class ModelWorker:
         first coalesced batch does not pay for loading kernels and growing the allocator's pool."""
         t0 = time.perf_counter()
         clf = engine.classifier
-        tokens = clf.tokenize([engine.task.format(_warmup_input(engine))])[0]
+        tokens = clf.tokenize([engine.task.format(engine.task.placeholder("warm-up"))])[0]
         n = engine.cfg.n_samples
         noise = engine.noise(engine.cfg.seed, n)
         clf.run_jobs([Job(tokens, n, noise)])
@@ -309,7 +309,9 @@ class ModelWorker:
         plan = engine.classifier.plan([job.tokens for _, _, job in items],
                                       [job.n_samples if noisy else 1 for _, _, job in items], self.limits.max_rows,
                                       keys=[(work.seed, job.n_samples) if noisy else 0 for work, _, job in items])
-        prefix = engine.classifier.shared_prefix([job.tokens for _, _, job in items])
+        # the task's instruction (one prefix for every batch, computed once per draw), else what the
+        # batch's inputs share
+        prefix = engine.prompt_prefix or engine.classifier.shared_prefix([job.tokens for _, _, job in items])
         for chunk in plan:
             self._run_chunk(engine, [items[k] for k in chunk], class_ids, out, prefix)
         return out
@@ -333,14 +335,3 @@ class ModelWorker:
         self.metrics.batch_rows.observe(sum(job.n_samples if noisy else 1 for _, _, job in live))
         for (work, i, _), p in zip(live, probs, strict=True):
             out[id(work)][i] = p  # (N, C)
-
-
-def _warmup_input(engine: TFBEngine) -> Any:
-    """A valid input of the configured task (the warm-up needs no real text)."""
-    fields = engine.task.fields
-    if engine.task.formatter is None:
-        return "warm-up"
-    record: dict[str, Any] = {name: "warm-up" for name in fields}
-    if "choices" in fields:
-        record["choices"] = ["warm-up", "warm-up"]
-    return record

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     forward_overhead_tokens: float | None = Field(
         None, ge=0.0, description="fixed cost of a forward in prompt tokens, for splitting a batch by length "
                                   "(unset: 32 on CPU, 1024 on GPU)")
+    max_batch_tokens: float | None = Field(
+        None, ge=1.0, description="most tokens a forward computes, rows x padded length past the shared "
+                                  "instruction (unset: 1024 on CPU, no cap on GPU)")
     max_queue: int = Field(256, ge=1, description="queued requests; past it 429 with Retry-After")
     request_timeout_s: float = Field(60.0, gt=0.0)
     max_inputs: int = Field(64, ge=1, description="inputs per request")
@@ -130,7 +133,8 @@ class Settings(BaseSettings):
         return EngineConfig(model=self.model_settings(), task=self.task, labels=self.labels, sigma=self.sigma,
                             anchor=self.anchor, search=search, d_floor=self.d_floor, n_samples=self.n_samples,
                             seed=self.seed, max_rows=self.max_batch_rows,
-                            forward_overhead_tokens=self.forward_overhead_tokens)
+                            forward_overhead_tokens=self.forward_overhead_tokens,
+                            max_batch_tokens=self.max_batch_tokens)
 
     def public(self) -> dict[str, Any]:
         """The settings without secrets (for /info and logs)."""

@@ -46,9 +46,14 @@ def _bodies(n: int) -> list[dict]:
     return out
 
 
-def test_concurrent_requests_equal_one_at_a_time(tiny):
+@pytest.mark.parametrize("task", [None, "sst2"])  # generic prompts; a task's instruction kept across forwards
+def test_concurrent_requests_equal_one_at_a_time(tiny, task):
     bodies = _bodies(60)
-    with ready_client(make_settings(tiny, max_wait_ms=20.0)) as c:
+    if task:
+        for body in bodies:
+            body.pop("labels", None)
+    extra = {"labels": None, "task": task, "max_length": 200} if task else {}
+    with ready_client(make_settings(tiny, max_wait_ms=20.0, **extra)) as c:
         with ThreadPoolExecutor(max_workers=16) as pool:
             responses = list(pool.map(lambda b: c.post("/predict", json=b), bodies))
         assert [r.status_code for r in responses] == [200] * len(bodies)

@@ -98,7 +98,7 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
     backbone = classifier.backbone
     classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
     classifier.share_prefix = True
-    classifier.forward_overhead_tokens = 1e9  # one forward for all four prompts
+    classifier.forward_overhead_tokens = classifier.max_batch_tokens = 1e9  # one forward for all four prompts
     classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw)
     prefix = _common_prefix(classifier.tokenize(prompts))
     assert calls[0] == (5, prefix) and calls[1][0] == 20  # the prefix on 5 sample rows, the rest on 20
@@ -114,7 +114,12 @@ def _plan_cost(tokens, rows, keys, chunk, overhead, prefix):
     return overhead + total * (max(len(tokens[i]) for i in chunk) - (prefix if one_key else 0))
 
 
-def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix):
+def _chunk_tokens(tokens, rows, keys, chunk, prefix):
+    one_key = len({keys[i] for i in chunk}) == 1
+    return sum(rows[i] for i in chunk) * (max(len(tokens[i]) for i in chunk) - (prefix if one_key else 0))
+
+
+def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix, max_tokens):
     """Cheapest split of the (key, length) order into consecutive forwards, by trying every split."""
     order = sorted(range(len(tokens)), key=lambda i: (str(keys[i]), len(tokens[i])))
     best = float("inf")
@@ -125,7 +130,8 @@ def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix):
                 chunks.append(order[start:k])
                 start = k
         chunks.append(order[start:])
-        if any(len(c) > 1 and sum(rows[i] for i in c) > max_rows for c in chunks):
+        if any(len(c) > 1 and (sum(rows[i] for i in c) > max_rows
+                               or _chunk_tokens(tokens, rows, keys, c, prefix) > max_tokens) for c in chunks):
             continue
         best = min(best, sum(_plan_cost(tokens, rows, keys, c, overhead, prefix) for c in chunks))
     return best
@@ -140,12 +146,16 @@ def test_plan_chunks_covers_every_input_once_within_the_row_limit_at_least_cost(
         rows = [int(torch.randint(1, 12, (1,), generator=gen)) for _ in range(n)]
         keys = [int(torch.randint(0, 2, (1,), generator=gen)) for _ in range(n)]
         max_rows, overhead = int(torch.randint(1, 30, (1,), generator=gen)), [0, 5, 50, 1e6][trial % 4]
-        plan = plan_chunks(tokens, rows, max_rows, overhead, keys)
+        max_tokens = [None, 200][trial % 3 == 0]
+        plan = plan_chunks(tokens, rows, max_rows, overhead, keys, max_tokens)
+        shared = len(prefix) if n > 1 else 0
         assert sorted(i for c in plan for i in c) == list(range(n))
         assert all(len(c) == 1 or sum(rows[i] for i in c) <= max_rows for c in plan)
-        shared = len(prefix) if n > 1 else 0
+        assert max_tokens is None or all(len(c) == 1 or _chunk_tokens(tokens, rows, keys, c, shared) <= max_tokens
+                                         for c in plan)
         cost = sum(_plan_cost(tokens, rows, keys, c, overhead, shared) for c in plan)
-        assert cost == _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, shared)
+        assert cost == _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, shared,
+                                              float("inf") if max_tokens is None else max_tokens)
 
 
 def test_plan_chunks_buckets_by_length_when_forwards_are_cheap_and_packs_when_not():
@@ -154,6 +164,7 @@ def test_plan_chunks_buckets_by_length_when_forwards_are_cheap_and_packs_when_no
     assert plan_chunks(tokens, [10] * 4, 64, overhead_tokens=1e6) == [[0, 2, 3, 1]]
     assert plan_chunks(tokens, [10] * 4, 20, overhead_tokens=1e6) == [[0, 2], [3, 1]]  # row limit
     assert plan_chunks([[1] * 5], [99], 64, 32) == [[0]]  # too many rows for a forward: alone
+    assert plan_chunks(tokens, [10] * 4, 64, overhead_tokens=1e6, max_tokens=2000) == [[0, 2], [3], [1]]
     # other draws lose the shared prompt prefix: kept apart where that costs more than a forward
     shared = [[7] * 30 + [i] * 5 for i in range(4)]
     assert plan_chunks(shared, [10] * 4, 64, overhead_tokens=32, keys="abab") == [[0, 2], [1, 3]]
@@ -168,6 +179,7 @@ def test_forwards_planned_by_length_give_the_same_probabilities(classifier):
     backbone = classifier.backbone
     classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
     results = {}
+    classifier.max_batch_tokens = 1e9
     for overhead in (1e9, 0.0):  # one forward of everything; forwards by length
         classifier.forward_overhead_tokens = overhead
         calls.clear()
@@ -210,3 +222,22 @@ def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classif
         assert calls[0][1] == prefix  # other samples or sigma: the prefix is computed again
     classifier.clear_prefix_memo()
     assert classifier._prefix_memo is None
+    calls.clear()  # one input first: its prefix is computed on its own 4 rows, then reused
+    for _ in range(2):
+        res = classifier.run_jobs([Job(toks[3], 4, draw)], sigma=0.3, prefix=prefix)[0]
+        torch.testing.assert_close(res, expected["a"][3], atol=1e-5, rtol=1e-4)
+    assert calls == [(4, prefix), (4, len(toks[3]) - prefix), (4, len(toks[3]) - prefix)]
+    calls.clear()  # without a prefix to keep, one input runs whole, as before
+    classifier.run_jobs([Job(toks[3], 4, draw)], sigma=0.3)
+    assert calls == [(4, len(toks[3]))]
+
+
+def test_engine_knows_its_tasks_instruction(tiny):
+    from tfb_core.config import ModelConfig
+    from tfb_core.engine import EngineConfig, TFBEngine
+
+    model = ModelConfig(model=str(tiny["model"]), adapter=str(tiny["adapter"]))
+    sst2 = TFBEngine.load(EngineConfig(model=model, task="sst2", sigma=0.1))
+    toks = sst2.classifier.tokenize(sst2.format_inputs(["a gripping story", "dull"]))
+    assert sst2.prompt_prefix >= 8 and toks[0][:sst2.prompt_prefix] == toks[1][:sst2.prompt_prefix]
+    assert TFBEngine.load(EngineConfig(model=model, labels=("no", "yes"), sigma=0.1)).prompt_prefix == 0

@@ -46,8 +46,10 @@ class EngineConfig:
     n_samples: int = 10
     seed: int = 0
     max_rows: int = 64
-    #: fixed cost of a forward in prompt tokens, for planning forwards by length (None: by device)
+    #: fixed cost of a forward in prompt tokens, and most tokens per forward, for planning forwards
+    #: by length (None: by device)
     forward_overhead_tokens: float | None = None
+    max_batch_tokens: float | None = None
 
     def __post_init__(self) -> None:
         if self.sigma is not None:
@@ -58,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
         if self.forward_overhead_tokens is not None and not self.forward_overhead_tokens >= 0:
             raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
+        if self.max_batch_tokens is not None and not self.max_batch_tokens >= 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
 
     def with_defaults(self) -> EngineConfig:
         """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
@@ -122,6 +126,10 @@ class TFBEngine:
         self.search_result = search_result
         classifier.sigma = sigma
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
+        #: tokens of the task's instruction (what the prompts of any two inputs share; 0: none), run
+        #: once per posterior sample and reused by every forward
+        self.prompt_prefix = classifier.shared_prefix(
+            classifier.tokenize([task.format(task.placeholder(t)) for t in ("alpha", "omega")]))
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -133,6 +141,7 @@ class TFBEngine:
             raise LoadError(str(exc)) from exc
         clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
+        clf.max_batch_tokens = cfg.max_batch_tokens
         if cfg.sigma is not None:
             return cls(cfg, clf, task, cfg.sigma, "fixed")
         if not cfg.anchor:
@@ -211,7 +220,7 @@ class TFBEngine:
         n = n_samples or self.cfg.n_samples
         noise = self.noise(self.cfg.seed if seed is None else seed, n)
         probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
-                                             max_rows=self.cfg.max_rows)  # (B, N, C)
+                                             max_rows=self.cfg.max_rows, prefix=self.prompt_prefix or None)  # (B, N, C)
         return self.response(probs, return_samples)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False) -> dict[str, Any]:

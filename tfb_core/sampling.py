@@ -36,11 +36,17 @@ def _common_prefix(rows: Sequence[list[int]]) -> int:
 #: measured about 30 for SmolLM2 on one CPU core, about 1000 for a Llama-3.1-8B shape on an H200,
 #: where small forwards are bound by kernel launches (benchmarks/RESULTS.md).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 32, "other": 1024}
+#: Default cap on the tokens one forward computes (rows x padded length past the shared prefix): on
+#: a CPU, forwards past about a thousand tokens run slower per token (measured 4 against 5 ms per
+#: token for SmolLM2 at 150-600 and 8000 tokens); a GPU has no such knee below its row limit.
+MAX_BATCH_TOKENS: dict[str, float | None] = {"cpu": 1024, "other": None}
 
 
 def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
-                overhead_tokens: float, keys: Sequence[Any] | None = None) -> list[list[int]]:
-    """Group inputs into forwards of at most ``max_rows`` rows, as cheaply as padding allows.
+                overhead_tokens: float, keys: Sequence[Any] | None = None,
+                max_tokens: float | None = None) -> list[list[int]]:
+    """Group inputs into forwards of at most ``max_rows`` rows (and ``max_tokens`` tokens past the
+    shared prefix, padding included), as cheaply as padding allows.
 
     Input i has ``rows[i]`` rows (its samples) and is padded to the longest input of its forward.
     Inputs are ordered by (key, length) and cut into consecutive chunks that minimise
@@ -51,7 +57,7 @@ def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_r
     noise draw and N) runs only their suffixes: the common prefix (a task's instruction) runs once
     per posterior sample and is reused by every forward (:meth:`BayesianClassifier.run_jobs`). A
     small overhead (CPU) buckets inputs by length; a large one (GPU) packs as many rows as allowed.
-    An input with more than ``max_rows`` rows gets a forward of its own. Returns lists of indices.
+    An input over either limit gets a forward of its own. Returns lists of indices.
     """
     n = len(token_lists)
     if n == 0:
@@ -75,7 +81,10 @@ def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_r
                 break
             one_key = one_key and key_of[item] == key_of[last]
             longest = max(longest, len(token_lists[item]))
-            cost = overhead_tokens + total * (longest - (prefix if one_key else 0))
+            tokens = total * (longest - (prefix if one_key else 0))  # grows as the chunk grows
+            if max_tokens is not None and tokens > max_tokens and i < j - 1:
+                break
+            cost = overhead_tokens + tokens
             if best[i] + cost <= best[j]:  # ties: the bigger chunk (fewer forwards)
                 best[j] = best[i] + cost
                 cut[j] = i
@@ -120,8 +129,10 @@ class BayesianClassifier:
         self.pad_id = int(pad)
         #: run a prefix shared by all rows once per posterior sample (see :meth:`_last_hidden`)
         self.share_prefix = True
-        #: fixed cost of a forward in prompt tokens, for :meth:`plan` (None: by device type)
+        #: fixed cost of a forward in prompt tokens, and most tokens per forward, for :meth:`plan`
+        #: (None: by device type)
         self.forward_overhead_tokens: float | None = None
+        self.max_batch_tokens: float | None = None
         # the last shared prefix's keys and values per posterior sample, reused by the next forwards
         # with the same prefix and samples: (key, the draws it used (kept alive: ids are in the key), cache)
         self._prefix_memo: tuple[Any, Any, Any] | None = None
@@ -172,11 +183,13 @@ class BayesianClassifier:
 
     def plan(self, token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
              keys: Sequence[Any] | None = None) -> list[list[int]]:
-        """:func:`plan_chunks` with this model's forward overhead."""
+        """:func:`plan_chunks` with this model's forward overhead and token cap."""
+        kind = "cpu" if self.device.type == "cpu" else "other"
         overhead = self.forward_overhead_tokens
         if overhead is None:
-            overhead = FORWARD_OVERHEAD_TOKENS["cpu" if self.device.type == "cpu" else "other"]
-        return plan_chunks(token_lists, rows, max_rows, overhead, keys)
+            overhead = FORWARD_OVERHEAD_TOKENS[kind]
+        cap = self.max_batch_tokens if self.max_batch_tokens is not None else MAX_BATCH_TOKENS[kind]
+        return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
     @staticmethod
     def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
@@ -221,23 +234,23 @@ class BayesianClassifier:
         Rows that start with the same tokens (a task's instruction) and use S distinct posterior
         samples share that prefix: it runs once per sample (S rows), its keys and values are copied
         to the rows of that sample, and only the suffixes run on all R rows. ``prefix`` caps the
-        shared length (a batch's common prefix, so that all its forwards share one). With
-        ``samples`` = (a key that identifies the S samples, e.g. the ids of the draws and their N,
-        the objects it refers to, kept alive while the key is remembered), the prefix's keys and
-        values are kept and reused by the next forward with the same samples and prefix tokens,
-        also when S = R.
+        shared length: a task's instruction or a batch's common prefix, the same for all its forwards.
+        With such a ``prefix`` and ``samples`` = (a key that identifies the S samples, e.g. the ids
+        of the draws and their N; the objects it refers to, kept alive while the key is remembered),
+        the prefix's keys and values are kept and reused by the next forward with the same samples
+        and prefix tokens, also when S = R (one input).
         """
         n_rows = len(rows)
         noisy = z_rows is not None and sigma != 0.0
         n_distinct = z_rows[0].shape[0] if noisy else 1  # distinct A' samples, one per `group` rows
         shared = _common_prefix(rows)
-        if prefix is not None:
+        key = None
+        if prefix:  # remembered for the next forwards
             shared = min(shared, prefix)
-        head = tuple(rows[0][:shared])
-        key = None if samples is None else (samples[0], float(sigma), n_distinct, head)
+            key = None if samples is None else (samples[0], float(sigma), n_distinct, tuple(rows[0][:shared]))
         memo = self._prefix_memo
         hit = key is not None and memo is not None and memo[0] == key
-        if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or hit)
+        if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
                 and (not noisy or n_distinct * group == n_rows)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
@@ -251,7 +264,7 @@ class BayesianClassifier:
         if hit:
             cache = copy.deepcopy(memo[2])  # (S, heads, P, d) per layer; reorder below must not touch the memo
         else:
-            head_ids = torch.tensor(head, device=self.device).expand(n_distinct, shared)  # (S, P)
+            head_ids = torch.tensor(rows[0][:shared], device=self.device).expand(n_distinct, shared)  # (S, P)
             cache = DynamicCache(config=self.model.config)
             self.posterior.set_noise(sigma, z_rows, 1)  # one row per sample
             positions = torch.arange(shared, device=self.device).expand(n_distinct, shared)
@@ -339,11 +352,12 @@ class BayesianClassifier:
 
     def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, sigma: float | None = None,
                      noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,
-                     progress: Iterable[Any] | None = None) -> torch.Tensor:
+                     progress: Iterable[Any] | None = None, prefix: int | None = None) -> torch.Tensor:
         """Per-sample probabilities (B, N, C) of many prompts, in forwards of at most ``max_rows`` rows.
 
         ``noise`` (a draw of at least N samples) fixes the randomness, e.g. common random numbers
-        across sigmas; otherwise it is drawn from ``seed``.
+        across sigmas; otherwise it is drawn from ``seed``. ``prefix``: the prompts' shared
+        instruction in tokens, reused by all forwards (default: what the prompts share).
         """
         sigma = self.sigma if sigma is None else sigma
         tokens = self.tokenize(prompts)
@@ -352,7 +366,7 @@ class BayesianClassifier:
         rows_per_prompt = n_samples if sigma > 0.0 else 1
         # forwards of similar lengths (little padding); results go back in input order
         out = torch.empty((len(tokens), n_samples, len(self.labels if class_ids is None else class_ids)))
-        prefix = self.shared_prefix(tokens)
+        prefix = self.shared_prefix(tokens) if prefix is None else prefix
         for chunk in self.plan(tokens, [rows_per_prompt] * len(tokens), max_rows):
             results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids, prefix)
             for i, res in zip(chunk, results, strict=True):

@@ -140,6 +140,16 @@ class Task:
             raise TaskError(f"task {self.name!r} takes objects with fields {list(self.fields)}, got a string")
         return self.formatter(record)
 
+    def placeholder(self, text: str) -> str | Record:
+        """A valid input of this task with ``text`` in every field (a warm-up, or finding the
+        instruction's tokens: what the prompts of two placeholders share)."""
+        if self.formatter is None:
+            return text
+        record: dict[str, Any] = {name: text for name in self.fields}
+        if "choices" in self.fields:
+            record["choices"] = [text, text]
+        return record
+
     def target(self, record: str | Record) -> int | None:
         """The true class index of a labelled record, or None if it has no label."""
         if self.targeter is None:
