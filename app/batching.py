@@ -208,16 +208,24 @@ class ModelWorker:
 
     def _warm_up(self, engine: TFBEngine) -> None:
         """One forward of one input; on a GPU also one of a full batch (max_rows rows), so that the
-        first coalesced batch does not pay for loading kernels and growing the allocator's pool."""
+        first coalesced batch does not pay for loading kernels and growing the allocator's pool.
+        Unless TFB_FORWARD_OVERHEAD_TOKENS is set, the fixed cost of a forward is then measured
+        (forwards of 1 and up to 8 inputs) for planning batches by length."""
         t0 = time.perf_counter()
         clf = engine.classifier
         tokens = clf.tokenize([engine.task.format(engine.task.placeholder("warm-up"))])[0]
         n = engine.cfg.n_samples
         noise = engine.noise(engine.cfg.seed, n)
-        clf.run_jobs([Job(tokens, n, noise)])
+        job = Job(tokens, n, noise)
+        prefix = engine.prompt_prefix or None
+        clf.run_jobs([job], prefix=prefix)
         inputs = self.limits.max_rows // n if engine.sigma > 0.0 else self.limits.max_rows
         if clf.device.type != "cpu" and inputs > 1:
-            clf.run_jobs([Job(tokens, n, noise)] * inputs)
+            clf.run_jobs([job] * inputs, prefix=prefix)
+        if engine.cfg.forward_overhead_tokens is None:
+            overhead = clf.measure_forward_overhead(job, self.limits.max_rows, prefix)
+            if overhead is not None:
+                log.info("a forward's fixed cost: %.0f tokens (measured)", overhead)
         log.info("warm-up forwards (N=%d) in %.2fs", n, time.perf_counter() - t0)
 
     def _next_batch(self) -> list[Work] | None:

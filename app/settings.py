@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0.0, description="longest a request waits for others to join its batch")
     forward_overhead_tokens: float | None = Field(
         None, ge=0.0, description="fixed cost of a forward in prompt tokens, for splitting a batch by length "
-                                  "(unset: 32 on CPU, 1024 on GPU)")
+                                  "(unset: measured at warm-up; without warm-up 32 on CPU, 1024 on GPU)")
     max_batch_tokens: float | None = Field(
         None, ge=1.0, description="most tokens a forward computes, rows x padded length past the shared "
                                   "instruction (unset: 1024 on CPU, no cap on GPU)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tfb_core.posterior import NoiseDraw
@@ -99,6 +100,7 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
     classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
     classifier.share_prefix = True
     classifier.forward_overhead_tokens = classifier.max_batch_tokens = 1e9  # one forward for all four prompts
+    classifier.clear_prefix_memo()  # computed again, not reused from above
     classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw)
     prefix = _common_prefix(classifier.tokenize(prompts))
     assert calls[0] == (5, prefix) and calls[1][0] == 20  # the prefix on 5 sample rows, the rest on 20
@@ -215,13 +217,18 @@ def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classif
         got = torch.cat([got, classifier.run_jobs([Job(toks[i], 4, draw)], sigma=0.3, prefix=prefix)[0][None]])
     assert calls == [(4, len(toks[2]) - prefix), (4, len(toks[3]) - prefix)]
     torch.testing.assert_close(got, expected["a"], atol=1e-5, rtol=1e-4)
-    for name, d, sigma in (("b", other, 0.3), ("c", draw, 0.2), ("a", draw, 0.3), ("mean", None, 0.0)):
+    for name, d, sigma in (("b", other, 0.3), ("c", draw, 0.2), ("mean", None, 0.0), ("a", draw, 0.3),
+                           ("b", other, 0.3)):
         calls.clear()
         res = torch.stack(classifier.run_jobs([Job(t, 4, d) for t in toks], sigma=sigma, prefix=prefix))
         torch.testing.assert_close(res, expected[name], atol=1e-5, rtol=1e-4)
-        assert calls[0][1] == prefix  # other samples or sigma: the prefix is computed again
+        # other samples or sigma: the prefix is computed once more; kept ones (a, b) are reused
+        assert (calls[0][1] == prefix) == (name in ("b", "c", "mean") and len(calls) == 2)
+    for _ in range(4):  # only the most recent few are kept
+        classifier.run_jobs([Job(t, 4, classifier.posterior.draw(7, 4)) for t in toks], sigma=0.3, prefix=prefix)
+    assert len(classifier._prefix_memo) == 4
     classifier.clear_prefix_memo()
-    assert classifier._prefix_memo is None
+    assert not classifier._prefix_memo
     calls.clear()  # one input first: its prefix is computed on its own 4 rows, then reused
     for _ in range(2):
         res = classifier.run_jobs([Job(toks[3], 4, draw)], sigma=0.3, prefix=prefix)[0]
@@ -241,3 +248,22 @@ def test_engine_knows_its_tasks_instruction(tiny):
     toks = sst2.classifier.tokenize(sst2.format_inputs(["a gripping story", "dull"]))
     assert sst2.prompt_prefix >= 8 and toks[0][:sst2.prompt_prefix] == toks[1][:sst2.prompt_prefix]
     assert TFBEngine.load(EngineConfig(model=model, labels=("no", "yes"), sigma=0.1)).prompt_prefix == 0
+
+
+def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(classifier, monkeypatch):
+    """A forward that costs 0.5 s plus 2 ms per token has a fixed cost of 250 tokens."""
+    import tfb_core.sampling as sampling
+
+    clock = [0.0]
+    monkeypatch.setattr(sampling.time, "perf_counter", lambda: clock[0])
+    prefix = 10
+
+    def fake_run_jobs(jobs, sigma=None, class_ids=None, prefix=None):
+        clock[0] += 0.5 + 0.002 * sum(j.n_samples * (len(j.tokens) - prefix) for j in jobs)
+
+    monkeypatch.setattr(classifier, "run_jobs", fake_run_jobs)
+    classifier.sigma = 0.2
+    job = Job(list(range(40)), 4, classifier.posterior.draw(0, 4))
+    assert classifier.measure_forward_overhead(job, max_rows=64, prefix=prefix) == pytest.approx(250.0)
+    assert classifier.forward_overhead_tokens == pytest.approx(250.0)
+    assert classifier.measure_forward_overhead(job, max_rows=4) is None  # one input per forward: nothing to fit

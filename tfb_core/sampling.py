@@ -9,6 +9,8 @@ position is read, and only the class-token rows of ``lm_head`` (and of its LoRA)
 from __future__ import annotations
 
 import inspect
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,8 @@ from tfb_core.tasks import class_token_ids
 
 #: Shorter common prefixes are not worth a separate forward.
 MIN_SHARED_PREFIX = 8
+#: Shared prefixes kept for reuse (one per set of posterior samples: the default draw, a few seeds).
+PREFIX_MEMO_SIZE = 4
 
 
 def _common_prefix(rows: Sequence[list[int]]) -> int:
@@ -133,9 +137,9 @@ class BayesianClassifier:
         #: (None: by device type)
         self.forward_overhead_tokens: float | None = None
         self.max_batch_tokens: float | None = None
-        # the last shared prefix's keys and values per posterior sample, reused by the next forwards
-        # with the same prefix and samples: (key, the draws it used (kept alive: ids are in the key), cache)
-        self._prefix_memo: tuple[Any, Any, Any] | None = None
+        # recent shared prefixes' keys and values per posterior sample, reused by later forwards with
+        # the same prefix and samples: key -> (the draws it used (kept alive: ids are in the key), cache)
+        self._prefix_memo: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
         self.backbone = model.base_model  # the decoder stack without lm_head
         self.output_embeddings = model.get_output_embeddings()
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
@@ -191,6 +195,33 @@ class BayesianClassifier:
         cap = self.max_batch_tokens if self.max_batch_tokens is not None else MAX_BATCH_TOKENS[kind]
         return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
+    def measure_forward_overhead(self, job: Job, max_rows: int, prefix: int | None = None,
+                                 repeats: int = 2) -> float | None:
+        """Fixed cost of a forward in tokens, from timing forwards of 1 and k copies of ``job``
+        (best of ``repeats``); sets :attr:`forward_overhead_tokens`. None (and nothing set) when
+        the timings do not resolve it (k = 1, or the bigger forward was not slower)."""
+        rows = job.n_samples if self.sigma > 0.0 else 1
+        k = min(8, max_rows // rows)
+        if k < 2:
+            return None
+        share = prefix if prefix and prefix >= MIN_SHARED_PREFIX else 0
+        per_input = rows * (len(job.tokens) - share)  # tokens the planner counts for one input
+
+        def best(count: int) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.run_jobs([job] * count, prefix=prefix)  # ends with a copy to the host: synchronised
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        one, many = best(1), best(k)
+        slope = (many - one) / ((k - 1) * per_input)  # seconds per token
+        if slope <= 0:
+            return None
+        self.forward_overhead_tokens = max(0.0, one / slope - per_input)
+        return self.forward_overhead_tokens
+
     @staticmethod
     def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
         """Tokens all inputs share (0 if fewer than MIN_SHARED_PREFIX): pass it to every
@@ -200,7 +231,7 @@ class BayesianClassifier:
 
     def clear_prefix_memo(self) -> None:
         """Forget the reused prefix keys and values (the next forward computes them again)."""
-        self._prefix_memo = None
+        self._prefix_memo.clear()
 
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -248,8 +279,9 @@ class BayesianClassifier:
         if prefix:  # remembered for the next forwards
             shared = min(shared, prefix)
             key = None if samples is None else (samples[0], float(sigma), n_distinct, tuple(rows[0][:shared]))
-        memo = self._prefix_memo
-        hit = key is not None and memo is not None and memo[0] == key
+        memo = self._prefix_memo.get(key) if key is not None else None
+        if memo is not None:
+            self._prefix_memo.move_to_end(key)
         if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
                 and (not noisy or n_distinct * group == n_rows)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
@@ -261,8 +293,8 @@ class BayesianClassifier:
 
         from transformers import DynamicCache
 
-        if hit:
-            cache = copy.deepcopy(memo[2])  # (S, heads, P, d) per layer; reorder below must not touch the memo
+        if memo is not None:
+            cache = copy.deepcopy(memo[1])  # (S, heads, P, d) per layer; reorder below must not touch the memo
         else:
             head_ids = torch.tensor(rows[0][:shared], device=self.device).expand(n_distinct, shared)  # (S, P)
             cache = DynamicCache(config=self.model.config)
@@ -270,7 +302,9 @@ class BayesianClassifier:
             positions = torch.arange(shared, device=self.device).expand(n_distinct, shared)
             self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
             if key is not None:
-                self._prefix_memo = (key, samples[1], copy.deepcopy(cache))
+                self._prefix_memo[key] = (samples[1], copy.deepcopy(cache))
+                while len(self._prefix_memo) > PREFIX_MEMO_SIZE:
+                    self._prefix_memo.popitem(last=False)
         owner = torch.arange(n_rows, device=self.device) // (group if noisy else n_rows)  # row -> its sample
         cache.reorder_cache(owner)  # (R, heads, P, d) per layer
         tail_ids, tail_mask = self._pad_left([r[shared:] for r in rows])  # (R, T - P)
