@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -36,8 +37,10 @@ def test_503_until_ready_then_200(tiny, monkeypatch):
         return real_load(cfg, progress=False)
 
     monkeypatch.setattr(app.state.TFBEngine, "load", staticmethod(slow_load))
+    gc.unfreeze()  # an earlier app in this process froze its objects
     with TestClient(create_app(make_settings(tiny))) as c:
         try:
+            assert gc.get_freeze_count() == 0
             assert c.get("/healthz").status_code == 200
             r = c.get("/readyz")
             assert r.status_code == 503 and r.json()["status"] == "loading" and "retry-after" in r.headers
@@ -50,6 +53,7 @@ def test_503_until_ready_then_200(tiny, monkeypatch):
         finally:
             release.set()
         wait_ready(c)
+        assert gc.get_freeze_count() > 0  # the loaded model's objects are out of the collector's way
         assert c.get("/healthz").status_code == 200
         assert c.post("/predict", json={"inputs": PROMPTS[:1]}).status_code == 200
         assert "tfb_ready 1.0" in c.get("/metrics").text
