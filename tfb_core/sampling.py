@@ -41,8 +41,8 @@ def _common_prefix(rows: Sequence[list[int]]) -> int:
 #: where small forwards are bound by kernel launches (benchmarks/RESULTS.md).
 FORWARD_OVERHEAD_TOKENS = {"cpu": 32, "other": 1024}
 #: Default cap on the tokens one forward computes (rows x padded length past the shared prefix): on
-#: a CPU, forwards past about a thousand tokens run slower per token (measured 4 against 5 ms per
-#: token for SmolLM2 at 150-600 and 8000 tokens); a GPU has no such knee below its row limit.
+#: a CPU, forwards past about a thousand tokens run slower per token (SmolLM2, one core: 4.1-4.8 ms
+#: per token at 256-640 tokens, 5.0-5.1 at 2048-5120); a GPU has no such knee below its row limit.
 MAX_BATCH_TOKENS: dict[str, float | None] = {"cpu": 1024, "other": None}
 
 
