@@ -194,6 +194,10 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
                 continue
             row: dict[str, Any] = {**cfg, **{k: summarize_times(v) for k, v in times.items()}}
             ours = row["ours"]["median_s"]
+            if "ours_planned" in times:
+                row["planned_forwards"] = len(h.clf.plan(ids.tolist(), [N] * B, max_rows=N * B))
+                row["ours_planned_speedup_vs_ref_last_paired"] = statistics.median(
+                    a / b for a, b in zip(times["ref_last"], times["ours_planned"], strict=True))
             for k in (*METHODS[:3], "ours_rowwise"):
                 if k in row:
                     row[f"speedup_vs_{k}"] = row[k]["median_s"] / ours
@@ -211,7 +215,8 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
             if peak:
                 row["ours_frac_of_peak"] = fl / ours / peak
             results["forward"].append(row)
-            timings = "  ".join(f"{k}={row[k]['median_s'] * 1e3:.1f}ms" for k in (*METHODS, "ours_rowwise") if k in row)
+            timings = "  ".join(f"{k}={row[k]['median_s'] * 1e3:.1f}ms" for k in (*METHODS, "ours_rowwise", "ours_planned")
+                                if k in row)
             log(f"forward B={B} L={T} N={N}: {timings}")
 
 
@@ -223,6 +228,10 @@ def _fns(h: Harness, ids: torch.Tensor, N: int, draw: Any, skip: set[str]) -> di
            "ours": lambda: h.run_ours(tokens, N, draw)}
     if len(tokens) > 1 and N > 1:  # with B = 1 (or N = 1) both noise layouts are the same
         fns["ours_rowwise"] = lambda: h.run_ours_rowwise(tokens, N, draw)
+    # what the engine and the server run: the same rows in forwards planned by length and token cap
+    plan = h.clf.plan(tokens, [N] * len(tokens), max_rows=N * len(tokens))
+    if len(plan) > 1:
+        fns["ours_planned"] = lambda: [h.run_ours([tokens[i] for i in c], N, draw) for c in plan]
     return {k: v for k, v in fns.items() if k not in skip}
 
 
@@ -648,6 +657,11 @@ def markdown(res: dict[str, Any]) -> str:
                        f"{_ms(r.get('mixed'))} | {_ms(r['ours'])} | {sp('ref_full')} | {sp('ref_last')} | "
                        f"{sp('mixed')} | {r['ours_flops_per_s'] / 1e9:.1f} | "
                        f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {_ms(r.get('ours_rowwise'))} |")
+        planned = [r for r in fw if "ours_planned" in r]
+        if planned:
+            out.append("\nOurs in planned forwards (as the engine and server run it): " + "; ".join(
+                f"B={r['B']} L={r['L']} N={r['N']}: {_ms(r['ours_planned'])} ms in {r['planned_forwards']} forwards, "
+                f"×(b) {r['ours_planned_speedup_vs_ref_last_paired']:.2f}" for r in planned))
         skipped = [r for r in res["forward"] if "ours" not in r]
         if skipped:
             out.append("Not run: " + ", ".join(f"B={r['B']} L={r['L']} N={r['N']} ({r.get('skipped') or 'error'})"
