@@ -195,7 +195,7 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
             row: dict[str, Any] = {**cfg, **{k: summarize_times(v) for k, v in times.items()}}
             ours = row["ours"]["median_s"]
             if "ours_planned" in times:
-                row["planned_forwards"] = len(h.clf.plan(ids.tolist(), [N] * B, max_rows=N * B))
+                row["planned_forwards"] = len(_plan(h, ids.tolist(), N))
                 row["ours_planned_speedup_vs_ref_last_paired"] = statistics.median(
                     a / b for a, b in zip(times["ref_last"], times["ours_planned"], strict=True))
             for k in (*METHODS[:3], "ours_rowwise"):
@@ -220,6 +220,11 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
             log(f"forward B={B} L={T} N={N}: {timings}")
 
 
+def _plan(h: Harness, tokens: list[list[int]], N: int) -> list[list[int]]:
+    """What the engine and the server run: the same rows in forwards planned by length and token cap."""
+    return h.clf.plan(tokens, [N] * len(tokens), max_rows=N * len(tokens))
+
+
 def _fns(h: Harness, ids: torch.Tensor, N: int, draw: Any, skip: set[str]) -> dict[str, Callable[[], Any]]:
     tokens = ids.tolist()
     fns = {"ref_full": lambda: h.run_ref(ids, N, keep_last=False),
@@ -228,8 +233,7 @@ def _fns(h: Harness, ids: torch.Tensor, N: int, draw: Any, skip: set[str]) -> di
            "ours": lambda: h.run_ours(tokens, N, draw)}
     if len(tokens) > 1 and N > 1:  # with B = 1 (or N = 1) both noise layouts are the same
         fns["ours_rowwise"] = lambda: h.run_ours_rowwise(tokens, N, draw)
-    # what the engine and the server run: the same rows in forwards planned by length and token cap
-    plan = h.clf.plan(tokens, [N] * len(tokens), max_rows=N * len(tokens))
+    plan = _plan(h, tokens, N)
     if len(plan) > 1:
         fns["ours_planned"] = lambda: [h.run_ours([tokens[i] for i in c], N, draw) for c in plan]
     return {k: v for k, v in fns.items() if k not in skip}

@@ -110,15 +110,13 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _plan_cost(tokens, rows, keys, chunk, overhead, prefix):
-    total = sum(rows[i] for i in chunk)
-    one_key = len({keys[i] for i in chunk}) == 1  # the shared prefix is computed once, not per forward
-    return overhead + total * (max(len(tokens[i]) for i in chunk) - (prefix if one_key else 0))
-
-
 def _chunk_tokens(tokens, rows, keys, chunk, prefix):
-    one_key = len({keys[i] for i in chunk}) == 1
+    one_key = len({keys[i] for i in chunk}) == 1  # the shared prefix is computed once, not per forward
     return sum(rows[i] for i in chunk) * (max(len(tokens[i]) for i in chunk) - (prefix if one_key else 0))
+
+
+def _plan_cost(tokens, rows, keys, chunk, overhead, prefix):
+    return overhead + _chunk_tokens(tokens, rows, keys, chunk, prefix)
 
 
 def _best_cost_brute_force(tokens, rows, keys, max_rows, overhead, prefix, max_tokens):

@@ -8,6 +8,7 @@ position is read, and only the class-token rows of ``lm_head`` (and of its LoRA)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections import OrderedDict
@@ -34,6 +35,12 @@ def _common_prefix(rows: Sequence[list[int]]) -> int:
     while n < shortest - 1 and all(r[n] == first[n] for r in rows):
         n += 1
     return n
+
+
+def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
+    """Tokens all inputs share (0 if fewer than MIN_SHARED_PREFIX, or only one input)."""
+    n = _common_prefix(token_lists) if len(token_lists) > 1 else 0
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 #: Default fixed cost of one forward, in prompt tokens (what a forward of this many more tokens costs):
@@ -68,8 +75,7 @@ def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_r
         return []
     key_of = [0] * n if keys is None else list(keys)
     order = sorted(range(n), key=lambda i: (str(key_of[i]), len(token_lists[i])))
-    prefix = _common_prefix([token_lists[i] for i in order]) if n > 1 else 0
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    prefix = shared_prefix(token_lists)
     inf = float("inf")
     best = [0.0] + [inf] * n  # best[j]: cheapest plan of the first j inputs (in order)
     cut = [0] * (n + 1)
@@ -222,12 +228,9 @@ class BayesianClassifier:
         self.forward_overhead_tokens = max(0.0, one / slope - per_input)
         return self.forward_overhead_tokens
 
-    @staticmethod
-    def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
-        """Tokens all inputs share (0 if fewer than MIN_SHARED_PREFIX): pass it to every
-        :meth:`run_jobs` of a planned batch, so that its forwards reuse one prefix computation."""
-        n = _common_prefix(token_lists) if len(token_lists) > 1 else 0
-        return n if n >= MIN_SHARED_PREFIX else 0
+    #: the batch's shared prefix (:func:`shared_prefix`): pass it to every :meth:`run_jobs` of a
+    #: planned batch, so that its forwards reuse one prefix computation
+    shared_prefix = staticmethod(shared_prefix)
 
     def clear_prefix_memo(self) -> None:
         """Forget the reused prefix keys and values (the next forward computes them again)."""
@@ -289,8 +292,6 @@ class BayesianClassifier:
             self.posterior.set_noise(sigma, z_rows, group)
             return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state[:, -1]
-        import copy
-
         from transformers import DynamicCache
 
         if memo is not None:
