@@ -61,8 +61,16 @@ class Work:
     finish: Callable[[torch.Tensor], Any]
     rows: int = 0
     enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None  # its batch was taken from the queue (time.monotonic)
+    finished: float | None = None  # its result was built
     future: asyncio.Future | None = None
     abandoned: bool = False  # timed out: skip it if not started
+
+    def timing(self) -> dict[str, float]:
+        """Seconds spent queued (waiting for the worker and for company) and in its batch."""
+        if self.started is None or self.finished is None:
+            return {}
+        return {"queue": self.started - self.enqueued, "batch": self.finished - self.started}
 
 
 class ModelWorker:
@@ -280,6 +288,7 @@ class ModelWorker:
         tokens: dict[int, list[list[int]]] = {}
         groups: dict[Labels | None, list[Work]] = {}
         for work in batch:
+            work.started = now
             self.metrics.queue_wait.observe(now - work.enqueued)
             try:
                 tokens[id(work)] = engine.classifier.tokenize(work.prompts)
@@ -302,7 +311,9 @@ class ModelWorker:
                     self._resolve(work, res)
                     continue
                 try:
-                    self._resolve(work, work.finish(torch.stack(res)))
+                    result = work.finish(torch.stack(res))
+                    work.finished = time.monotonic()
+                    self._resolve(work, result)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("building a response failed")
                     self._resolve(work, exc)

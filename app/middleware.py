@@ -1,8 +1,10 @@
-"""Pure ASGI middleware: the body-size limit and the per-route request metrics.
+"""Pure ASGI middleware: the body-size limit, the per-route request metrics and Server-Timing.
 
 The body is read (up to the limit) before the app sees it, so an oversized or lying body is a
 413 and never reaches the JSON parser; the metrics use the route's path, or "other" for paths
-the app does not serve (bounded label values).
+the app does not serve (bounded label values). Every response carries ``Server-Timing: app;dur=``
+(milliseconds from the request reaching the app to its response), so that a client can tell the
+server's share of a latency from the network's and its own; /predict adds its queue and batch times.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_response
 from app.metrics import Metrics
+
+
+def server_timing(seconds: dict[str, float]) -> str:
+    """A Server-Timing header value (W3C): ``name;dur=<ms>`` per entry."""
+    return ", ".join(f"{name};dur={1e3 * value:.3f}" for name, value in seconds.items())
 
 
 class ServingMiddleware:
@@ -34,6 +41,8 @@ class ServingMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                timing = server_timing({"app": time.perf_counter() - start}).encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", timing)]}
             await send(message)
 
         try:

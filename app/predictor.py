@@ -101,8 +101,12 @@ class Predictor:
 
         return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish)
 
-    async def predict(self, req: PredictRequest) -> dict[str, Any]:
-        out = await self.worker.submit(self.prepare(req))
+    async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None) -> dict[str, Any]:
+        """The response body; ``timing`` (if given) receives the request's queue and batch seconds."""
+        work = self.prepare(req)
+        out = await self.worker.submit(work)
+        if timing is not None:
+            timing.update(work.timing())
         labels = tuple(out["labels"])
         predictions = []
         for p in out["predictions"]:

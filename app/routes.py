@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import UnauthorizedError
+from app.middleware import server_timing
 from app.predictor import Predictor
 from app.schemas import ERRORS, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
 from app.state import AppState
@@ -56,9 +57,16 @@ router = APIRouter()
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
              responses=ERRORS, tags=["inference"])
-async def predict(body: PredictRequest, predictor: PredictorDep) -> dict[str, Any]:
-    """Classify inputs with N posterior samples: probabilities, confidence, entropy, mutual information."""
-    return await predictor.predict(body)
+async def predict(body: PredictRequest, predictor: PredictorDep, response: Response) -> dict[str, Any]:
+    """Classify inputs with N posterior samples: probabilities, confidence, entropy, mutual information.
+
+    The ``Server-Timing`` header gives the request's time in the queue (waiting for the model worker
+    and for other requests to share its forward), in its batch, and in the app (ms)."""
+    timing: dict[str, float] = {}
+    out = await predictor.predict(body, timing)
+    if timing:
+        response.headers["Server-Timing"] = server_timing(timing)
+    return out
 
 
 @router.post("/feedback", response_model=FeedbackResponse, tags=["inference"],

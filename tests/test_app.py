@@ -272,6 +272,22 @@ def test_metrics_parse_and_names(client):
     assert bins == {str(b) for b in range(15)}
 
 
+def _server_timing(response) -> dict[str, float]:
+    out = {}
+    for entry in response.headers.get("server-timing", "").split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_server_timing_headers(client):
+    timing = _server_timing(client.post("/predict", json={"inputs": PROMPTS[:2]}))
+    assert set(timing) == {"queue", "batch", "app"} and all(v >= 0.0 for v in timing.values())
+    for r in (client.get("/healthz"), client.post("/predict", json={"inputs": []}),
+              client.post("/predict", content=b"x" * (2 << 20), headers={"content-type": "application/json"})):
+        assert r.status_code in (200, 413, 422) and set(_server_timing(r)) == {"app"}
+
+
 def test_unknown_paths_share_one_route_label(client):
     for i in range(3):
         client.get(f"/random-{i}")
