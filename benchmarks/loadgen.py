@@ -15,6 +15,7 @@ and ``clients`` async httpx clients send requests back to back until ``requests`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -85,49 +86,77 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
 
 
+def _server_timing(header: str) -> dict[str, float]:
+    """Seconds per entry of a Server-Timing header (``name;dur=<ms>, ...``)."""
+    out = {}
+    for entry in header.split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur) / 1e3
+    return out
+
+
 async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int,
                 sentences: list[str] = SENTENCES, timeout: float = 30.0) -> dict[str, Any]:
+    """Client-side latency, and the server's own from its Server-Timing header: ``app`` (request in
+    to response out, in the app), ``queue`` (waiting for the worker and for company)."""
     import httpx
 
     lat: list[float] = []
-    slow: list[tuple[float, float]] = []  # (start after the load began, latency), seconds
+    server: dict[str, list[float]] = {"app": [], "queue": []}
+    slow: list[tuple[float, float, float]] = []  # (start after the load began, latency, in the app), seconds
     errors = 0
     issued = 0
     stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False) as client:
-        async def one_client(c: int) -> None:
-            nonlocal issued, errors
-            k = c
-            while issued < total and time.perf_counter() < stop_at:
-                issued += 1
-                body: dict[str, Any] = {"inputs": [sentences[k % len(sentences)]], "n_samples": n_samples}
-                if k % 8 == 7:  # most clients take the default posterior samples; some fix a seed
-                    body["seed"] = 1 + k % 3
-                k += clients
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/predict", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    lat.append(time.perf_counter() - t0)
-                    slow.append((t0 - began, lat[-1]))
-                else:
-                    errors += 1
+    began = 0.0
 
-        for _ in range(2):  # warm the connections and the model path
+    async def one_client(c: int, client: httpx.AsyncClient) -> None:
+        nonlocal issued, errors
+        k = c
+        while issued < total and time.perf_counter() < stop_at:
+            issued += 1
+            body: dict[str, Any] = {"inputs": [sentences[k % len(sentences)]], "n_samples": n_samples}
+            if k % 8 == 7:  # most clients take the default posterior samples; some fix a seed
+                body["seed"] = 1 + k % 3
+            k += clients
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/predict", json=body)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                lat.append(time.perf_counter() - t0)
+                timing = _server_timing(r.headers.get("server-timing", ""))
+                for key, xs in server.items():
+                    xs.append(timing.get(key, float("nan")))
+                slow.append((t0 - began, lat[-1], timing.get("app", float("nan"))))
+            else:
+                errors += 1
+
+    # a client and one keep-alive connection per simulated user: a pool shared by all of them made
+    # requests wait up to 0.5 s for a free connection inside httpx (seen with its trace events)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
+                                                                  trust_env=False)) for _ in range(clients)]
+        for client in pool:  # open the connections; warm the model path
             await client.post("/predict", json={"inputs": [sentences[0]], "n_samples": n_samples})
         began = time.perf_counter()
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        await asyncio.gather(*(one_client(c, client) for c, client in enumerate(pool)))
         wall = time.perf_counter() - began
-    return {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
-            "p50_ms": 1e3 * statistics.median(lat) if lat else float("nan"),
-            "p99_ms": 1e3 * _percentile(lat, 0.99) if lat else float("nan"),
-            "max_ms": 1e3 * max(lat) if lat else float("nan"),
-            # where the tail is: the slowest requests, with when they were sent
-            "slowest": [{"sent_s": round(t, 3), "ms": round(1e3 * x, 1)} for t, x in sorted(slow, key=lambda p: -p[1])[:5]]}
+    nan = float("nan")
+    out = {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
+           "p50_ms": 1e3 * statistics.median(lat) if lat else nan,
+           "p99_ms": 1e3 * _percentile(lat, 0.99) if lat else nan,
+           "max_ms": 1e3 * max(lat) if lat else nan}
+    for key, xs in server.items():  # what the server reports of the same requests
+        out[f"{key}_p50_ms"] = 1e3 * statistics.median(xs) if xs else nan
+        out[f"{key}_p99_ms"] = 1e3 * _percentile(xs, 0.99) if xs else nan
+    # where the tail is: the slowest requests, with when they were sent and their time in the app
+    out["slowest"] = [{"sent_s": round(t, 3), "ms": round(1e3 * x, 1), "app_ms": round(1e3 * a, 1)}
+                      for t, x, a in sorted(slow, key=lambda p: -p[1])[:5]]
+    return out
 
 
 def _server_metrics(url: str) -> dict[str, float]:
@@ -237,7 +266,8 @@ def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, 
             row = {"name": name, "max_batch_rows": int(extra["TFB_MAX_BATCH_ROWS"]),
                    "max_wait_ms": float(extra["TFB_MAX_WAIT_MS"]), **row}
             out["runs"].append(row)
-            log(f"server {name}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
+            log(f"server {name}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms "
+                f"(in the app {row['app_p50_ms']:.1f} / {row['app_p99_ms']:.1f} ms), "
                 f"{row['errors']} errors, {row['forwards']} forwards of {row['inputs_per_forward']:.1f} inputs, "
                 f"forward {100 * row['forward_share']:.0f}% of the time")
     by_name = {r["name"]: r for r in out["runs"]}
