@@ -40,6 +40,18 @@ def sample_seed(seed: int, n: int) -> int:
     return ((seed % 2**43) << _SAMPLE_BITS) | n
 
 
+class NoiseState:
+    """One forward's noise for all modules of a posterior: per module (R / group, r, in) standard-normal
+    draws (None: the posterior mean), sigma, and the rows that share a sample (``group``)."""
+
+    __slots__ = ("z_rows", "sigma", "group")
+
+    def __init__(self) -> None:
+        self.z_rows: list[torch.Tensor] | None = None
+        self.sigma = 0.0
+        self.group = 1
+
+
 class TFBLinear(nn.Module):
     """A LoRA linear layer in TFB form: base(x) + s * B' (A'_row x), one A' sample per batch row."""
 
@@ -54,16 +66,32 @@ class TFBLinear(nn.Module):
         self.register_buffer("lora_B", B.to(device=device, dtype=dtype), persistent=False)  # (out, r)
         self.register_buffer("d", d.to(device), persistent=False)  # (r,) float32
         self.register_buffer("inv_d", 1.0 / d.clamp_min(d_floor).to(device), persistent=False)  # (r,) float32
-        #: this forward's noise, set by :meth:`TFBPosterior.set_noise`: standard-normal draws z and the
-        #: std sigma / d of each row of A'; sample s serves the ``group`` rows s*group .. (s+1)*group - 1
-        self.z: torch.Tensor | None = None  # (R / group, r, in)
-        self.z_scale: torch.Tensor | None = None  # (r, 1)
-        self.group = 1
+        # 1 / d as a column in the noise's dtype: the std of row i of A' is sigma * inv_d_col[i]
+        self.register_buffer("inv_d_col", self.inv_d.to(dtype)[:, None], persistent=False)  # (r, 1)
+        # this forward's noise: module `index` of a state that TFBPosterior.set_noise sets once for
+        # all its modules (not 3 nn.Module attributes per module, twice per forward)
+        self.noise_state = NoiseState()
+        self.index = 0
+
+    @property
+    def z(self) -> torch.Tensor | None:
+        """This forward's standard-normal draws, (R / group, r, in): sample s serves the ``group``
+        rows s*group .. (s+1)*group - 1; None: the posterior mean."""
+        z_rows = self.noise_state.z_rows
+        return None if z_rows is None else z_rows[self.index]
+
+    @property
+    def sigma(self) -> float:
+        return self.noise_state.sigma
+
+    @property
+    def group(self) -> int:
+        return self.noise_state.group
 
     @property
     def delta(self) -> torch.Tensor | None:
         """The deviation of A' from its mean in this forward, (sigma / d) * z: (R / group, r, in)."""
-        return None if self.z is None else self.z * self.z_scale
+        return None if self.z is None else self.sigma * self.z * self.inv_d_col
 
     @property
     def rank(self) -> int:
@@ -75,16 +103,19 @@ class TFBLinear(nn.Module):
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """x (R, T, in) -> A'_row x (R, T, r), with this forward's sample of A' for each row."""
-        if self.z is None:
+        state = self.noise_state
+        if state.z_rows is None:
             return x @ self.lora_A.T  # (R, T, r)
+        z, group = state.z_rows[self.index], state.group
         R, T, _ = x.shape
-        S = self.z.shape[0]
-        if S * self.group != R:
-            raise RuntimeError(f"{self.name}: noise for {S * self.group} rows, batch has {R}")
-        # A' + (sigma / d) z, made here one module at a time: no scaled copy of the noise is kept
-        a_rows = torch.addcmul(self.lora_A, self.z, self.z_scale)  # (S, r, in)
+        S = z.shape[0]
+        if S * group != R:
+            raise RuntimeError(f"{self.name}: noise for {S * group} rows, batch has {R}")
+        # A' + sigma * z / d, made here one module at a time: no scaled copy of the noise is kept, and
+        # sigma is a scalar argument (no per-forward tensor op: a kernel launch each on a GPU)
+        a_rows = torch.addcmul(self.lora_A, z, self.inv_d_col, value=state.sigma)  # (S, r, in)
         # rows of one sample share one bmm slice: (S, group*T, in) @ (S, in, r)
-        return torch.bmm(x.reshape(S, self.group * T, -1), a_rows.transpose(1, 2)).view(R, T, -1)  # (R, T, r)
+        return torch.bmm(x.reshape(S, group * T, -1), a_rows.transpose(1, 2)).view(R, T, -1)  # (R, T, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (R, T, out)
@@ -132,6 +163,9 @@ class TFBPosterior:
         if not modules:
             raise ValueError("no LoRA modules to Bayesianize")
         self.modules = modules
+        self.noise_state = NoiseState()
+        for k, m in enumerate(modules):  # every module reads its draws from the one state
+            m.noise_state, m.index = self.noise_state, k
 
     @property
     def device(self) -> torch.device:
@@ -171,16 +205,15 @@ class TFBPosterior:
         mean. ``group`` > 1 lets consecutive rows share a sample (sample-major rows of B prompts:
         group = B) without a copy of the noise per row: the noise costs O(N r in) per module.
         """
+        state = self.noise_state
         if z_rows is None or sigma == 0.0:
-            for m in self.modules:
-                m.z, m.z_scale, m.group = None, None, 1
+            state.z_rows, state.sigma, state.group = None, 0.0, 1
             return
         if len(z_rows) != len(self.modules):
             raise ValueError(f"noise for {len(z_rows)} modules, the model has {len(self.modules)}")
         if group < 1:
             raise ValueError(f"group must be >= 1, got {group}")
-        for m, z in zip(self.modules, z_rows, strict=True):
-            m.z, m.z_scale, m.group = z, (sigma * m.inv_d).to(z.dtype)[:, None], group  # (R / group, r, in), (r, 1)
+        state.z_rows, state.sigma, state.group = list(z_rows), float(sigma), group
 
     def clear_noise(self) -> None:
         self.set_noise(0.0, None)

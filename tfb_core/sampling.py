@@ -370,7 +370,7 @@ class BayesianClassifier:
             samples = tuple((id(draw), n) for draw, n in parts), [draw for draw, _ in parts]
             z_rows = []
             for k in range(len(self.posterior.modules)):
-                zs = [draw.z[k][:n] for draw, n in parts]  # views
+                zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views
                 z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
         elif noisy and any(k != 0 for k in groups):
             z_rows = [torch.cat([part[k] for part in z_parts]) for k in range(len(self.posterior.modules))]
