@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import statistics
@@ -97,9 +98,11 @@ def _server_timing(header: str) -> dict[str, float]:
 
 
 async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int,
-                sentences: list[str] = SENTENCES, timeout: float = 30.0) -> dict[str, Any]:
+                sentences: list[str] = SENTENCES, timeout: float = 30.0,
+                snapshot: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Client-side latency, and the server's own from its Server-Timing header: ``app`` (request in
-    to response out, in the app), ``queue`` (waiting for the worker and for company)."""
+    to response out, in the app), ``queue`` (waiting for the worker and for company). ``snapshot``
+    runs after the warm-up, before the load; its result is returned as ``before``."""
     import httpx
 
     lat: list[float] = []
@@ -140,13 +143,16 @@ async def _load(url: str, clients: int, total: int, seconds: float, n_samples: i
     async with contextlib.AsyncExitStack() as stack:
         pool = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
                                                                   trust_env=False)) for _ in range(clients)]
-        for client in pool:  # open the connections; warm the model path
-            await client.post("/predict", json={"inputs": [sentences[0]], "n_samples": n_samples})
+        for client in pool:  # open the connections
+            await client.get("/healthz")
+        for _ in range(2):  # warm the model path
+            await pool[0].post("/predict", json={"inputs": [sentences[0]], "n_samples": n_samples})
+        before = await asyncio.to_thread(snapshot) if snapshot is not None else None
         began = time.perf_counter()
         await asyncio.gather(*(one_client(c, client) for c, client in enumerate(pool)))
         wall = time.perf_counter() - began
     nan = float("nan")
-    out = {"requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
+    out = {"before": before, "requests": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall if wall else 0.0,
            "p50_ms": 1e3 * statistics.median(lat) if lat else nan,
            "p99_ms": 1e3 * _percentile(lat, 0.99) if lat else nan,
            "max_ms": 1e3 * max(lat) if lat else nan}
@@ -243,8 +249,9 @@ def server_section(quick: bool = False, clients: int = 16, n_samples: int = 10, 
             proc = _serve(env, port, root / "server.log")
             try:
                 _wait_ready(url, proc)
-                before = _server_metrics(url)
-                row = asyncio.run(_load(url, clients, total, seconds, n_samples, sentences, timeout))
+                row = asyncio.run(_load(url, clients, total, seconds, n_samples, sentences, timeout,
+                                        snapshot=functools.partial(_server_metrics, url)))
+                before = row.pop("before")
                 after = _server_metrics(url)
                 d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
                 forwards = d.get("tfb_forward_duration_seconds_count", 0.0)
