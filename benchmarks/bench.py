@@ -196,8 +196,10 @@ def forward_section(h: Harness, grid: list[tuple[int, int, tuple[int, ...]]], ro
             ours = row["ours"]["median_s"]
             if "ours_planned" in times:
                 row["planned_forwards"] = len(_plan(h, ids.tolist(), N))
-                row["ours_planned_speedup_vs_ref_last_paired"] = statistics.median(
-                    a / b for a, b in zip(times["ref_last"], times["ours_planned"], strict=True))
+                for k in METHODS[:3]:  # per round, median over rounds, as below
+                    if k in times:
+                        row[f"ours_planned_speedup_vs_{k}_paired"] = statistics.median(
+                            a / b for a, b in zip(times[k], times["ours_planned"], strict=True))
             for k in (*METHODS[:3], "ours_rowwise"):
                 if k in row:
                     row[f"speedup_vs_{k}"] = row[k]["median_s"] / ours
@@ -665,7 +667,9 @@ def markdown(res: dict[str, Any]) -> str:
         if planned:
             out.append("\nOurs in planned forwards (as the engine and server run it): " + "; ".join(
                 f"B={r['B']} L={r['L']} N={r['N']}: {_ms(r['ours_planned'])} ms in {r['planned_forwards']} forwards, "
-                f"×(b) {r['ours_planned_speedup_vs_ref_last_paired']:.2f}" for r in planned))
+                + ", ".join(f"×{m} {r[f'ours_planned_speedup_vs_{k}_paired']:.2f}"
+                            for k, m in (("ref_full", "(a)"), ("ref_last", "(b)"), ("mixed", "(c)"))
+                            if f"ours_planned_speedup_vs_{k}_paired" in r) for r in planned))
         skipped = [r for r in res["forward"] if "ours" not in r]
         if skipped:
             out.append("Not run: " + ", ".join(f"B={r['B']} L={r['L']} N={r['N']} ({r.get('skipped') or 'error'})"
