@@ -5,8 +5,9 @@ LoRA, saved to a temporary folder (``tiny``, ``small``, ``smollm2``: SmolLM2-135
 ``demo``: the server's embedded default (SmolLM2-135M-Instruct and the bundled SST-2 adapter, with
 the fixed sigma ``DEMO_SIGMA``), sent the bundled SST-2 anchor sentences. The app (``uvicorn
 --factory app.main:create_app``) is started in a subprocess on 127.0.0.1 for each batching setting,
-and ``clients`` async httpx clients send requests back to back until ``requests`` are answered or
-``seconds`` have passed. Throughput and latency percentiles are measured here.
+and ``clients`` simulated users (each its own async httpx client and connection) send requests back
+to back until ``requests`` are answered or ``seconds`` have passed. Throughput and latency
+percentiles are measured here, the client's and the server's own (its Server-Timing header).
 
     coalescing on : TFB_MAX_BATCH_ROWS = clients * N, TFB_MAX_WAIT_MS = 5 (the default), and 20
     coalescing off: TFB_MAX_BATCH_ROWS = N, TFB_MAX_WAIT_MS = 0 (one request per forward)
