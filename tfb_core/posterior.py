@@ -81,17 +81,10 @@ class TFBLinear(nn.Module):
         return None if z_rows is None else z_rows[self.index]
 
     @property
-    def sigma(self) -> float:
-        return self.noise_state.sigma
-
-    @property
-    def group(self) -> int:
-        return self.noise_state.group
-
-    @property
     def delta(self) -> torch.Tensor | None:
         """The deviation of A' from its mean in this forward, (sigma / d) * z: (R / group, r, in)."""
-        return None if self.z is None else self.sigma * self.z * self.inv_d_col
+        z = self.z
+        return None if z is None else self.noise_state.sigma * z * self.inv_d_col
 
     @property
     def rank(self) -> int:
