@@ -17,6 +17,7 @@ copy of any weight matrix is made per sample.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from tfb_core.lora import LoRAWeights, find_lora_modules, replace_module, unwrap_peft
 
 _SAMPLE_BITS = 20  # sample index n < 2**20 in the derived per-sample seed
+_PACKED_SEEDS = 2**43  # seeds below this are packed with n into 63 bits; larger ones are hashed
 
 
 def svd_reparam(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,10 +36,22 @@ def svd_reparam(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def sample_seed(seed: int, n: int) -> int:
-    """The generator seed of Monte Carlo sample ``n`` of ``seed``: sample n does not depend on N."""
+    """The generator seed (a uint64) of Monte Carlo sample ``n`` of ``seed``: sample n does not depend on N.
+
+    Seeds below 2**43 are packed with n into [0, 2**63), one-to-one (the streams these seeds have
+    always had); a larger seed, up to 2**64 - 1, is mixed whole with n by a 64-bit BLAKE2b hash into
+    [2**63, 2**64), so it never meets a packed seed and two seeds share a stream only by a hash
+    collision, never by wrapping around.
+    """
     if not 0 <= n < 2**_SAMPLE_BITS:
         raise ValueError(f"sample index must be in [0, 2**{_SAMPLE_BITS}), got {n}")
-    return ((seed % 2**43) << _SAMPLE_BITS) | n
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if seed < _PACKED_SEEDS:
+        return (seed << _SAMPLE_BITS) | n
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + n.to_bytes(4, "little"), digest_size=8,
+                             person=b"tfb-sample-seed").digest()
+    return int.from_bytes(digest, "little") | 2**63
 
 
 class NoiseState:
@@ -79,20 +93,6 @@ class TFBLinear(nn.Module):
         rows s*group .. (s+1)*group - 1; None: the posterior mean."""
         z_rows = self.noise_state.z_rows
         return None if z_rows is None else z_rows[self.index]
-
-    @property
-    def delta(self) -> torch.Tensor | None:
-        """The deviation of A' from its mean in this forward, (sigma / d) * z: (R / group, r, in)."""
-        z = self.z
-        return None if z is None else self.noise_state.sigma * z * self.inv_d_col
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.lora_A.shape[1]
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """x (R, T, in) -> A'_row x (R, T, r), with this forward's sample of A' for each row."""
@@ -167,10 +167,6 @@ class TFBPosterior:
     @property
     def dtype(self) -> torch.dtype:
         return self.modules[0].lora_A.dtype
-
-    def std(self, sigma: float) -> list[torch.Tensor]:
-        """Posterior std of the rows of A' per module: sigma / d_i, (r,) each."""
-        return [sigma * m.inv_d for m in self.modules]
 
     def draw(self, seed: int, n_samples: int) -> NoiseDraw:
         """Standard-normal Z for samples 0..N-1 of ``seed``, on the model's device and in its dtype.
