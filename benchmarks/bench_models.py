@@ -241,7 +241,7 @@ class Harness:
         """tfb-serve: one forward of N*B rows through run_jobs: (B, N, C). Cold: a shared prompt prefix is
         computed again (the server reuses it across batches with the same posterior samples)."""
         self.use_tfb()
-        self.clf.clear_prefix_memo()
+        self.clf.prefix_cache.clear()
         return torch.stack(self.clf.run_jobs([Job(t, n, draw) for t in tokens],
                                              sigma=self.sigma if sigma is None else sigma))
 

@@ -100,7 +100,7 @@ def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifi
     classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
     classifier.share_prefix = True
     classifier.forward_overhead_tokens = classifier.max_batch_tokens = 1e9  # one forward for all four prompts
-    classifier.clear_prefix_memo()  # computed again, not reused from above
+    classifier.prefix_cache.clear()  # computed again, not reused from above
     classifier.sample_probs(prompts, 5, sigma=0.3, noise=draw)
     prefix = _common_prefix(classifier.tokenize(prompts))
     assert calls[0] == (5, prefix) and calls[1][0] == 20  # the prefix on 5 sample rows, the rest on 20
@@ -224,9 +224,9 @@ def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classif
         assert (calls[0][1] == prefix) == (name in ("b", "c", "mean") and len(calls) == 2)
     for _ in range(4):  # only the most recent few are kept
         classifier.run_jobs([Job(t, 4, classifier.posterior.draw(7, 4)) for t in toks], sigma=0.3, prefix=prefix)
-    assert len(classifier._prefix_memo) == 4
-    classifier.clear_prefix_memo()
-    assert not classifier._prefix_memo
+    assert len(classifier.prefix_cache) == 4
+    classifier.prefix_cache.clear()
+    assert not len(classifier.prefix_cache)
     calls.clear()  # one input first: its prefix is computed on its own 4 rows, then reused
     for _ in range(2):
         res = classifier.run_jobs([Job(toks[3], 4, draw)], sigma=0.3, prefix=prefix)[0]

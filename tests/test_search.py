@@ -116,13 +116,139 @@ def test_cache_is_reused_and_invalidated_by_any_key(model_cfg, anchor_file, tmp_
     assert not list((tmp_path / "sigma").glob("*.tmp"))  # atomic writes leave no temporary files
 
 
-def test_other_adapter_weights_invalidate_the_cache(tiny, model_cfg, anchor_file, tmp_path):
+def test_moved_adapter_reuses_the_search_and_changed_weights_at_the_same_path_do_not(tiny, model_cfg, anchor_file,
+                                                                                     tmp_path):
+    import shutil
     from dataclasses import replace
 
-    a = TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path), progress=False)
-    b_cfg = engine_cfg(replace(model_cfg, adapter=tiny["adapter_qv"]), anchor_file, tmp_path)
-    b = TFBEngine.load(b_cfg, progress=False)
-    assert a.sigma_source == b.sigma_source == "search"
+    from safetensors.torch import load_file, save_file
+
+    here = shutil.copytree(tiny["adapter"], tmp_path / "adapter")
+    first = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
+    assert first.sigma_source == "search"
+    moved = shutil.copytree(here, tmp_path / "elsewhere" / "adapter")  # same weights, another path
+    again = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(moved)), anchor_file, tmp_path), progress=False)
+    assert again.sigma_source == "cache" and again.sigma == first.sigma
+    f = here / "adapter_model.safetensors"  # the same path, one weight changed
+    sd = load_file(f)
+    name = next(k for k in sorted(sd) if "lora_B" in k)
+    sd[name] = sd[name].clone()
+    sd[name].view(-1)[0] += 0.01
+    save_file(sd, f)
+    changed = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
+    assert changed.sigma_source == "search"
+
+
+def _key_variants():
+    """(name, change) pairs, each changing one thing the search result depends on."""
+    from dataclasses import replace
+
+    def model(**kw):
+        return lambda cfg, clf: (replace(cfg, model=replace(cfg.model, **kw)), clf)
+
+    def search(**kw):
+        return lambda cfg, clf: (replace(cfg, search=replace(cfg.search, **kw)), clf)
+
+    def weights(module: int, attr: str):
+        def change(cfg, clf):
+            t = getattr(clf.posterior.modules[module], attr)
+            t[0, 0] += 1e-3
+            return cfg, clf
+        return change
+
+    def scaling(cfg, clf):
+        clf.posterior.modules[0].scaling *= 2
+        return cfg, clf
+
+    return [
+        ("base model", model(model="/another/model")), ("model revision", model(model_revision="v2")),
+        ("model subfolder", model(model_subfolder="sub")), ("gguf file", model(gguf_file="m.gguf")),
+        ("dtype", model(dtype="bfloat16")), ("device type", model(device="cuda")),
+        ("8-bit", model(load_in_8bit=True)), ("max length", model(max_length=64)),
+        ("d floor", lambda cfg, clf: (replace(cfg, d_floor=1e-3), clf)),
+        ("labels", lambda cfg, clf: (replace(cfg, labels=tuple(reversed(LABELS))), clf)),
+        ("criterion", search(criterion="flip")), ("tolerance", search(tolerance=0.31)), ("low", search(low=0.02)),
+        ("high", search(high=0.4)), ("iters", search(iters=4)), ("rtol", search(rtol=0.1)),
+        ("search N", search(n_samples=4)), ("search seed", search(seed=9)), ("method", search(method="grid")),
+        ("adapter A'", weights(1, "lora_A")), ("adapter B'", weights(0, "lora_B")),
+        ("lm_head LoRA", weights(-1, "lora_B")), ("adapter scaling", scaling),
+    ]
+
+
+@pytest.mark.parametrize("name,change", _key_variants(), ids=[n for n, _ in _key_variants()])
+def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp_path, name, change):
+    from dataclasses import replace
+
+    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.loading import load_classifier
+    from tfb_core.tasks import get_task
+
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    clf = load_classifier(cfg.model, LABELS)
+    prompts, targets = anchor_prompts(get_task(None, LABELS), read_jsonl(anchor_file))
+
+    def key(c, k):
+        return TFBEngine.cache_key(c, k, get_task(None, c.labels), prompts, targets)
+
+    base = key(cfg, clf)
+    assert key(cfg, clf) == base  # deterministic
+    # the adapter's location is not part of it: only what it computes
+    moved = replace(cfg, model=replace(cfg.model, adapter="/moved/adapter", adapter_subfolder="x", adapter_revision="r"))
+    assert key(moved, clf) == base
+    if name == "8-bit":  # 8-bit needs CUDA: vary it alone against the same config on CUDA
+        cfg = replace(cfg, model=replace(cfg.model, device="cuda"))
+        base = key(cfg, clf)
+    other_cfg, other_clf = change(cfg, clf)
+    assert key(other_cfg, other_clf) != base, name
+
+
+def test_anchor_and_code_version_change_the_key(model_cfg, anchor_file, tmp_path, monkeypatch):
+    from tfb_core import engine as engine_mod
+    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.loading import load_classifier
+    from tfb_core.tasks import get_task
+
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    clf = load_classifier(cfg.model, LABELS)
+    task = get_task(None, LABELS)
+    prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
+    base = TFBEngine.cache_key(cfg, clf, task, prompts, targets)
+    assert TFBEngine.cache_key(cfg, clf, task, prompts[:-1], targets[:-1]) != base
+    assert TFBEngine.cache_key(cfg, clf, task, prompts, 1 - targets) != base  # other labels
+    assert TFBEngine.cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
+    monkeypatch.setattr(engine_mod, "__version__", "0.0.0-other")
+    assert TFBEngine.cache_key(cfg, clf, task, prompts, targets) != base
+
+
+def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
+    """The search's kept prefix keys/values (its own draws and sigmas) are gone once load returns."""
+    import gc
+    import weakref
+
+    from tfb_core import sampling
+
+    anchor_file = tmp_path / "instructed.jsonl"  # prompts that share an instruction, as a task's do
+    instruction = "Classify the sentiment of the movie review below as positive or negative. Review: "
+    anchor_file.write_text("\n".join(json.dumps({"prompt": instruction + p, "label": lab}) for p, lab in
+                                     [("a great film", "positive"), ("a dull mess", "negative"),
+                                      ("superb acting", "positive"), ("thin plot", "negative")]) + "\n")
+
+    kept = []
+    put = sampling.PrefixCache.put
+
+    def spy(self, key, cache):
+        kept.append(weakref.ref(cache.layers[0].keys))
+        put(self, key, cache)
+
+    sampling.PrefixCache.put = spy
+    try:
+        engine = TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path), progress=False)
+    finally:
+        sampling.PrefixCache.put = put
+    assert engine.sigma_source == "search" and kept  # the search did keep prefixes while it ran
+    assert len(engine.classifier.prefix_cache) == 0
+    gc.collect()
+    assert all(ref() is None for ref in kept)  # and their tensors are freed
 
 
 @pytest.mark.parametrize("garbage", ["{not json", json.dumps({"format": 1, "key": {}, "result": {}}),

@@ -162,6 +162,9 @@ class TFBEngine:
         log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
                  cfg.search.tolerance, cfg.search.n_samples)
         result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
+        # the search's prefixes were computed with its own draws and sigmas, none of which serving
+        # uses: free them now (GPU memory on a large model), not when traffic evicts them
+        clf.prefix_cache.clear()
         path = cache.save(cache_dir, key, result)
         log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
         return cls(cfg, clf, task, result.sigma, "search", result)
@@ -169,19 +172,23 @@ class TFBEngine:
     @staticmethod
     def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: Sequence[str],
                   targets: torch.Tensor | None) -> dict[str, Any]:
-        """Everything a search result depends on (TFB.md section 3)."""
+        """Everything a search result depends on (TFB.md section 3).
+
+        The adapter is identified by what it computes: its modules' names, scalings and A', B'
+        tensors, not by where it was read from (a moved folder or a hub snapshot of the same
+        weights reuses the search; other weights at the same path do not)."""
         m = cfg.model
         tensors = [t for mod in clf.posterior.modules for t in (mod.lora_A, mod.lora_B)]
+        modules = [f"{mod.name}:{mod.scaling!r}" for mod in clf.posterior.modules]
         model_config = getattr(clf.model, "config", None)
         return {
             "code_version": __version__,
             "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
             "gguf_file": m.gguf_file,
             "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
-            "adapter": m.adapter, "adapter_revision": m.adapter_revision, "adapter_subfolder": m.adapter_subfolder,
-            "adapter_sha256": cache.tensors_sha256(tensors),
+            "adapter_modules": cache.sha256_text(modules), "adapter_sha256": cache.tensors_sha256(tensors),
             "dtype": m.dtype, "device_type": torch.device(m.device).type, "load_in_8bit": m.load_in_8bit,
-            "task": task.name, "labels": list(task.labels),
+            "max_length": m.max_length, "task": task.name, "labels": list(task.labels),
             "anchor_sha256": cache.sha256_text(list(prompts) + ([str(targets.tolist())] if targets is not None else [])),
             "search": asdict(cfg.search), "d_floor": cfg.d_floor,
         }

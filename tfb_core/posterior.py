@@ -18,7 +18,8 @@ copy of any weight matrix is made per sample.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from tfb_core.lora import LoRAWeights, find_lora_modules, replace_module, unwrap
 
 _SAMPLE_BITS = 20  # sample index n < 2**20 in the derived per-sample seed
 _PACKED_SEEDS = 2**43  # seeds below this are packed with n into 63 bits; larger ones are hashed
+_DRAW_KEYS = itertools.count()  # NoiseDraw.key: unique for the life of the process
 
 
 def svd_reparam(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,6 +142,8 @@ class NoiseDraw:
 
     seed: int
     z: list[torch.Tensor]  # per module: (N, r, in)
+    #: identifies this draw's values in caches of results computed with it (never reused, unlike id())
+    key: int = field(default_factory=lambda: next(_DRAW_KEYS), compare=False)
 
     @property
     def n_samples(self) -> int:

@@ -8,11 +8,9 @@ position is read, and only the class-token rows of ``lm_head`` (and of its LoRA)
 
 from __future__ import annotations
 
-import copy
 import inspect
 import time
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +18,11 @@ import torch
 from torch import nn
 
 from tfb_core.posterior import NoiseDraw, TFBLinear, TFBPosterior, bayesianize
+from tfb_core.prefix_cache import PrefixCache
 from tfb_core.tasks import class_token_ids
 
 #: Shorter common prefixes are not worth a separate forward.
 MIN_SHARED_PREFIX = 8
-#: Shared prefixes kept for reuse (one per set of posterior samples: the default draw, a few seeds).
-PREFIX_MEMO_SIZE = 4
 
 
 def _common_prefix(rows: Sequence[list[int]]) -> int:
@@ -143,9 +140,8 @@ class BayesianClassifier:
         #: (None: by device type)
         self.forward_overhead_tokens: float | None = None
         self.max_batch_tokens: float | None = None
-        # recent shared prefixes' keys and values per posterior sample, reused by later forwards with
-        # the same prefix and samples: key -> (the draws it used (kept alive: ids are in the key), cache)
-        self._prefix_memo: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
+        #: recent shared prefixes' keys and values per posterior sample, reused by later forwards
+        self.prefix_cache = PrefixCache()
         self.backbone = model.base_model  # the decoder stack without lm_head
         self.output_embeddings = model.get_output_embeddings()
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
@@ -232,15 +228,11 @@ class BayesianClassifier:
     #: planned batch, so that its forwards reuse one prefix computation
     shared_prefix = staticmethod(shared_prefix)
 
-    def clear_prefix_memo(self) -> None:
-        """Forget the reused prefix keys and values (the next forward computes them again)."""
-        self._prefix_memo.clear()
-
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def class_logits(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
                      class_ids: torch.Tensor | None = None, group: int = 1, prefix: int | None = None,
-                     samples: tuple[Any, Any] | None = None) -> torch.Tensor:
+                     samples: Hashable | None = None) -> torch.Tensor:
         """Class-token logits at the last position of each row: (R, C) float32.
 
         ``z_rows[k]`` (R / group, r, in) are the standard-normal draws of module k, one per
@@ -262,17 +254,17 @@ class BayesianClassifier:
         return logits.float()
 
     def _last_hidden(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
-                     group: int, prefix: int | None = None, samples: tuple[Any, Any] | None = None) -> torch.Tensor:
+                     group: int, prefix: int | None = None, samples: Hashable | None = None) -> torch.Tensor:
         """Final hidden state at the last position of each row: (R, H).
 
         Rows that start with the same tokens (a task's instruction) and use S distinct posterior
         samples share that prefix: it runs once per sample (S rows), its keys and values are copied
         to the rows of that sample, and only the suffixes run on all R rows. ``prefix`` caps the
         shared length: a task's instruction or a batch's common prefix, the same for all its forwards.
-        With such a ``prefix`` and ``samples`` = (a key that identifies the S samples, e.g. the ids
-        of the draws and their N; the objects it refers to, kept alive while the key is remembered),
-        the prefix's keys and values are kept and reused by the next forward with the same samples
-        and prefix tokens, also when S = R (one input).
+        With such a ``prefix`` and ``samples`` (a key that identifies the S samples: the draws'
+        :attr:`NoiseDraw.key` and their N), the prefix's keys and values are kept in
+        :attr:`prefix_cache` and reused by the next forward with the same samples, sigma and prefix
+        tokens, also when S = R (one input).
         """
         n_rows = len(rows)
         noisy = z_rows is not None and sigma != 0.0
@@ -281,10 +273,8 @@ class BayesianClassifier:
         key = None
         if prefix:  # remembered for the next forwards
             shared = min(shared, prefix)
-            key = None if samples is None else (samples[0], float(sigma), n_distinct, tuple(rows[0][:shared]))
-        memo = self._prefix_memo.get(key) if key is not None else None
-        if memo is not None:
-            self._prefix_memo.move_to_end(key)
+            key = None if samples is None else (samples, float(sigma), n_distinct, tuple(rows[0][:shared]))
+        memo = self.prefix_cache.get(key) if key is not None else None  # the forward's own fork
         if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
                 and (not noisy or n_distinct * group == n_rows)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
@@ -295,7 +285,7 @@ class BayesianClassifier:
         from transformers import DynamicCache
 
         if memo is not None:
-            cache = copy.deepcopy(memo[1])  # (S, heads, P, d) per layer; reorder below must not touch the memo
+            cache = memo  # (S, heads, P, d) per layer, shared with the kept entry: no copy
         else:
             head_ids = torch.tensor(rows[0][:shared], device=self.device).expand(n_distinct, shared)  # (S, P)
             cache = DynamicCache(config=self.model.config)
@@ -303,9 +293,7 @@ class BayesianClassifier:
             positions = torch.arange(shared, device=self.device).expand(n_distinct, shared)
             self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
             if key is not None:
-                self._prefix_memo[key] = (samples[1], copy.deepcopy(cache))
-                while len(self._prefix_memo) > PREFIX_MEMO_SIZE:
-                    self._prefix_memo.popitem(last=False)
+                self.prefix_cache.put(key, cache)
         owner = torch.arange(n_rows, device=self.device) // (group if noisy else n_rows)  # row -> its sample
         cache.reorder_cache(owner)  # (R, heads, P, d) per layer
         tail_ids, tail_mask = self._pad_left([r[shared:] for r in rows])  # (R, T - P)
@@ -363,11 +351,11 @@ class BayesianClassifier:
                 z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
         z_rows = None
         group = 1
-        samples: tuple[Any, Any] | None = (("mean",), None) if not noisy or list(groups) == [0] else None
+        samples: Hashable | None = ("mean",) if not noisy or list(groups) == [0] else None
         if uniform:
             group = len(next(iter(groups.values())))
             parts = [(jobs[m[0]].noise, jobs[m[0]].n_samples) for m in groups.values()]  # (draw, N) per group
-            samples = tuple((id(draw), n) for draw, n in parts), [draw for draw, _ in parts]
+            samples = tuple((draw.key, n) for draw, n in parts)
             z_rows = []
             for k in range(len(self.posterior.modules)):
                 zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views

@@ -1,0 +1,78 @@
+"""Keys and values of a prompt prefix per posterior sample, kept for the next forwards.
+
+A task's instruction is the same tokens in every prompt: its keys and values under the S posterior
+samples of a forward are computed once, kept here, and reused by every later forward with the same
+samples, sigma and prefix tokens (see ``BayesianClassifier._last_hidden``). The key is explicit:
+
+    (samples, sigma, S, prefix tokens)    samples = ((draw key, N), ...) or ("mean",)
+
+where a draw key is :attr:`NoiseDraw.key`, unique for the life of the process (never an ``id()``,
+which a later draw may reuse).
+
+A forward extends and reorders the cache it is given (``reorder_cache`` and the suffix's
+``update``), and a dynamic cache layer does both by building new tensors and rebinding
+``keys``/``values``: the forward gets a new cache object over the same tensors (:func:`fork`), so
+the kept entry stays as it was without a copy of its tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+#: shared prefixes kept: one per set of posterior samples in use (the default draw, a few seeds)
+PREFIX_CACHE_SIZE = 4
+
+
+def _rebinds_only(layer: Any) -> bool:
+    """Whether a cache layer only ever rebinds its tensors (never writes into them)."""
+    from transformers.cache_utils import DynamicLayer
+
+    quantized = type(layer).__name__.endswith("QuantizedLayer")
+    return isinstance(layer, DynamicLayer) and not quantized and not hasattr(layer, "indexer_keys")
+
+
+def fork(cache: Any) -> Any:
+    """A cache object of its own over the same key/value tensors: what a forward may extend and
+    reorder without touching ``cache``. Layers that write in place are copied whole instead."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(_rebinds_only(layer) for layer in layers):
+        return copy.deepcopy(cache)
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in layers]  # new layer objects, shared tensors
+    return out
+
+
+class PrefixCache:
+    """The last ``capacity`` prefixes' caches, least recently used first out."""
+
+    def __init__(self, capacity: int = PREFIX_CACHE_SIZE) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> Any | None:
+        """A fork of the cache kept under ``key`` (the forward's own to extend), or None."""
+        cache = self._items.get(key)
+        if cache is None:
+            return None
+        self._items.move_to_end(key)
+        return fork(cache)
+
+    def put(self, key: Hashable, cache: Any) -> None:
+        """Keep ``cache`` (as it is now: the caller may go on extending its own object)."""
+        if self.capacity == 0:
+            return
+        self._items[key] = fork(cache)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
