@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.middleware import ServingMiddleware
+from app.predictor import LabelStore
 from app.routes import router
 from app.settings import Settings
 from app.state import AppState
@@ -31,11 +32,14 @@ def _configure_logging(level: str) -> None:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app with its own settings, registry, worker and state (``Settings()`` reads TFB_*)."""
+def create_app(settings: Settings | None = None, feedback_store: LabelStore | None = None) -> FastAPI:
+    """A new app with its own settings, registry, worker and state (``Settings()`` reads TFB_*).
+
+    ``feedback_store``: where predictions wait for /feedback (default: this process's own, bounded
+    by ``feedback_store_size``; the Ray app shares one across replicas)."""
     settings = settings or Settings()
     _configure_logging(settings.log_level)
-    state = AppState(settings)
+    state = AppState(settings, feedback_store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

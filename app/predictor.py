@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +32,18 @@ class Record:
     probs: list[float]
     index: int
     labelled: bool = False
+
+
+class LabelStore(Protocol):
+    """Where /predict leaves its predictions and /feedback labels them (one process, or shared)."""
+
+    capacity: int
+
+    def __len__(self) -> int: ...
+
+    def add(self, pred_id: str, record: Record) -> None: ...
+
+    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]: ...
 
 
 class FeedbackStore:
@@ -55,16 +68,28 @@ class FeedbackStore:
                                          f"{self.capacity} predictions, TFB_FEEDBACK_STORE_SIZE)")
         return record
 
+    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]:
+        """The prediction's record and its true class ``target(record)``, marked labelled only once
+        ``target`` accepted the label: a mistyped label (422) leaves it open for the right one.
+        Unknown id: 404; labelled before: 409."""
+        record = self.get(pred_id)
+        if record.labelled:
+            raise DuplicateFeedbackError(f"prediction {pred_id!r} already has a label")
+        index = target(record)  # TaskError -> 422, nothing recorded
+        record.labelled = True  # no await since the check above: no other label can slip in between
+        return record, index
+
 
 class Predictor:
     """Serves /predict and /feedback on a loaded engine through the model worker."""
 
-    def __init__(self, engine: TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, engine: TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics,
+                 store: LabelStore) -> None:
         self.engine = engine
         self.worker = worker
         self.settings = settings
         self.metrics = metrics
-        self.store = FeedbackStore(settings.feedback_store_size)
+        self.store = store
         self.labels = tuple(engine.task.labels)
 
     def _labels(self, requested: list[str] | None) -> tuple[str, ...] | None:
@@ -117,12 +142,8 @@ class Predictor:
         self.metrics.observe_predictions(predictions, self.labels)
         return out
 
-    def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
-        record = self.store.get(req.id)
-        if record.labelled:
-            raise DuplicateFeedbackError(f"prediction {req.id!r} already has a label")
-        target = generic_task(record.labels).label_index(req.label)  # TaskError -> 422
-        record.labelled = True
+    async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
+        record, target = await self.store.label(req.id, lambda r: generic_task(r.labels).label_index(req.label))
         self.metrics.observe_feedback(record.probs, target)
         return {"id": req.id, "label": record.labels[target], "index": target, "correct": record.index == target,
                 "confidence": max(record.probs)}

@@ -74,7 +74,7 @@ async def predict(body: PredictRequest, predictor: PredictorDep, response: Respo
                         409: {"description": "this prediction already has a label"}})
 async def feedback(body: FeedbackRequest, predictor: PredictorDep) -> dict[str, Any]:
     """Record the true label of an earlier prediction (feeds the calibration metrics)."""
-    return predictor.feedback(body)
+    return await predictor.feedback(body)
 
 
 @router.get("/healthz", response_model=Health, tags=["probes"])

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from app.batching import BatchLimits, ModelWorker
 from app.errors import NotReadyError
 from app.metrics import Metrics
-from app.predictor import Predictor
+from app.predictor import FeedbackStore, LabelStore, Predictor
 from app.settings import Settings
 from tfb_core.engine import TFBEngine
 
@@ -25,8 +25,9 @@ Status = Literal["loading", "ready", "failed", "draining"]
 class AppState:
     """Everything the routes share, set up once per app (``app.state.tfb``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, feedback_store: LabelStore | None = None) -> None:
         self.settings = settings
+        self.store = feedback_store if feedback_store is not None else FeedbackStore(settings.feedback_store_size)
         self.engine_config = settings.engine_config()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.recent_window)
@@ -45,7 +46,7 @@ class AppState:
         return TFBEngine.load(cfg)
 
     def _ready(self, engine: TFBEngine) -> None:
-        self.predictor = Predictor(engine, self.worker, self.settings, self.metrics)
+        self.predictor = Predictor(engine, self.worker, self.settings, self.metrics, self.store)
         self.metrics.sigma.set(engine.sigma)
         self.metrics.default_samples.set(engine.cfg.n_samples)
         if self.status == "loading":

@@ -18,6 +18,26 @@ torch.set_num_threads(1)  # tiny models: threads cost more than they bring, and 
 LABELS = ["negative", "positive"]
 #: The core equivalence tests run on this device (``TFB_TEST_DEVICE=cuda`` on a GPU host).
 DEVICE = os.environ.get("TFB_TEST_DEVICE", "cpu")
+#: Under CI (``.ci/run`` sets CI=true) every tool and package the tests use is installed: a missing
+#: one is a failure there, and a skip with the reason only on a developer's partial set-up.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(reason: str) -> None:
+    """Skip for ``reason`` (a tool or package that is not installed); fail instead under CI."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI installs everything the tests need: scripts/test.sh)")
+    pytest.skip(reason)
+
+
+def require(module: str, reason: str):
+    """``import module``, or :func:`missing` with ``reason``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(reason)
 
 
 def build_tiny_model(path: Path, vocab_size: int, seed: int = 0):

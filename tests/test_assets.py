@@ -6,13 +6,12 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import gguf  # a dependency of tfb-serve (the embedded default model is a GGUF file)
 import numpy as np
 import pytest
 import torch
 
 from tfb_core import assets
-
-gguf = pytest.importorskip("gguf", reason="the 'gguf' package writes the tiny GGUF file these tests convert")
 
 
 def write_tiny_gguf(path: Path) -> Path:

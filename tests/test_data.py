@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 from tfb_core import data
 from tfb_core.tasks import get_task
@@ -131,7 +132,7 @@ def test_sst2_splits_are_disjoint_deterministic_and_sized():
 
 
 def test_load_records_from_a_cached_wheel(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = require("pyarrow", "pyarrow (extra 'eval') reads the arrow files")
     table = pa.table({"sentence": [f"s{i}" for i in range(872)], "label": [i % 2 for i in range(872)],
                       "idx": pa.array(range(872), pa.int32())})
     sink = io.BytesIO()

@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import missing, require
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -101,7 +101,7 @@ def tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     path = str(beside) if beside.exists() else shutil.which(name)
     if not path:
-        pytest.skip(f"{name} is not installed here (scripts/ci_deps.sh installs it)")
+        missing(f"{name} is not installed here (scripts/ci_deps.sh installs it)")
     return path
 
 
@@ -309,8 +309,9 @@ def test_grafana_provisioning():
 
 def test_metric_names_match_app():
     """app/metrics.py registers exactly the documented names (no server needed)."""
-    metrics = pytest.importorskip("app.metrics", reason="app.metrics is not importable")
     from prometheus_client import CollectorRegistry
+
+    from app import metrics
 
     registry = CollectorRegistry()
     metrics.Metrics(registry)
@@ -322,7 +323,7 @@ def test_metric_names_match_app():
 
 # --- Ray Serve configs -------------------------------------------------------------------------------------
 def test_ray_serve_configs_validate():
-    schema = pytest.importorskip("ray.serve.schema", reason="ray[serve] is not installed")
+    schema = require("ray.serve.schema", "ray[serve] is not installed (extra 'ray')")
     cfg = yaml.safe_load((DEPLOY / "ray" / "serve_config.yaml").read_text())
     schema.ServeDeploySchema.model_validate(cfg) if hasattr(schema.ServeDeploySchema, "model_validate") \
         else schema.ServeDeploySchema.parse_obj(cfg)

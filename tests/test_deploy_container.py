@@ -14,11 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from conftest import LABELS  # noqa: E402
+from conftest import LABELS, missing
 from test_deploy import dockerfile_instructions
-
-pytest.importorskip("app.main", reason="app.main is not importable yet")
 
 
 def free_port() -> int:
@@ -37,7 +34,7 @@ def test_entrypoint_serves_and_healthcheck_follows_readiness(tiny, tmp_path):
     if not tfb.exists():
         tfb = shutil.which("tfb")
     if not tfb:
-        pytest.skip("the tfb console script is not installed (pip install -e .)")
+        missing("the tfb console script is not installed (pip install -e .)")
     port = free_port()
     env = {**os.environ, "TFB_MODEL": tiny["model"], "TFB_ADAPTER": tiny["adapter"], "TFB_LABELS": ",".join(LABELS),
            "TFB_SIGMA": "0.02", "TFB_CACHE_DIR": str(tmp_path / "cache"), "TFB_HOST": "127.0.0.1",

@@ -22,14 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-pytest.importorskip("app.main", reason="app.main is not importable yet")
-
-from conftest import LABELS  # noqa: E402
-from test_deploy import DASHBOARD, EXPORTED, RULES, dashboard_exprs, promql_metric_names, rules  # noqa: E402
+from conftest import LABELS, missing
+from test_deploy import DASHBOARD, EXPORTED, RULES, dashboard_exprs, promql_metric_names, rules
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (scripts/ci_deps.sh)")
+
+
+@pytest.fixture(autouse=True)
+def _prometheus_installed():
+    if PROMETHEUS is None:
+        missing("prometheus is not installed (scripts/ci_deps.sh)")
 TEXTS = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
          "the plot is thin but the acting is superb", "I would not watch it again", "a great film", "a dull movie"]
 TIMEOUT_S = 90

@@ -9,6 +9,7 @@ is stripped, as prometheus-ray.yml does).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import re
@@ -20,12 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import LABELS, require
+from test_deploy import EXPORTED
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
-pytest.importorskip("app.main", reason="app.main is not importable yet")
-
-from conftest import LABELS  # noqa: E402
-from test_deploy import EXPORTED  # noqa: E402
+require("ray.serve", "ray[serve] is not installed (extra 'ray')")
 
 RAY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "ray"
 SIGMA = 0.05
@@ -104,7 +103,9 @@ def reference(tiny):
                 for text in ("a great film", "a dull mess")}
 
 
-def test_two_replicas_answer_concurrent_requests(cluster, reference):
+@pytest.fixture(scope="module")
+def predictions(cluster, reference):
+    """N_REQUESTS concurrent /predict calls through Ray's proxy: (text, replica, body) each."""
     texts = list(reference)
 
     def call(i: int) -> tuple[str, str, dict]:
@@ -114,10 +115,25 @@ def test_two_replicas_answer_concurrent_requests(cluster, reference):
         return text, r.headers["x-tfb-replica"], r.json()
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(call, range(N_REQUESTS)))
-    replicas = {rep for _, rep, _ in results}
+        return list(pool.map(call, range(N_REQUESTS)))
+
+
+@pytest.fixture(scope="module")
+def labelled(cluster, predictions):
+    """/feedback for every prediction: a mistyped label first, then the right one, then again."""
+    out = []
+    for _, _, body in predictions:
+        pred_id = body["predictions"][0]["id"]
+        post = [httpx.post(f"{cluster['base']}/feedback", json={"id": pred_id, "label": label}, timeout=30)
+                for label in ("postive", "positive", "negative")]
+        out.append(post)
+    return out
+
+
+def test_two_replicas_answer_concurrent_requests(predictions, reference):
+    replicas = {rep for _, rep, _ in predictions}
     assert len(replicas) == 2, f"answers came from {replicas}"
-    for text, _, body in results:
+    for text, _, body in predictions:
         want = reference[text]
         got = body["predictions"][0]
         exp = want["predictions"][0]
@@ -125,30 +141,23 @@ def test_two_replicas_answer_concurrent_requests(cluster, reference):
         assert got["label"] == exp["label"]
         assert got["probs"] == pytest.approx(exp["probs"], abs=1e-5)
         assert got["mutual_information"] == pytest.approx(exp["mutual_information"], abs=1e-5)
-    cluster["predict_ids"] = [b["predictions"][0]["id"] for _, _, b in results]
-    cluster["predict_replicas"] = replicas
 
 
-def test_feedback_reaches_any_replica(cluster):
-    ids = cluster.get("predict_ids")
-    if not ids:
-        pytest.skip("needs the predictions of the previous test")
-    seen = set()
-    for pred_id in ids:
-        r = httpx.post(f"{cluster['base']}/feedback", json={"id": pred_id, "label": "positive"}, timeout=30)
-        assert r.status_code == 200, r.text
-        seen.add(r.headers["x-tfb-replica"])
-    dup = httpx.post(f"{cluster['base']}/feedback", json={"id": ids[0], "label": "positive"}, timeout=30)
-    assert dup.status_code in (409, 422), dup.text
+def test_feedback_reaches_any_replica_and_a_typo_blocks_nothing(labelled):
+    replicas = set()
+    for typo, right, again in labelled:
+        assert typo.status_code == 422 and "postive" in typo.text, typo.text
+        assert right.status_code == 200, right.text  # the typo did not claim the prediction
+        assert again.status_code == 409, again.text  # a second label, whichever replica it reached
+        replicas |= {r.headers["x-tfb-replica"] for r in (typo, right, again)}
+    assert len(replicas) == 2, f"/feedback reached only {replicas}"
 
 
 def scrape_ray(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
-def test_metrics_exported_the_ray_way(cluster):
-    if not cluster.get("predict_ids"):
-        pytest.skip("needs the traffic of the previous tests")
+def test_metrics_exported_the_ray_way(cluster, predictions, labelled):
     want_requests = N_REQUESTS
     deadline = time.monotonic() + 90
     while True:
@@ -156,12 +165,12 @@ def test_metrics_exported_the_ray_way(cluster):
         total = sum(float(v) for v in re.findall(
             r'^ray_tfb_requests_total\{[^}]*route="/predict"[^}]*status="200"[^}]*\} (\S+)$', text, re.M))
         fb = sum(float(v) for v in re.findall(r"^ray_tfb_feedback_total\{[^}]*\} (\S+)$", text, re.M))
-        if total >= want_requests and fb >= len(cluster["predict_ids"]):
+        if total >= want_requests and fb >= len(labelled):
             break
         assert time.monotonic() < deadline, f"Ray exported {total} /predict requests and {fb} labels"
         time.sleep(1)
     assert total == want_requests
-    assert fb == len(cluster["predict_ids"])
+    assert fb == len(labelled)
     names = {m[len("ray_"):] for m in re.findall(r"^(ray_tfb_\w+)\{", text, re.M)}
     assert names <= EXPORTED, names - EXPORTED
     for needed in ("tfb_ready", "tfb_calibration_bin_count_total", "tfb_request_duration_seconds_bucket",
@@ -169,3 +178,70 @@ def test_metrics_exported_the_ray_way(cluster):
         assert needed in names
     ready = [float(v) for v in re.findall(r"^ray_tfb_ready\{[^}]*\} (\S+)$", text, re.M)]
     assert ready == [1.0, 1.0], "one tfb_ready series per replica"
+
+
+class _FakeRemote:
+    """A Ray actor method whose .remote() answers after ``delay_s`` without blocking the loop."""
+
+    def __init__(self, fn, delay_s: float) -> None:
+        self.fn, self.delay_s = fn, delay_s
+
+    def remote(self, *args):
+        async def later():
+            await asyncio.sleep(self.delay_s)
+            return self.fn(*args)
+        return asyncio.ensure_future(later())  # runs whether or not it is awaited, as a Ray call does
+
+
+class _FakeActor:
+    def __init__(self, actor, delay_s: float = 0.05) -> None:
+        for name in ("add", "lookup", "claim"):
+            setattr(self, name, _FakeRemote(getattr(actor, name), delay_s))
+
+
+def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
+    """The shared store (no cluster: the actor's class behind a fake handle) refuses a typo with
+    422 without claiming, takes the right label once, 409s a second one from any replica, and
+    waits for the actor on the event loop without blocking it."""
+    sys.path.insert(0, str(RAY_DIR))
+    try:
+        import serve_app
+    finally:
+        sys.path.remove(str(RAY_DIR))
+    from app.errors import DuplicateFeedbackError, UnknownPredictionError
+    from app.predictor import FeedbackStore, Record
+    from tfb_core.tasks import TaskError, generic_task
+
+    actor = _FakeActor(serve_app.FeedbackStoreActor(100))
+    here = serve_app.SharedFeedbackStore(FeedbackStore(100), actor)  # the replica that predicted
+    there = serve_app.SharedFeedbackStore(FeedbackStore(100), actor)  # another replica
+
+    def target(label):
+        return lambda r: generic_task(r.labels).label_index(label)
+
+    async def scenario():
+        here.add("p1", Record(tuple(LABELS), [0.2, 0.8], 1))
+        await asyncio.sleep(0.1)  # the fire-and-forget add reaches the actor
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(TaskError, match="postive"):
+            await there.label("p1", target("postive"))  # a typo, through the other replica
+        assert ticks > 0, "the event loop was blocked while the actor answered"
+        record, index = await there.label("p1", target("positive"))
+        assert index == 1 and record.probs == [0.2, 0.8]
+        with pytest.raises(DuplicateFeedbackError):
+            await here.label("p1", target("positive"))  # the predicting replica learns of it
+        with pytest.raises(DuplicateFeedbackError):
+            await there.label("p1", target("negative"))
+        with pytest.raises(UnknownPredictionError):
+            await there.label("nope", target("positive"))
+        tick.cancel()
+
+    asyncio.run(scenario())

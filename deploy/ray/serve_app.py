@@ -31,7 +31,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -115,6 +114,7 @@ class FeedbackStoreActor:
     """Predictions of every replica by id, so /feedback works whichever replica it reaches.
 
     One named, detached actor per Serve application namespace; bounded like the app's own store.
+    An actor runs one method at a time: :meth:`claim` is atomic across replicas.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -124,33 +124,46 @@ class FeedbackStoreActor:
         self.items: OrderedDict[str, list[Any]] = OrderedDict()  # id -> [labels, probs, index, labelled]
 
     def add(self, pred_id: str, labels: tuple[str, ...], probs: list[float], index: int) -> None:
-        self.items[pred_id] = [labels, probs, index, False]
+        known = self.items.get(pred_id)
+        labelled = bool(known and known[3])  # claimed by its own replica before this add arrived
+        self.items[pred_id] = [labels, probs, index, labelled]
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
 
-    def claim(self, pred_id: str) -> list[Any] | None:
-        """The record (with its labelled flag as it was) and mark it labelled; None if unknown."""
+    def lookup(self, pred_id: str) -> list[Any] | None:
+        """[labels, probs, index, labelled] of a prediction, or None if unknown. Marks nothing."""
+        item = self.items.get(pred_id)
+        return None if item is None or item[0] is None else list(item)
+
+    def claim(self, pred_id: str) -> bool | None:
+        """Mark a prediction labelled: True if this call did, False if it was already, None if the
+        id is unknown (then remembered as labelled, for an :meth:`add` still on its way)."""
         item = self.items.get(pred_id)
         if item is None:
+            self.items[pred_id] = [None, None, None, True]
             return None
-        out = list(item)
+        if item[3]:
+            return False
         item[3] = True
-        return out
+        return True
 
 
 class SharedFeedbackStore:
     """The app's FeedbackStore, backed by :class:`FeedbackStoreActor` for other replicas' ids.
 
-    Writes go to both (the actor call is fire-and-forget, off the /predict path). A lookup asks
-    the actor (one round trip, a few ms, on the event loop: /feedback only), which also records
-    the label claim, so a duplicate label is refused (409) whichever replica each copy reaches.
+    Writes go to both (the actor call is fire-and-forget, off the /predict path). /feedback
+    awaits the actor (never blocking the event loop): it finds the prediction (locally, else in
+    the actor, retrying briefly for an add still on its way), validates the label, and only then
+    claims it in the actor, so a mistyped label (422) never blocks the right one, and a second
+    label is refused (409) whichever replica each copy reaches.
     """
 
-    def __init__(self, local: Any, actor: Any, retries: int = 3) -> None:
+    def __init__(self, local: Any, actor: Any, retries: int = 3, timeout_s: float = 10.0) -> None:
         self.local = local
         self.actor = actor
         self.capacity = local.capacity
         self.retries = retries
+        self.timeout_s = timeout_s
 
     def __len__(self) -> int:
         return len(self.local)
@@ -159,31 +172,36 @@ class SharedFeedbackStore:
         self.local.add(pred_id, record)
         self.actor.add.remote(pred_id, tuple(record.labels), list(record.probs), int(record.index))
 
-    def get(self, pred_id: str) -> Any:
-        import ray
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await asyncio.wait_for(method.remote(*args), self.timeout_s)  # an ObjectRef is awaitable
 
-        from app.errors import UnknownPredictionError
+    async def label(self, pred_id: str, target: Callable[[Any], int]) -> tuple[Any, int]:
+        from app.errors import DuplicateFeedbackError, UnknownPredictionError
         from app.predictor import Record
 
         try:
             record = self.local.get(pred_id)
         except UnknownPredictionError:
             record = None
-        shared = ray.get(self.actor.claim.remote(pred_id), timeout=10)
-        for _ in range(self.retries if record is None and shared is None else 0):
-            # the predicting replica's fire-and-forget add may still be on its way
-            time.sleep(0.05)
-            shared = ray.get(self.actor.claim.remote(pred_id), timeout=10)
-            if shared is not None:
-                break
         if record is None:
+            shared = await self._call(self.actor.lookup, pred_id)
+            for _ in range(self.retries if shared is None else 0):
+                await asyncio.sleep(0.05)  # the predicting replica's fire-and-forget add may be on its way
+                shared = await self._call(self.actor.lookup, pred_id)
+                if shared is not None:
+                    break
             if shared is None:
-                return self.local.get(pred_id)  # raises the app's 404, with its message
+                self.local.get(pred_id)  # raises the app's 404, with its message
             labels, probs, index, labelled = shared
-            return Record(tuple(labels), list(probs), int(index), bool(labelled))
-        if shared is not None and shared[3]:
-            record.labelled = True  # labelled through another replica
-        return record
+            record = Record(tuple(labels), list(probs), int(index), bool(labelled))
+        if record.labelled:
+            raise DuplicateFeedbackError(f"prediction {pred_id!r} already has a label")
+        index = target(record)  # a bad label: 422 here, nothing claimed
+        if await self._call(self.actor.claim, pred_id) is False:
+            record.labelled = True
+            raise DuplicateFeedbackError(f"prediction {pred_id!r} already has a label (through another replica)")
+        record.labelled = True
+        return record, index
 
 
 def _feedback_actor(capacity: int) -> Any:
@@ -247,17 +265,20 @@ class TFBDeployment:
     async def __init__(self, settings: dict[str, Any] | None = None, metrics_interval_s: float = 5.0,
                        ready_timeout_s: float = 3600.0, shared_feedback: bool = True) -> None:
         from app.main import create_app
+        from app.predictor import FeedbackStore
         from app.settings import Settings
 
         overrides = dict(settings or {})
         # A failed load must fail the replica's start (Ray reports it and retries), not exit the process.
         overrides.setdefault("exit_on_startup_failure", False)
         self.settings = Settings(**overrides)  # TFB_* from the environment, overridden by args
-        self.fastapi = create_app(self.settings)
+        capacity = self.settings.feedback_store_size
+        store = SharedFeedbackStore(FeedbackStore(capacity), _feedback_actor(capacity)) if shared_feedback else None
+        self.fastapi = create_app(self.settings, feedback_store=store)
         self.state = self.fastapi.state.tfb
         self.replica_id = _replica_id()
         self._install_replica_headers()
-        self._wait_for_model_on_startup(ready_timeout_s, shared_feedback)
+        self._wait_for_model_on_startup(ready_timeout_s)
         self.mirror = RayMetricsMirror(self.state.registry, metrics_interval_s, self.state.metrics.refresh_recent)
         self.mirror.start()
         log.info("replica %s (pid %d): app created, model loading", self.replica_id, os.getpid())
@@ -268,7 +289,7 @@ class TFBDeployment:
     def _install_replica_headers(self) -> None:
         self.fastapi.add_middleware(ReplicaHeaders, replica=self.replica_id, pid=os.getpid())
 
-    def _wait_for_model_on_startup(self, timeout_s: float, shared_feedback: bool) -> None:
+    def _wait_for_model_on_startup(self, timeout_s: float) -> None:
         # Ray Serve runs the app's lifespan as part of starting the replica; extending that
         # start-up until the model is ready keeps traffic away from a replica that would 503.
         inner = self.fastapi.router.lifespan_context
@@ -278,9 +299,6 @@ class TFBDeployment:
         async def lifespan(app: Any) -> AsyncIterator[Any]:
             async with inner(app) as value:
                 await _wait_ready(state, timeout_s)
-                if shared_feedback:
-                    predictor = state.predictor
-                    predictor.store = SharedFeedbackStore(predictor.store, _feedback_actor(predictor.store.capacity))
                 yield value
 
         self.fastapi.router.lifespan_context = lifespan
