@@ -285,6 +285,7 @@ class ModelWorker:
 
     def _process(self, engine: TFBEngine, batch: Sequence[Work]) -> None:
         now = time.monotonic()
+        self.metrics.batch_requests.observe(len(batch))
         tokens: dict[int, list[list[int]]] = {}
         groups: dict[Labels | None, list[Work]] = {}
         for work in batch:

@@ -45,6 +45,8 @@ class Metrics:
                                     buckets=_LATENCY, registry=r)
         self.forward_duration = Histogram("tfb_forward_duration_seconds", "duration of one batched forward",
                                           buckets=_LATENCY, registry=r)
+        self.batch_requests = Histogram("tfb_batch_requests", "requests coalesced into one batch (its forwards "
+                                        "are planned together)", buckets=_POW2, registry=r)
         self.batch_inputs = Histogram("tfb_batch_inputs", "inputs per batched forward", buckets=_POW2, registry=r)
         self.batch_rows = Histogram("tfb_batch_rows", "rows (inputs x samples) per batched forward",
                                     buckets=_POW2, registry=r)

@@ -23,7 +23,7 @@ from test_app_support import (
 )
 
 from tfb_core.engine import TFBEngine
-from tfb_core.uncertainty import brier, ece, nll
+from tfb_core.uncertainty import brier, nll
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +204,8 @@ def test_feedback_moves_calibration_counters(client):
     target = torch.tensor(targets)
     assert math.isclose(delta("tfb_feedback_nll_sum_total"), 4 * nll(probs, target), rel_tol=1e-6)
     assert math.isclose(delta("tfb_feedback_brier_sum_total"), 4 * brier(probs, target), rel_tol=1e-6)
-    # the recent window holds every labelled prediction of this module's app so far
-    count = int(metric(after, "tfb_recent_count"))
-    assert count >= 4 and metric(after, "tfb_recent_ece") >= 0.0
-    if count == 4:
-        assert math.isclose(metric(after, "tfb_recent_ece"), ece(probs, target), abs_tol=1e-6)
-        assert math.isclose(metric(after, "tfb_recent_nll"), nll(probs, target), rel_tol=1e-6)
+    # the recent window (its values: tests/test_app_metrics.py) holds these labels too
+    assert int(metric(after, "tfb_recent_count")) - int(metric(before, "tfb_recent_count")) == 4
 
 
 def test_feedback_errors(client):

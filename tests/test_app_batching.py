@@ -54,9 +54,19 @@ def test_concurrent_requests_equal_one_at_a_time(tiny, task):
             body.pop("labels", None)
     extra = {"labels": None, "task": task, "max_length": 200} if task else {}
     with ready_client(make_settings(tiny, max_wait_ms=20.0, **extra)) as c:
+        before = metric_samples(c.get("/metrics").text)
         with ThreadPoolExecutor(max_workers=16) as pool:
             responses = list(pool.map(lambda b: c.post("/predict", json=b), bodies))
         assert [r.status_code for r in responses] == [200] * len(bodies)
+        during = metric_samples(c.get("/metrics").text)
+        # they did share batches: every request was in one batch, and fewer batches than requests ran
+
+        def grew(name, **labels):
+            return metric(during, name, **labels) - metric(before, name, **labels)
+
+        assert grew("tfb_batch_requests_sum") == len(bodies)
+        assert grew("tfb_batch_requests_count") < len(bodies), "every request ran in a batch of its own"
+        assert grew("tfb_batch_inputs_sum") == sum(len(b["inputs"]) for b in bodies)  # each input computed once
         ids = [p["id"] for r in responses for p in r.json()["predictions"]]
         assert len(set(ids)) == len(ids)
         for body, r in zip(bodies, responses, strict=True):

@@ -29,8 +29,8 @@ COUNTERS = ("tfb_requests", "tfb_predictions", "tfb_calibration_bin_count", "tfb
             "tfb_calibration_bin_confidence_sum", "tfb_feedback", "tfb_feedback_correct", "tfb_feedback_nll_sum",
             "tfb_feedback_brier_sum")
 HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_forward_duration_seconds",
-              "tfb_batch_inputs", "tfb_batch_rows", "tfb_prediction_confidence", "tfb_prediction_predictive_entropy",
-              "tfb_prediction_mutual_information")
+              "tfb_batch_requests", "tfb_batch_inputs", "tfb_batch_rows", "tfb_prediction_confidence",
+              "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information")
 GAUGES = ("tfb_queue_depth", "tfb_queue_capacity", "tfb_inflight_requests", "tfb_ready", "tfb_sigma",
           "tfb_default_samples", "tfb_recent_accuracy", "tfb_recent_ece", "tfb_recent_nll", "tfb_recent_brier",
           "tfb_recent_count")

@@ -20,6 +20,7 @@ from tfb_core.evaluate import (
     reliability_bins,
 )
 from tfb_core.tasks import get_task
+from tfb_core.uncertainty import apply_temperature, fit_temperature, summarize
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again", "a great film",
@@ -43,13 +44,64 @@ def test_bootstrap_is_paired_and_deterministic():
     assert all(r["lo"] <= r["hi"] for r in a["t-mle"].values())
 
 
-def test_ood_auroc_and_bins():
+def test_ood_auroc():
     assert ood_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.8, 0.9])) == 1.0
     assert ood_auroc(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2])) == 0.0
-    p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45]])
-    bins = reliability_bins(p, torch.tensor([0, 0, 1]), n_bins=15)
-    assert sum(bins["count"]) == 3
-    assert len(bins["confidence"]) == 15
+    assert ood_auroc(torch.tensor([0.1, 0.5]), torch.tensor([0.3, 0.9])) == 0.75  # 3 of 4 pairs ordered
+
+
+def test_reliability_bins_by_hand_and_their_ece_is_torchmetrics():
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.04, 0.96], [0.3, 0.7], [0.82, 0.18]])
+    y = torch.tensor([0, 0, 1, 1, 1, 0])
+    bins = reliability_bins(p, y, n_bins=15)
+    # confidences 0.9 (bin 13, right), 0.8 (12, wrong), 0.55 (8, wrong), 0.96 (14, right), 0.7 (10, right),
+    # 0.82 (12, right)
+    want = {13: (1, 0.9, 1.0), 12: (2, 0.81, 0.5), 8: (1, 0.55, 0.0), 14: (1, 0.96, 1.0), 10: (1, 0.7, 1.0)}
+    for b in range(15):
+        count, conf, acc = want.get(b, (0, math.nan, math.nan))
+        assert bins["count"][b] == count
+        if count:
+            assert bins["confidence"][b] == pytest.approx(conf) and bins["accuracy"][b] == pytest.approx(acc)
+        else:
+            assert math.isnan(bins["confidence"][b]) and math.isnan(bins["accuracy"][b])
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    ece = sum(c / len(y) * abs(a - f) for c, f, a in zip(bins["count"], bins["confidence"], bins["accuracy"],
+                                                          strict=True) if c)
+    oracle = float(multiclass_calibration_error(p, y, num_classes=2, n_bins=15, norm="l1"))
+    assert ece == pytest.approx(oracle, abs=1e-6)
+
+
+def test_summarize_splits_entropy_by_hand():
+    # two confident samples that disagree: the mean is a coin flip, each sample is nearly certain
+    eps = 1e-6
+    two = torch.tensor([[[1 - eps, eps], [eps, 1 - eps]]], dtype=torch.float64)  # (B=1, N=2, C=2)
+    u = summarize(two)
+    assert float(u.predictive_entropy[0]) == pytest.approx(math.log(2), abs=1e-5)
+    assert float(u.expected_entropy[0]) == pytest.approx(0.0, abs=1e-4)
+    assert float(u.mutual_information[0]) == pytest.approx(math.log(2), abs=1e-4)
+    # samples that agree: no epistemic part, all of it aleatoric
+    same = torch.tensor([[[0.7, 0.2, 0.1]] * 3])
+    u = summarize(same)
+    h = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    assert float(u.predictive_entropy[0]) == pytest.approx(h, abs=1e-6)
+    assert float(u.expected_entropy[0]) == pytest.approx(h, abs=1e-6)
+    assert float(u.mutual_information[0]) == pytest.approx(0.0, abs=1e-6)
+    assert int(u.index[0]) == 0 and float(u.confidence[0]) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="B, N, C"):
+        summarize(torch.ones(2, 3))
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    """Labels drawn from softmax(logits / T): the fitted temperature on softmax(logits) is T."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 3, generator=gen, dtype=torch.float64) * 3
+    true_t = 2.5
+    y = torch.multinomial(torch.softmax(logits / true_t, 1), 1, generator=gen).squeeze(1)
+    fitted = fit_temperature(torch.softmax(logits, 1), y)
+    assert fitted == pytest.approx(true_t, rel=0.05)
+    calibrated = apply_temperature(torch.softmax(logits, 1), fitted)
+    torch.testing.assert_close(calibrated, torch.softmax(logits / fitted, 1))
 
 
 def test_evaluate_tiny_model_all_metrics_and_plot(classifier, tmp_path):

@@ -51,10 +51,20 @@ def test_mutual_information_is_zero_at_sigma_zero_and_grows(classifier):
 
 
 def test_result_does_not_depend_on_the_rest_of_the_batch(classifier):
+    """One input alone, and in ONE padded forward with longer and shorter inputs: the same answer."""
     draw = classifier.posterior.draw(seed=11, n_samples=4)
-    alone = classifier.sample_probs(PROMPTS[1:2], 4, sigma=0.3, noise=draw)[0]
-    together = classifier.sample_probs(PROMPTS, 4, sigma=0.3, noise=draw)[1]
-    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
+    toks = classifier.tokenize(PROMPTS)
+    assert len({len(t) for t in toks}) > 1  # padding differs between the rows
+    alone = classifier.run_jobs([Job(toks[1], 4, draw)], sigma=0.3)[0]
+    calls = []
+    backbone = classifier.backbone
+    classifier.backbone = lambda **kw: calls.append(kw["input_ids"].shape) or backbone(**kw)
+    try:
+        together = classifier.run_jobs([Job(t, 4, draw) for t in toks], sigma=0.3)
+    finally:
+        classifier.backbone = backbone
+    assert calls == [(4 * len(PROMPTS), max(len(t) for t in toks))]  # all rows in one forward
+    torch.testing.assert_close(alone, together[1], atol=1e-5, rtol=1e-4)
 
 
 def test_mixed_jobs_in_one_forward_match_separate_forwards(classifier):

@@ -110,7 +110,8 @@ def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15
     conf, pred = probs.max(1)
     correct = (pred == target).double()
     edges = torch.linspace(0, 1, n_bins + 1)
-    which = torch.bucketize(conf.double(), edges.double(), right=False).clamp(1, n_bins) - 1  # (B,)
+    # half-open bins [k/n, (k+1)/n), 1.0 in the last: the bins of torchmetrics' ECE and of the server's metrics
+    which = (torch.bucketize(conf.double(), edges.double(), right=True) - 1).clamp(0, n_bins - 1)  # (B,)
     count = torch.bincount(which, minlength=n_bins).double()
     mean_conf = torch.bincount(which, conf.double(), minlength=n_bins) / count
     acc = torch.bincount(which, correct, minlength=n_bins) / count
