@@ -93,7 +93,7 @@ async def readyz(state: StateDep) -> Response:
                         headers={"Retry-After": "5"})
 
 
-@router.get("/info", tags=["inference"], dependencies=[Depends(require_key)], responses=ERRORS)
+@router.get("/info", tags=["inference"], responses=ERRORS)
 async def info(predictor: PredictorDep) -> dict[str, Any]:
     """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the limits."""
     s = predictor.settings

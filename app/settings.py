@@ -135,9 +135,3 @@ class Settings(BaseSettings):
                             seed=self.seed, max_rows=self.max_batch_rows,
                             forward_overhead_tokens=self.forward_overhead_tokens,
                             max_batch_tokens=self.max_batch_tokens)
-
-    def public(self) -> dict[str, Any]:
-        """The settings without secrets (for /info and logs)."""
-        data = self.model_dump(exclude={"api_key"})
-        data["api_key_set"] = self.api_key is not None
-        return data

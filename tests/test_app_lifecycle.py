@@ -143,7 +143,7 @@ def test_settings_from_environment(monkeypatch):
         s = Settings()
         assert s.labels == ("yes", "no") and s.sigma == 0.01 and s.max_batch_rows == 128
         assert s.api_key is not None and s.api_key.get_secret_value() == "zq-secret-9"
-        assert "zq-secret-9" not in repr(s) and s.public()["api_key_set"] is True
+        assert "zq-secret-9" not in repr(s) and "zq-secret-9" not in str(s.model_dump())
         monkeypatch.setenv("TFB_LABELS", '["A", "B", "C"]')
         cfg = Settings().engine_config()
         assert cfg.labels == ("A", "B", "C") and cfg.max_rows == 128 and cfg.sigma == 0.01

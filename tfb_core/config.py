@@ -104,18 +104,3 @@ class SearchConfig:
             raise ValueError(f"grid_size must be >= 2, got {self.grid_size}")
         if self.max_expansions < 0:
             raise ValueError(f"max_expansions must be >= 0, got {self.max_expansions}")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Monte Carlo settings at prediction time."""
-
-    n_samples: int = 10
-    seed: int = 0
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")

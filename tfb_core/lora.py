@@ -45,8 +45,9 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 def find_lora_modules(model: nn.Module) -> list[LoRAWeights]:
     """Every LoRA-wrapped linear layer of a (peft-wrapped) model, in module order.
 
-    Only one adapter is served: the active one. Raises ``ValueError`` if there is none, or if a
-    module has dropout or a feature we do not model (DoRA, bias on B).
+    Only one adapter is served: the active one. Raises ``ValueError`` if there is none, if a module
+    has more than one active adapter, or a feature TFB does not model (DoRA, LoRA on a layer other
+    than ``nn.Linear``, a bias on B). LoRA dropout is ignored: it is inactive at inference.
     """
     lora_layer = _lora_layer_type()
     inner = unwrap_peft(model)

@@ -170,12 +170,6 @@ class Task:
             raise TaskError(f"unknown label {label!r}; labels are {list(self.labels)}")
         return self.labels.index(label)
 
-    def with_labels(self, labels: Sequence[str]) -> Task:
-        """The same task with other class labels (generic tasks only)."""
-        if self.formatter is not None:
-            raise TaskError(f"task {self.name!r} has fixed labels {list(self.labels)}")
-        return generic_task(labels)
-
 
 def generic_task(labels: Sequence[str]) -> Task:
     labels = tuple(labels)
