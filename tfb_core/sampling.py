@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,11 @@ class Job:
     noise: NoiseDraw | None  # None: the posterior mean (sigma = 0)
 
 
+def rows_of(n_samples: int, sigma: float) -> int:
+    """Rows an input of N samples takes in a forward: N, or 1 at sigma = 0 (every sample is the mean)."""
+    return n_samples if sigma > 0.0 else 1
+
+
 class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
@@ -197,12 +202,36 @@ class BayesianClassifier:
         cap = self.max_batch_tokens if self.max_batch_tokens is not None else MAX_BATCH_TOKENS[kind]
         return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
+    def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float | None = None,
+                    class_ids: torch.Tensor | None = None, prefix: int | None = None,
+                    keys: Sequence[Any] | None = None,
+                    on_chunk: Callable[[int], None] | None = None) -> list[list[torch.Tensor]]:
+        """Plan forwards by length (:meth:`plan`), run them, and return the results in input order.
+
+        A unit is what must share a forward: one input's jobs (one job, or the same tokens under
+        several draws, as the sigma search has). All jobs of a unit have its first job's tokens.
+        Returns per unit the (n_i, C) per-sample probabilities of each of its jobs. ``keys``: per
+        unit, what keeps units apart where a forward of one key is cheaper (a draw and its N);
+        ``on_chunk(units in it)`` after each forward.
+        """
+        sigma = self.sigma if sigma is None else sigma
+        rows = [sum(rows_of(job.n_samples, sigma) for job in unit) for unit in units]
+        out: list[list[torch.Tensor]] = [[] for _ in units]
+        for chunk in self.plan([unit[0].tokens for unit in units], rows, max_rows, keys):
+            jobs = [job for u in chunk for job in units[u]]
+            results = iter(self.run_jobs(jobs, sigma, class_ids, prefix))
+            for u in chunk:
+                out[u] = [next(results) for _ in units[u]]
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+        return out
+
     def measure_forward_overhead(self, job: Job, max_rows: int, prefix: int | None = None,
                                  repeats: int = 2) -> float | None:
         """Fixed cost of a forward in tokens, from timing forwards of 1 and k copies of ``job``
         (best of ``repeats``); sets :attr:`forward_overhead_tokens`. None (and nothing set) when
         the timings do not resolve it (k = 1, or the bigger forward was not slower)."""
-        rows = job.n_samples if self.sigma > 0.0 else 1
+        rows = rows_of(job.n_samples, self.sigma)
         k = min(8, max_rows // rows)
         if k < 2:
             return None
@@ -386,14 +415,11 @@ class BayesianClassifier:
         tokens = self.tokenize(prompts)
         if sigma > 0.0 and noise is None:
             noise = self.posterior.draw(seed, n_samples)
-        rows_per_prompt = n_samples if sigma > 0.0 else 1
-        # forwards of similar lengths (little padding); results go back in input order
-        out = torch.empty((len(tokens), n_samples, len(self.labels if class_ids is None else class_ids)))
         prefix = self.shared_prefix(tokens) if prefix is None else prefix
-        for chunk in self.plan(tokens, [rows_per_prompt] * len(tokens), max_rows):
-            results = self.run_jobs([Job(tokens[i], n_samples, noise) for i in chunk], sigma, class_ids, prefix)
-            for i, res in zip(chunk, results, strict=True):
-                out[i] = res
-            if progress is not None:
-                progress.update(len(chunk))  # type: ignore[attr-defined]
-        return out
+        update = None if progress is None else progress.update  # type: ignore[attr-defined]
+        results = self.run_planned([[Job(t, n_samples, noise)] for t in tokens], max_rows, sigma, class_ids, prefix,
+                                   on_chunk=update)
+        n_classes = len(self.labels if class_ids is None else class_ids)
+        if not results:
+            return torch.empty((0, n_samples, n_classes))
+        return torch.stack([unit[0] for unit in results])  # (B, N, C)

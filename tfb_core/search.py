@@ -248,12 +248,14 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
         prefix = clf.shared_prefix(tokens)
         for k0 in range(0, len(draws), per_sigma):
             part = draws[k0:k0 + per_sigma]
-            for chunk in clf.plan(tokens, [cfg.n_samples * len(part)] * len(tokens), max_rows):
-                results = clf.run_jobs([Job(tokens[i], cfg.n_samples, d) for d in part for i in chunk], sigma=1.0,
-                                       prefix=prefix)
-                for r, (k, i) in zip(results, [(k, i) for k in range(len(part)) for i in chunk], strict=True):
-                    means[k0 + k, i] = r.mean(0)
-                bar.update(len(results))
+            # a unit: one prompt under each sigma of this part, in one forward
+            units = [[Job(t, cfg.n_samples, d) for d in part] for t in tokens]
+            per_unit = len(part)
+            results = clf.run_planned(units, max_rows, sigma=1.0, prefix=prefix,
+                                      on_chunk=lambda n, k=per_unit: bar.update(n * k))
+            for i, unit in enumerate(results):
+                for k, r in enumerate(unit):
+                    means[k0 + k, i] = r.mean(0)  # (C,)
         bar.close()
         return [criterion(means[k]) if s > 0 else 0.0 for k, s in enumerate(sigmas)]
 
