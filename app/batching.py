@@ -1,17 +1,16 @@
-"""The model worker: one thread owns the model and coalesces queued requests into batched forwards.
+"""The model worker: a queue and one thread that owns the model and coalesces queued requests.
 
-    event loop                         worker thread (owns engine, tokenizer, torch)
-    ----------                         ---------------------------------------------
+    event loop                         worker thread (owns the engine, hence torch)
+    ----------                         --------------------------------------------
     submit(work) -> queue  --------->  wait for the first work, then up to max_wait_ms more
     await future  (timeout)            take whole works while rows <= max_batch_rows
-                                       tokenize; group by label set; one noise draw per seed
-                                       run_jobs(...) per group, in forwards of <= max_batch_rows
-                                       rows planned by length (classifier.plan)
+                                       engine.run_batch(requests): tokens, label sets, one noise
+                                       draw per seed, forwards planned by length (tfb_core.batch)
     future.set_result  <-------------  finish(probs) per work, resolved on the loop
 
-Rows of an input = N (1 at sigma = 0). Every row carries its own noise (run_jobs), so a request's
-answer does not depend on which other requests shared its forward. The worker also loads the model
-(so that /healthz answers while it loads) and runs one warm-up forward.
+Rows of an input = N (1 at sigma = 0). Every request keeps its own noise, so its answer does not
+depend on which other requests shared its forward. The worker also loads the model (so that
+/healthz answers while it loads) and runs the engine's warm-up.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import gc
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +29,8 @@ import torch
 
 from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
 from app.metrics import Metrics
+from tfb_core.batch import BatchRequest
 from tfb_core.engine import TFBEngine
-from tfb_core.sampling import Job
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,6 @@ class ModelWorker:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._class_ids: OrderedDict[Labels, torch.Tensor] = OrderedDict()
         metrics.queue_capacity.set(limits.max_queue)
 
     # --- lifecycle (event loop side) -------------------------------------------------------------
@@ -131,8 +129,7 @@ class ModelWorker:
 
     # --- requests (event loop side) --------------------------------------------------------------
     def rows_of(self, n_inputs: int, n_samples: int) -> int:
-        noisy = self.engine is not None and self.engine.sigma > 0.0
-        return n_inputs * (n_samples if noisy else 1)
+        return n_inputs * n_samples if self.engine is None else self.engine.rows(n_inputs, n_samples)
 
     async def submit(self, work: Work) -> Any:
         """Queue ``work`` and wait for its result; raises the work's error, or 429/503 on overload."""
@@ -188,7 +185,7 @@ class ModelWorker:
         try:
             engine = self._load()
             if self._warmup:
-                self._warm_up(engine)
+                engine.warm_up(self.limits.max_rows)
         except BaseException as exc:  # noqa: BLE001 -- every start-up failure is reported, then fatal
             self._call_on_loop(self._on_failure, exc)
             return
@@ -218,28 +215,6 @@ class ModelWorker:
                 self._loop.call_soon_threadsafe(fn, arg)
             except RuntimeError:
                 pass
-
-    def _warm_up(self, engine: TFBEngine) -> None:
-        """One forward of one input; on a GPU also one of a full batch (max_rows rows), so that the
-        first coalesced batch does not pay for loading kernels and growing the allocator's pool.
-        Unless TFB_FORWARD_OVERHEAD_TOKENS is set, the fixed cost of a forward is then measured
-        (forwards of 1 and up to 8 inputs) for planning batches by length."""
-        t0 = time.perf_counter()
-        clf = engine.classifier
-        tokens = clf.tokenize([engine.task.format(engine.task.placeholder("warm-up"))])[0]
-        n = engine.cfg.n_samples
-        noise = engine.noise(engine.cfg.seed, n)
-        job = Job(tokens, n, noise)
-        prefix = engine.prompt_prefix or None
-        clf.run_jobs([job], prefix=prefix)
-        inputs = self.limits.max_rows // n if engine.sigma > 0.0 else self.limits.max_rows
-        if clf.device.type != "cpu" and inputs > 1:
-            clf.run_jobs([job] * inputs, prefix=prefix)
-        if engine.cfg.forward_overhead_tokens is None:
-            overhead = clf.measure_forward_overhead(job, self.limits.max_rows, prefix)
-            if overhead is not None:
-                log.info("a forward's fixed cost: %.0f tokens (measured)", overhead)
-        log.info("warm-up forwards (N=%d) in %.2fs", n, time.perf_counter() - t0)
 
     def _next_batch(self) -> list[Work] | None:
         """Block for the next batch: whole works, up to max_rows rows (a bigger work comes alone)."""
@@ -272,91 +247,27 @@ class ModelWorker:
         self.metrics.queue_depth.set(depth)
         return batch
 
-    def _labels_ids(self, engine: TFBEngine, labels: Labels | None) -> torch.Tensor | None:
-        if labels is None:
-            return None
-        ids = self._class_ids.get(labels)
-        if ids is None:
-            ids = engine.classifier.class_ids_for(labels)  # TaskError: not one token each
-            self._class_ids[labels] = ids
-            while len(self._class_ids) > 64:
-                self._class_ids.popitem(last=False)
-        return ids
-
     def _process(self, engine: TFBEngine, batch: Sequence[Work]) -> None:
         now = time.monotonic()
         self.metrics.batch_requests.observe(len(batch))
-        tokens: dict[int, list[list[int]]] = {}
-        groups: dict[Labels | None, list[Work]] = {}
         for work in batch:
             work.started = now
             self.metrics.queue_wait.observe(now - work.enqueued)
+        requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels) for w in batch]
+        results = engine.run_batch(requests, self.limits.max_rows, on_forward=self._observe_forward)
+        for work, res in zip(batch, results, strict=True):
+            if isinstance(res, BaseException):
+                self._resolve(work, res)
+                continue
             try:
-                tokens[id(work)] = engine.classifier.tokenize(work.prompts)
-            except ValueError as exc:  # PromptTooLongError
+                result = work.finish(res)
+                work.finished = time.monotonic()
+                self._resolve(work, result)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("building a response failed")
                 self._resolve(work, exc)
-                continue
-            key = None if work.labels is None or list(work.labels) == engine.classifier.labels else work.labels
-            groups.setdefault(key, []).append(work)
-        for labels, works in groups.items():
-            try:
-                class_ids = self._labels_ids(engine, labels)
-            except ValueError as exc:  # TaskError
-                for work in works:
-                    self._resolve(work, exc)
-                continue
-            results = self._forward_group(engine, works, tokens, class_ids)
-            for work in works:
-                res = results[id(work)]
-                if isinstance(res, BaseException):
-                    self._resolve(work, res)
-                    continue
-                try:
-                    result = work.finish(torch.stack(res))
-                    work.finished = time.monotonic()
-                    self._resolve(work, result)
-                except Exception as exc:  # noqa: BLE001
-                    log.exception("building a response failed")
-                    self._resolve(work, exc)
 
-    def _forward_group(self, engine: TFBEngine, works: Sequence[Work], tokens: dict[int, list[list[int]]],
-                       class_ids: torch.Tensor | None) -> dict[int, Any]:
-        """Per work: its (N, C) probabilities per input, or the exception its forward raised."""
-        noisy = engine.sigma > 0.0
-        need: dict[int, int] = {}
-        for work in works:  # one draw per seed, big enough for every work that uses it
-            need[work.seed] = max(need.get(work.seed, 0), work.n_samples)
-        noise = {seed: engine.noise(seed, n) for seed, n in need.items()} if noisy else {}
-        items = [(work, i, Job(toks, work.n_samples, noise.get(work.seed)))
-                 for work in works for i, toks in enumerate(tokens[id(work)])]
-        out: dict[int, Any] = {id(w): [None] * len(tokens[id(w)]) for w in works}
-        # forwards of similar lengths; inputs of one draw and N together (they share a prompt prefix)
-        plan = engine.classifier.plan([job.tokens for _, _, job in items],
-                                      [job.n_samples if noisy else 1 for _, _, job in items], self.limits.max_rows,
-                                      keys=[(work.seed, job.n_samples) if noisy else 0 for work, _, job in items])
-        # the task's instruction (one prefix for every batch, computed once per draw), else what the
-        # batch's inputs share
-        prefix = engine.prompt_prefix or engine.classifier.shared_prefix([job.tokens for _, _, job in items])
-        for chunk in plan:
-            self._run_chunk(engine, [items[k] for k in chunk], class_ids, out, prefix)
-        return out
-
-    def _run_chunk(self, engine: TFBEngine, chunk: list[tuple[Work, int, Job]], class_ids: torch.Tensor | None,
-                   out: dict[int, Any], prefix: int | None = None) -> None:
-        noisy = engine.sigma > 0.0
-        live = [it for it in chunk if not isinstance(out[id(it[0])], BaseException)]
-        if not live:
-            return
-        t0 = time.perf_counter()
-        try:
-            probs = engine.classifier.run_jobs([job for _, _, job in live], class_ids=class_ids, prefix=prefix)
-        except Exception as exc:  # noqa: BLE001 -- fails the requests of this chunk only
-            log.exception("forward of %d inputs failed", len(live))
-            for work, _, _ in live:
-                out[id(work)] = exc
-            return
-        self.metrics.forward_duration.observe(time.perf_counter() - t0)
-        self.metrics.batch_inputs.observe(len(live))
-        self.metrics.batch_rows.observe(sum(job.n_samples if noisy else 1 for _, _, job in live))
-        for (work, i, _), p in zip(live, probs, strict=True):
-            out[id(work)][i] = p  # (N, C)
+    def _observe_forward(self, inputs: int, rows: int, seconds: float) -> None:
+        self.metrics.forward_duration.observe(seconds)
+        self.metrics.batch_inputs.observe(inputs)
+        self.metrics.batch_rows.observe(rows)

@@ -27,6 +27,7 @@ from test_app_support import (
 from app.batching import BatchLimits, ModelWorker, Work
 from app.errors import NotReadyError
 from app.metrics import Metrics
+from tfb_core.batch import BatchRequest
 from tfb_core.engine import TFBEngine
 
 
@@ -240,3 +241,58 @@ def test_request_timeout_is_503_with_retry_after(tiny, monkeypatch):
     finally:
         gate.release.set()
         cm.__exit__(None, None, None)
+
+
+# --- the worker is a queue and a thread: driven here by a fake engine, no model -----------------------
+class FakeEngine:
+    """What the worker needs of an engine: rows, warm_up, run_batch. Answers probs from the request."""
+
+    sigma = 0.5
+
+    def __init__(self) -> None:
+        self.batches: list[list[BatchRequest]] = []
+        self.gate = threading.Event()
+
+    def rows(self, n_inputs: int, n_samples: int) -> int:
+        return n_inputs * n_samples
+
+    def warm_up(self, max_rows: int) -> None:
+        return None
+
+    def run_batch(self, requests, max_rows, on_forward=None):
+        assert self.gate.wait(30)
+        self.batches.append(list(requests))
+        if on_forward is not None:
+            on_forward(sum(len(r.prompts) for r in requests), sum(self.rows(len(r.prompts), r.n_samples)
+                                                                  for r in requests), 0.001)
+        return [ValueError(f"bad {r.prompts[0]}") if r.prompts[0].startswith("bad") else
+                torch.full((len(r.prompts), r.n_samples, 2), float(r.seed)) for r in requests]
+
+
+def test_the_worker_coalesces_and_routes_each_answer_and_error_with_a_fake_engine():
+    engine = FakeEngine()
+    registry = CollectorRegistry()
+
+    async def scenario():
+        ready = asyncio.Event()
+        worker = ModelWorker(lambda: engine, BatchLimits(max_rows=64, max_wait_s=0.0), Metrics(registry),
+                             lambda e: ready.set(), lambda exc: pytest.fail(f"load failed: {exc}"))
+        worker.start(asyncio.get_running_loop())
+        await asyncio.wait_for(ready.wait(), 30)
+        first = asyncio.create_task(worker.submit(_work(["x"], n=2, seed=9)))
+        await _wait_for(lambda: worker._busy, "the first batch to start")
+        rest = [asyncio.create_task(worker.submit(_work([p], n=2, seed=s)))
+                for p, s in (("a", 1), ("bad one", 2), ("b", 3))]
+        await _wait_for(lambda: len(worker._queue) == 3, "3 queued requests")
+        engine.gate.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        await worker.drain(10)
+        return results
+
+    results = asyncio.run(scenario())
+    assert [len(b) for b in engine.batches] == [1, 3]  # the three queued requests: one batch
+    assert [r.seed for r in engine.batches[1]] == [1, 2, 3]
+    assert float(results[0][0, 0, 0]) == 9 and float(results[1][0, 0, 0]) == 1 and float(results[3][0, 0, 0]) == 3
+    assert isinstance(results[2], ValueError) and "bad one" in str(results[2])  # its own error only
+    assert registry.get_sample_value("tfb_batch_requests_sum") == 4
+    assert registry.get_sample_value("tfb_batch_rows_sum") == 8

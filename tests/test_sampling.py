@@ -270,8 +270,7 @@ def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(cl
         clock[0] += 0.5 + 0.002 * sum(j.n_samples * (len(j.tokens) - prefix) for j in jobs)
 
     monkeypatch.setattr(classifier, "run_jobs", fake_run_jobs)
-    classifier.sigma = 0.2
     job = Job(list(range(40)), 4, classifier.posterior.draw(0, 4))
-    assert classifier.measure_forward_overhead(job, max_rows=64, prefix=prefix) == pytest.approx(250.0)
+    assert classifier.measure_forward_overhead(job, 0.2, max_rows=64, prefix=prefix) == pytest.approx(250.0)
     assert classifier.forward_overhead_tokens == pytest.approx(250.0)
-    assert classifier.measure_forward_overhead(job, max_rows=4) is None  # one input per forward: nothing to fit
+    assert classifier.measure_forward_overhead(job, 0.2, max_rows=4) is None  # one input per forward: nothing to fit

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from tfb_core import __version__, cache
+from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.loading import LoadError, default_cache_dir, load_classifier
 from tfb_core.posterior import NoiseDraw
-from tfb_core.sampling import BayesianClassifier
+from tfb_core.sampling import BayesianClassifier, rows_of
 from tfb_core.search import SearchResult, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
 from tfb_core.uncertainty import summarize
@@ -124,8 +125,9 @@ class TFBEngine:
         self.sigma = sigma
         self.sigma_source = sigma_source
         self.search_result = search_result
-        classifier.sigma = sigma
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
+        #: class-token ids of request label sets other than the task's (generic task)
+        self.class_ids = ClassIds()
         #: tokens of the task's instruction (what the prompts of any two inputs share; 0: none), run
         #: once per posterior sample and reused by every forward
         self.prompt_prefix = classifier.shared_prefix(
@@ -210,6 +212,20 @@ class TFBEngine:
                 del self._noise[next(k for k in self._noise if k != self.cfg.seed)]
         self._noise.move_to_end(seed)
         return draw
+
+    def rows(self, n_inputs: int, n_samples: int) -> int:
+        """Rows of a forward that ``n_inputs`` inputs of N samples take (N each, 1 at sigma = 0)."""
+        return n_inputs * rows_of(n_samples, self.sigma)
+
+    def run_batch(self, requests: Sequence[BatchRequest], max_rows: int,
+                  on_forward: ForwardHook | None = None) -> list[torch.Tensor | Exception]:
+        """Many callers' requests in shared forwards of at most ``max_rows`` rows: per request its
+        (B_i, N_i, C) per-sample probabilities, or the error it alone gets (:func:`tfb_core.batch.run_batch`)."""
+        return run_batch(self, requests, max_rows, on_forward)
+
+    def warm_up(self, max_rows: int) -> float | None:
+        """First forwards (and the measured fixed cost of a forward): :func:`tfb_core.batch.warm_up`."""
+        return warm_up(self, max_rows)
 
     def format_inputs(self, inputs: Sequence[str | Record]) -> list[str]:
         """Prompts of the inputs; raises ``TaskError`` naming the bad input's position."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from tfb_core.config import SearchConfig
+from tfb_core.sampling import rows_of
 from tfb_core.tasks import Record, Task
 from tfb_core.uncertainty import apply_temperature, brier, classification_metrics, ece, fit_temperature, nll, summarize
 
@@ -188,7 +189,7 @@ def _sample(clf: Any, prompts: Sequence[str], n: int, sigma: float, seed: int, m
     from tqdm.auto import tqdm
 
     with tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False, unit="prompt") as bar:
-        return clf.sample_probs(prompts, n if sigma > 0 else 1, seed=seed, sigma=sigma, max_rows=max_rows,
+        return clf.sample_probs(prompts, rows_of(n, sigma), seed=seed, sigma=sigma, max_rows=max_rows,
                                 progress=bar)  # (B, N, C)
 
 

@@ -155,8 +155,8 @@ def load_classifier(cfg: ModelConfig, labels: Sequence[str], posterior: Posterio
     tokenizer, model = load_base_model(cfg)
     peft_model = load_adapter(model, cfg)
     try:
-        clf = BayesianClassifier.from_peft(peft_model, tokenizer, labels, sigma=posterior.sigma,
-                                           d_floor=posterior.d_floor, max_length=cfg.max_length)
+        clf = BayesianClassifier.from_peft(peft_model, tokenizer, labels, d_floor=posterior.d_floor,
+                                           max_length=cfg.max_length)
     except ValueError as exc:
         raise LoadError(f"adapter {cfg.adapter!r}: {exc}") from exc
     if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):

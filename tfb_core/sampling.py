@@ -125,12 +125,11 @@ class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, posterior: TFBPosterior, head: TFBLinear | None,
-                 labels: Sequence[str], sigma: float = 0.0, max_length: int = 300) -> None:
+                 labels: Sequence[str], max_length: int = 300) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.posterior = posterior
         self.head = head
-        self.sigma = float(sigma)
         self.max_length = max_length
         self.set_labels(labels)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
@@ -154,11 +153,11 @@ class BayesianClassifier:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
-    def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str], sigma: float = 0.0,
+    def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str],
                   d_floor: float = 1e-6, max_length: int = 300) -> BayesianClassifier:
         """Bayesianize a peft model in place (B'A' = BA) and wrap it."""
         model, posterior, head = bayesianize(peft_model, d_floor=d_floor)
-        return cls(model, tokenizer, posterior, head, labels, sigma=sigma, max_length=max_length)
+        return cls(model, tokenizer, posterior, head, labels, max_length=max_length)
 
     @property
     def device(self) -> torch.device:
@@ -202,19 +201,18 @@ class BayesianClassifier:
         cap = self.max_batch_tokens if self.max_batch_tokens is not None else MAX_BATCH_TOKENS[kind]
         return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
-    def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float | None = None,
+    def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float,
                     class_ids: torch.Tensor | None = None, prefix: int | None = None,
                     keys: Sequence[Any] | None = None,
-                    on_chunk: Callable[[int], None] | None = None) -> list[list[torch.Tensor]]:
+                    on_chunk: Callable[[int, int], None] | None = None) -> list[list[torch.Tensor]]:
         """Plan forwards by length (:meth:`plan`), run them, and return the results in input order.
 
         A unit is what must share a forward: one input's jobs (one job, or the same tokens under
         several draws, as the sigma search has). All jobs of a unit have its first job's tokens.
         Returns per unit the (n_i, C) per-sample probabilities of each of its jobs. ``keys``: per
         unit, what keeps units apart where a forward of one key is cheaper (a draw and its N);
-        ``on_chunk(units in it)`` after each forward.
+        ``on_chunk(units, rows)`` after each forward.
         """
-        sigma = self.sigma if sigma is None else sigma
         rows = [sum(rows_of(job.n_samples, sigma) for job in unit) for unit in units]
         out: list[list[torch.Tensor]] = [[] for _ in units]
         for chunk in self.plan([unit[0].tokens for unit in units], rows, max_rows, keys):
@@ -223,15 +221,15 @@ class BayesianClassifier:
             for u in chunk:
                 out[u] = [next(results) for _ in units[u]]
             if on_chunk is not None:
-                on_chunk(len(chunk))
+                on_chunk(len(chunk), sum(rows[u] for u in chunk))
         return out
 
-    def measure_forward_overhead(self, job: Job, max_rows: int, prefix: int | None = None,
+    def measure_forward_overhead(self, job: Job, sigma: float, max_rows: int, prefix: int | None = None,
                                  repeats: int = 2) -> float | None:
         """Fixed cost of a forward in tokens, from timing forwards of 1 and k copies of ``job``
         (best of ``repeats``); sets :attr:`forward_overhead_tokens`. None (and nothing set) when
         the timings do not resolve it (k = 1, or the bigger forward was not slower)."""
-        rows = rows_of(job.n_samples, self.sigma)
+        rows = rows_of(job.n_samples, sigma)
         k = min(8, max_rows // rows)
         if k < 2:
             return None
@@ -242,7 +240,7 @@ class BayesianClassifier:
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                self.run_jobs([job] * count, prefix=prefix)  # ends with a copy to the host: synchronised
+                self.run_jobs([job] * count, sigma, prefix=prefix)  # ends with a copy to the host: synchronised
                 times.append(time.perf_counter() - t0)
             return min(times)
 
@@ -332,7 +330,7 @@ class BayesianClassifier:
         return self.backbone(input_ids=tail_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                              **{self._cache_kw: cache}).last_hidden_state[:, -1]
 
-    def run_jobs(self, jobs: Sequence[Job], sigma: float | None = None,
+    def run_jobs(self, jobs: Sequence[Job], sigma: float,
                  class_ids: torch.Tensor | None = None, prefix: int | None = None) -> list[torch.Tensor]:
         """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
 
@@ -340,7 +338,6 @@ class BayesianClassifier:
         noise) each job needs one row whose result stands for all its samples. ``prefix``: the
         shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
         """
-        sigma = self.sigma if sigma is None else sigma
         noisy = sigma > 0.0
         groups: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
@@ -402,7 +399,7 @@ class BayesianClassifier:
                 out[j][n] = probs[r]
         return out
 
-    def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, sigma: float | None = None,
+    def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, *, sigma: float,
                      noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,
                      progress: Iterable[Any] | None = None, prefix: int | None = None) -> torch.Tensor:
         """Per-sample probabilities (B, N, C) of many prompts, in forwards of at most ``max_rows`` rows.
@@ -411,12 +408,14 @@ class BayesianClassifier:
         across sigmas; otherwise it is drawn from ``seed``. ``prefix``: the prompts' shared
         instruction in tokens, reused by all forwards (default: what the prompts share).
         """
-        sigma = self.sigma if sigma is None else sigma
         tokens = self.tokenize(prompts)
         if sigma > 0.0 and noise is None:
             noise = self.posterior.draw(seed, n_samples)
         prefix = self.shared_prefix(tokens) if prefix is None else prefix
-        update = None if progress is None else progress.update  # type: ignore[attr-defined]
+        def update(units: int, rows: int) -> None:
+            if progress is not None:
+                progress.update(units)  # type: ignore[attr-defined]
+
         results = self.run_planned([[Job(t, n_samples, noise)] for t in tokens], max_rows, sigma, class_ids, prefix,
                                    on_chunk=update)
         n_classes = len(self.labels if class_ids is None else class_ids)

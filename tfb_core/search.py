@@ -252,7 +252,7 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
             units = [[Job(t, cfg.n_samples, d) for d in part] for t in tokens]
             per_unit = len(part)
             results = clf.run_planned(units, max_rows, sigma=1.0, prefix=prefix,
-                                      on_chunk=lambda n, k=per_unit: bar.update(n * k))
+                                      on_chunk=lambda n, _rows, k=per_unit: bar.update(n * k))
             for i, unit in enumerate(results):
                 for k, r in enumerate(unit):
                     means[k0 + k, i] = r.mean(0)  # (C,)

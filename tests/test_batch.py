@@ -1,0 +1,51 @@
+"""tfb_core.batch: many callers' requests in shared forwards, each answered as if alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LABELS
+
+from tfb_core.batch import BatchRequest
+from tfb_core.engine import EngineConfig, TFBEngine
+from tfb_core.sampling import PromptTooLongError
+from tfb_core.tasks import TaskError
+
+PROMPTS = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
+           "the plot is thin but the acting is superb", "I would not watch it again"]
+
+
+@pytest.fixture(scope="module")
+def engine(model_cfg):
+    from dataclasses import replace
+
+    return TFBEngine.load(EngineConfig(model=replace(model_cfg, max_length=24), labels=tuple(LABELS), sigma=0.2),
+                          progress=False)
+
+
+def test_each_request_is_answered_as_if_alone_and_errors_stay_with_their_request(engine):
+    long_prompt = " ".join(["word"] * 40)
+    requests = [BatchRequest(PROMPTS[:2], 4, 0), BatchRequest(PROMPTS[1:4], 6, 7),
+                BatchRequest([PROMPTS[0], long_prompt], 4, 0), BatchRequest(PROMPTS[2:3], 3, 1, ("yes", "no")),
+                BatchRequest(PROMPTS[:1], 4, 0, ("yes", "not one token at all")), BatchRequest(PROMPTS[3:], 2, 2**50)]
+    forwards = []
+    got = engine.run_batch(requests, max_rows=32, on_forward=lambda i, r, s: forwards.append((i, r)))
+    assert isinstance(got[2], PromptTooLongError) and isinstance(got[4], TaskError)
+    for req, res in zip(requests, got, strict=True):
+        if isinstance(res, Exception):
+            continue
+        alone = engine.run_batch([req], max_rows=32)[0]
+        assert res.shape == (len(req.prompts), req.n_samples, 2)
+        torch.testing.assert_close(res, alone, atol=1e-5, rtol=1e-4)
+        if req.labels is None:  # and as engine.predict answers it
+            want = engine.predict(list(req.prompts), n_samples=req.n_samples, seed=req.seed, return_samples=True)
+            torch.testing.assert_close(res, torch.tensor([p["samples"] for p in want["predictions"]]),
+                                       atol=1e-5, rtol=1e-4)
+    # every input that could run ran once, in forwards within the row limit
+    assert sum(i for i, _ in forwards) == 2 + 3 + 1 + 1 and all(r <= 32 for _, r in forwards)
+
+
+def test_rows_are_n_per_input_or_one_at_sigma_zero(engine, model_cfg):
+    assert engine.rows(3, 5) == 15
+    mean = TFBEngine.load(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.0), progress=False)
+    assert mean.rows(3, 5) == 3
