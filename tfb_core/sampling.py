@@ -121,6 +121,53 @@ def rows_of(n_samples: int, sigma: float) -> int:
     return n_samples if sigma > 0.0 else 1
 
 
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row of one forward comes from, and which noise it carries.
+
+    ``owner[r]`` = (job, sample) of row r; sample -1: the posterior mean, standing for all the job's
+    samples. ``blocks``: the noise of consecutive rows, in row order: (job whose draw, its sample
+    index per row), or (count, None) for rows of the posterior mean among noisy rows; empty when
+    no row is noisy. ``uniform``: every draw has as many jobs, all with one N, so rows
+    n*group .. (n+1)*group - 1 share sample n and each module gets the N samples as they are
+    (views of the draw, ``group`` = jobs per draw) instead of one gathered copy per row.
+    """
+
+    owner: list[tuple[int, int]]
+    blocks: list[tuple[int, list[int] | None]]
+    uniform: bool
+    group: int
+
+
+def row_layout(n_samples: Sequence[int], draws: Sequence[Hashable | None]) -> RowLayout:
+    """The rows of one forward of jobs with N ``n_samples[j]`` and noise ``draws[j]`` (a key that
+    identifies the draw; None: the posterior mean). Pure: no model, no tensors."""
+    groups: dict[Hashable | None, list[int]] = {}
+    for j, (n, key) in enumerate(zip(n_samples, draws, strict=True)):
+        if n < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n}")
+        groups.setdefault(key, []).append(j)
+    noisy = [m for key, m in groups.items() if key is not None]
+    uniform = bool(noisy) and None not in groups and len({len(m) for m in noisy}) == 1 and all(
+        len({n_samples[j] for j in m}) == 1 for m in noisy)
+    owner: list[tuple[int, int]] = []
+    blocks: list[tuple[int, list[int] | None]] = []
+    for key, members in groups.items():
+        if key is None:  # posterior mean: one row per job
+            owner += [(j, -1) for j in members]
+            if noisy:
+                blocks.append((len(members), None))
+            continue
+        sample_idx = []
+        for n in range(max(n_samples[j] for j in members)):  # sample-major
+            for j in members:
+                if n < n_samples[j]:
+                    owner.append((j, n))
+                    sample_idx.append(n)
+        blocks.append((members[0], sample_idx))
+    return RowLayout(owner, blocks, uniform, len(noisy[0]) if uniform else 1)
+
+
 class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
@@ -335,69 +382,49 @@ class BayesianClassifier:
         """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
 
         Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
-        noise) each job needs one row whose result stands for all its samples. ``prefix``: the
-        shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
+        noise) each job needs one row whose result stands for all its samples (:func:`row_layout`).
+        ``prefix``: the shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
         """
         noisy = sigma > 0.0
-        groups: dict[int, list[int]] = {}
-        for j, job in enumerate(jobs):
-            if job.n_samples < 1:
-                raise ValueError(f"n_samples must be >= 1, got {job.n_samples}")
+        for job in jobs:
             if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
                 raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
-            key = id(job.noise) if (noisy and job.noise is not None) else 0
-            groups.setdefault(key, []).append(j)
-        # every draw's jobs share one N, and every draw has as many jobs: rows n*G .. n*G+G-1 all use
-        # sample n, so each module gets the N samples (views of the draw), not one copy per row
-        uniform = noisy and 0 not in groups and len({len(m) for m in groups.values()}) == 1 and all(
-            len({jobs[j].n_samples for j in m}) == 1 for m in groups.values())
-        rows: list[list[int]] = []
-        owner: list[tuple[int, int]] = []  # (job, sample) of each row
-        z_parts: list[list[torch.Tensor]] = []
-        for key, members in groups.items():
-            if key == 0:  # posterior mean: one row per job
-                rows += [jobs[j].tokens for j in members]
-                owner += [(j, -1) for j in members]
-                if noisy:  # mixed batch: zero noise for these rows
-                    z_parts.append([torch.zeros((len(members), *m.lora_A.shape), dtype=m.lora_A.dtype,
-                                                device=m.lora_A.device) for m in self.posterior.modules])
-                continue
-            noise = jobs[members[0]].noise
-            assert noise is not None
-            n_max = max(jobs[j].n_samples for j in members)
-            sample_idx = []
-            for n in range(n_max):  # sample-major
-                for j in members:
-                    if n < jobs[j].n_samples:
-                        rows.append(jobs[j].tokens)
-                        owner.append((j, n))
-                        sample_idx.append(n)
-            if not uniform:
-                idx = torch.tensor(sample_idx, device=self.device)
-                z_parts.append([z.index_select(0, idx) for z in noise.z])  # per module (R_g, r, in)
-        z_rows = None
-        group = 1
-        samples: Hashable | None = ("mean",) if not noisy or list(groups) == [0] else None
-        if uniform:
-            group = len(next(iter(groups.values())))
-            parts = [(jobs[m[0]].noise, jobs[m[0]].n_samples) for m in groups.values()]  # (draw, N) per group
-            samples = tuple((draw.key, n) for draw, n in parts)
-            z_rows = []
-            for k in range(len(self.posterior.modules)):
-                zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views
-                z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
-        elif noisy and any(k != 0 for k in groups):
-            z_rows = [torch.cat([part[k] for part in z_parts]) for k in range(len(self.posterior.modules))]
+        layout = row_layout([job.n_samples for job in jobs],
+                            [job.noise.key if noisy and job.noise is not None else None for job in jobs])
+        rows = [jobs[j].tokens for j, _ in layout.owner]
+        z_rows, samples = self._noise_rows(jobs, layout)
         # one copy to the host, not one per row (each a device sync on a GPU)
-        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, group, prefix, samples),
+        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, layout.group, prefix, samples),
                               dim=-1).cpu()  # (R, C)
         out = [torch.empty((job.n_samples, probs.shape[1])) for job in jobs]
-        for r, (j, n) in enumerate(owner):
+        for r, (j, n) in enumerate(layout.owner):
             if n < 0:
                 out[j][:] = probs[r]
             else:
                 out[j][n] = probs[r]
         return out
+
+    def _noise_rows(self, jobs: Sequence[Job], layout: RowLayout) -> tuple[list[torch.Tensor] | None, Hashable]:
+        """Per module the (R / group, r, in) draws of a layout's rows, and the key of its samples."""
+        if not layout.blocks:  # the posterior mean only
+            return None, ("mean",)
+        modules = self.posterior.modules
+        if layout.uniform:
+            parts = [(jobs[j].noise, jobs[j].n_samples) for j, _ in layout.blocks]  # (draw, N) per draw
+            z_rows = []
+            for k in range(len(modules)):
+                zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views
+                z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
+            return z_rows, tuple((draw.key, n) for draw, n in parts)
+        pieces: list[list[torch.Tensor]] = []
+        for j, idx in layout.blocks:
+            if idx is None:  # rows of the posterior mean in a noisy forward: zero noise
+                pieces.append([torch.zeros((j, *m.lora_A.shape), dtype=m.lora_A.dtype, device=m.lora_A.device)
+                               for m in modules])
+            else:
+                sel = torch.tensor(idx, device=self.device)
+                pieces.append([z.index_select(0, sel) for z in jobs[j].noise.z])  # per module (R_g, r, in)
+        return [torch.cat([p[k] for p in pieces]) for k in range(len(modules))], None
 
     def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, *, sigma: float,
                      noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,
