@@ -15,7 +15,8 @@ from tfb_core import cli as core_cli
 
 #: flag dest (tfb_core.cli.add_model_arguments) -> Settings field
 FLAG_SETTINGS = {
-    "model": "model", "model_revision": "model_revision", "model_subfolder": "model_subfolder",
+    "published": "published", "model": "model", "model_revision": "model_revision",
+    "model_subfolder": "model_subfolder",
     "gguf_file": "gguf_file", "adapter": "adapter", "adapter_revision": "adapter_revision",
     "adapter_subfolder": "adapter_subfolder", "dtype": "dtype", "device": "device", "load_in_8bit": "load_in_8bit",
     "cache_dir": "cache_dir", "max_length": "max_length", "task": "task", "labels": "labels", "sigma": "sigma",
