@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     feedback_store_size: int = Field(100_000, ge=1, description="predictions kept for /feedback")
     recent_window: int = Field(1000, ge=1, description="K of the tfb_recent_* gauges")
 
+    @field_validator("published", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # compose passes TFB_PUBLISHED= (empty) to switch the published default off
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("labels", mode="before")
     @classmethod
     def _split_labels(cls, value: Any) -> Any:
