@@ -42,7 +42,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings(**settings_overrides(args))  # a bad value: ValueError naming it -> exit 2
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings(**settings_overrides(args))
+    except ValidationError as exc:  # one line naming each bad value -> exit 2
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: "
+                                   f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())) from None
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)

@@ -62,7 +62,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.published is not None:
             spec = parse_published(self.published)  # PublishedError (a ValueError) listing the valid names
-            if self.model.adapter is not None:
+            if self.model.adapter is not None and (self.model.adapter, self.model.adapter_subfolder) != (
+                    spec.repo, spec.subfolder):
                 raise ValueError(f"published adapter {spec.name!r} and adapter {self.model.adapter!r} both given: "
                                  "name one (--published, or --adapter with --adapter-subfolder)")
             if self.task is not None and self.task.lower() not in (spec.task, spec.dataset.lower()):
