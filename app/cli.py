@@ -38,11 +38,10 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from app.main import create_app
     from app.settings import Settings
-
-    from pydantic import ValidationError
 
     try:
         settings = Settings(**settings_overrides(args))

@@ -30,7 +30,7 @@ def ref_prompt(dataset: str, e: dict) -> str:
         return _MC.format(question=e["sentence"], word="Choices", choices=f"A) {e['option1']}\nB) {e['option2']}")
     if dataset == "boolq":
         return _BOOLQ.format(passage=e["passage"][:1024], question=e["question"])
-    lines = "\n".join(f"{a}) {b}" for a, b in zip(e["choices"]["text"], e["choices"]["label"]))
+    lines = "\n".join(f"{a}) {b}" for a, b in zip(e["choices"]["text"], e["choices"]["label"], strict=False))
     if dataset == "obqa":
         return _MC.format(question=e["question_stem"], word="Chioces", choices=lines)
     return _MC.format(question=e["question"], word="Choices", choices=lines)
@@ -137,8 +137,7 @@ def test_token_ids_equal_the_reference_tokenizer_call_with_truncation(llama3_tok
     finally:
         tok.pad_token = None
     assert max(len(t) for t in tok(prompts)["input_ids"]) > MAX_SEQ_LEN  # some prompts are cut
-    for d, e in pairs:
-        assert get_task(TASK_OF[d]).truncate
+    assert all(get_task(t).truncate for t in TASK_OF.values())
     ours = BayesianClassifier.tokenize(SimpleNamespace(tokenizer=tok, truncate=True, max_length=MAX_SEQ_LEN),
                                        [get_task(TASK_OF[d]).format(e) for d, e in pairs])
     clf = SimpleNamespace(pad_id=tok.bos_token_id, device="cpu")

@@ -84,7 +84,7 @@ def _answer_key(record: Record, n_choices: int) -> int:
 def _swapped_lines(record: Record, n_max: int) -> str:
     # The reference (and the adapters trained with it) put the text before the record's own label.
     texts, labels = _choices(record, n_max)
-    return "\n".join(f"{text}) {label}" for text, label in zip(texts, labels))
+    return "\n".join(f"{text}) {label}" for text, label in zip(texts, labels, strict=True))
 
 
 def _format_winogrande(r: Record) -> str:
