@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoConfig
 
 from tfb_core.published import parse, reference_anchor
 from tfb_core.testing import build_llama31, build_published_lora, hub_snapshot
@@ -45,8 +46,9 @@ def mini(tmp_path_factory, llama3_tokenizer_dir):
     hub = root / "hf" / "hub"
     base = build_llama31(hub_snapshot(hub, parse(MLE).base_model), llama3_tokenizer_dir)
     adapters = hub_snapshot(hub, parse(MLE).repo)
+    config = AutoConfig.from_pretrained(base)
     for spec, blob in ((MLE, False), (BLOB, True)):
-        build_published_lora(base, adapters / parse(spec).subfolder, blob=blob)
+        build_published_lora(config, adapters / parse(spec).subfolder, blob=blob)
     cache = root / "tfb"
     data = write_hub_dataset(root / "winogrande", {"winogrande_s": WINO})
     mp = pytest.MonkeyPatch()
@@ -137,6 +139,22 @@ def peft_probs(mini, spec: str, records: list[dict], dtype=torch.float32) -> tor
     with torch.no_grad():
         logits = model(**batch).logits[:, -1, ref_label_ids(tok, "winogrande_s")]
     return torch.softmax(logits.float(), dim=-1)
+
+
+def test_the_adapters_have_peft_own_keys_and_shapes(mini):
+    """The adapters are written without peft's model: their keys and shapes are what peft saves."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(mini["base"]),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]))
+    theirs = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    for spec in (MLE, BLOB):
+        ours = {k: tuple(v.shape) for k, v in load_file(mini["adapters"] / parse(spec).subfolder /
+                                                         "adapter_model.safetensors").items()}
+        assert {k: v for k, v in ours.items() if "lora_A_rho" not in k} == theirs
+        assert any("lora_A_rho" in k for k in ours) == (spec == BLOB)
 
 
 def test_compose_environment_names_a_published_adapter():

@@ -117,32 +117,35 @@ def build_llama31(out: Path, tokenizer_dir: Path, full: bool = False, seed: int 
     return Path(out)
 
 
-def build_published_lora(model_dir: Path, out: Path, blob: bool = False, seed: int = 1, scale: float = 0.05) -> Path:
-    """A LoRA in the published adapters' format (r=8, alpha=16 on q_proj, v_proj, lm_head; BLoB adds
-    ``lora_A_rho``) with random non-zero A and B, saved to ``out``."""
+def build_published_lora(config: Any, out: Path, blob: bool = False, seed: int = 1, scale: float = 0.05) -> Path:
+    """A LoRA in the published adapters' format for a Llama of ``config`` (r=8, alpha=16 on q_proj,
+    v_proj and lm_head, peft's key names; BLoB adds ``lora_A_rho``), random non-zero A and B, saved
+    to ``out``. Written directly, without the base model: at Llama-3.1-8B's size that would be 32 GB."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"],
-                     base_model_name_or_path="meta-llama/Meta-Llama-3.1-8B")
-    peft_model = get_peft_model(base, cfg)
+    r = 8
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = {}  # module -> (out, in)
+    for i in range(config.num_hidden_layers):
+        shapes[f"model.layers.{i}.self_attn.q_proj"] = (config.num_attention_heads * head_dim, config.hidden_size)
+        shapes[f"model.layers.{i}.self_attn.v_proj"] = (config.num_key_value_heads * head_dim, config.hidden_size)
+    shapes["lm_head"] = (config.vocab_size, config.hidden_size)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft_model.peft_config["default"].base_model_name_or_path = "meta-llama/Meta-Llama-3.1-8B"  # as published
-    peft_model.save_pretrained(out, save_embedding_layers=False)
-    if blob:
-        from safetensors.torch import load_file, save_file
-
-        f = Path(out) / "adapter_model.safetensors"
-        sd = load_file(f)
-        sd.update({k.replace("lora_A", "lora_A_rho"): torch.full_like(v, -5.0) for k, v in sd.items() if "lora_A" in k})
-        save_file(sd, f)
-    return Path(out)
+    sd = {}
+    for name, (n_out, n_in) in shapes.items():
+        key = f"base_model.model.{name}"
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=gen) * scale
+        sd[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=gen) * scale
+        if blob:
+            sd[f"{key}.lora_A_rho.weight"] = torch.full((r, n_in), -5.0)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"],
+               base_model_name_or_path="meta-llama/Meta-Llama-3.1-8B", task_type="CAUSAL_LM").save_pretrained(out)
+    return out
 
 
 def hub_snapshot(hub_cache: Path, repo_id: str, revision: str = "0" * 40) -> Path:
