@@ -101,15 +101,17 @@ def llama31_config(full: bool = False) -> Any:
                        **size)
 
 
-def build_llama31(out: Path, tokenizer_dir: Path, full: bool = False, seed: int = 0, dtype: str = "float32") -> Path:
-    """A random-weight Llama-3.1 (miniature unless ``full``) with the real tokenizer, saved to ``out``."""
+def build_llama31(out: Path, tokenizer_dir: Path, full: bool = False, seed: int = 0, dtype: str = "float32",
+                  device: str = "cpu") -> Path:
+    """A random-weight Llama-3.1 (miniature unless ``full``) with the real tokenizer, saved to ``out``
+    (initialised on ``device``: at full size the GPU does it in seconds)."""
     import shutil
 
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)  # model init only
-    with torch.device("cpu"):
+    with torch.device(device):
         model = LlamaForCausalLM(llama31_config(full)).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
