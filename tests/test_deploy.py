@@ -350,3 +350,9 @@ def test_ray_serve_configs_validate():
         assert dep["ray_actor_options"]["num_gpus"] == 1
         assert dep["max_ongoing_requests"] and dep["max_queued_requests"]
         assert dep["autoscaling_config"]["max_replicas"] >= dep["autoscaling_config"]["min_replicas"]
+        args = app["applications"][0]["args"]  # the Settings the replicas build: valid, as compose's
+        from app.settings import Settings
+
+        settings = Settings(**{k: v for k, v in args.items() if k != "device"})
+        assert settings.published == "mle/winogrande_s/1" and settings.anchor is None
+        assert settings.search_tolerance == Settings.model_fields["search_tolerance"].default
