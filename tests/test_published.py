@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,29 @@ def test_offline_without_a_cached_anchor_says_which_file_to_give(tmp_path, monke
     msg = str(err.value)
     assert "--anchor" in msg and "google/boolq" in msg and "offline" in msg
     assert str(tmp_path / "anchors" / "boolq-train-shuffle42-500.jsonl") in msg
+
+
+def test_offline_start_up_without_the_anchor_stops_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("tfb_core.engine.load_classifier", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert main(["search", "--published", "blob/ARC-Easy/3", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--anchor" in err and "ARC-Easy-train-shuffle42-500.jsonl" in err
+    monkeypatch.setenv("TFB_PUBLISHED", "mle/obqa/1")
+    monkeypatch.setenv("TFB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TFB_EXIT_ON_STARTUP_FAILURE", "false")
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as client:  # the server: not ready, the reason on /readyz
+        deadline = time.monotonic() + 60
+        while "--anchor" not in json.dumps(body := client.get("/readyz").json()):
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+        assert client.get("/readyz").status_code == 503
 
 
 def test_a_named_task_without_anchor_searches_on_the_reference_anchor(tiny, local_hub, monkeypatch):

@@ -162,14 +162,14 @@ class TFBEngine:
             task = get_task(cfg.task, cfg.labels)
         except TaskError as exc:
             raise LoadError(str(exc)) from exc
+        if cfg.sigma is None and not cfg.anchor:  # before the model: a missing anchor fails in seconds
+            cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
         clf.truncate = task.truncate  # before the anchor is tokenized
         clf.max_batch_tokens = cfg.max_batch_tokens
         if cfg.sigma is not None:
             return cls(cfg, clf, task, cfg.sigma, "fixed")
-        if not cfg.anchor:
-            cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
         try:
             clf.tokenize(prompts)
