@@ -162,7 +162,8 @@ class TFBEngine:
             task = get_task(cfg.task, cfg.labels)
         except TaskError as exc:
             raise LoadError(str(exc)) from exc
-        if cfg.sigma is None and not cfg.anchor:  # before the model: a missing anchor fails in seconds
+        if cfg.sigma is None and not cfg.anchor and (cfg.published or task_dataset(task.name)):
+            # the reference anchor before the model: offline without it, start-up fails in seconds
             cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
@@ -170,6 +171,8 @@ class TFBEngine:
         clf.max_batch_tokens = cfg.max_batch_tokens
         if cfg.sigma is not None:
             return cls(cfg, clf, task, cfg.sigma, "fixed")
+        if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
+            cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
         try:
             clf.tokenize(prompts)
