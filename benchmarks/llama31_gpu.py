@@ -110,21 +110,26 @@ def post(port: int, path: str, body: dict | None = None, timeout: float = 120) -
 
 
 class GpuMemory(threading.Thread):
-    """Peak used memory (MiB) of one process, from nvidia-smi every 0.5 s."""
+    """Peak used memory (MiB) of one process, and of the whole device (in a container nvidia-smi may
+    show host pids, which match nothing), from nvidia-smi every 0.5 s."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
-        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.pid, self.peak, self.device_peak, self.stop = pid, 0, 0, threading.Event()
+
+    @staticmethod
+    def _query(what: str) -> list[list[str]]:
+        out = subprocess.run(["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10).stdout
+        return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
 
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-                for line in out.splitlines():
-                    pid, mem = (x.strip() for x in line.split(","))
+                for pid, mem in self._query("compute-apps=pid,used_memory"):
                     if int(pid) == self.pid:
                         self.peak = max(self.peak, int(mem))
+                self.device_peak = max([self.device_peak] + [int(row[0]) for row in self._query("gpu=memory.used")])
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass
             self.stop.wait(0.5)
@@ -192,7 +197,7 @@ def run_mode(root: Path, mode: str, device: str, seconds: float) -> dict:
         return {"mode": mode, "dtype": env.get("TFB_DTYPE"), "ready_s": ready_s, "search_s": search_s,
                 "load_s": ready_s - search_s, "sigma": info.get("sigma"), "anchor_records": sum(1 for _ in open(
                     anchor_cache_path(parse(SPEC).dataset, root / "tfb"))), "latency": lat,
-                "peak_gpu_mib": mem.peak or None}
+                "peak_gpu_mib": mem.peak or None, "peak_device_mib": mem.device_peak or None}
     finally:
         mem.stop.set()
         proc.terminate()
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         one, many = r["latency"]
         print(f"| {r['mode']} | {r['ready_s']:.0f} | {r['load_s']:.0f} | {r['search_s']:.0f} ({r['anchor_records']}) | "
               f"{one['p50_ms']:.0f} / {one['p99_ms']:.0f} | {many['p50_ms']:.0f} / {many['p99_ms']:.0f} | "
-              f"{r['peak_gpu_mib']} |")
+              f"{r['peak_gpu_mib'] or r['peak_device_mib']} |")
     return 0 if all("error" not in r for r in results) else 1
 
 
