@@ -15,7 +15,8 @@ from tfb_core import cli as core_cli
 
 #: flag dest (tfb_core.cli.add_model_arguments) -> Settings field
 FLAG_SETTINGS = {
-    "model": "model", "model_revision": "model_revision", "model_subfolder": "model_subfolder",
+    "published": "published", "model": "model", "model_revision": "model_revision",
+    "model_subfolder": "model_subfolder",
     "gguf_file": "gguf_file", "adapter": "adapter", "adapter_revision": "adapter_revision",
     "adapter_subfolder": "adapter_subfolder", "dtype": "dtype", "device": "device", "load_in_8bit": "load_in_8bit",
     "cache_dir": "cache_dir", "max_length": "max_length", "task": "task", "labels": "labels", "sigma": "sigma",
@@ -37,11 +38,16 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings(**settings_overrides(args))  # a bad value: ValueError naming it -> exit 2
+    try:
+        settings = Settings(**settings_overrides(args))
+    except ValidationError as exc:  # one line naming each bad value -> exit 2
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: "
+                                   f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())) from None
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)

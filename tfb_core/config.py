@@ -41,8 +41,9 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith(("cuda", "mps", "xpu"))):
             raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu', got {self.device!r}")
-        if self.load_in_8bit and not self.device.startswith("cuda"):
-            raise ValueError("load_in_8bit needs a CUDA device (bitsandbytes); got device=" + repr(self.device))
+        if self.load_in_8bit and not (self.device == "cpu" or self.device.startswith("cuda")):
+            # bitsandbytes' LLM.int8 runs on CUDA, and on CPU since its CPU backend (0.46+)
+            raise ValueError("load_in_8bit needs a CUDA device or the CPU (bitsandbytes); got device=" + repr(self.device))
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8 tokens, got {self.max_length}")
 

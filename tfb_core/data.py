@@ -38,7 +38,7 @@ _OE_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test
 _HUB = {  # task -> (path, name, split names) for source="hub"
     "sst2": ("glue", "sst2"), "winogrande": ("winogrande", "winogrande_xl"),
     "arc_challenge": ("ai2_arc", "ARC-Challenge"), "arc_easy": ("ai2_arc", "ARC-Easy"),
-    "openbookqa": ("openbookqa", "main"), "boolq": ("super_glue", "boolq"),
+    "openbookqa": ("openbookqa", "main"), "boolq": ("google/boolq", None),  # answer: bool, as the task reads
 }
 
 

@@ -21,6 +21,8 @@ from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.loading import LoadError, default_cache_dir, load_classifier
 from tfb_core.posterior import NoiseDraw
+from tfb_core.published import PublishedError, reference_anchor, task_dataset
+from tfb_core.published import parse as parse_published
 from tfb_core.sampling import BayesianClassifier, rows_of
 from tfb_core.search import SearchResult, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
@@ -35,9 +37,15 @@ DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything :class:`TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``."""
+    """Everything :class:`TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``.
+
+    ``published`` (``method/dataset/seed``) names one of the published TFB adapters: it sets the
+    adapter, the base model (unless another is given, e.g. a local copy) and the task, and without
+    ``anchor`` the search runs on the reference anchor set of its data set.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    published: str | None = None
     task: str | None = None
     labels: tuple[str, ...] | None = None
     sigma: float | None = None
@@ -53,6 +61,14 @@ class EngineConfig:
     max_batch_tokens: float | None = None
 
     def __post_init__(self) -> None:
+        if self.published is not None:
+            spec = parse_published(self.published)  # PublishedError (a ValueError) listing the valid names
+            if self.model.adapter is not None and (self.model.adapter, self.model.adapter_subfolder) != (
+                    spec.repo, spec.subfolder):
+                raise ValueError(f"published adapter {spec.name!r} and adapter {self.model.adapter!r} both given: "
+                                 "name one (--published, or --adapter with --adapter-subfolder)")
+            if self.task is not None and self.task.lower() not in (spec.task, spec.dataset.lower()):
+                raise ValueError(f"published adapter {spec.name!r} is for task {spec.task!r}, got task {self.task!r}")
         if self.sigma is not None:
             PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
         if self.n_samples < 1:
@@ -68,6 +84,12 @@ class EngineConfig:
         """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
         changes: dict[str, Any] = {}
         model = self.model
+        if self.published is not None:
+            spec = parse_published(self.published)
+            base = spec.base_model if model.model == DEFAULT_MODEL else model.model
+            model = ModelConfig(**{**asdict(model), "model": base, "adapter": spec.repo,
+                                   "adapter_subfolder": spec.subfolder})
+            changes.update(model=model, task=spec.task)
         if model.adapter is None and model.model == DEFAULT_MODEL:
             model = ModelConfig(**{**asdict(model), "adapter": str(DEMO_ADAPTER)})
             changes["model"] = model
@@ -125,6 +147,7 @@ class TFBEngine:
         self.sigma = sigma
         self.sigma_source = sigma_source
         self.search_result = search_result
+        classifier.truncate = task.truncate
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
         #: class-token ids of request label sets other than the task's (generic task)
         self.class_ids = ClassIds()
@@ -141,13 +164,17 @@ class TFBEngine:
             task = get_task(cfg.task, cfg.labels)
         except TaskError as exc:
             raise LoadError(str(exc)) from exc
+        if cfg.sigma is None and not cfg.anchor and (cfg.published or task_dataset(task.name)):
+            # the reference anchor before the model: offline without it, start-up fails in seconds
+            cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
+        clf.truncate = task.truncate  # before the anchor is tokenized
         clf.max_batch_tokens = cfg.max_batch_tokens
         if cfg.sigma is not None:
             return cls(cfg, clf, task, cfg.sigma, "fixed")
-        if not cfg.anchor:
-            raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on")
+        if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
+            cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
         try:
             clf.tokenize(prompts)
@@ -172,6 +199,20 @@ class TFBEngine:
         return cls(cfg, clf, task, result.sigma, "search", result)
 
     @staticmethod
+    def default_anchor(cfg: EngineConfig, task: Task) -> Path:
+        """The reference anchor file of the published adapter's data set, or of a named task's."""
+        dataset = parse_published(cfg.published).dataset if cfg.published else task_dataset(task.name)
+        if dataset is None:
+            hint = (" (WinoGrande: its training sets S and M differ; name the adapter with --published, e.g. "
+                    "mle/winogrande_s/1)" if task.name == "winogrande" else "")
+            raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on" + hint)
+        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        try:
+            return reference_anchor(dataset, cache_dir)
+        except PublishedError as exc:
+            raise LoadError(str(exc)) from exc
+
+    @staticmethod
     def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: Sequence[str],
                   targets: torch.Tensor | None) -> dict[str, Any]:
         """Everything a search result depends on (TFB.md section 3).
@@ -190,7 +231,7 @@ class TFBEngine:
             "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
             "adapter_modules": cache.sha256_text(modules), "adapter_sha256": cache.tensors_sha256(tensors),
             "dtype": m.dtype, "device_type": torch.device(m.device).type, "load_in_8bit": m.load_in_8bit,
-            "max_length": m.max_length, "task": task.name, "labels": list(task.labels),
+            "task": task.name, "labels": list(task.labels), "max_length": m.max_length, "truncate": task.truncate,
             "anchor_sha256": cache.sha256_text(list(prompts) + ([str(targets.tolist())] if targets is not None else [])),
             "search": asdict(cfg.search), "d_floor": cfg.d_floor,
         }
@@ -267,10 +308,11 @@ class TFBEngine:
     def info(self) -> dict[str, Any]:
         m = self.cfg.model
         return {
-            "model": m.model, "model_revision": m.model_revision, "adapter": m.adapter,
+            "published": self.cfg.published, "model": m.model, "model_revision": m.model_revision, "adapter": m.adapter,
             "adapter_subfolder": m.adapter_subfolder, "dtype": m.dtype, "device": m.device,
             "task": self.task.name, "labels": list(self.task.labels), "input_fields": list(self.task.fields),
-            "sigma": self.sigma, "sigma_source": self.sigma_source, "n_samples": self.cfg.n_samples,
+            "sigma": self.sigma, "sigma_source": self.sigma_source, "anchor": self.cfg.anchor,
+            "n_samples": self.cfg.n_samples,
             "seed": self.cfg.seed, "lora_modules": len(self.classifier.posterior.modules),
             "search": self.search_result.to_dict() if self.search_result else None,
             "version": __version__,

@@ -293,6 +293,7 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
         raise ValueError("evaluation needs a named task (--task), whose records carry labels")
     task = get_task(cfg.task)
     clf = load_classifier(cfg.model, task.labels)
+    clf.truncate = task.truncate
     test = _load_split(task.name, opts.test_split, opts.limit, cfg.model.cache_dir)
     if cfg.anchor:
         anchor = read_jsonl(cfg.anchor)

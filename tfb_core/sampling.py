@@ -178,6 +178,7 @@ class BayesianClassifier:
         self.posterior = posterior
         self.head = head
         self.max_length = max_length
+        self.truncate = False  # set by the engine from its task
         self.set_labels(labels)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
         if pad is None:
@@ -221,7 +222,12 @@ class BayesianClassifier:
 
     # --- tokens -------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt (with the tokenizer's special tokens); too long is an error."""
+        """Token ids of each prompt (with the tokenizer's special tokens). Too long is an error, or,
+        with :attr:`truncate`, cut from the right at ``max_length`` by the tokenizer as the
+        reference code did (the paper's tasks: the adapters were trained and evaluated so)."""
+        if self.truncate:
+            return self.tokenizer(list(prompts), add_special_tokens=True, truncation=True,
+                                  max_length=self.max_length)["input_ids"]
         out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         for i, toks in enumerate(out):
             if len(toks) > self.max_length:

