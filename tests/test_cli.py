@@ -131,3 +131,19 @@ def test_blob_adapter_extra_keys_are_ignored_with_a_log_line(tiny, caplog):
     assert len(clf.posterior.modules) == len(plain.posterior.modules)
     for a, b in zip(clf.posterior.modules, plain.posterior.modules, strict=True):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+
+
+def test_the_library_does_not_import_its_command_line():
+    """tfb_core's modules depend on each other one way: only cli.py (and __main__ code) imports cli."""
+    import ast
+    from pathlib import Path
+
+    import tfb_core
+
+    for path in Path(tfb_core.__file__).parent.glob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "tfb_core.cli" or n.startswith("tfb_core.cli.") for n in names), path.name

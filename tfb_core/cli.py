@@ -15,6 +15,7 @@ from typing import Any
 
 from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, SearchConfig
 from tfb_core.engine import EngineConfig, TFBEngine, read_jsonl
+from tfb_core.evaluate import EvalOptions, run_eval
 from tfb_core.loading import LoadError
 from tfb_core.tasks import TaskError
 
@@ -128,6 +129,35 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``tfb eval`` flags (on top of the shared model/task/search flags of the CLI)."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--test-split", default="test", help="split of the task's data to evaluate on (default test)")
+    g.add_argument("--limit", type=int, default=None, help="evaluate on the first N test records")
+    g.add_argument("--anchor-split", default="anchor", help="anchor split when no --anchor file is given")
+    g.add_argument("--anchor-limit", type=int, default=None,
+                   help="anchor: this many records of --anchor-split, shuffled with seed 42 (reference: 500 of train)")
+    g.add_argument("--ood-task", default=None, help="OOD data set (e.g. boolq, arc_easy) fed through the task's prompt")
+    g.add_argument("--ood-split", default="validation")
+    g.add_argument("--ood-field", default="question", help="field of the OOD records used as the input text")
+    g.add_argument("--ood-limit", type=int, default=None, help="OOD records (default: as many as test records)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: none)")
+    g.add_argument("--max-rows", type=int, default=64, help="rows (prompt x sample) per forward")
+    g.add_argument("--plot", default=None, help="write the reliability diagram PNG here")
+    g.add_argument("--output", default=None, help="write the JSON result here (also printed to stdout)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``tfb eval``: print the JSON result to stdout and the table to stderr."""
+    opts = EvalOptions(test_split=args.test_split, limit=args.limit, anchor_split=args.anchor_split,
+                       ood_task=args.ood_task, ood_split=args.ood_split, ood_field=args.ood_field,
+                       ood_limit=args.ood_limit, anchor_limit=args.anchor_limit, n_boot=args.bootstrap,
+                       max_rows=args.max_rows, plot=args.plot, output=args.output)
+    result = run_eval(engine_config_from_args(args), opts)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfb", description="Training-Free Bayesianization of LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,15 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
-    try:
-        from tfb_core.evaluate import add_eval_arguments, eval_main
-    except ImportError:  # evaluation needs the optional plotting extra only when plotting
-        pass
-    else:
-        e = sub.add_parser("eval", help="evaluate MLE against TFB (and temperature scaling) on a data set")
-        add_model_arguments(e)
-        add_eval_arguments(e)
-        e.set_defaults(func=eval_main)
+    e = sub.add_parser("eval", help="evaluate MLE against TFB (and temperature scaling) on a data set")
+    add_model_arguments(e)
+    add_eval_arguments(e)
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

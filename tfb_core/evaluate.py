@@ -10,12 +10,11 @@ On the same test examples, with the same adapter::
 Per method: accuracy, ECE (15 bins), NLL, Brier (fractions, not x100) and mean mutual information;
 paired bootstrap intervals for the differences to ``mle``; with an OOD set, the AUROC of
 predictive entropy and of mutual information separating in- (label 0) from out-of-distribution
-(label 1) inputs. ``tfb eval`` (see :mod:`tfb_core.cli`) is :func:`eval_main`.
+(label 1) inputs. ``tfb eval`` (:mod:`tfb_core.cli`) runs :func:`run_eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -315,34 +314,3 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``tfb eval`` flags (on top of the shared model/task/search flags of the CLI)."""
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--test-split", default="test", help="split of the task's data to evaluate on (default test)")
-    g.add_argument("--limit", type=int, default=None, help="evaluate on the first N test records")
-    g.add_argument("--anchor-split", default="anchor", help="anchor split when no --anchor file is given")
-    g.add_argument("--anchor-limit", type=int, default=None,
-                   help="anchor: this many records of --anchor-split, shuffled with seed 42 (reference: 500 of train)")
-    g.add_argument("--ood-task", default=None, help="OOD data set (e.g. boolq, arc_easy) fed through the task's prompt")
-    g.add_argument("--ood-split", default="validation")
-    g.add_argument("--ood-field", default="question", help="field of the OOD records used as the input text")
-    g.add_argument("--ood-limit", type=int, default=None, help="OOD records (default: as many as test records)")
-    g.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: none)")
-    g.add_argument("--max-rows", type=int, default=64, help="rows (prompt x sample) per forward")
-    g.add_argument("--plot", default=None, help="write the reliability diagram PNG here")
-    g.add_argument("--output", default=None, help="write the JSON result here (also printed to stdout)")
-
-
-def eval_main(args: argparse.Namespace) -> int:
-    """``tfb eval``: print the JSON result to stdout and the table to stderr."""
-    from tfb_core.cli import engine_config_from_args
-
-    opts = EvalOptions(test_split=args.test_split, limit=args.limit, anchor_split=args.anchor_split,
-                       ood_task=args.ood_task, ood_split=args.ood_split, ood_field=args.ood_field,
-                       ood_limit=args.ood_limit, anchor_limit=args.anchor_limit, n_boot=args.bootstrap,
-                       max_rows=args.max_rows, plot=args.plot, output=args.output)
-    result = run_eval(engine_config_from_args(args), opts)
-    print(json.dumps(result))
-    return 0
