@@ -110,6 +110,11 @@ class PromptTooLongError(ValueError):
     """A prompt with more tokens than the configured maximum."""
 
 
+class EmptyPromptError(ValueError):
+    """A prompt with no tokens at all (e.g. blank, with a tokenizer that adds no BOS): nothing to
+    classify, and padded into a batch it would read only padding."""
+
+
 @dataclass
 class Job:
     """One input of a batched forward: its tokens, its N, and the noise its samples use."""
@@ -177,6 +182,8 @@ class BayesianClassifier:
         """Token ids of each prompt (with the tokenizer's special tokens); too long is an error."""
         out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         for i, toks in enumerate(out):
+            if not toks:
+                raise EmptyPromptError(f"input {i} has no tokens: nothing to classify")
             if len(toks) > self.max_length:
                 raise PromptTooLongError(f"input {i} is {len(toks)} tokens, more than the maximum of "
                                          f"{self.max_length}")
@@ -327,6 +334,8 @@ class BayesianClassifier:
         noisy = sigma > 0.0
         groups: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
+            if not job.tokens:
+                raise EmptyPromptError(f"job {j} has no tokens: nothing to classify")
             if job.n_samples < 1:
                 raise ValueError(f"n_samples must be >= 1, got {job.n_samples}")
             if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
