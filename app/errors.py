@@ -109,6 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": errors}, status_code=422)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body" (invalid UTF-8, nesting too deep for the JSON parser):
+            # an invalid request like malformed JSON, which FastAPI itself answers 422
+            cause = exc.__cause__
+            reason = f"{type(cause).__name__}: {cause}"
+            return error_response(422, f"the request body is not valid JSON: {reason[:200]}")
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError):
