@@ -56,5 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
                                                                                   app.redoc_url},
-                       body_timeout_s=settings.body_timeout_s, expiry=state.expiry)
+                       body_timeout_s=settings.body_timeout_s, expiry=state.expiry,
+                       max_header_bytes=settings.max_header_bytes)
     return app

@@ -78,13 +78,15 @@ def unsupported_media(scope: Scope) -> str | None:
 
 class ServingMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, routes: set[str | None],
-                 body_timeout_s: float = 30.0, expiry: Expiry | None = None) -> None:
+                 body_timeout_s: float = 30.0, expiry: Expiry | None = None,
+                 max_header_bytes: int | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.routes = {r for r in routes if r}
         self.body_timeout_s = body_timeout_s
         self.expiry = expiry or Expiry()
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,6 +127,16 @@ class ServingMiddleware:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, route: str) -> int | None:
         """Refuse what cannot be read, read the body, run the app; CLIENT_CLOSED if the client left."""
+        if self.max_header_bytes is not None:
+            # h11 bounds the headers it buffers (TFB_MAX_HEADER_BYTES), but headers that arrive in one
+            # read of the socket are parsed whole: refuse those here, as nginx does
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+                len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+            if size > self.max_header_bytes:
+                await error_response(431, f"request headers of {size} bytes are over the limit of "
+                                          f"{self.max_header_bytes} (TFB_MAX_HEADER_BYTES)",
+                                     {"Connection": "close"})(scope, receive, send)
+                return None
         if scope["method"] in _BODY_METHODS and route != "other":
             why = unsupported_media(scope)
             if why is not None:

@@ -7,16 +7,25 @@ Every test is bounded in count and time and uses loopback only; ordering is forc
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
+import httpx
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
-from test_app_support import PROMPTS, assert_close, make_settings, ready_client, strip_ids
+from prometheus_client import CollectorRegistry, generate_latest
+from test_app_batching import Gate
+from test_app_support import PROMPTS, assert_close, make_settings, metric, metric_samples, ready_client, strip_ids
 from tokenizers.processors import TemplateProcessing
 
 from app.batching import BatchLimits, ModelWorker, Work
 from app.metrics import Metrics
+from app.server import DRAIN_GRACE_S, build_server
 from tfb_core.engine import TFBEngine
 from tfb_core.sampling import EmptyPromptError, Job
 
@@ -89,3 +98,200 @@ def test_worker_answers_others_when_one_work_has_no_tokens(no_bos_engine):
     for prompts, got in ((PROMPTS[:2], good), (PROMPTS[2:3], other)):
         alone = engine.predict(prompts, n_samples=4, seed=0, return_samples=True)
         assert torch.allclose(got, torch.tensor([p["samples"] for p in alone["predictions"]]), atol=1e-5)
+
+
+# --- a live server (uvicorn in a thread, loopback) ------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(settings):
+    """``app.server``'s uvicorn (as `tfb serve` runs it) on a free loopback port, ready; yields (server, port)."""
+    port = _free_port()
+    server = build_server(settings.model_copy(update={"port": port}), log_config=None)
+    thread = threading.Thread(target=server.run, name="tfb-test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the server did not become ready")
+        server.thread = thread
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _raw(port: int, data: bytes, timeout: float = 20.0) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return _read_all(s)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+@pytest.fixture(scope="module")
+def live(tiny):
+    settings = make_settings(tiny, warmup=False, max_header_bytes=4096, header_timeout_s=0.5, body_timeout_s=0.5,
+                             keep_alive_s=1)
+    with live_server(settings) as (server, port):
+        yield server, port
+
+
+# --- 2. header size -------------------------------------------------------------------------------------
+def test_headers_over_the_limit_are_400_and_closed(live):
+    _, port = live
+    for size in (8 * 1024, 64 * 1024, 4 * 1024 * 1024):  # within one socket read (431 by the app), or not (400)
+        big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+        try:
+            reply = _raw(port, big)
+        except (BrokenPipeError, ConnectionResetError):  # closed while we were still sending: refused
+            continue
+        assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), reply[:200]
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # everyone else is served
+    ok = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Small: " + b"a" * 1024 + b"\r\nConnection: close\r\n\r\n"
+    assert _raw(port, ok).startswith(b"HTTP/1.1 200")
+
+
+# --- 3. read timeouts ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nHo"], ids=["nothing", "half the headers"])
+def test_slow_or_silent_headers_are_closed(live, sent):
+    _, port = live
+    reply = _raw(port, sent)  # returns only once the server closes the connection (socket timeout: 20 s)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+
+
+def test_headers_a_byte_at_a_time_are_closed(live):
+    _, port = live
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        sent = 0
+        try:
+            for i in range(len(request)):
+                s.sendall(request[i:i + 1])
+                sent += 1
+                time.sleep(0.05)  # 200 bytes at 20/s: far longer than the 0.5 s header timeout
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = _read_all(s)
+    assert sent < len(request) and reply.startswith(b"HTTP/1.1 408"), (sent, reply)
+
+
+def test_slow_body_is_408(live):
+    _, port = live
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"inputs\": ")
+    reply = _raw(port, head)
+    assert reply.startswith(b"HTTP/1.1 408") and b"TFB_BODY_TIMEOUT_S" in reply, reply
+
+
+def test_idle_keep_alive_connection_is_closed(live):
+    _, port = live
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = _read_all(s)  # the answer, then EOF once the keep-alive timeout (1 s) closes it
+    assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+
+
+def test_server_limits_are_the_settings(tiny):
+    s = make_settings(tiny, max_header_bytes=8192, keep_alive_s=7, max_connections=99, drain_timeout_s=0.5)
+    cfg = build_server(s).config
+    assert cfg.h11_max_incomplete_event_size == 8192 and cfg.timeout_keep_alive == 7
+    assert cfg.limit_concurrency == 99
+    assert cfg.timeout_graceful_shutdown is not None and 0.5 < cfg.timeout_graceful_shutdown <= 0.5 + DRAIN_GRACE_S
+
+
+# --- 4. drain with work longer than TFB_DRAIN_TIMEOUT_S; 7. clients that leave ----------------------------
+def _wait(predicate, what: str, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _gate_server(server, monkeypatch) -> Gate:
+    engine = server.config.app.state.tfb.predictor.engine
+    gate = Gate(engine.classifier.run_jobs)
+    monkeypatch.setattr(engine.classifier, "run_jobs", gate)
+    return gate
+
+
+def test_drain_overrun_is_503_and_exits_on_time(tiny, monkeypatch, caplog):
+    """SIGTERM with a forward longer than the drain timeout: every accepted request gets 503 with
+    Retry-After, the queued ones are never computed, and the server stops within the timeout plus
+    the grace (uvicorn's own wait used to end first, with plain-text 500s, then the drain waited again)."""
+    drain = 2.0
+    settings = make_settings(tiny, warmup=False, drain_timeout_s=drain, max_wait_ms=0.0)
+    caplog.set_level("INFO")
+    with live_server(settings) as (server, port):
+        gate = _gate_server(server, monkeypatch)
+        state = server.config.app.state.tfb
+        url = f"http://127.0.0.1:{port}/predict"
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = [pool.submit(httpx.post, url, json={"inputs": [p]}, timeout=60) for p in PROMPTS[:3]]
+            assert gate.entered.wait(60)  # one in its forward (held), two queued
+            _wait(lambda: len(state.worker._queue) == 2, "2 queued requests")
+            t0 = time.monotonic()
+            server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+            server.thread.join(drain + DRAIN_GRACE_S + 3.0)  # bounded: the margin only guards a hang
+            stopped = not server.thread.is_alive()
+            elapsed = time.monotonic() - t0
+            gate.release.set()
+            responses = [f.result() for f in futures]
+    assert stopped, f"still running {elapsed:.1f}s after SIGTERM with TFB_DRAIN_TIMEOUT_S={drain}"
+    for r in responses:
+        assert r.status_code == 503 and r.headers["retry-after"] and "shutting down" in r.json()["detail"], r.text
+    assert len(gate.calls) == 1  # the queued requests were never computed
+    logged = "\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records)
+    for bad in ("never retrieved", "CancelledError", "Exception in ASGI application", "Cancel "):
+        assert bad not in logged, logged
+
+
+def test_disconnected_client_is_not_computed(tiny, monkeypatch):
+    settings = make_settings(tiny, warmup=False, max_wait_ms=0.0)
+    with live_server(settings) as (server, port):
+        gate = _gate_server(server, monkeypatch)
+        state = server.config.app.state.tfb
+        samples = lambda: metric_samples(generate_latest(state.registry).decode())  # noqa: E731
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(httpx.post, f"http://127.0.0.1:{port}/predict", json={"inputs": PROMPTS[:1]},
+                               timeout=60)
+            assert gate.entered.wait(60)
+            body = json.dumps({"inputs": PROMPTS[1:3]}).encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                _wait(lambda: len(state.worker._queue) == 1, "the request queued")
+            # the client is gone while its request waits: cancelled now (499), skipped by the worker
+            _wait(lambda: metric(samples(), "tfb_requests_total", route="/predict", status="499") == 1,
+                  "the disconnect seen")
+            gate.release.set()
+            assert held.result().status_code == 200
+        _wait(lambda: metric(samples(), "tfb_requests_aborted_total", reason="disconnect") == 1, "the abort counted")
+        assert len(gate.calls) == 1  # only the held request's forward ran
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"inputs": PROMPTS[1:3]}, timeout=60)
+        assert r.status_code == 200 and len(gate.calls) == 2
+        assert metric(samples(), "tfb_inflight_requests") == 0 and metric(samples(), "tfb_queue_depth") == 0
