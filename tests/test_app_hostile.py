@@ -7,6 +7,7 @@ Every test is bounded in count and time and uses loopback only; ordering is forc
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import signal
 import socket
@@ -19,13 +20,25 @@ import httpx
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import ValidationError
 from test_app_batching import Gate
-from test_app_support import PROMPTS, assert_close, make_settings, metric, metric_samples, ready_client, strip_ids
+from test_app_support import (
+    PROMPTS,
+    assert_close,
+    clean_env,
+    make_settings,
+    metric,
+    metric_samples,
+    ready_client,
+    strip_ids,
+)
 from tokenizers.processors import TemplateProcessing
 
 from app.batching import BatchLimits, ModelWorker, Work
+from app.cli import main
 from app.metrics import Metrics
 from app.server import DRAIN_GRACE_S, build_server
+from app.settings import Settings
 from tfb_core.engine import TFBEngine
 from tfb_core.sampling import EmptyPromptError, Job
 
@@ -295,3 +308,61 @@ def test_disconnected_client_is_not_computed(tiny, monkeypatch):
         r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"inputs": PROMPTS[1:3]}, timeout=60)
         assert r.status_code == 200 and len(gate.calls) == 2
         assert metric(samples(), "tfb_inflight_requests") == 0 and metric(samples(), "tfb_queue_depth") == 0
+
+
+# --- 5. settings that meant the opposite ---------------------------------------------------------------------
+@pytest.mark.parametrize("bad,field", [
+    ({"drain_timeout_s": float("inf")}, "drain_timeout_s"), ({"drain_timeout_s": float("nan")}, "drain_timeout_s"),
+    ({"max_wait_ms": 1e12}, "max_wait_ms"), ({"max_wait_ms": float("inf")}, "max_wait_ms"),
+    ({"request_timeout_s": float("inf")}, "request_timeout_s"), ({"api_key": ""}, "TFB_API_KEY"),
+    ({"api_key": "   "}, "TFB_API_KEY"), ({"max_samples": 10**8, "max_batch_rows": 10**8}, "max_samples"),
+    ({"max_header_bytes": 10**9}, "max_header_bytes"), ({"header_timeout_s": 0}, "header_timeout_s"),
+    ({"body_timeout_s": float("inf")}, "body_timeout_s"), ({"max_connections": 0}, "max_connections"),
+    ({"search_tolerance": float("nan")}, "search_tolerance")])
+def test_settings_refuse_what_would_mean_the_opposite(bad, field):
+    with clean_env(), pytest.raises(ValidationError, match=field):
+        Settings(**bad)
+
+
+@pytest.mark.parametrize("env,needle", [({"TFB_DRAIN_TIMEOUT_S": "inf"}, "TFB_DRAIN_TIMEOUT_S"),
+                                        ({"TFB_API_KEY": ""}, "TFB_API_KEY"),
+                                        ({"TFB_MAX_WAIT_MS": "1e12"}, "TFB_MAX_WAIT_MS")])
+def test_tfb_serve_bad_setting_is_one_line_and_exit_2(tiny, monkeypatch, capsys, env, needle):
+    with clean_env():
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert main(["serve", "--model", tiny["model"], "--labels", "negative", "positive", "--sigma", "0.05"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err and "Traceback" not in err, err
+
+
+def test_short_drain_timeout_is_not_forever(tiny):
+    cfg = build_server(make_settings(tiny, drain_timeout_s=0.4)).config
+    assert cfg.timeout_graceful_shutdown == pytest.approx(0.4 + DRAIN_GRACE_S)  # was int(0.4) or None: no limit
+
+
+# --- 8. documented behaviour: docs under a key, body parsing, content types -------------------------------------
+def test_api_docs_are_public_under_a_key_and_the_rest_is_not(tiny):
+    with ready_client(make_settings(tiny, api_key="s3cret", warmup=False)) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):  # README: public, as the probes
+            assert c.get(path).status_code == 200
+        assert c.post("/predict", json={"inputs": ["a"]}).status_code == 401
+        assert c.get("/info").status_code == 401
+
+
+@pytest.mark.parametrize("name,content,headers,status,needle", [
+    ("deep nesting", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 422, "not valid JSON"),
+    ("invalid UTF-8", b'{"inputs": ["\xff\xfe bad"]}', {}, 422, "not valid JSON"),
+    ("malformed JSON", b'{"inputs": [', {}, 422, "json"),
+    ("gzip body", gzip.compress(b'{"inputs": ["a"]}'), {"content-encoding": "gzip"}, 415, "content-encoding"),
+    ("text body", b'{"inputs": ["a"]}', {"content-type": "text/plain"}, 415, "application/json"),
+    ("form body", b"inputs=a", {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+])
+def test_unreadable_bodies_are_4xx_as_documented(client, name, content, headers, status, needle):
+    r = client.post("/predict", content=content, headers={"content-type": "application/json", **headers})
+    assert r.status_code == status, r.text
+    assert needle.lower() in r.text.lower()
+    ok = client.post("/predict", content=b'{"inputs": ["a"]}', headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+    assert client.post("/predict", content=b'{"inputs": ["a"]}', headers={"content-type": "application/vnd.x+json"}
+                       ).status_code == 200
