@@ -21,7 +21,7 @@ from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchC
 from tfb_core.loading import LoadError, default_cache_dir, load_classifier
 from tfb_core.posterior import NoiseDraw
 from tfb_core.sampling import BayesianClassifier
-from tfb_core.search import SearchResult, search_sigma
+from tfb_core.search import SearchResult, check_result, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
 from tfb_core.uncertainty import summarize
 
@@ -155,7 +155,7 @@ class TFBEngine:
             raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
         key = cls.cache_key(cfg, clf, task, prompts, targets)
         cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
-        result = cache.load(cache_dir, key)
+        result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
         if result is not None:
             log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
             return cls(cfg, clf, task, result.sigma, "cache", result)
