@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from test_app_batching import Gate
@@ -36,6 +37,7 @@ from tokenizers.processors import TemplateProcessing
 
 from app.batching import BatchLimits, ModelWorker, Work
 from app.cli import main
+from app.main import create_app
 from app.metrics import Metrics
 from app.server import DRAIN_GRACE_S, build_server
 from app.settings import Settings
@@ -366,3 +368,18 @@ def test_unreadable_bodies_are_4xx_as_documented(client, name, content, headers,
     assert ok.status_code == 200
     assert client.post("/predict", content=b'{"inputs": ["a"]}', headers={"content-type": "application/vnd.x+json"}
                        ).status_code == 200
+
+
+# --- 8. start-up errors name the right thing ---------------------------------------------------------------
+@pytest.mark.parametrize("overrides,needle,not_needle", [
+    ({"labels": ("a dull and tedious mess", "positive")}, "labels ['a dull and tedious mess', 'positive']",
+     "adapter '"),
+    ({"sigma": None, "anchor": "DIR"}, "is a directory", "no such file")])
+def test_startup_errors_name_the_cause(tiny, tmp_path, overrides, needle, not_needle):
+    overrides = {k: (str(tmp_path) if v == "DIR" else v) for k, v in overrides.items()}
+    with TestClient(create_app(make_settings(tiny, warmup=False, **overrides))) as c:
+        _wait(lambda: c.get("/readyz").json()["status"] != "loading", "the load to end")
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "failed"
+    detail = r.json()["detail"]
+    assert needle in detail and not_needle not in detail, detail

@@ -80,6 +80,8 @@ class EngineConfig:
 def read_jsonl(path: str | Path) -> list[Record]:
     """Records of a JSON Lines file; a bad line is an error naming the file and line."""
     p = Path(path)
+    if p.is_dir():
+        raise LoadError(f"anchor file {str(p)!r} is a directory: give a JSON Lines file")
     if not p.is_file():
         raise LoadError(f"anchor file {str(p)!r}: no such file")
     records: list[Record] = []
