@@ -76,6 +76,11 @@ def unsupported_media(scope: Scope) -> str | None:
     return f"unsupported content type {media or ctype!r}: send application/json"
 
 
+def _gone(watch: asyncio.Future[Message]) -> bool:
+    """Whether the message received after the body says the client disconnected."""
+    return not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect"
+
+
 class ServingMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, routes: set[str | None],
                  body_timeout_s: float = 30.0, expiry: Expiry | None = None,
@@ -167,12 +172,12 @@ class ServingMiddleware:
         app = asyncio.ensure_future(self.app(scope, replay, send))
         try:
             await asyncio.wait({app, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not app.done():  # the client left before its answer: stop working for it
+            if not app.done() and _gone(watch):  # the client left before its answer: stop working for it
                 app.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await app
                 return CLIENT_CLOSED
-            app.result()
+            await app  # (a server that sent something else after the body: no watching)
             return None
         finally:
             if not app.done():  # cancelled from outside (the drain's deadline, the server)
