@@ -10,7 +10,7 @@ What each limit does (settings, TFB_*):
 - BODY_TIMEOUT_S: the middleware reads the body within this, else 408 (app/middleware.py).
 - KEEP_ALIVE_S: uvicorn's ``timeout_keep_alive``: an idle connection between requests is closed.
 - MAX_CONNECTIONS: uvicorn's ``limit_concurrency``: past this many connections (or requests in
-  progress) uvicorn answers 503 at once.
+  progress) uvicorn answers its own 503 at once (plain text, no Retry-After: uvicorn's, not ours).
 - DRAIN_TIMEOUT_S: on SIGTERM/SIGINT new connections are refused, the worker takes no new work,
   and this long after the signal whatever is still running is answered 503 with Retry-After
   (app/middleware.py); uvicorn's own grace ends a moment later, so the process exits within the
