@@ -38,8 +38,9 @@ class Expiry:
         self._future: asyncio.Future[None] | None = None
 
     def future(self) -> asyncio.Future[None]:
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._future is None or self._future.get_loop() is not loop:  # an app served again on another loop
+            self._future = loop.create_future()
             if self.is_set:
                 self._future.set_result(None)
         return self._future
