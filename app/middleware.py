@@ -16,8 +16,8 @@ server's share of a latency from the network's and its own; /predict adds its qu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,7 +79,8 @@ def unsupported_media(scope: Scope) -> str | None:
 
 def _gone(watch: asyncio.Future[Message]) -> bool:
     """Whether the message received after the body says the client disconnected."""
-    return not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect"
+    return (watch.done() and not watch.cancelled() and watch.exception() is None
+            and watch.result().get("type") == "http.disconnect")
 
 
 class ServingMiddleware:
@@ -112,27 +113,56 @@ class ServingMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (b"server-timing", timing)]}
             await send(message)
 
+        # This request's task is cancelled (by callbacks, no extra tasks) when its body is late, when
+        # its client disconnects, or when the drain's deadline passes, each only before its response
+        # starts; the reason tells those cancellations from the server's own.
+        task = asyncio.current_task()
+        reason: list[str] = []
+        live = True
+
+        def stop(why: str) -> None:
+            if live and not started and not reason and task is not None:
+                reason.append(why)
+                task.cancel()
+
+        def on_expiry(_: asyncio.Future[None]) -> None:
+            stop("expired")
+
+        expired = self.expiry.future()
+        expired.add_done_callback(on_expiry)
+        watch: list[asyncio.Future[Message]] = []
         try:
-            handler = asyncio.ensure_future(self._handle(scope, receive, send_status, route))
-            expired = self.expiry.future()
-            await asyncio.wait({handler, expired}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done():  # the drain's deadline: answer now rather than be cancelled by the server
-                handler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await handler
-                if not started:
+            try:
+                await self._handle(scope, receive, send_status, route, stop, watch)
+            except asyncio.CancelledError:
+                if not reason:
+                    raise  # the server's cancellation, not ours
+                live = False
+                uncancel = getattr(task, "uncancel", None)  # Python >= 3.11: this cancellation is handled
+                if uncancel is not None:
+                    uncancel()
+                if reason[0] == "gone":
+                    status = CLIENT_CLOSED
+                elif reason[0] == "body":
+                    await error_response(408, f"the request body did not arrive within {self.body_timeout_s:g}s "
+                                              "(TFB_BODY_TIMEOUT_S)", {"Connection": "close"})(scope, receive,
+                                                                                              send_status)
+                else:
                     await error_response(503, "the server is shutting down: not answered within the drain "
-                                         "timeout (TFB_DRAIN_TIMEOUT_S)",
+                                              "timeout (TFB_DRAIN_TIMEOUT_S)",
                                          {"Retry-After": "5", "Connection": "close"})(scope, receive, send_status)
-                return
-            if handler.result() == CLIENT_CLOSED and not started:
-                status = CLIENT_CLOSED
         finally:
+            live = False
+            expired.remove_done_callback(on_expiry)
+            for w in watch:
+                w.cancel()
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - start)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, route: str) -> int | None:
-        """Refuse what cannot be read, read the body, run the app; CLIENT_CLOSED if the client left."""
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, route: str, stop: Callable[[str], None],
+                      watch: list[asyncio.Future[Message]]) -> None:
+        """Refuse what cannot be read, read the body (``stop("body")`` when late), run the app while
+        watching for the client's disconnect (``stop("gone")``; the watch is appended to ``watch``)."""
         if self.max_header_bytes is not None:
             # h11 bounds the headers it buffers (TFB_MAX_HEADER_BYTES), but headers that arrive in one
             # read of the socket are parsed whole: refuse those here, as nginx does
@@ -142,50 +172,38 @@ class ServingMiddleware:
                 await error_response(431, f"request headers of {size} bytes are over the limit of "
                                           f"{self.max_header_bytes} (TFB_MAX_HEADER_BYTES)",
                                      {"Connection": "close"})(scope, receive, send)
-                return None
+                return
         if scope["method"] in _BODY_METHODS and route != "other":
             why = unsupported_media(scope)
             if why is not None:
                 await error_response(415, why, {"Connection": "close"})(scope, receive, send)
-                return None
+                return
+        timer = asyncio.get_running_loop().call_later(self.body_timeout_s, stop, "body")
         try:
-            body = await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout_s)
-        except asyncio.TimeoutError:
-            await error_response(408, f"the request body did not arrive within {self.body_timeout_s:g}s "
-                                      "(TFB_BODY_TIMEOUT_S)", {"Connection": "close"})(scope, receive, send)
-            return None
+            body = await self._read_body(scope, receive)
+        finally:
+            timer.cancel()
         if body is None:
             limit = f"request body over the limit of {self.max_body} bytes (TFB_MAX_BODY_BYTES)"
             await error_response(413, limit, {"Connection": "close"})(scope, receive, send)
-            return None
+            return
         if body["type"] != "http.request":  # gone while sending its body
-            return CLIENT_CLOSED
+            stop("gone")
+            await asyncio.sleep(0)  # take the cancellation here
+            return
         # after the body, the next message is the client's disconnect (or the response's end): watch
         # for it while the app works, and share it with the app if it asks
-        watch = asyncio.ensure_future(receive())
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(lambda f: stop("gone") if _gone(f) else None)
+        watch.append(watcher)
         pending = [body]
 
         async def replay() -> Message:
             if pending:
                 return pending.pop()
-            return await asyncio.shield(watch)
+            return await asyncio.shield(watcher)
 
-        app = asyncio.ensure_future(self.app(scope, replay, send))
-        try:
-            await asyncio.wait({app, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not app.done() and _gone(watch):  # the client left before its answer: stop working for it
-                app.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await app
-                return CLIENT_CLOSED
-            await app  # (a server that sent something else after the body: no watching)
-            return None
-        finally:
-            if not app.done():  # cancelled from outside (the drain's deadline, the server)
-                app.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await app
-            watch.cancel()
+        await self.app(scope, replay, send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Message | None:
         """The whole body as one message (or the disconnect that cut it), or None over the limit."""
