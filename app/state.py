@@ -88,6 +88,5 @@ class AppState:
 
     async def shutdown(self) -> None:
         """The lifespan's end: drain (from :meth:`begin_drain`'s deadline if it ran), stop the worker."""
-        self.begin_drain()
-        self.expiry.set()  # uvicorn runs the lifespan's end after its connections: nothing is left to wait for
+        self.begin_drain()  # under Ray Serve or plain uvicorn, the drain's clock starts here
         await self.worker.drain(self.settings.drain_timeout_s)
