@@ -63,7 +63,9 @@ class Work:
     started: float | None = None  # its batch was taken from the queue (time.monotonic)
     finished: float | None = None  # its result was built
     future: asyncio.Future | None = None
-    abandoned: bool = False  # timed out: skip it if not started
+    abandoned: bool = False  # nobody awaits it any more (timed out, client gone, shut down): skip it
+    abort_reason: str = ""
+    dropped: bool = False  # counted in tfb_requests_aborted_total
 
     def timing(self) -> dict[str, float]:
         """Seconds spent queued (waiting for the worker and for company) and in its batch."""
@@ -91,6 +93,7 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
+        self._deadline: float | None = None  # the drain's deadline (time.monotonic), once it began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         metrics.queue_capacity.set(limits.max_queue)
@@ -102,11 +105,22 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="tfb-model-worker", daemon=True)
         self._thread.start()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Refuse new work, answer what is queued (up to ``timeout_s``), then stop the thread."""
+    def begin_drain(self, timeout_s: float) -> bool:
+        """Refuse new work from now on; :meth:`drain` waits for the accepted work until ``timeout_s``
+        from now. The first call sets the deadline (and returns True)."""
         with self._cond:
             self._accepting = False
-        deadline = time.monotonic() + timeout_s
+            if self._deadline is not None:
+                return False
+            self._deadline = time.monotonic() + timeout_s
+            return True
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new work, answer what is queued (until the drain's deadline: ``timeout_s`` from the
+        first :meth:`begin_drain`), answer the rest 503, then stop the thread."""
+        self.begin_drain(timeout_s)
+        assert self._deadline is not None
+        deadline = self._deadline
         while time.monotonic() < deadline:
             with self._cond:
                 if not self._queue and not self._busy:
@@ -125,7 +139,9 @@ class ModelWorker:
             log.warning("shutdown: %d queued requests not answered within %.0fs", len(left), timeout_s)
         thread = self._thread
         if thread is not None and thread.is_alive() and self.engine is not None:
-            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 5.0)
+            # a forward in progress cannot be interrupted; its requests are answered already, and the
+            # thread is a daemon: the process does not wait for it past a short grace
+            await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 1.0)
 
     # --- requests (event loop side) --------------------------------------------------------------
     def rows_of(self, n_inputs: int, n_samples: int) -> int:
@@ -151,12 +167,29 @@ class ModelWorker:
         self.metrics.inflight.inc()
         try:
             return await asyncio.wait_for(asyncio.shield(work.future), self.limits.timeout_s)
+        except asyncio.CancelledError:  # the client went away, or the drain's deadline passed
+            self._abandon(work, "disconnect" if self._accepting else "shutdown")
+            raise
         except asyncio.TimeoutError:
-            work.abandoned = True
+            self._abandon(work, "timeout")
             raise RequestTimeoutError(f"not answered within the request timeout of {self.limits.timeout_s:g}s "
                                       "(TFB_REQUEST_TIMEOUT_S): the server is overloaded, retry later") from None
         finally:
             self.metrics.inflight.dec()
+
+    def _abandon(self, work: Work, reason: str) -> None:
+        """Nobody awaits ``work`` any more: the worker skips it (if not started) and nothing is logged."""
+        work.abandoned = True
+        work.abort_reason = reason
+        fut = work.future
+        if fut is not None and fut.done() and not fut.cancelled():
+            fut.exception()  # an error that arrived with the cancellation: read, so never "never retrieved"
+
+    def _drop(self, work: Work) -> None:
+        """Count an abandoned work the worker skipped before (the rest of) its forward; on the worker thread."""
+        if not work.dropped:
+            work.dropped = True
+            self.metrics.aborted.labels(reason=work.abort_reason or "timeout").inc()
 
     def _resolve(self, work: Work, result: Any) -> None:
         """Set the work's future from any thread (an exception instance is raised to the caller)."""
@@ -222,7 +255,8 @@ class ModelWorker:
         with self._cond:
             while True:
                 while self._queue and self._queue[0].abandoned:
-                    self._queued_rows -= self._queue.popleft().rows
+                    self._queued_rows -= self._queue[0].rows
+                    self._drop(self._queue.popleft())
                 if self._queue:
                     break
                 if self._stopping:
@@ -242,6 +276,8 @@ class ModelWorker:
                 if not work.abandoned:
                     batch.append(work)
                     rows += work.rows
+                else:
+                    self._drop(work)
             self._busy = bool(batch)
             depth = len(self._queue)
         self.metrics.queue_depth.set(depth)
@@ -253,9 +289,15 @@ class ModelWorker:
         for work in batch:
             work.started = now
             self.metrics.queue_wait.observe(now - work.enqueued)
-        requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels) for w in batch]
+        # a work whose client left (or whose drain deadline passed) is skipped before its next forward
+        requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels, cancelled=lambda w=w: w.abandoned)
+                    for w in batch]
         results = engine.run_batch(requests, self.limits.max_rows, on_forward=self._observe_forward)
         for work, res in zip(batch, results, strict=True):
+            if work.abandoned:  # nobody awaits it: no response to build (its future is cancelled)
+                self._drop(work)
+                self._resolve(work, None)
+                continue
             if isinstance(res, BaseException):
                 self._resolve(work, res)
                 continue

@@ -37,21 +37,26 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from app.main import create_app
+    from app.server import run_server
     from app.settings import Settings
 
     try:
         settings = Settings(**settings_overrides(args))
-    except ValidationError as exc:  # one line naming each bad value -> exit 2
-        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: "
-                                   f"{str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors())) from None
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s) or None)
+    except ValidationError as exc:  # one line naming each bad setting -> exit 2
+        raise ValueError(settings_error(exc)) from None
+    run_server(settings)  # uvicorn with the HTTP limits of the settings
     return 0
+
+
+def settings_error(exc: Any) -> str:
+    """One line from a pydantic ``ValidationError`` of :class:`Settings`: each bad field and why."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        parts.append(f"{loc} (TFB_{loc.upper()}): {err['msg']}" if loc else str(err["msg"]))
+    return "invalid settings: " + "; ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tfb_core.loading import LoadError
-from tfb_core.sampling import PromptTooLongError
+from tfb_core.sampling import EmptyPromptError, PromptTooLongError
 from tfb_core.tasks import TaskError
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return exc.status_code, exc.message, exc.headers or None
     if isinstance(exc, PromptTooLongError):
         return 422, f"{exc} tokens (TFB_MAX_LENGTH)", None
-    if isinstance(exc, TaskError):
+    if isinstance(exc, (TaskError, EmptyPromptError)):
         return 422, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
         return 503, str(exc), {"Retry-After": "5"}
@@ -109,9 +109,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": errors}, status_code=422)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body" (invalid UTF-8, nesting too deep for the JSON parser):
+            # an invalid request like malformed JSON, which FastAPI itself answers 422
+            cause = exc.__cause__
+            reason = f"{type(cause).__name__}: {cause}"
+            return error_response(422, f"the request body is not valid JSON: {reason[:200]}")
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    for cls in (ServingError, PromptTooLongError, TaskError, LoadError):
+    for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError):
         app.add_exception_handler(cls, known)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ The lifespan starts the model worker, which loads the engine (model, adapter, si
 cache or a search, a warm-up forward) on its own thread: /healthz answers at once, /readyz and
 /predict answer 503 until the model is ready. A start-up failure is logged with its cause and
 ends the process with status 1 (``TFB_EXIT_ON_STARTUP_FAILURE=false`` keeps it up, serving the
-cause on /readyz). On shutdown, queued requests are answered before the worker stops.
+cause on /readyz). On shutdown, accepted requests are answered before the worker stops, within
+TFB_DRAIN_TIMEOUT_S; past it they are answered 503 with Retry-After (``app.server`` starts the
+clock at the signal). The API docs (/docs, /redoc, /openapi.json) are public, as the probes: they
+describe the API and serve no data.
 """
 
 from __future__ import annotations
@@ -55,5 +58,8 @@ def create_app(settings: Settings | None = None, feedback_store: LabelStore | No
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
-                       routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url})
+                       routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
+                                                                                  app.redoc_url},
+                       body_timeout_s=settings.body_timeout_s, expiry=state.expiry,
+                       max_header_bytes=settings.max_header_bytes)
     return app

@@ -55,6 +55,11 @@ class Metrics:
         self.inflight = Gauge("tfb_inflight_requests", "/predict requests accepted and not yet answered",
                               registry=r)
         self.ready = Gauge("tfb_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.aborted = Counter("tfb_requests_aborted", "accepted /predict requests skipped before (the rest of) "
+                               "their forward: nobody awaited them (reason: disconnect, timeout, shutdown)",
+                               ["reason"], registry=r)
+        for reason in ("disconnect", "timeout", "shutdown"):
+            self.aborted.labels(reason=reason)
         # uncertainty
         self.confidence = Histogram("tfb_prediction_confidence", "top-label confidence of predictions",
                                     buckets=_CONFIDENCE, registry=r)

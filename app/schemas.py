@@ -84,8 +84,11 @@ class ErrorBody(BaseModel):
 #: error responses documented on the routes (bodies are ``{"detail": ...}``)
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong API key"},
+    408: {"model": ErrorBody, "description": "body not received within TFB_BODY_TIMEOUT_S"},
     413: {"model": ErrorBody, "description": "body over TFB_MAX_BODY_BYTES"},
-    422: {"description": "invalid request: types, empty inputs, unknown labels, or a limit"},
+    415: {"model": ErrorBody, "description": "body not JSON (Content-Type) or compressed (Content-Encoding)"},
+    422: {"description": "invalid request: unparsable JSON, types, empty or blank inputs, unknown labels, or a limit"},
+    431: {"model": ErrorBody, "description": "request headers over TFB_MAX_HEADER_BYTES"},
     429: {"model": ErrorBody, "description": "queue full (Retry-After)"},
     503: {"model": ErrorBody, "description": "not ready, shutting down, or timed out (Retry-After)"},
 }

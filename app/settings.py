@@ -24,8 +24,9 @@ _MODEL = ModelConfig()
 class Settings(BaseSettings):
     """Every knob of the server. Env: ``TFB_<FIELD>`` (case-insensitive)."""
 
+    # allow_inf_nan=False: every float is finite (`inf` is a start-up error, not "forever")
     model_config = SettingsConfigDict(env_prefix="TFB_", extra="forbid", frozen=True,
-                                      protected_namespaces=("settings_",))
+                                      protected_namespaces=("settings_",), allow_inf_nan=False)
 
     # --- model and adapter (-> ModelConfig) ---------------------------------------------------
     published: str | None = Field(None, description="a published TFB adapter, method/dataset/seed, e.g. "
@@ -41,7 +42,7 @@ class Settings(BaseSettings):
     device: str = "cpu"
     load_in_8bit: bool = False
     cache_dir: str | None = Field(None, description="model conversions and sigma searches (default ~/.cache/tfb-serve)")
-    max_length: int = Field(_MODEL.max_length, ge=8, description="longest prompt in tokens")
+    max_length: int = Field(_MODEL.max_length, ge=8, le=131_072, description="longest prompt in tokens")
 
     # --- task ----------------------------------------------------------------------------------
     task: str | None = None
@@ -64,7 +65,7 @@ class Settings(BaseSettings):
 
     # --- Monte Carlo ---------------------------------------------------------------------------
     n_samples: int = Field(_ENGINE.n_samples, ge=1, description="default N per request")
-    max_samples: int = Field(64, ge=1, description="largest N a request may ask for")
+    max_samples: int = Field(64, ge=1, le=1024, description="largest N a request may ask for")
     seed: int = Field(_ENGINE.seed, ge=0, description="seed of the default posterior samples")
 
     # --- HTTP ----------------------------------------------------------------------------------
@@ -75,25 +76,45 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # --- batching and limits -------------------------------------------------------------------
-    max_batch_rows: int = Field(_ENGINE.max_rows, ge=1, description="rows (inputs x samples) per forward")
-    max_wait_ms: float = Field(5.0, ge=0.0, description="longest a request waits for others to join its batch")
+    max_batch_rows: int = Field(_ENGINE.max_rows, ge=1, le=65_536, description="rows (inputs x samples) per forward")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0,
+                               description="longest a request waits for others to join its batch")
     forward_overhead_tokens: float | None = Field(
         None, ge=0.0, description="fixed cost of a forward in prompt tokens, for splitting a batch by length "
                                   "(unset: measured at warm-up; without warm-up 32 on CPU, 1024 on GPU)")
     max_batch_tokens: float | None = Field(
         None, ge=1.0, description="most tokens a forward computes, rows x padded length past the shared "
                                   "instruction (unset: 1024 on CPU, no cap on GPU)")
-    max_queue: int = Field(256, ge=1, description="queued requests; past it 429 with Retry-After")
-    request_timeout_s: float = Field(60.0, gt=0.0)
-    max_inputs: int = Field(64, ge=1, description="inputs per request")
-    max_body_bytes: int = Field(1_048_576, ge=1024)
-    drain_timeout_s: float = Field(30.0, ge=0.0, description="graceful shutdown: wait this long for queued work")
+    max_queue: int = Field(256, ge=1, le=100_000, description="queued requests; past it 429 with Retry-After")
+    request_timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
+    max_inputs: int = Field(64, ge=1, le=4096, description="inputs per request")
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    drain_timeout_s: float = Field(30.0, ge=0.0, le=3600.0,
+                                   description="graceful shutdown: wait this long for accepted work, then 503")
     warmup: bool = True
     exit_on_startup_failure: bool = Field(True, description="exit the process (code 1) if loading fails")
 
     # --- feedback and calibration ---------------------------------------------------------------
-    feedback_store_size: int = Field(100_000, ge=1, description="predictions kept for /feedback")
-    recent_window: int = Field(1000, ge=1, description="K of the tfb_recent_* gauges")
+    feedback_store_size: int = Field(100_000, ge=1, le=10_000_000, description="predictions kept for /feedback")
+    recent_window: int = Field(1000, ge=1, le=1_000_000, description="K of the tfb_recent_* gauges")
+
+    # --- HTTP connections (uvicorn, h11; see app/server.py) ----------------------------------------
+    max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576,
+                                  description="request line and headers; past it 400 and the connection closes")
+    header_timeout_s: float = Field(10.0, gt=0.0, le=600.0,
+                                    description="a request's line and headers must arrive within this, else closed")
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0,
+                                  description="a request's body must arrive within this, else 408")
+    keep_alive_s: int = Field(5, ge=1, le=600, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(1024, ge=1, le=1_000_000,
+                                 description="open connections (and requests); past it uvicorn answers 503")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("TFB_API_KEY is set but empty: give a key, or unset it to serve without one")
+        return value
 
     @field_validator("published", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from app.batching import BatchLimits, ModelWorker
 from app.errors import NotReadyError
 from app.metrics import Metrics
+from app.middleware import Expiry
 from app.predictor import FeedbackStore, LabelStore, Predictor
 from app.settings import Settings
 from tfb_core.engine import TFBEngine
@@ -35,6 +37,8 @@ class AppState:
         self.error: str | None = None
         self.started = time.monotonic()
         self.predictor: Predictor | None = None
+        #: set when the drain's deadline passes: requests still running are answered 503 (middleware)
+        self.expiry = Expiry()
         limits = BatchLimits(max_rows=settings.max_batch_rows, max_wait_s=settings.max_wait_ms / 1000.0,
                              max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
         self.worker = ModelWorker(self._load, limits, self.metrics, self._ready, self._failed, settings.warmup)
@@ -74,8 +78,16 @@ class AppState:
             raise NotReadyError("the server is shutting down")
         raise NotReadyError("the model is still loading: retry when /readyz answers 200")
 
-    async def shutdown(self) -> None:
+    def begin_drain(self) -> None:
+        """Shutdown begins (the server's signal handler): refuse new work, and TFB_DRAIN_TIMEOUT_S from
+        now answer whatever is still running 503 with Retry-After. Idempotent; on the event loop."""
         if self.status == "ready":
             self.status = "draining"
         self.metrics.ready.set(0)
+        if self.worker.begin_drain(self.settings.drain_timeout_s):
+            asyncio.get_running_loop().call_later(self.settings.drain_timeout_s, self.expiry.set)
+
+    async def shutdown(self) -> None:
+        """The lifespan's end: drain (from :meth:`begin_drain`'s deadline if it ran), stop the worker."""
+        self.begin_drain()  # under Ray Serve or plain uvicorn, the drain's clock starts here
         await self.worker.drain(self.settings.drain_timeout_s)

@@ -106,7 +106,7 @@ def test_prompt_objects_and_other_labels(client, engine):
     assert all(p["label"] in ("yes", "no") and len(p["probs"]) == 2 for p in out["predictions"])
     ids = engine.classifier.class_ids_for(["yes", "no"])
     noise = engine.noise(0, 4)
-    probs = engine.classifier.sample_probs(PROMPTS[:2], 4, noise=noise, class_ids=ids)  # (B, N, C)
+    probs = engine.classifier.sample_probs(PROMPTS[:2], 4, sigma=engine.sigma, noise=noise, class_ids=ids)  # (B, N, C)
     mean = probs.mean(1)
     got = torch.tensor([p["probs"] for p in out["predictions"]])
     assert torch.allclose(got, mean, atol=1e-5)

@@ -49,3 +49,21 @@ def test_rows_are_n_per_input_or_one_at_sigma_zero(engine, model_cfg):
     assert engine.rows(3, 5) == 15
     mean = TFBEngine.load(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.0), progress=False)
     assert mean.rows(3, 5) == 3
+
+
+def test_a_cancelled_request_is_skipped_before_its_next_forward_and_the_others_are_answered(engine):
+    from tfb_core.batch import RequestCancelled
+
+    forwards: list[int] = []
+    gone = {"flag": False}
+
+    def on_forward(inputs, rows, seconds):
+        forwards.append(inputs)
+        gone["flag"] = True  # the caller of request 0 leaves after the first forward
+
+    # max_rows = 4 rows, N = 4: one input per forward, so request 0's second input comes later
+    requests = [BatchRequest(PROMPTS[:2], 4, 0, cancelled=lambda: gone["flag"]), BatchRequest(PROMPTS[2:3], 4, 5)]
+    got = engine.run_batch(requests, max_rows=4, on_forward=on_forward)
+    torch.testing.assert_close(got[1], engine.run_batch([requests[1]], max_rows=4)[0], atol=1e-5, rtol=1e-4)
+    assert isinstance(got[0], RequestCancelled)
+    assert sum(forwards) < 3  # at least one of request 0's inputs never ran

@@ -25,7 +25,7 @@ DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tfb-serve.json"
 
-COUNTERS = ("tfb_requests", "tfb_predictions", "tfb_calibration_bin_count", "tfb_calibration_bin_correct",
+COUNTERS = ("tfb_requests", "tfb_requests_aborted", "tfb_predictions", "tfb_calibration_bin_count", "tfb_calibration_bin_correct",
             "tfb_calibration_bin_confidence_sum", "tfb_feedback", "tfb_feedback_correct", "tfb_feedback_nll_sum",
             "tfb_feedback_brier_sum")
 HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_forward_duration_seconds",

@@ -292,3 +292,32 @@ def test_expanding_upwards_does_not_evaluate_below_the_bracket():
     assert min(calls) >= 0.015  # the last ok point of the expansion is the lower end
     assert calls[:3] == [0.015, 0.03, 0.06] and len(calls) <= 3 + 5
     assert res.n_evaluations == len(calls)
+
+
+@pytest.mark.parametrize("field,bad", [("sigma", "Infinity"), ("sigma", 1e30), ("sigma", -0.01), ("sigma", "0.1"),
+                                       ("sigma", 1e-12), ("value", "NaN"), ("criterion", "flip")])
+def test_implausible_cache_entry_is_recomputed(model_cfg, anchor_file, tmp_path, caplog, field, bad):
+    """A cached result must be one the search could have produced (finite sigma >= 0 within the bracket
+    it reaches, finite criterion): Infinity or 1e30 once made the server serve null or flat probabilities."""
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    first = TFBEngine.load(cfg, progress=False)
+    path = next((tmp_path / "sigma").glob("*.json"))
+    data = json.loads(path.read_text())
+    text = json.dumps({**data, "result": {**data["result"], field: 0.0}})
+    path.write_text(text.replace(f'"{field}": 0.0', f'"{field}": {bad}' if not isinstance(bad, str) or bad in
+                                 ("Infinity", "NaN") else f'"{field}": "{bad}"'))
+    with caplog.at_level(logging.WARNING):
+        again = TFBEngine.load(cfg, progress=False)
+    assert again.sigma_source == "search" and again.sigma == first.sigma
+    assert "implausible" in caplog.text and "recomputing" in caplog.text
+
+
+def test_reachable_range_holds_every_search_result():
+    from tfb_core.search import bisect, grid, reachable_range
+
+    for method, run in (("bisect", bisect), ("grid", grid)):
+        cfg = SearchConfig(low=0.01, high=0.05, tolerance=1.0, method=method, max_expansions=3)
+        lo, hi = reachable_range(cfg)
+        for root in (1e-6, 0.02, 1e3):  # below, inside and above the bracket
+            res = run(lambda sigmas, r=root: [s / r for s in sigmas], cfg)
+            assert res.sigma == 0.0 or lo <= res.sigma <= hi, (method, root, res.sigma)

@@ -39,6 +39,13 @@ class BatchRequest:
     n_samples: int
     seed: int
     labels: Labels | None = None  # None: the engine's task labels
+    #: True once nobody waits for the answer any more: the request's inputs are skipped before the
+    #: next forward, and it is answered :class:`RequestCancelled`
+    cancelled: Callable[[], bool] | None = None
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled before all its inputs ran."""
 
 
 class ClassIds:
@@ -89,7 +96,8 @@ def run_batch(engine: TFBEngine, requests: Sequence[BatchRequest], max_rows: int
 
 
 def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: Sequence[list[list[int]]],
-             class_ids: torch.Tensor | None, max_rows: int, on_forward: ForwardHook | None) -> dict[int, torch.Tensor]:
+             class_ids: torch.Tensor | None, max_rows: int,
+             on_forward: ForwardHook | None) -> dict[int, torch.Tensor | Exception]:
     """One label set's requests: planned forwards, results per request (its position in ``requests``)."""
     sigma = engine.sigma
     need: dict[int, int] = {}
@@ -112,16 +120,26 @@ def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: Sequen
             on_forward(n_units, n_rows, now - clock[0])
             clock[0] = now
 
+    def skip(u: int) -> bool:
+        cancelled = requests[owners[u][0]].cancelled
+        return cancelled is not None and cancelled()
+
     try:
-        results = engine.classifier.run_planned(units, max_rows, sigma, class_ids, prefix, keys, on_chunk=hook)
+        results = engine.classifier.run_planned(units, max_rows, sigma, class_ids, prefix, keys, on_chunk=hook,
+                                                skip=skip)
     except Exception as exc:  # noqa: BLE001 -- a failed forward (e.g. out of memory) fails these requests only
         log.exception("forward of %d inputs failed", len(units))
         return dict.fromkeys(range(len(requests)), exc)
     per: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(requests))}
+    skipped: set[int] = set()
     for (r, _), unit in zip(owners, results, strict=True):
-        per[r].append(unit[0])  # (N, C)
+        if unit:
+            per[r].append(unit[0])  # (N, C)
+        else:
+            skipped.add(r)
     n_classes = len(engine.classifier.labels) if class_ids is None else len(class_ids)
-    return {r: torch.stack(v) if v else torch.empty((0, requests[r].n_samples, n_classes))
+    return {r: RequestCancelled("cancelled before all its inputs ran") if r in skipped else
+            torch.stack(v) if v else torch.empty((0, requests[r].n_samples, n_classes))
             for r, v in per.items()}  # (B_r, N, C)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,10 @@ def cache_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / "sigma" / f"{digest}.json"
 
 
-def load(cache_dir: str | Path, key: dict[str, Any]) -> SearchResult | None:
-    """The cached result for ``key``, or None (missing, corrupt or for another key: warned)."""
+def load(cache_dir: str | Path, key: dict[str, Any],
+         check: Callable[[SearchResult], None] | None = None) -> SearchResult | None:
+    """The cached result for ``key``, or None (missing, corrupt, for another key, or refused by
+    ``check``, a ``ValueError`` naming what is implausible: warned)."""
     path = cache_path(cache_dir, key)
     if not path.exists():
         return None
@@ -65,11 +67,13 @@ def load(cache_dir: str | Path, key: dict[str, Any]) -> SearchResult | None:
             log.warning("sigma cache %s holds another key; recomputing", path)
             return None
         result = SearchResult.from_dict(data["result"])
-        if not (result.sigma >= 0.0 and result.sigma == result.sigma):
+        if not (isinstance(result.sigma, (int, float)) and 0.0 <= result.sigma < float("inf")):
             raise ValueError(f"sigma {result.sigma!r}")
+        if check is not None:
+            check(result)
         return result
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("sigma cache %s is unreadable (%s); recomputing", path, exc)
+        log.warning("sigma cache %s is unreadable or implausible (%s); recomputing", path, exc)
         return None
 
 

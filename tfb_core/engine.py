@@ -24,7 +24,7 @@ from tfb_core.posterior import NoiseDraw
 from tfb_core.published import PublishedError, reference_anchor, task_dataset
 from tfb_core.published import parse as parse_published
 from tfb_core.sampling import BayesianClassifier, rows_of
-from tfb_core.search import SearchResult, search_sigma
+from tfb_core.search import SearchResult, check_result, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
 from tfb_core.uncertainty import summarize
 
@@ -103,6 +103,8 @@ class EngineConfig:
 def read_jsonl(path: str | Path) -> list[Record]:
     """Records of a JSON Lines file; a bad line is an error naming the file and line."""
     p = Path(path)
+    if p.is_dir():
+        raise LoadError(f"anchor file {str(p)!r} is a directory: give a JSON Lines file")
     if not p.is_file():
         raise LoadError(f"anchor file {str(p)!r}: no such file")
     records: list[Record] = []
@@ -184,7 +186,7 @@ class TFBEngine:
             raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
         key = cls.cache_key(cfg, clf, task, prompts, targets)
         cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
-        result = cache.load(cache_dir, key)
+        result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
         if result is not None:
             log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
             return cls(cfg, clf, task, result.sigma, "cache", result)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tfb_core.config import ModelConfig, PosteriorConfig
+from tfb_core.tasks import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ def load_classifier(cfg: ModelConfig, labels: Sequence[str], posterior: Posterio
     try:
         clf = BayesianClassifier.from_peft(peft_model, tokenizer, labels, d_floor=posterior.d_floor,
                                            max_length=cfg.max_length)
+    except TaskError as exc:  # the labels do not fit the tokenizer: not the adapter's fault
+        raise LoadError(f"labels {list(labels)} with the tokenizer of {cfg.model!r}: {exc}") from exc
     except ValueError as exc:
         raise LoadError(f"adapter {cfg.adapter!r}: {exc}") from exc
     if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):

@@ -107,6 +107,11 @@ class PromptTooLongError(ValueError):
     """A prompt with more tokens than the configured maximum."""
 
 
+class EmptyPromptError(ValueError):
+    """A prompt with no tokens at all (e.g. blank, with a tokenizer that adds no BOS): nothing to
+    classify, and padded into a batch it would read only padding."""
+
+
 @dataclass
 class Job:
     """One input of a batched forward: its tokens, its N, and the noise its samples use."""
@@ -226,10 +231,13 @@ class BayesianClassifier:
         with :attr:`truncate`, cut from the right at ``max_length`` by the tokenizer as the
         reference code did (the paper's tasks: the adapters were trained and evaluated so)."""
         if self.truncate:
-            return self.tokenizer(list(prompts), add_special_tokens=True, truncation=True,
-                                  max_length=self.max_length)["input_ids"]
-        out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+            out = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True,
+                                 max_length=self.max_length)["input_ids"]
+        else:
+            out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         for i, toks in enumerate(out):
+            if not toks:
+                raise EmptyPromptError(f"input {i} has no tokens: nothing to classify")
             if len(toks) > self.max_length:
                 raise PromptTooLongError(f"input {i} is {len(toks)} tokens, more than the maximum of "
                                          f"{self.max_length}")
@@ -257,18 +265,25 @@ class BayesianClassifier:
     def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float,
                     class_ids: torch.Tensor | None = None, prefix: int | None = None,
                     keys: Sequence[Any] | None = None,
-                    on_chunk: Callable[[int, int], None] | None = None) -> list[list[torch.Tensor]]:
+                    on_chunk: Callable[[int, int], None] | None = None,
+                    skip: Callable[[int], bool] | None = None) -> list[list[torch.Tensor]]:
         """Plan forwards by length (:meth:`plan`), run them, and return the results in input order.
 
         A unit is what must share a forward: one input's jobs (one job, or the same tokens under
         several draws, as the sigma search has). All jobs of a unit have its first job's tokens.
         Returns per unit the (n_i, C) per-sample probabilities of each of its jobs. ``keys``: per
         unit, what keeps units apart where a forward of one key is cheaper (a draw and its N);
-        ``on_chunk(units, rows)`` after each forward.
+        ``on_chunk(units, rows)`` after each forward. ``skip(unit)``, asked just before the forward a
+        unit is planned in: True leaves it out (its result is an empty list); the others' answers do
+        not depend on it.
         """
         rows = [sum(rows_of(job.n_samples, sigma) for job in unit) for unit in units]
         out: list[list[torch.Tensor]] = [[] for _ in units]
         for chunk in self.plan([unit[0].tokens for unit in units], rows, max_rows, keys):
+            if skip is not None:
+                chunk = [u for u in chunk if not skip(u)]
+                if not chunk:
+                    continue
             jobs = [job for u in chunk for job in units[u]]
             results = iter(self.run_jobs(jobs, sigma, class_ids, prefix))
             for u in chunk:
@@ -392,7 +407,9 @@ class BayesianClassifier:
         ``prefix``: the shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
         """
         noisy = sigma > 0.0
-        for job in jobs:
+        for j, job in enumerate(jobs):
+            if not job.tokens:
+                raise EmptyPromptError(f"job {j} has no tokens: nothing to classify")
             if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
                 raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
         layout = row_layout([job.n_samples for job in jobs],

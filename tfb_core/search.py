@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tfb_core.config import SearchConfig
+from tfb_core.config import PosteriorConfig, SearchConfig
 from tfb_core.posterior import NoiseDraw
 from tfb_core.uncertainty import accuracy, nll
 
@@ -105,6 +105,26 @@ def _bracket(rec: _Recorder, low: float, high: float, max_expansions: int) -> tu
             break
         hi, lo = lo, rec.one(lo.sigma / 2.0)
     return (lo if lo.ok else None), hi
+
+
+def reachable_range(cfg: SearchConfig) -> tuple[float, float]:
+    """The smallest and largest sigma a search with ``cfg`` can return, besides 0 (its bracket,
+    expanded ``max_expansions`` times each way: by 2 for bisection, by the bracket's ratio for the grid)."""
+    factor = 2.0 if cfg.method == "bisect" else cfg.high / cfg.low
+    return cfg.low / factor**cfg.max_expansions, cfg.high * factor**cfg.max_expansions
+
+
+def check_result(result: SearchResult, cfg: SearchConfig) -> None:
+    """``ValueError`` unless ``result`` is one a search with ``cfg`` could have produced: a finite
+    sigma >= 0 (as a given sigma must be), 0 or within :func:`reachable_range`, a finite criterion."""
+    PosteriorConfig(sigma=result.sigma)  # finite, >= 0
+    lo, hi = reachable_range(cfg)
+    if result.sigma != 0.0 and not lo * (1 - 1e-9) <= result.sigma <= hi * (1 + 1e-9):
+        raise ValueError(f"sigma {result.sigma!r} is outside what the search reaches [{lo:.3g}, {hi:.3g}]")
+    if not math.isfinite(result.value):
+        raise ValueError(f"criterion value {result.value!r} is not finite")
+    if result.criterion != cfg.criterion:
+        raise ValueError(f"criterion {result.criterion!r}, expected {cfg.criterion!r}")
 
 
 def bisect(objective: Objective, cfg: SearchConfig) -> SearchResult:

@@ -151,8 +151,8 @@ class Task:
         if self.formatter is None:
             if isinstance(record, Mapping):
                 record = _text(record, "prompt")
-            if not isinstance(record, str) or not record:
-                raise TaskError("an input must be a non-empty prompt string")
+            if not isinstance(record, str) or not record.strip():
+                raise TaskError("an input must be a non-blank prompt string")
             return record
         if isinstance(record, str):
             if len(self.fields) == 1:  # e.g. sst2: a bare string is its one field, the sentence
