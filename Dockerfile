@@ -32,8 +32,11 @@ COPY deploy/docker/ /opt/build/
 RUN { cat /etc/ssl/certs/ca-certificates.crt; \
       find /opt/build/ca -type f \( -name '*.crt' -o -name '*.pem' \) -exec cat {} +; } > /opt/build/ca-bundle.pem
 
+# PIP_INDEX_URL: a PyPI mirror (devpi, Artifactory...) where pypi.org is not reachable.
+ARG PIP_INDEX_URL=https://pypi.org/simple
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
+    PIP_INDEX_URL=${PIP_INDEX_URL} \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_CERT=/opt/build/ca-bundle.pem \
@@ -48,7 +51,7 @@ RUN python3 -m venv "$VIRTUAL_ENV"
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 WORKDIR /src
 COPY requirements.lock ./
-RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple -c requirements.lock torch \
+RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PIP_INDEX_URL}" -c requirements.lock torch \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # Dependencies of pyproject.toml, pinned by the lock: this layer is rebuilt only when they change,
