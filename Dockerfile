@@ -1,17 +1,23 @@
-# syntax=docker/dockerfile:1
 #
-# tfb-serve image. One Dockerfile, three variants chosen by build args:
+# tfb-serve image. One Dockerfile, the variants chosen by build args:
 #
 #   GPU (default):  docker build -t tfb-serve .
-#   CPU:            docker build -t tfb-serve:cpu --build-arg BASE_IMAGE=ubuntu:24.04 \
+#   CPU:            docker build -t tfb-serve:cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
 #                       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg EXTRAS= .
 #   Ray Serve:      docker build -t tfb-serve:ray --build-arg EXTRAS="cuda ray" .
 #
-# The GPU base is nvidia/cuda's *base* flavour: the torch wheel brings its own CUDA runtime,
-# cuBLAS and cuDNN, so the larger -runtime/-cudnn images would only ship them twice. Both
-# bases are Ubuntu 24.04, so the interpreter (python3.12) and the venv path are the same.
+# Plain Dockerfile syntax (no `# syntax=` line, no RUN --mount): the classic builder, BuildKit and
+# docker-compose 1.29 build it without pulling a frontend image. Without a registry, make the base
+# with scripts/docker_base.sh; behind a proxy that re-signs TLS, put its CA in deploy/docker/ca/;
+# wheels in deploy/docker/wheels/ are preferred to the index (the CPU torch wheel, an air-gapped
+# build). Both stay in the builder stage. scripts/docker_smoke.sh builds and checks it all.
+#
+# The GPU base is nvidia/cuda's *base* flavour, at the CUDA major of the locked torch (13): the
+# torch wheel brings its own CUDA runtime, cuBLAS and cuDNN, so the -runtime/-cudnn images would
+# only ship them twice. Any Debian/Ubuntu base with python3 >= 3.10 works (requirements.lock is
+# universal): the CPU image uses Debian bookworm (python3.11).
 
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 
 FROM ${BASE_IMAGE} AS builder
 
@@ -20,28 +26,44 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
+# Extra CA certificates (*.crt, *.pem) are added to the system bundle for pip in this stage only;
+# local wheels become pip's find-links. The runtime stage copies neither.
+COPY deploy/docker/ /opt/build/
+RUN { cat /etc/ssl/certs/ca-certificates.crt; \
+      find /opt/build/ca -type f \( -name '*.crt' -o -name '*.pem' \) -exec cat {} +; } > /opt/build/ca-bundle.pem
+
+# PIP_INDEX_URL: a PyPI mirror (devpi, Artifactory...) where pypi.org is not reachable.
+ARG PIP_INDEX_URL=https://pypi.org/simple
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
+    PIP_INDEX_URL=${PIP_INDEX_URL} \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    PIP_CERT=/opt/build/ca-bundle.pem \
+    PIP_FIND_LINKS=/opt/build/wheels \
+    PIP_DEFAULT_TIMEOUT=120
 RUN python3 -m venv "$VIRTUAL_ENV"
 
+# Every version comes from requirements.lock (scripts/lock.sh: generated from pyproject.toml).
 # torch first, from the index the variant needs (PyPI's Linux wheel is the CUDA build; the CPU
-# index saves ~3 GB), so the dependency layer below finds it satisfied and never swaps it.
+# index, or a CPU wheel in deploy/docker/wheels, saves ~3 GB), so the dependency layer below finds
+# it satisfied and never swaps it: the lock's `torch==X` matches both X and X+cpu.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-ARG TORCH_VERSION=2.13.0
-RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY requirements.lock ./
+RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url "${PIP_INDEX_URL}" -c requirements.lock torch \
+    && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Dependencies from pyproject.toml alone: this layer is rebuilt only when pyproject.toml changes,
+# Dependencies of pyproject.toml, pinned by the lock: this layer is rebuilt only when they change,
 # not on every source edit. EXTRAS names optional-dependency groups (space separated).
 ARG EXTRAS=cuda
-WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 opt = p.get('optional-dependencies', {}); \
 deps = list(p['dependencies']) + [d for g in sys.argv[1:] for d in opt[g]]; \
 open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" ${EXTRAS} \
-    && pip install -r /tmp/requirements.txt
+    && pip install -c requirements.lock -r /tmp/requirements.txt \
+    && pip check
 
 # The package itself, from the repository (not editable, no dependency resolution: done above).
 COPY README.md ./

@@ -122,7 +122,8 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_hadolint_clean():
-    proc = run([tool("hadolint"), "--failure-threshold", "info", str(ROOT / "Dockerfile")])
+    proc = run([tool("hadolint"), "--failure-threshold", "info", str(ROOT / "Dockerfile"),
+                str(DEPLOY / "prometheus" / "Dockerfile")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -236,6 +237,20 @@ def test_compose_cpu_variant():
         "the CPU variant runs the embedded default: no model settings"
     for name in ("prometheus", "grafana"):
         assert "profiles" not in svc[name]
+
+
+def test_compose_ca_override():
+    """The run-time CA: mounted read-only from TFB_CA_BUNDLE (required), named by pip's and TLS's variables."""
+    files = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.ca.yml"]
+    cmd = [tool("docker-compose"), *[a for f in files for a in ("-f", str(DEPLOY / f))], "config"]
+    proc = run(cmd, cwd=DEPLOY, env={**COMPOSE_ENV, "TFB_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt"})
+    assert proc.returncode == 0, proc.stderr
+    cpu = yaml.safe_load(proc.stdout)["services"]["tfb-cpu"]
+    assert "/etc/ssl/certs/ca-certificates.crt:/run/tfb/ca-bundle.pem:ro" in cpu["volumes"]
+    assert {cpu["environment"][k] for k in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")} == {"/run/tfb/ca-bundle.pem"}
+    assert "profiles" not in cpu and cpu["image"] == "tfb-serve:cpu"
+    missing = run(cmd, cwd=DEPLOY, env=COMPOSE_ENV)
+    assert missing.returncode != 0 and "TFB_CA_BUNDLE" in missing.stderr
 
 
 def test_compose_mounts_exist():
