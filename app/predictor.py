@@ -115,9 +115,14 @@ class Predictor:
         seed = self.engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         out_labels = labels or self.labels
+        alpha, max_risk = req.alpha, req.max_risk
+        self.engine.check_conformal(alpha, max_risk)
+        if labels is not None and (alpha is not None or max_risk is not None):
+            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
+                            f"got labels {list(labels)}")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = self.engine.response(sample_probs, return_samples)
+            out = self.engine.response(sample_probs, return_samples, alpha, max_risk)
             if labels is not None:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:

@@ -45,6 +45,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--samples", type=int, default=None, help="Monte Carlo samples N (default 10)")
     s.add_argument("--seed", type=int, default=None, help="seed of the posterior samples (default 0)")
     s.add_argument("--anchor", default=None, help="JSONL anchor set for the sigma search")
+    s.add_argument("--calibration", default=None,
+                   help="labelled JSONL for prediction sets and abstention (default: half of a labelled anchor)")
     s.add_argument("--criterion", choices=CRITERIA, default=None, help=f"search criterion (default {_SEARCH.criterion})")
     s.add_argument("--tolerance", type=float, default=None, help=f"search tolerance (default {_SEARCH.tolerance})")
     s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
@@ -75,7 +77,8 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     base = base or EngineConfig()
     model = ModelConfig(**{**base.model.__dict__, **_given(args, MODEL_FLAGS)})
     search = SearchConfig(**{**base.search.__dict__, **_given(args, SEARCH_FLAGS)})
-    top = _given(args, {"task": "task", "sigma": "sigma", "anchor": "anchor", "samples": "n_samples", "seed": "seed"})
+    top = _given(args, {"task": "task", "sigma": "sigma", "anchor": "anchor", "calibration": "calibration",
+                        "samples": "n_samples", "seed": "seed"})
     if getattr(args, "labels", None):
         top["labels"] = tuple(args.labels)
     return EngineConfig(**{**base.__dict__, "model": model, "search": search, **top})
