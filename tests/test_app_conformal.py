@@ -53,17 +53,17 @@ def test_sets_and_abstention_match_the_calibration(client, settings):
     assert engine.calibration is not None
     for score in ("lac", "aps"):
         assert list(engine.calibration.scores[score]) == pytest.approx(list(cal.scores[score]), abs=1e-6)
-    r = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.4})
+    r = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9})
     assert r.status_code == 200, r.text
     out = r.json()
     probs = torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64)
     sets = cal.prediction_sets(probs, 0.2, "lac").sets
-    abstain, th = cal.abstain(probs.max(1).values, 0.4, 0.1)
+    abstain, th = cal.abstain(probs.max(1).values, 0.9, 0.1)
     for p, s, a in zip(out["predictions"], sets, abstain, strict=True):
         assert p["prediction_set"] == [LABELS[c] for c in s]
         assert p["abstain"] is a
     assert out["conformal"]["supported"] and out["conformal"]["score"] == "lac"
-    assert out["abstention"]["supported"] == th.supported
+    assert out["abstention"]["supported"] == th.supported and th.supported
 
 
 def test_fields_only_when_asked(client):
@@ -136,3 +136,38 @@ def test_anchor_split_is_seeded_disjoint_and_held_out_of_the_search(tiny, tmp_pa
     assert engine.calibration.n == 10 and "held out" in engine.calibration.source
     assert engine.search_result is not None
     assert math.isfinite(engine.sigma)
+
+
+def test_metrics_count_sets_abstentions_and_realised_coverage(client):
+    from test_app_support import metric_samples
+
+    def scrape():
+        return metric_samples(client.get("/metrics").text)
+
+    def value(samples, name):
+        return samples.get((name, frozenset()), 0.0)
+
+    before = scrape()
+    out = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9}).json()
+    preds = out["predictions"]
+    truth = [LABELS[0], LABELS[1], LABELS[1], LABELS[0]]
+    for p, y in zip(preds, truth, strict=True):
+        assert client.post("/feedback", json={"id": p["id"], "label": y}).status_code == 200
+    after = scrape()
+
+    def delta(name):
+        return value(after, name) - value(before, name)
+
+    sizes = sum(len(p["prediction_set"]) for p in preds)
+    covered = sum(y in p["prediction_set"] for p, y in zip(preds, truth, strict=True))
+    answered = [(p, y) for p, y in zip(preds, truth, strict=True) if not p["abstain"]]
+    assert out["abstention"]["supported"] and answered  # max_risk 0.9: the tiny model certifies a threshold
+    assert delta("tfb_predictions_with_set_total") == 4 and delta("tfb_prediction_set_size_sum_total") == sizes
+    assert delta("tfb_predictions_with_max_risk_total") == 4
+    assert delta("tfb_abstentions_total") == sum(p["abstain"] for p in preds)
+    assert delta("tfb_confidence_sum_total") == pytest.approx(sum(p["confidence"] for p in preds), abs=1e-6)
+    assert delta("tfb_feedback_with_set_total") == 4 and delta("tfb_feedback_set_covered_total") == covered
+    assert delta("tfb_feedback_set_target_sum_total") == pytest.approx(4 * 0.8)
+    assert delta("tfb_feedback_answered_total") == len(answered)
+    assert delta("tfb_feedback_answered_wrong_total") == sum(p["label"] != y for p, y in answered)
+    assert 0.5 <= value(after, "tfb_estimated_accuracy") <= 1.0
