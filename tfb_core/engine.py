@@ -240,8 +240,11 @@ class TFBEngine:
                 log.warning("calibration cache unreadable (%s); recomputing", exc)
         if self.calibration is None:
             noise = self.noise(cfg.seed, cfg.n_samples)
-            probs = self.classifier.sample_probs(prompts, cfg.n_samples, sigma=self.sigma, noise=noise,
-                                                 max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
+            try:
+                probs = self.classifier.sample_probs(prompts, cfg.n_samples, sigma=self.sigma, noise=noise,
+                                                     max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
+            except ValueError as exc:  # e.g. a prompt over max_length
+                raise LoadError(f"calibration data ({source}): {exc}") from exc
             self.calibration = Calibration.fit(summarize(probs).probs.double(), targets, source)
             path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
             log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
