@@ -171,3 +171,18 @@ def test_metrics_count_sets_abstentions_and_realised_coverage(client):
     assert delta("tfb_feedback_answered_total") == len(answered)
     assert delta("tfb_feedback_answered_wrong_total") == sum(p["label"] != y for p, y in answered)
     assert 0.5 <= value(after, "tfb_estimated_accuracy") <= 1.0
+
+
+def test_cli_predict_sets_match_the_server(client, tiny, cal_file, capsys):
+    from tfb_core.cli import main
+
+    args = ["predict", "--model", tiny["model"], "--adapter", tiny["adapter"], "--labels", *LABELS, "--sigma", "0.05",
+            "--cache-dir", str(Path(make_settings(tiny).cache_dir)), "--calibration", str(cal_file), "--alpha", "0.2",
+            "--json", *[a for p in PROMPTS for a in ("--prompt", p)]]
+    assert main(args) == 0
+    cli = json.loads(capsys.readouterr().out)
+    server = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2}).json()
+    assert [p["prediction_set"] for p in cli["predictions"]] == [p["prediction_set"] for p in server["predictions"]]
+    with pytest.raises(SystemExit):
+        main([*args[:-1 - 2 * len(PROMPTS)], "--alpha", "1.5"])
+    assert "--alpha must be in (0, 1)" in capsys.readouterr().err

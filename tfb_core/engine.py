@@ -317,13 +317,15 @@ class TFBEngine:
         return prompts
 
     def predict(self, inputs: Sequence[str | Record], n_samples: int | None = None, seed: int | None = None,
-                return_samples: bool = False) -> dict[str, Any]:
+                return_samples: bool = False, alpha: float | None = None,
+                max_risk: float | None = None) -> dict[str, Any]:
         """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
         n = n_samples or self.cfg.n_samples
+        self.check_conformal(alpha, max_risk)  # before the forward
         noise = self.noise(self.cfg.seed if seed is None else seed, n)
         probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
                                              max_rows=self.cfg.max_rows, prefix=self.prompt_prefix or None)  # (B, N, C)
-        return self.response(probs, return_samples)
+        return self.response(probs, return_samples, alpha, max_risk)
 
     def check_conformal(self, alpha: float | None, max_risk: float | None) -> None:
         """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
