@@ -92,6 +92,29 @@ class Metrics:
         self.recent_count = Gauge("tfb_recent_count", "labelled predictions in the recent window (<= K)", registry=r)
         self._recent: deque[tuple[list[float], int]] = deque(maxlen=recent_window)
         self._recent_dirty = False
+        # prediction sets and abstention (tfb_core.conformal); label-free accuracy estimate
+        self.with_set = Counter("tfb_predictions_with_set", "predictions that got a prediction set (alpha)",
+                                registry=r)
+        self.set_size = Counter("tfb_prediction_set_size_sum", "sum of prediction set sizes", registry=r)
+        self.with_risk = Counter("tfb_predictions_with_max_risk", "predictions asked to abstain or not (max_risk)",
+                                 registry=r)
+        self.abstentions = Counter("tfb_abstentions", "predictions that abstained at their max_risk", registry=r)
+        self.confidence_sum = Counter("tfb_confidence_sum", "sum of top-label confidences of predictions "
+                                      "(/ tfb_prediction_confidence_count: label-free accuracy estimate)", registry=r)
+        self.estimated_accuracy = Gauge("tfb_estimated_accuracy", "mean confidence of the last K predictions: "
+                                        "their expected accuracy if calibrated (label-free, as CBPE)", registry=r)
+        self.fb_with_set = Counter("tfb_feedback_with_set", "labelled predictions that had a prediction set",
+                                   registry=r)
+        self.fb_covered = Counter("tfb_feedback_set_covered", "labelled predictions whose set held the true label",
+                                  registry=r)
+        self.fb_target = Counter("tfb_feedback_set_target_sum", "sum of 1 - alpha over labelled predictions with "
+                                 "a set (their promised coverage)", registry=r)
+        self.fb_answered = Counter("tfb_feedback_answered", "labelled predictions answered (not abstained) under "
+                                   "a max_risk", registry=r)
+        self.fb_answered_wrong = Counter("tfb_feedback_answered_wrong", "of those, the wrong ones", registry=r)
+        self.fb_risk_target = Counter("tfb_feedback_max_risk_sum", "sum of max_risk over labelled answered "
+                                      "predictions", registry=r)
+        self._recent_conf: deque[float] = deque(maxlen=recent_window)
 
     # --- uncertainty ----------------------------------------------------------------------------
     def observe_predictions(self, predictions: Sequence[dict], configured_labels: Sequence[str]) -> None:
@@ -101,6 +124,31 @@ class Metrics:
             self.predictive_entropy.observe(p["predictive_entropy"])
             self.mutual_information.observe(p["mutual_information"])
             self.predictions.labels(label=p["label"] if p["label"] in known else OTHER_LABEL).inc()
+            self.confidence_sum.inc(p["confidence"])
+            self._recent_conf.append(p["confidence"])
+            if p.get("prediction_set") is not None:
+                self.with_set.inc()
+                self.set_size.inc(len(p["prediction_set"]))
+            if p.get("abstain") is not None:
+                self.with_risk.inc()
+                if p["abstain"]:
+                    self.abstentions.inc()
+        if self._recent_conf:
+            self.estimated_accuracy.set(math.fsum(self._recent_conf) / len(self._recent_conf))
+
+    def observe_feedback_conformal(self, covered: bool | None, alpha: float | None, answered: bool | None,
+                                   correct: bool, max_risk: float | None) -> None:
+        """Realised coverage and selective risk of one labelled prediction (None: not asked for)."""
+        if covered is not None and alpha is not None:
+            self.fb_with_set.inc()
+            self.fb_target.inc(1.0 - alpha)
+            if covered:
+                self.fb_covered.inc()
+        if answered and max_risk is not None:
+            self.fb_answered.inc()
+            self.fb_risk_target.inc(max_risk)
+            if not correct:
+                self.fb_answered_wrong.inc()
 
     # --- calibration ----------------------------------------------------------------------------
     def observe_feedback(self, probs: Sequence[float], target: int) -> None:

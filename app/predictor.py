@@ -32,6 +32,10 @@ class Record:
     probs: list[float]
     index: int
     labelled: bool = False
+    prediction_set: tuple[str, ...] | None = None  # and the alpha it was made at
+    alpha: float | None = None
+    abstain: bool | None = None  # and the max_risk it was decided at
+    max_risk: float | None = None
 
 
 class LabelStore(Protocol):
@@ -115,9 +119,14 @@ class Predictor:
         seed = self.engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         out_labels = labels or self.labels
+        alpha, max_risk = req.alpha, req.max_risk
+        self.engine.check_conformal(alpha, max_risk)
+        if labels is not None and (alpha is not None or max_risk is not None):
+            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
+                            f"got labels {list(labels)}")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = self.engine.response(sample_probs, return_samples)
+            out = self.engine.response(sample_probs, return_samples, alpha, max_risk)
             if labels is not None:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:
@@ -136,7 +145,9 @@ class Predictor:
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
-            self.store.add(pred_id, Record(labels, p["probs"], p["index"]))
+            self.store.add(pred_id, Record(labels, p["probs"], p["index"],
+                                           prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
+                                           alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
             predictions.append({"id": pred_id, **p})
         out["predictions"] = predictions
         self.metrics.observe_predictions(predictions, self.labels)
@@ -145,5 +156,8 @@ class Predictor:
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         record, target = await self.store.label(req.id, lambda r: generic_task(r.labels).label_index(req.label))
         self.metrics.observe_feedback(record.probs, target)
+        covered = None if record.prediction_set is None else record.labels[target] in record.prediction_set
+        answered = None if record.abstain is None else not record.abstain
+        self.metrics.observe_feedback_conformal(covered, record.alpha, answered, record.index == target, record.max_risk)
         return {"id": req.id, "label": record.labels[target], "index": target, "correct": record.index == target,
                 "confidence": max(record.probs)}

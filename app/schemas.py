@@ -28,6 +28,10 @@ class PredictRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
                              description="seed of this request's posterior samples (default: the server's)")
     return_samples: bool = Field(False, description="also return the per-sample probabilities")
+    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="miscoverage: each prediction gets a "
+                                "prediction_set holding the true label with probability >= 1 - alpha")
+    max_risk: float | None = Field(None, gt=0.0, lt=1.0, description="each prediction gets abstain, so that "
+                                   "the error rate among answered inputs is <= max_risk (w.p. >= 1 - delta)")
 
 
 class Prediction(BaseModel):
@@ -40,6 +44,8 @@ class Prediction(BaseModel):
     expected_entropy: float = Field(description="mean of H[p_n] in nats (aleatoric)")
     mutual_information: float = Field(description="predictive minus expected entropy (epistemic)")
     samples: list[list[float]] | None = Field(None, description="per-sample probabilities (N x C), if asked")
+    prediction_set: list[str] | None = Field(None, description="conformal prediction set, if alpha was given")
+    abstain: bool | None = Field(None, description="whether to abstain at max_risk, if it was given")
 
 
 class PredictResponse(BaseModel):
@@ -47,6 +53,8 @@ class PredictResponse(BaseModel):
     sigma: float
     n_samples: int
     predictions: list[Prediction]
+    conformal: dict[str, Any] | None = Field(None, description="alpha, score, and whether the data support it")
+    abstention: dict[str, Any] | None = Field(None, description="max_risk, delta, threshold, and whether supported")
 
 
 class FeedbackRequest(BaseModel):

@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     search_method: Literal["bisect", "grid"] = _SEARCH.method
     d_floor: float = _ENGINE.d_floor
 
+    # --- prediction sets and abstention (tfb_core.conformal) ------------------------------------
+    calibration: str | None = Field(None, description="labelled JSON Lines for prediction sets and abstention "
+                                    "(unset: the demo's bundled file, or a calibration_split of a labelled anchor)")
+    calibration_split: float = Field(_ENGINE.calibration_split, ge=0.0, lt=1.0,
+                                     description="fraction of a labelled anchor held out of the sigma search")
+    conformal_score: Literal["lac", "aps"] = Field("lac", description="nonconformity score of prediction sets")
+    conformal_mondrian: bool = Field(False, description="class-conditional (Mondrian) prediction sets")
+    risk_delta: float = Field(_ENGINE.risk_delta, gt=0.0, lt=1.0,
+                              description="abstention: max_risk holds with probability >= 1 - delta")
+
     # --- Monte Carlo ---------------------------------------------------------------------------
     n_samples: int = Field(_ENGINE.n_samples, ge=1, description="default N per request")
     max_samples: int = Field(64, ge=1, le=1024, description="largest N a request may ask for")
@@ -164,4 +174,6 @@ class Settings(BaseSettings):
                             anchor=self.anchor, search=search, d_floor=self.d_floor, n_samples=self.n_samples,
                             seed=self.seed, max_rows=self.max_batch_rows,
                             forward_overhead_tokens=self.forward_overhead_tokens,
-                            max_batch_tokens=self.max_batch_tokens)
+                            max_batch_tokens=self.max_batch_tokens, calibration=self.calibration,
+                            calibration_split=self.calibration_split, conformal_score=self.conformal_score,
+                            conformal_mondrian=self.conformal_mondrian, risk_delta=self.risk_delta)

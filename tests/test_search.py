@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -242,7 +243,9 @@ def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
 
     sampling.PrefixCache.put = spy
     try:
-        engine = TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path), progress=False)
+        # no held-out calibration: its forward would (rightly) cache the serving prefix
+        cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path), calibration_split=0.0)
+        engine = TFBEngine.load(cfg, progress=False)
     finally:
         sampling.PrefixCache.put = put
     assert engine.sigma_source == "search" and kept  # the search did keep prefixes while it ran

@@ -80,8 +80,35 @@ def load(cache_dir: str | Path, key: dict[str, Any],
 def save(cache_dir: str | Path, key: dict[str, Any], result: SearchResult) -> Path:
     """Write atomically: a temporary file in the same folder, fsynced, then renamed into place."""
     path = cache_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"format": CACHE_FORMAT, "key": key, "result": result.to_dict()}, indent=1, sort_keys=True)
+    return _write_atomic(path, payload)
+
+
+def load_json(cache_dir: str | Path, key: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """Another cached result (e.g. ``kind="calibration"``) for ``key``, or None (missing, corrupt, other key)."""
+    path = cache_path(cache_dir, key).parent.parent / kind / cache_path(cache_dir, key).name
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != CACHE_FORMAT or canonical(data["key"]) != canonical(key):
+            log.warning("%s cache %s holds another key or format; recomputing", kind, path)
+            return None
+        return dict(data["result"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s cache %s is unreadable (%s); recomputing", kind, path, exc)
+        return None
+
+
+def save_json(cache_dir: str | Path, key: dict[str, Any], result: dict[str, Any], kind: str) -> Path:
+    """Write ``result`` for ``key`` under ``kind/``, atomically as :func:`save`."""
+    path = cache_path(cache_dir, key).parent.parent / kind / cache_path(cache_dir, key).name
+    payload = json.dumps({"format": CACHE_FORMAT, "key": key, "result": result}, sort_keys=True)
+    return _write_atomic(path, payload)
+
+
+def _write_atomic(path: Path, payload: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

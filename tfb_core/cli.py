@@ -51,6 +51,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None, help="seed of the posterior samples (default 0)")
     s.add_argument("--anchor", default=None, help="JSONL anchor set for the sigma search (default for --published "
                    "and the paper's tasks: 500 training records shuffled with seed 42, read with datasets and cached)")
+    s.add_argument("--calibration", default=None,
+                   help="labelled JSONL for prediction sets and abstention (default: none, or a held-out share "
+                        "of a labelled anchor with TFB_CALIBRATION_SPLIT)")
     s.add_argument("--criterion", choices=CRITERIA, default=None, help=f"search criterion (default {_SEARCH.criterion})")
     s.add_argument("--tolerance", type=float, default=None, help=f"search tolerance (default {_SEARCH.tolerance})")
     s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
@@ -82,6 +85,7 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     model = ModelConfig(**{**base.model.__dict__, **_given(args, MODEL_FLAGS)})
     search = SearchConfig(**{**base.search.__dict__, **_given(args, SEARCH_FLAGS)})
     top = _given(args, {"published": "published", "task": "task", "sigma": "sigma", "anchor": "anchor",
+                        "calibration": "calibration",
                         "samples": "n_samples", "seed": "seed"})
     if getattr(args, "labels", None):
         top["labels"] = tuple(args.labels)
@@ -100,14 +104,16 @@ def _load_inputs(args: argparse.Namespace) -> list[Any]:
 def cmd_predict(args: argparse.Namespace) -> int:
     engine = TFBEngine.load(engine_config_from_args(args))
     out = engine.predict(_load_inputs(args), n_samples=args.samples, seed=args.seed,
-                         return_samples=args.return_samples)
+                         return_samples=args.return_samples, alpha=args.alpha, max_risk=args.max_risk)
     if args.json:
         print(json.dumps(out))
     else:
         print(f"sigma={out['sigma']:.6g} ({engine.sigma_source})  N={out['n_samples']}  labels={out['labels']}")
         for p in out["predictions"]:
             print(f"{p['label']:>12}  conf={p['confidence']:.3f}  H={p['predictive_entropy']:.3f}  "
-                  f"aleatoric={p['expected_entropy']:.3f}  MI={p['mutual_information']:.4f}")
+                  f"aleatoric={p['expected_entropy']:.3f}  MI={p['mutual_information']:.4f}"
+                  + (f"  set={p['prediction_set']}" if "prediction_set" in p else "")
+                  + (f"  abstain={p['abstain']}" if "abstain" in p else ""))
     return 0
 
 
@@ -158,6 +164,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_unit(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number in (0, 1), got {text!r}") from None
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be in (0, 1), got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tfb", description="Training-Free Bayesianization of LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="an input prompt (generic task) ; repeatable")
     p.add_argument("--input", action="append", help="JSONL file of inputs (prompt strings' objects or task records)")
     p.add_argument("--return-samples", action="store_true", help="include the per-sample probabilities")
+    p.add_argument("--alpha", type=_open_unit("--alpha"), default=None,
+                   help="add a conformal prediction set of coverage >= 1 - alpha to each prediction")
+    p.add_argument("--max-risk", type=_open_unit("--max-risk"), default=None,
+                   help="add abstain: error among answered inputs <= max_risk (w.p. >= 1 - TFB_RISK_DELTA)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
     s = sub.add_parser("search", help="search sigma on an anchor set (or load it from the cache)")

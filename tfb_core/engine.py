@@ -19,6 +19,7 @@ import torch
 from tfb_core import __version__, cache
 from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
+from tfb_core.conformal import SCORES, Calibration
 from tfb_core.loading import LoadError, default_cache_dir, load_classifier
 from tfb_core.posterior import NoiseDraw
 from tfb_core.published import PublishedError, reference_anchor, task_dataset
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
 DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
+#: labelled SST-2 sentences neither the adapter nor the sigma search saw (the adapter's held-out test
+#: part): the demo's calibration set for prediction sets and abstention
+DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,15 @@ class EngineConfig:
     #: by length (None: by device)
     forward_overhead_tokens: float | None = None
     max_batch_tokens: float | None = None
+    #: labelled JSON Lines for conformal sets and abstention (None: a split of a labelled anchor)
+    calibration: str | None = None
+    #: fraction of a labelled anchor held out from the sigma search for calibration when no
+    #: calibration file is given and sigma is searched (0, the default: sigma is searched on all of
+    #: the anchor, as the reference does, and there is no calibration unless a file is given)
+    calibration_split: float = 0.0
+    conformal_score: str = "lac"
+    conformal_mondrian: bool = False
+    risk_delta: float = 0.1
 
     def __post_init__(self) -> None:
         if self.published is not None:
@@ -69,6 +82,12 @@ class EngineConfig:
                                  "name one (--published, or --adapter with --adapter-subfolder)")
             if self.task is not None and self.task.lower() not in (spec.task, spec.dataset.lower()):
                 raise ValueError(f"published adapter {spec.name!r} is for task {spec.task!r}, got task {self.task!r}")
+        if not 0.0 <= self.calibration_split < 1.0:
+            raise ValueError(f"calibration_split must be in [0, 1), got {self.calibration_split}")
+        if self.conformal_score not in SCORES:
+            raise ValueError(f"conformal_score must be one of {SCORES}, got {self.conformal_score!r}")
+        if not 0.0 < self.risk_delta < 1.0:
+            raise ValueError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
         if self.sigma is not None:
             PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
         if self.n_samples < 1:
@@ -97,6 +116,8 @@ class EngineConfig:
                 changes["task"] = "sst2"
             if self.anchor is None and self.sigma is None:
                 changes["anchor"] = str(DEMO_ANCHOR)
+            if self.calibration is None and self.calibration_split == 0.0:
+                changes["calibration"] = str(DEMO_CALIBRATION)
         return EngineConfig(**{**self.__dict__, **changes}) if changes else self
 
 
@@ -136,6 +157,13 @@ def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") 
     return prompts, (torch.tensor(targets) if labelled else None)
 
 
+def split_anchor(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(search indices, calibration indices): a seeded random ``fraction`` of n held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = int(round(n * fraction))
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
 class TFBEngine:
     """A Bayesianized classifier with its task, sigma, and default Monte Carlo noise."""
 
@@ -150,6 +178,9 @@ class TFBEngine:
         self.sigma_source = sigma_source
         self.search_result = search_result
         classifier.truncate = task.truncate
+        #: conformal sets and abstention thresholds' data (None: no labelled calibration data)
+        self.calibration: Calibration | None = None
+        self.calibration_note = "no labelled calibration data: set TFB_CALIBRATION (or a labelled anchor)"
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
         #: class-token ids of request label sets other than the task's (generic task)
         self.class_ids = ClassIds()
@@ -173,8 +204,11 @@ class TFBEngine:
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
         clf.truncate = task.truncate  # before the anchor is tokenized
         clf.max_batch_tokens = cfg.max_batch_tokens
+        cal = cls._calibration_file(cfg, task, clf)
         if cfg.sigma is not None:
-            return cls(cfg, clf, task, cfg.sigma, "fixed")
+            if cal is None and cfg.anchor:  # the anchor was not used to fit sigma: all of it calibrates
+                cal = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor) + (f"anchor {cfg.anchor}",)
+            return cls(cfg, clf, task, cfg.sigma, "fixed").calibrated(cal)
         if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
             cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
@@ -182,6 +216,12 @@ class TFBEngine:
             clf.tokenize(prompts)
         except ValueError as exc:
             raise LoadError(f"anchor file {cfg.anchor!r}: {exc}") from exc
+        if cal is None and targets is not None and cfg.calibration_split > 0 and len(prompts) >= 4:
+            # sigma is fitted on the anchor: the conformal step needs inputs the search did not see
+            keep, held = split_anchor(len(prompts), cfg.calibration_split, cfg.seed)
+            cal = ([prompts[i] for i in held], targets[held],
+                   f"anchor {cfg.anchor}: {len(held)} of {len(prompts)} held out of the sigma search (seed {cfg.seed})")
+            prompts, targets = [prompts[i] for i in keep], targets[keep]
         if cfg.search.criterion == "accuracy" and targets is None:
             raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
         key = cls.cache_key(cfg, clf, task, prompts, targets)
@@ -189,7 +229,7 @@ class TFBEngine:
         result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
         if result is not None:
             log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-            return cls(cfg, clf, task, result.sigma, "cache", result)
+            return cls(cfg, clf, task, result.sigma, "cache", result).calibrated(cal, key)
         log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
                  cfg.search.tolerance, cfg.search.n_samples)
         result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
@@ -198,7 +238,52 @@ class TFBEngine:
         clf.prefix_cache.clear()
         path = cache.save(cache_dir, key, result)
         log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
-        return cls(cfg, clf, task, result.sigma, "search", result)
+        return cls(cfg, clf, task, result.sigma, "search", result).calibrated(cal, key)
+
+    @staticmethod
+    def _calibration_file(cfg: EngineConfig, task: Task, clf: BayesianClassifier
+                          ) -> tuple[list[str], torch.Tensor | None, str] | None:
+        """(prompts, labels, source) of ``cfg.calibration``; every record must carry a label."""
+        if not cfg.calibration:
+            return None
+        prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration), cfg.calibration)
+        if targets is None:
+            raise LoadError(f"calibration file {cfg.calibration!r}: every record needs a label")
+        try:
+            clf.tokenize(prompts)
+        except ValueError as exc:
+            raise LoadError(f"calibration file {cfg.calibration!r}: {exc}") from exc
+        return prompts, targets, f"file {cfg.calibration}"
+
+    def calibrated(self, cal: tuple[list[str], torch.Tensor | None, str] | None,
+                   sigma_key: dict[str, Any] | None = None) -> TFBEngine:
+        """Compute (or load from the cache) the :class:`Calibration` of labelled ``cal`` under this
+        engine's sigma and default samples; returns self."""
+        if cal is None or cal[1] is None:
+            return self
+        prompts, targets, source = cal
+        cfg = self.cfg
+        key = {"sigma_key": sigma_key or self.cache_key(cfg, self.classifier, self.task, [], None),
+               "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed, "source": source,
+               "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())])}
+        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        data = cache.load_json(cache_dir, key, "calibration")
+        if data is not None:
+            try:
+                self.calibration = Calibration.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("calibration cache unreadable (%s); recomputing", exc)
+        if self.calibration is None:
+            noise = self.noise(cfg.seed, cfg.n_samples)
+            try:
+                probs = self.classifier.sample_probs(prompts, cfg.n_samples, sigma=self.sigma, noise=noise,
+                                                     max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
+            except ValueError as exc:  # e.g. a prompt over max_length
+                raise LoadError(f"calibration data ({source}): {exc}") from exc
+            self.calibration = Calibration.fit(summarize(probs).probs.double(), targets, source)
+            path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
+            log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
+        return self
 
     @staticmethod
     def default_anchor(cfg: EngineConfig, task: Task) -> Path:
@@ -281,18 +366,49 @@ class TFBEngine:
         return prompts
 
     def predict(self, inputs: Sequence[str | Record], n_samples: int | None = None, seed: int | None = None,
-                return_samples: bool = False) -> dict[str, Any]:
+                return_samples: bool = False, alpha: float | None = None,
+                max_risk: float | None = None) -> dict[str, Any]:
         """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
         n = n_samples or self.cfg.n_samples
+        self.check_conformal(alpha, max_risk)  # before the forward
         noise = self.noise(self.cfg.seed if seed is None else seed, n)
         probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
                                              max_rows=self.cfg.max_rows, prefix=self.prompt_prefix or None)  # (B, N, C)
-        return self.response(probs, return_samples)
+        return self.response(probs, return_samples, alpha, max_risk)
 
-    def response(self, sample_probs: torch.Tensor, return_samples: bool = False) -> dict[str, Any]:
-        """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``."""
+    def check_conformal(self, alpha: float | None, max_risk: float | None) -> None:
+        """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
+        if (alpha is not None or max_risk is not None) and self.calibration is None:
+            asked = "alpha" if alpha is not None else "max_risk"
+            raise TaskError(f"{asked}: prediction sets and abstention are off ({self.calibration_note})")
+
+    def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
+                 max_risk: float | None = None) -> dict[str, Any]:
+        """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``;
+        with ``alpha`` each prediction gets its conformal ``prediction_set``, with ``max_risk`` its
+        ``abstain`` flag (post-processing with the calibration: no other forward)."""
         u = summarize(sample_probs)
         labels = list(self.task.labels)
+        self.check_conformal(alpha, max_risk)
+        extra: dict[str, Any] = {}
+        sets = abstain = None
+        if alpha is not None and self.calibration is not None:
+            res = self.calibration.prediction_sets(u.probs, alpha, self.cfg.conformal_score, self.cfg.conformal_mondrian)
+            sets = res.sets
+            extra["conformal"] = {"alpha": alpha, "score": self.cfg.conformal_score,
+                                  "mondrian": self.cfg.conformal_mondrian, "supported": res.supported}
+            if not res.supported:
+                extra["conformal"]["detail"] = (f"alpha {alpha} is below 1/(n+1) for {self.calibration.n} calibration "
+                                                "inputs (per class, Mondrian): the sets hold every label")
+        if max_risk is not None and self.calibration is not None:
+            abstain, th = self.calibration.abstain(u.confidence, max_risk, self.cfg.risk_delta)
+            extra["abstention"] = {"max_risk": max_risk, "delta": self.cfg.risk_delta,
+                                   "threshold": th.threshold if th.supported else None, "supported": th.supported,
+                                   "calibration_answered_fraction": th.answered_fraction}
+            if not th.supported:
+                extra["abstention"]["detail"] = (f"no confidence threshold certifies max_risk {max_risk} at delta "
+                                                 f"{self.cfg.risk_delta} on {self.calibration.n} calibration inputs: "
+                                                 "abstaining on everything")
         preds = []
         for b in range(sample_probs.shape[0]):
             item = {
@@ -302,10 +418,15 @@ class TFBEngine:
                 "expected_entropy": float(u.expected_entropy[b]),
                 "mutual_information": float(u.mutual_information[b]),
             }
+            if sets is not None:
+                item["prediction_set"] = [labels[c] for c in sets[b]]
+            if abstain is not None:
+                item["abstain"] = abstain[b]
             if return_samples:
                 item["samples"] = [[float(x) for x in row] for row in sample_probs[b]]
             preds.append(item)
-        return {"labels": labels, "sigma": self.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds}
+        return {"labels": labels, "sigma": self.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds,
+                **extra}
 
     def info(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -317,5 +438,10 @@ class TFBEngine:
             "n_samples": self.cfg.n_samples,
             "seed": self.cfg.seed, "lora_modules": len(self.classifier.posterior.modules),
             "search": self.search_result.to_dict() if self.search_result else None,
+            "calibration": ({"n": self.calibration.n, "source": self.calibration.source,
+                             "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
+                             "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
+                             "exact binomial p-values"}
+                            if self.calibration else {"n": 0, "detail": self.calibration_note}),
             "version": __version__,
         }

@@ -1,0 +1,203 @@
+"""Prediction sets and abstention through the engine and /predict on the tiny model: the
+calibration data (file, held-out anchor split, none), its cache, the API fields and their errors.
+The conformal math itself is tested against MAPIE and scipy in test_conformal.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_app_support import LABELS, PROMPTS, make_settings, ready_client
+
+from tfb_core.conformal import Calibration
+from tfb_core.engine import TFBEngine, split_anchor
+from tfb_core.loading import LoadError
+
+WORDS = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin", "warm", "flat"]
+CAL = [{"prompt": f"a {w} film, {v} cast", "label": LABELS[(i + j) % 2]}
+       for i, w in enumerate(WORDS) for j, v in enumerate(["good", "bad"])]  # 20 labelled records
+
+
+@pytest.fixture(scope="module")
+def cal_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cal") / "cal.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in CAL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def settings(tiny, cal_file):
+    return make_settings(tiny, calibration=str(cal_file))
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with ready_client(settings) as c:
+        yield c
+
+
+def oracle_calibration(engine: TFBEngine) -> Calibration:
+    """The calibration recomputed from the records by the public predict path."""
+    out = engine.predict(CAL)
+    probs = torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64)
+    target = torch.tensor([LABELS.index(r["label"]) for r in CAL])
+    return Calibration.fit(probs, target)
+
+
+def test_sets_and_abstention_match_the_calibration(client, settings):
+    engine = TFBEngine.load(settings.engine_config(), progress=False)
+    cal = oracle_calibration(engine)
+    assert engine.calibration is not None
+    for score in ("lac", "aps"):
+        assert list(engine.calibration.scores[score]) == pytest.approx(list(cal.scores[score]), abs=1e-6)
+    r = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    probs = torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64)
+    sets = cal.prediction_sets(probs, 0.2, "lac").sets
+    abstain, th = cal.abstain(probs.max(1).values, 0.9, 0.1)
+    for p, s, a in zip(out["predictions"], sets, abstain, strict=True):
+        assert p["prediction_set"] == [LABELS[c] for c in s]
+        assert p["abstain"] is a
+    assert out["conformal"]["supported"] and out["conformal"]["score"] == "lac"
+    assert out["abstention"]["supported"] == th.supported and th.supported
+
+
+def test_fields_only_when_asked(client):
+    out = client.post("/predict", json={"inputs": PROMPTS[:1]}).json()
+    assert "prediction_set" not in out["predictions"][0] and "abstain" not in out["predictions"][0]
+    assert "conformal" not in out
+
+
+def test_unsupported_alpha_says_so(client):
+    out = client.post("/predict", json={"inputs": PROMPTS[:2], "alpha": 0.01}).json()  # 20 inputs: 1/21 > 0.01
+    assert not out["conformal"]["supported"] and "below 1/(n+1)" in out["conformal"]["detail"]
+    assert all(p["prediction_set"] == list(LABELS) for p in out["predictions"])
+
+
+@pytest.mark.parametrize("body,needle", [({"alpha": 0}, "alpha"), ({"alpha": 1.0}, "alpha"),
+                                         ({"max_risk": 1.5}, "max_risk"), ({"max_risk": -0.1}, "max_risk"),
+                                         ({"alpha": "x"}, "alpha")])
+def test_bad_alpha_or_max_risk_is_422_naming_it(client, body, needle):
+    r = client.post("/predict", json={"inputs": PROMPTS[:1], **body})
+    assert r.status_code == 422 and needle in r.text
+
+
+def test_other_labels_refuse_sets(client):
+    r = client.post("/predict", json={"inputs": PROMPTS[:1], "labels": ["yes", "no"], "alpha": 0.2})
+    assert r.status_code == 422 and "alpha" in r.text
+
+
+def test_info_shows_the_calibration(client, cal_file):
+    info = client.get("/info").json()["calibration"]
+    assert info["n"] == len(CAL) and str(cal_file) in info["source"] and info["score"] == "lac"
+
+
+def test_no_calibration_data_is_422_saying_why(tiny):
+    with ready_client(make_settings(tiny, warmup=False)) as c:
+        r = c.post("/predict", json={"inputs": PROMPTS[:1], "max_risk": 0.1})
+        assert c.get("/info").json()["calibration"]["n"] == 0
+    assert r.status_code == 422 and "max_risk" in r.text and "TFB_CALIBRATION" in r.text
+
+
+def test_calibration_is_cached_atomically_and_reused(settings, tiny):
+    cache_dir = Path(settings.cache_dir) / "calibration"
+    first = TFBEngine.load(settings.engine_config(), progress=False).calibration
+    files = list(cache_dir.glob("*.json"))
+    assert files and not list(cache_dir.glob("*.tmp"))
+    data = json.loads(files[0].read_text())
+    data["result"]["n"] = 999  # a cached result is what the engine uses
+    files[0].write_text(json.dumps(data))
+    assert TFBEngine.load(settings.engine_config(), progress=False).calibration.n == 999
+    files[0].write_text("{half a file")  # corrupt: recomputed
+    again = TFBEngine.load(settings.engine_config(), progress=False).calibration
+    assert again == first
+
+
+def test_unlabelled_calibration_file_is_a_load_error(tiny, tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(json.dumps({"prompt": "a film"}))
+    with pytest.raises(LoadError, match="needs a label"):
+        TFBEngine.load(make_settings(tiny, calibration=str(bad)).engine_config(), progress=False)
+
+
+def test_anchor_split_is_seeded_disjoint_and_held_out_of_the_search(tiny, tmp_path):
+    keep, held = split_anchor(20, 0.5, 3)
+    assert (keep, held) == split_anchor(20, 0.5, 3) and len(held) == 10
+    assert sorted(keep + held) == list(range(20))
+    anchor = tmp_path / "a.jsonl"
+    anchor.write_text("\n".join(json.dumps(r) for r in CAL))
+    s = make_settings(tiny, sigma=None, anchor=str(anchor), search_criterion="flip", search_iters=2,
+                      search_samples=2, cache_dir=str(tmp_path / "cache"), calibration_split=0.5)
+    engine = TFBEngine.load(s.engine_config(), progress=False)
+    assert engine.calibration.n == 10 and "held out" in engine.calibration.source
+    assert engine.search_result is not None
+    assert math.isfinite(engine.sigma)
+    # by default sigma is searched on the whole anchor (as the reference does) and nothing calibrates
+    whole = TFBEngine.load(make_settings(tiny, sigma=None, anchor=str(anchor), search_criterion="flip",
+                                         search_iters=2, search_samples=2,
+                                         cache_dir=str(tmp_path / "cache")).engine_config(), progress=False)
+    assert whole.calibration is None and whole.search_result is not None
+
+
+def test_the_demo_calibrates_on_its_bundled_held_out_sentences():
+    from tfb_core.engine import DEMO_ANCHOR, DEMO_CALIBRATION, EngineConfig, read_jsonl
+
+    cfg = EngineConfig().with_defaults()
+    assert cfg.calibration == str(DEMO_CALIBRATION) and cfg.anchor == str(DEMO_ANCHOR)
+    cal, anchor = read_jsonl(DEMO_CALIBRATION), read_jsonl(DEMO_ANCHOR)
+    assert len(cal) == 272 and all(r["label"] in (0, 1) for r in cal)
+    assert not {r["sentence"] for r in cal} & {r["sentence"] for r in anchor}  # the search never sees them
+
+
+def test_metrics_count_sets_abstentions_and_realised_coverage(client):
+    from test_app_support import metric_samples
+
+    def scrape():
+        return metric_samples(client.get("/metrics").text)
+
+    def value(samples, name):
+        return samples.get((name, frozenset()), 0.0)
+
+    before = scrape()
+    out = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9}).json()
+    preds = out["predictions"]
+    truth = [LABELS[0], LABELS[1], LABELS[1], LABELS[0]]
+    for p, y in zip(preds, truth, strict=True):
+        assert client.post("/feedback", json={"id": p["id"], "label": y}).status_code == 200
+    after = scrape()
+
+    def delta(name):
+        return value(after, name) - value(before, name)
+
+    sizes = sum(len(p["prediction_set"]) for p in preds)
+    covered = sum(y in p["prediction_set"] for p, y in zip(preds, truth, strict=True))
+    answered = [(p, y) for p, y in zip(preds, truth, strict=True) if not p["abstain"]]
+    assert out["abstention"]["supported"] and answered  # max_risk 0.9: the tiny model certifies a threshold
+    assert delta("tfb_predictions_with_set_total") == 4 and delta("tfb_prediction_set_size_sum_total") == sizes
+    assert delta("tfb_predictions_with_max_risk_total") == 4
+    assert delta("tfb_abstentions_total") == sum(p["abstain"] for p in preds)
+    assert delta("tfb_confidence_sum_total") == pytest.approx(sum(p["confidence"] for p in preds), abs=1e-6)
+    assert delta("tfb_feedback_with_set_total") == 4 and delta("tfb_feedback_set_covered_total") == covered
+    assert delta("tfb_feedback_set_target_sum_total") == pytest.approx(4 * 0.8)
+    assert delta("tfb_feedback_answered_total") == len(answered)
+    assert delta("tfb_feedback_answered_wrong_total") == sum(p["label"] != y for p, y in answered)
+    assert 0.5 <= value(after, "tfb_estimated_accuracy") <= 1.0
+
+
+def test_cli_predict_sets_match_the_server(client, tiny, cal_file, capsys):
+    from tfb_core.cli import main
+
+    args = ["predict", "--model", tiny["model"], "--adapter", tiny["adapter"], "--labels", *LABELS, "--sigma", "0.05",
+            "--cache-dir", str(Path(make_settings(tiny).cache_dir)), "--calibration", str(cal_file), "--alpha", "0.2",
+            "--json", *[a for p in PROMPTS for a in ("--prompt", p)]]
+    assert main(args) == 0
+    cli = json.loads(capsys.readouterr().out)
+    server = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2}).json()
+    assert [p["prediction_set"] for p in cli["predictions"]] == [p["prediction_set"] for p in server["predictions"]]
+    with pytest.raises(SystemExit):
+        main([*args[:-1 - 2 * len(PROMPTS)], "--alpha", "1.5"])
+    assert "--alpha must be in (0, 1)" in capsys.readouterr().err

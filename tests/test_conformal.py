@@ -1,0 +1,197 @@
+"""Conformal sets and Learn-then-Test abstention against independent oracles (MAPIE, scipy,
+hand computation) and a coverage property on synthetic exchangeable data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import IN_CI
+
+from tfb_core.conformal import Calibration, binom_cdf, finite_sample_quantile, nonconformity
+
+try:  # the oracles (dev extra); under CI a missing one fails
+    import mapie.classification as mapie_classification
+    import scipy.stats as stats
+except ImportError as exc:
+    if IN_CI:
+        raise
+    pytest.skip(f"oracle not installed (dev extra): {exc}", allow_module_level=True)
+
+
+def synthetic(n: int, c: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exchangeable (probs, labels): labels drawn from the (miscalibrated) probabilities' sharper version."""
+    logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2.0
+    probs = torch.softmax(logits, 1)
+    labels = torch.multinomial(torch.softmax(logits * 1.5, 1), 1, generator=gen).squeeze(1)
+    return probs, labels
+
+
+class _Identity:
+    """A prefit sklearn-style classifier whose features are its probabilities."""
+
+    def __init__(self, c: int) -> None:
+        self.classes_ = np.arange(c)
+        self.n_features_in_ = c
+
+    def fit(self, x, y):  # pragma: no cover - prefit
+        return self
+
+    def predict_proba(self, x):
+        return np.asarray(x)
+
+    def predict(self, x):
+        return np.asarray(x).argmax(1)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+
+def test_finite_sample_quantile_by_hand() -> None:
+    scores = tuple(float(x) for x in range(1, 10))  # n = 9
+    assert finite_sample_quantile(scores, 0.1) == (9.0, True)  # ceil(10 * 0.9) = 9
+    assert finite_sample_quantile(scores, 0.2) == (8.0, True)  # ceil(10 * 0.8) = 8
+    assert finite_sample_quantile(scores, 0.35) == (7.0, True)  # ceil(6.5) = 7
+    assert finite_sample_quantile(scores, 0.05) == (math.inf, False)  # alpha < 1/(n+1): unsupported
+    with pytest.raises(ValueError, match="alpha"):
+        finite_sample_quantile(scores, 1.0)
+
+
+def test_lac_sets_match_mapie() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cal_p, cal_y = synthetic(300, 4, gen)
+    test_p, _ = synthetic(200, 4, gen)
+    cal = Calibration.fit(cal_p, cal_y)
+    for alpha in (0.05, 0.1, 0.2):
+        mapie = mapie_classification.SplitConformalClassifier(_Identity(4), confidence_level=1 - alpha,
+                                                              conformity_score="lac", prefit=True)
+        mapie.conformalize(cal_p.numpy(), cal_y.numpy())
+        _, sets = mapie.predict_set(test_p.numpy())  # (B, C, 1)
+        ours = cal.prediction_sets(test_p, alpha, "lac")
+        assert ours.supported
+        expected = [np.flatnonzero(row).tolist() for row in sets[:, :, 0]]
+        assert ours.sets == expected
+
+
+def test_aps_sets_match_hand_computation() -> None:
+    gen = torch.Generator().manual_seed(2)
+    cal_p, cal_y = synthetic(150, 5, gen)
+    test_p, _ = synthetic(50, 5, gen)
+    alpha = 0.1
+
+    def aps(p: list[float], y: int) -> float:  # sum of the probabilities ranked at or above y
+        return sum(q for q in p if q >= p[y])
+
+    cal_scores = sorted(aps(p, int(y)) for p, y in zip(cal_p.tolist(), cal_y, strict=True))
+    q = cal_scores[math.ceil((150 + 1) * (1 - alpha)) - 1]
+    expected = [[y for y in range(5) if aps(p, y) <= q] for p in test_p.tolist()]
+    assert Calibration.fit(cal_p, cal_y).prediction_sets(test_p, alpha, "aps").sets == expected
+
+
+def test_mondrian_uses_per_class_quantiles() -> None:
+    gen = torch.Generator().manual_seed(3)
+    cal_p, cal_y = synthetic(400, 3, gen)
+    test_p, _ = synthetic(40, 3, gen)
+    cal = Calibration.fit(cal_p, cal_y)
+    s_cal, s_test = nonconformity(cal_p, "lac"), nonconformity(test_p, "lac")
+    alpha = 0.1
+    q = []
+    for y in range(3):
+        own = sorted(s_cal[cal_y == y, y].tolist())
+        q.append(own[math.ceil((len(own) + 1) * (1 - alpha)) - 1])
+    expected = [[y for y in range(3) if s_test[b, y] <= q[y]] for b in range(40)]
+    assert cal.prediction_sets(test_p, alpha, "lac", mondrian=True).sets == expected
+
+
+def test_unsupported_alpha_gives_full_sets_and_a_flag() -> None:
+    gen = torch.Generator().manual_seed(4)
+    cal_p, cal_y = synthetic(9, 3, gen)
+    out = Calibration.fit(cal_p, cal_y).prediction_sets(cal_p, 0.05, "aps")
+    assert not out.supported and all(s == [0, 1, 2] for s in out.sets)
+
+
+@pytest.mark.parametrize("score", ["lac", "aps"])
+@pytest.mark.parametrize("mondrian", [False, True])
+def test_coverage_over_random_splits(score: str, mondrian: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    probs, labels = synthetic(4000, 4, gen)
+    alpha, covered, total, class_cov = 0.1, 0, 0, torch.zeros(4)
+    class_n = torch.zeros(4)
+    for _ in range(100):
+        perm = torch.randperm(4000, generator=gen)
+        cal_i, test_i = perm[:200], perm[200:400]
+        cal = Calibration.fit(probs[cal_i], labels[cal_i])
+        sets = cal.prediction_sets(probs[test_i], alpha, score, mondrian).sets
+        for s, y in zip(sets, labels[test_i].tolist(), strict=True):
+            covered += y in s
+            total += 1
+            class_cov[y] += y in s
+            class_n[y] += 1
+    # E[coverage] >= 1 - alpha exactly; 20 000 draws: 3 standard errors are ~0.006
+    assert covered / total >= 1 - alpha - 0.01
+    assert covered / total <= 1 - alpha + 1 / 201 + 0.01  # not trivially full sets
+    if mondrian:
+        assert (class_cov / class_n).min() >= 1 - alpha - 0.03
+
+
+def test_binom_cdf_matches_scipy() -> None:
+    for n, k, p in [(10, 0, 0.05), (100, 3, 0.05), (1000, 40, 0.05), (57, 57, 0.3), (500, 10, 0.01)]:
+        assert binom_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
+
+
+def test_ltt_threshold_matches_scipy_fixed_sequence() -> None:
+    gen = torch.Generator().manual_seed(6)
+    probs, labels = synthetic(2000, 2, gen)
+    cal = Calibration.fit(probs, labels)
+    conf, pred = probs.max(1)
+    wrong = pred != labels
+    for max_risk, delta in [(0.05, 0.1), (0.1, 0.1), (0.02, 0.2)]:
+        g = len(cal.grid)
+        starts = sorted({round(i * g / 8) for i in range(8)})
+        certified = []
+        for s in starts:
+            for j in range(s, g):
+                ans = conf >= cal.grid[j]
+                n_a, k = int(ans.sum()), int((wrong & ans).sum())
+                if n_a == 0 or stats.binom.cdf(k, n_a, max_risk) > delta / len(starts):
+                    break
+                certified.append(cal.grid[j])
+        th = cal.threshold(max_risk, delta)
+        assert th.supported == bool(certified)
+        if certified:
+            assert th.threshold == min(certified)
+            abstain, _ = cal.abstain(conf, max_risk, delta)
+            assert abstain == (conf < min(certified)).tolist()
+
+
+def test_ltt_controls_selective_risk_over_splits() -> None:
+    gen = torch.Generator().manual_seed(7)
+    probs, labels = synthetic(20000, 2, gen)
+    conf, pred = probs.max(1)
+    wrong = pred != labels
+    max_risk, delta, fails, splits = 0.1, 0.1, 0, 40
+    for _ in range(splits):
+        perm = torch.randperm(20000, generator=gen)
+        cal_i, test_i = perm[:1000], perm[1000:]
+        th = Calibration.fit(probs[cal_i], labels[cal_i]).threshold(max_risk, delta)
+        assert th.supported
+        ans = conf[test_i] >= th.threshold
+        fails += float(wrong[test_i][ans].double().mean()) > max_risk
+    assert fails <= delta * splits  # expected <= 4; the bound is loose so usually 0
+
+
+def test_unreachable_risk_abstains_on_everything() -> None:
+    probs = torch.tensor([[0.6, 0.4]] * 50, dtype=torch.float64)
+    labels = torch.tensor([0, 1] * 25)  # 50 % wrong at every confidence
+    abstain, th = Calibration.fit(probs, labels).abstain(probs[:, 0], 0.05)
+    assert not th.supported and th.threshold == math.inf and all(abstain)
+
+
+def test_calibration_round_trips_through_json() -> None:
+    gen = torch.Generator().manual_seed(8)
+    probs, labels = synthetic(60, 3, gen)
+    cal = Calibration.fit(probs, labels, source="anchor split")
+    assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
