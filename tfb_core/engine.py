@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
 DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
-#: labelled SST-2 sentences neither the adapter nor the sigma search saw (the adapter's held-out test
-#: part): the demo's calibration set for prediction sets and abstention
+#: 100 labelled SST-2 sentences neither the adapter nor the sigma search saw (a seeded draw from the
+#: adapter's held-out test part): the demo's calibration set for prediction sets and abstention
 DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
 
 
