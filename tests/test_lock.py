@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 
-packaging = pytest.importorskip("packaging", reason="packaging is not installed")
+packaging = require("packaging", "packaging is not installed")
 from packaging.markers import default_environment  # noqa: E402
 from packaging.requirements import Requirement  # noqa: E402
 from packaging.utils import canonicalize_name  # noqa: E402
@@ -22,7 +23,7 @@ from packaging.version import Version  # noqa: E402
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
-    tomllib = pytest.importorskip("tomli")
+    tomllib = require("tomli", "tomli is not installed (Python 3.10)")
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
