@@ -87,8 +87,10 @@ def tiny(tmp_path_factory):
     adapter = build_lora(model_dir, root / "adapter")
     blob = build_lora(model_dir, root / "adapter_blob", extra_keys=True)
     qv_only = build_lora(model_dir, root / "adapter_qv", targets=("q_proj", "v_proj"))
+    # a third adapter with its own weights and other layers (k, o, the MLP's down projection)
+    other = build_lora(model_dir, root / "adapter_other", targets=("k_proj", "o_proj", "down_proj"), seed=5)
     return {"model": str(model_dir), "adapter": str(adapter), "adapter_blob": str(blob),
-            "adapter_qv": str(qv_only), "root": root}
+            "adapter_qv": str(qv_only), "adapter_other": str(other), "root": root}
 
 
 @pytest.fixture(scope="session")

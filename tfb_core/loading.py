@@ -114,8 +114,9 @@ def _adapter_file_keys(folder: Path) -> list[str]:
         return list(f.keys())
 
 
-def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """The peft model with ``cfg.adapter`` applied. Keys we do not use (BLoB's ``lora_A_rho``)
+def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "default") -> torch.nn.Module:
+    """The peft model with ``cfg.adapter`` applied (as peft adapter ``adapter_name``; on a
+    ``PeftModel`` already, added beside its adapters). Keys we do not use (BLoB's ``lora_A_rho``)
     are skipped with a log line; a missing adapter or one made for another base model is an error."""
     from peft import PeftConfig, PeftModel
 
@@ -144,7 +145,11 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     if extra:
         log.info("adapter %s: ignoring %d keys TFB does not use (e.g. %s)", cfg.adapter, len(extra), extra[0])
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder))
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=adapter_name)
+            peft_model = model
+        else:
+            peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
     except Exception as exc:
         raise LoadError(f"adapter {cfg.adapter!r} does not fit model {cfg.model!r}: {exc}") from exc
     peft_model.eval()
@@ -153,18 +158,46 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 def load_classifier(cfg: ModelConfig, labels: Sequence[str], posterior: PosteriorConfig | None = None):
     """Base model + adapter, Bayesianized, ready to classify with ``labels``."""
+    return load_classifiers([cfg], [labels], posterior)[0]
+
+
+#: what every adapter served on one base model must agree on (the base model's own settings)
+BASE_FIELDS = ("model", "model_revision", "model_subfolder", "gguf_file", "dtype", "device", "load_in_8bit",
+               "cache_dir", "max_length")
+
+
+def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]],
+                     posterior: PosteriorConfig | None = None) -> list:
+    """One base model with every adapter of ``cfgs`` (which must agree on :data:`BASE_FIELDS`),
+    Bayesianized: a :class:`~tfb_core.sampling.BayesianClassifier` per adapter, all sharing the base."""
     from tfb_core.sampling import BayesianClassifier
 
+    if not cfgs:
+        raise LoadError("no adapter to load")
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        for f in BASE_FIELDS:
+            if getattr(cfg, f) != getattr(first, f):
+                raise LoadError(f"adapters on one base model must share its settings: {f} is {getattr(first, f)!r} "
+                                f"for adapter {first.adapter!r} and {getattr(cfg, f)!r} for adapter {cfg.adapter!r}")
+    from tfb_core.tasks import class_token_ids
+
     posterior = posterior or PosteriorConfig()
-    tokenizer, model = load_base_model(cfg)
-    peft_model = load_adapter(model, cfg)
+    tokenizer, model = load_base_model(first)
+    for these in labels:
+        try:
+            class_token_ids(tokenizer, these)
+        except TaskError as exc:  # the labels do not fit the tokenizer: not the adapter's fault
+            raise LoadError(f"labels {list(these)} with the tokenizer of {first.model!r}: {exc}") from exc
+    names = [f"tfb{i}" for i in range(len(cfgs))]  # peft's keys (module names: no dots)
+    for cfg, name in zip(cfgs, names, strict=True):
+        model = load_adapter(model, cfg, name)
     try:
-        clf = BayesianClassifier.from_peft(peft_model, tokenizer, labels, d_floor=posterior.d_floor,
-                                           max_length=cfg.max_length)
-    except TaskError as exc:  # the labels do not fit the tokenizer: not the adapter's fault
-        raise LoadError(f"labels {list(labels)} with the tokenizer of {cfg.model!r}: {exc}") from exc
+        clfs = BayesianClassifier.from_peft_many(model, tokenizer, names, labels, d_floor=posterior.d_floor,
+                                                 max_length=first.max_length)
     except ValueError as exc:
-        raise LoadError(f"adapter {cfg.adapter!r}: {exc}") from exc
-    if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):
-        log.warning("adapter %s has B = 0 everywhere (untrained?): TFB adds no uncertainty to it", cfg.adapter)
-    return clf
+        raise LoadError(f"adapter {', '.join(repr(c.adapter) for c in cfgs)}: {exc}") from exc
+    for cfg, clf in zip(cfgs, clfs, strict=True):
+        if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):
+            log.warning("adapter %s has B = 0 everywhere (untrained?): TFB adds no uncertainty to it", cfg.adapter)
+    return clfs

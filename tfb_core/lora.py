@@ -42,12 +42,13 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def find_lora_modules(model: nn.Module) -> list[LoRAWeights]:
+def find_lora_modules(model: nn.Module, adapter: str | None = None) -> list[LoRAWeights]:
     """Every LoRA-wrapped linear layer of a (peft-wrapped) model, in module order.
 
-    Only one adapter is served: the active one. Raises ``ValueError`` if there is none, if a module
-    has more than one active adapter, or a feature TFB does not model (DoRA, LoRA on a layer other
-    than ``nn.Linear``, a bias on B). LoRA dropout is ignored: it is inactive at inference.
+    ``adapter``: the peft adapter name to read (a model may hold several, each read on its own);
+    None: the active one, which must be exactly one. Raises ``ValueError`` if there is none, or a
+    feature TFB does not model (DoRA, LoRA on a layer other than ``nn.Linear``, a bias on B). LoRA
+    dropout is ignored: it is inactive at inference.
     """
     lora_layer = _lora_layer_type()
     inner = unwrap_peft(model)
@@ -58,10 +59,15 @@ def find_lora_modules(model: nn.Module) -> list[LoRAWeights]:
         adapters = list(module.lora_A.keys())
         if not adapters:
             continue
-        active = module.active_adapters
-        if len(active) != 1:
-            raise ValueError(f"{name}: exactly one active adapter is served, found {active}")
-        key = active[0]
+        if adapter is None:
+            active = module.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"{name}: exactly one active adapter is served, found {active}")
+            key = active[0]
+        elif adapter in adapters:
+            key = adapter
+        else:
+            continue  # another adapter's layer
         if getattr(module, "use_dora", {}).get(key, False):
             raise ValueError(f"{name}: DoRA adapters are not supported by TFB")
         lin_a, lin_b = module.lora_A[key], module.lora_B[key]
@@ -79,7 +85,8 @@ def find_lora_modules(model: nn.Module) -> list[LoRAWeights]:
             )
         )
     if not found:
-        raise ValueError("the model has no LoRA modules: is the adapter loaded?")
+        which = "" if adapter is None else f" of adapter {adapter!r}"
+        raise ValueError(f"the model has no LoRA modules{which}: is the adapter loaded?")
     return found
 
 

@@ -8,16 +8,17 @@ position is read, and only the class-token rows of ``lm_head`` (and of its LoRA)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tfb_core.posterior import NoiseDraw, TFBLinear, TFBPosterior, bayesianize
+from tfb_core.posterior import NoiseDraw, RoutedLinear, Routing, TFBLinear, TFBPosterior, bayesianize_many
 from tfb_core.prefix_cache import PrefixCache
 from tfb_core.tasks import class_token_ids
 
@@ -114,11 +115,36 @@ class EmptyPromptError(ValueError):
 
 @dataclass
 class Job:
-    """One input of a batched forward: its tokens, its N, and the noise its samples use."""
+    """One input of a batched forward: its tokens, its N, and the noise its samples use; and, where a
+    forward mixes adapters, its adapter (index among the model's), sigma and class-token ids."""
 
     tokens: list[int]
     n_samples: int
     noise: NoiseDraw | None  # None: the posterior mean (sigma = 0)
+    adapter: int | None = None  # None: the classifier's own adapter
+    sigma: float | None = None  # None: the forward's sigma
+    class_ids: torch.Tensor | None = None  # None: the forward's class ids
+
+
+@dataclass
+class Segment:
+    """Consecutive rows of one forward that use one adapter: its posterior samples (per module
+    (rows / group, r, in) draws, None: the posterior mean), sigma and rows per sample."""
+
+    adapter: int
+    rows: int
+    z_rows: list[torch.Tensor] | None
+    sigma: float
+    group: int = 1
+
+    @property
+    def noisy(self) -> bool:
+        return self.z_rows is not None and self.sigma != 0.0
+
+    @property
+    def distinct(self) -> int:
+        """Distinct A' samples among the segment's rows."""
+        return self.z_rows[0].shape[0] if self.noisy else 1
 
 
 def rows_of(n_samples: int, sigma: float) -> int:
@@ -173,6 +199,20 @@ def row_layout(n_samples: Sequence[int], draws: Sequence[Hashable | None]) -> Ro
     return RowLayout(owner, blocks, uniform, len(noisy[0]) if uniform else 1)
 
 
+def _union_ids(ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One forward's class-token ids (the union of its jobs') and, per job, the columns of its own
+    ids in it (None: the whole union, the common case of one label set)."""
+    first = ids[0]
+    if all(i is first or torch.equal(i, first) for i in ids):
+        return first, [None] * len(ids)
+    position: dict[int, int] = {}
+    for i in ids:
+        for t in i.tolist():
+            position.setdefault(t, len(position))
+    union = torch.tensor(list(position), device=first.device)
+    return union, [torch.tensor([position[t] for t in i.tolist()]) for i in ids]
+
+
 class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
@@ -181,7 +221,14 @@ class BayesianClassifier:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.posterior = posterior
-        self.head = head
+        self.head = head  # this adapter's LoRA on lm_head, if any
+        #: this classifier's adapter: its index among the model's (one base model can serve several,
+        #: each through its own classifier: :meth:`for_adapter`), and every adapter's posterior
+        self.adapter = 0
+        self.posteriors: list[TFBPosterior] = [posterior]
+        out_emb = model.get_output_embeddings()
+        #: which rows use which adapter in a forward, read by every RoutedLinear of the model
+        self.routing: Routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.max_length = max_length
         self.truncate = False  # set by the engine from its task
         self.set_labels(labels)
@@ -200,7 +247,7 @@ class BayesianClassifier:
         #: recent shared prefixes' keys and values per posterior sample, reused by later forwards
         self.prefix_cache = PrefixCache()
         self.backbone = model.base_model  # the decoder stack without lm_head
-        self.output_embeddings = model.get_output_embeddings()
+        self.output_embeddings = out_emb  # a RoutedLinear where some adapter has LoRA on lm_head
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -209,8 +256,26 @@ class BayesianClassifier:
     def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str],
                   d_floor: float = 1e-6, max_length: int = 300) -> BayesianClassifier:
         """Bayesianize a peft model in place (B'A' = BA) and wrap it."""
-        model, posterior, head = bayesianize(peft_model, d_floor=d_floor)
-        return cls(model, tokenizer, posterior, head, labels, max_length=max_length)
+        return cls.from_peft_many(peft_model, tokenizer, [None], [labels], d_floor, max_length)[0]
+
+    @classmethod
+    def from_peft_many(cls, peft_model: nn.Module, tokenizer: Any, adapters: Sequence[str | None],
+                       labels: Sequence[Sequence[str]], d_floor: float = 1e-6,
+                       max_length: int = 300) -> list[BayesianClassifier]:
+        """Bayesianize several adapters of one peft model (peft adapter names) and return one
+        classifier per adapter, all sharing the base model, its forwards and its prefix cache."""
+        model, posteriors, heads, _ = bayesianize_many(peft_model, list(adapters), d_floor=d_floor)
+        first = cls(model, tokenizer, posteriors[0], heads[0], labels[0], max_length=max_length)
+        first.posteriors = posteriors
+        return [first] + [first.for_adapter(a, labels[a], heads[a]) for a in range(1, len(posteriors))]
+
+    def for_adapter(self, adapter: int, labels: Sequence[str], head: TFBLinear | None = None) -> BayesianClassifier:
+        """The classifier of another adapter of this model: same base model, prefix cache and
+        forwards (a forward may mix rows of both), its own posterior and labels."""
+        view = copy.copy(self)
+        view.adapter, view.posterior, view.head = adapter, self.posteriors[adapter], head
+        view.set_labels(labels)
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -263,7 +328,7 @@ class BayesianClassifier:
         return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
     def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float,
-                    class_ids: torch.Tensor | None = None, prefix: int | None = None,
+                    class_ids: torch.Tensor | None = None, prefix: int | Mapping[int, int] | None = None,
                     keys: Sequence[Any] | None = None,
                     on_chunk: Callable[[int, int], None] | None = None,
                     skip: Callable[[int], bool] | None = None) -> list[list[torch.Tensor]]:
@@ -277,7 +342,8 @@ class BayesianClassifier:
         unit is planned in: True leaves it out (its result is an empty list); the others' answers do
         not depend on it.
         """
-        rows = [sum(rows_of(job.n_samples, sigma) for job in unit) for unit in units]
+        rows = [sum(rows_of(job.n_samples, sigma if job.sigma is None else job.sigma) for job in unit)
+                for unit in units]
         out: list[list[torch.Tensor]] = [[] for _ in units]
         for chunk in self.plan([unit[0].tokens for unit in units], rows, max_rows, keys):
             if skip is not None:
@@ -328,53 +394,82 @@ class BayesianClassifier:
     def class_logits(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
                      class_ids: torch.Tensor | None = None, group: int = 1, prefix: int | None = None,
                      samples: Hashable | None = None) -> torch.Tensor:
-        """Class-token logits at the last position of each row: (R, C) float32.
+        """Class-token logits at the last position of each row, with this classifier's adapter: (R, C) float32.
 
         ``z_rows[k]`` (R / group, r, in) are the standard-normal draws of module k, one per
         ``group`` consecutive rows; the deviation of A' is (sigma / d) * z. ``None`` is the posterior mean.
         ``prefix``, ``samples``: see :meth:`_last_hidden`.
         """
-        ids = self.class_ids if class_ids is None else class_ids
+        segment = Segment(self.adapter, len(rows), z_rows, sigma, group)
+        return self.segment_logits(rows, [segment], self.class_ids if class_ids is None else class_ids,
+                                   prefix, None if samples is None else ((self.adapter, samples, float(sigma)),))
+
+    @torch.inference_mode()
+    def segment_logits(self, rows: Sequence[list[int]], segments: Sequence[Segment], class_ids: torch.Tensor,
+                       prefix: int | None = None, samples: Hashable | None = None) -> torch.Tensor:
+        """Logits of ``class_ids`` at the last position of rows whose consecutive ``segments`` use
+        their own adapter, samples and sigma: (R, C) float32. One forward of the base model."""
         try:
-            hidden = self._last_hidden(rows, z_rows, sigma, group, prefix, samples)  # (R, H)
-            if self.head is not None:
-                logits = self.head.rows(hidden, ids)  # (R, C)
+            hidden = self._last_hidden(rows, segments, prefix, samples)  # (R, H)
+            head = self.output_embeddings
+            if isinstance(head, RoutedLinear):  # some adapter has LoRA on lm_head
+                logits = head.rows(hidden, class_ids)  # (R, C)
             else:
-                weight = self.output_embeddings.weight[ids]  # (C, H)
+                weight = head.weight[class_ids]  # (C, H)
                 logits = hidden.to(weight.dtype) @ weight.T
-                if getattr(self.output_embeddings, "bias", None) is not None:
-                    logits = logits + self.output_embeddings.bias[ids]
+                if getattr(head, "bias", None) is not None:
+                    logits = logits + head.bias[class_ids]
         finally:
-            self.posterior.clear_noise()
+            self._disarm(segments)
         return logits.float()
 
-    def _last_hidden(self, rows: Sequence[list[int]], z_rows: list[torch.Tensor] | None, sigma: float,
-                     group: int, prefix: int | None = None, samples: Hashable | None = None) -> torch.Tensor:
+    def _arm(self, segments: Sequence[Segment], rows: Sequence[int] | None = None, prefix_pass: bool = False) -> None:
+        """Set every segment's noise on its adapter's posterior and the routing of rows to adapters.
+
+        ``prefix_pass``: the forward of a shared prefix, one row per distinct sample of each segment."""
+        bounds, start = [], 0
+        for seg in segments:
+            n = seg.distinct if prefix_pass else seg.rows
+            self.posteriors[seg.adapter].set_noise(seg.sigma, seg.z_rows, 1 if prefix_pass else seg.group)
+            bounds.append((seg.adapter, start, start + n))
+            start += n
+        single = len(bounds) == 1 and bounds[0][0] == 0
+        self.routing.segments = None if single else bounds
+
+    def _disarm(self, segments: Sequence[Segment]) -> None:
+        for seg in segments:
+            self.posteriors[seg.adapter].clear_noise()
+        self.routing.segments = None
+
+    def _last_hidden(self, rows: Sequence[list[int]], segments: Sequence[Segment], prefix: int | None = None,
+                     samples: Hashable | None = None) -> torch.Tensor:
         """Final hidden state at the last position of each row: (R, H).
 
         Rows that start with the same tokens (a task's instruction) and use S distinct posterior
-        samples share that prefix: it runs once per sample (S rows), its keys and values are copied
-        to the rows of that sample, and only the suffixes run on all R rows. ``prefix`` caps the
-        shared length: a task's instruction or a batch's common prefix, the same for all its forwards.
-        With such a ``prefix`` and ``samples`` (a key that identifies the S samples: the draws'
-        :attr:`NoiseDraw.key` and their N), the prefix's keys and values are kept in
-        :attr:`prefix_cache` and reused by the next forward with the same samples, sigma and prefix
-        tokens, also when S = R (one input).
+        samples (over all segments: an adapter's samples, or its mean) share that prefix: it runs
+        once per sample (S rows), its keys and values are copied to the rows of that sample, and
+        only the suffixes run on all R rows. ``prefix`` caps the shared length: a task's instruction
+        or a batch's common prefix, the same for all its forwards. With such a ``prefix`` and
+        ``samples`` (a key that identifies the segments' samples: their adapters, draws'
+        :attr:`NoiseDraw.key` and N, and sigmas), the prefix's keys and values are kept in
+        :attr:`prefix_cache` and reused by the next forward with the same samples and prefix tokens,
+        also when S = R (one input).
         """
         n_rows = len(rows)
-        noisy = z_rows is not None and sigma != 0.0
-        n_distinct = z_rows[0].shape[0] if noisy else 1  # distinct A' samples, one per `group` rows
+        if sum(seg.rows for seg in segments) != n_rows:
+            raise ValueError(f"segments cover {sum(seg.rows for seg in segments)} rows, the forward has {n_rows}")
+        n_distinct = sum(seg.distinct for seg in segments)
         shared = _common_prefix(rows)
         key = None
         if prefix:  # remembered for the next forwards
             shared = min(shared, prefix)
-            key = None if samples is None else (samples, float(sigma), n_distinct, tuple(rows[0][:shared]))
+            key = None if samples is None else (samples, n_distinct, tuple(rows[0][:shared]))
         memo = self.prefix_cache.get(key) if key is not None else None  # the forward's own fork
         if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
-                and (not noisy or n_distinct * group == n_rows)):
+                and all(not seg.noisy or seg.distinct * seg.group == seg.rows for seg in segments)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
-            self.posterior.set_noise(sigma, z_rows, group)
+            self._arm(segments)
             return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state[:, -1]
         from transformers import DynamicCache
@@ -384,54 +479,86 @@ class BayesianClassifier:
         else:
             head_ids = torch.tensor(rows[0][:shared], device=self.device).expand(n_distinct, shared)  # (S, P)
             cache = DynamicCache(config=self.model.config)
-            self.posterior.set_noise(sigma, z_rows, 1)  # one row per sample
+            self._arm(segments, prefix_pass=True)  # one row per sample
             positions = torch.arange(shared, device=self.device).expand(n_distinct, shared)
             self.backbone(input_ids=head_ids, position_ids=positions, use_cache=True, **{self._cache_kw: cache})
             if key is not None:
                 self.prefix_cache.put(key, cache)
-        owner = torch.arange(n_rows, device=self.device) // (group if noisy else n_rows)  # row -> its sample
-        cache.reorder_cache(owner)  # (R, heads, P, d) per layer
+        owner, base = [], 0  # row -> its sample's row of the prefix
+        for seg in segments:
+            local = torch.arange(seg.rows, device=self.device)
+            owner.append(base + (local // seg.group if seg.noisy else local * 0))
+            base += seg.distinct
+        cache.reorder_cache(owner[0] if len(owner) == 1 else torch.cat(owner))  # (R, heads, P, d) per layer
         tail_ids, tail_mask = self._pad_left([r[shared:] for r in rows])  # (R, T - P)
         mask = torch.cat([torch.ones((n_rows, shared), dtype=tail_mask.dtype, device=self.device), tail_mask], 1)
         position_ids = shared + (tail_mask.cumsum(-1) - 1).clamp_min(0)
-        self.posterior.set_noise(sigma, z_rows, group)
+        self._arm(segments)
         return self.backbone(input_ids=tail_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                              **{self._cache_kw: cache}).last_hidden_state[:, -1]
 
-    def run_jobs(self, jobs: Sequence[Job], sigma: float,
-                 class_ids: torch.Tensor | None = None, prefix: int | None = None) -> list[torch.Tensor]:
+    def run_jobs(self, jobs: Sequence[Job], sigma: float, class_ids: torch.Tensor | None = None,
+                 prefix: int | Mapping[int, int] | None = None) -> list[torch.Tensor]:
         """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
 
         Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
         noise) each job needs one row whose result stands for all its samples (:func:`row_layout`).
-        ``prefix``: the shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`).
+        Jobs of other adapters (``Job.adapter``) get their own segment of rows, with their own sigma
+        and class ids: one forward of the base model for all. ``prefix``: the shared prefix of the
+        whole batch these jobs belong to (:meth:`shared_prefix`), or per adapter its instruction's
+        (a forward of several adapters shares the shortest).
         """
-        noisy = sigma > 0.0
+        default_ids = self.class_ids if class_ids is None else class_ids
+        by_adapter: dict[int, list[int]] = {}
         for j, job in enumerate(jobs):
             if not job.tokens:
                 raise EmptyPromptError(f"job {j} has no tokens: nothing to classify")
-            if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
-                raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
-        layout = row_layout([job.n_samples for job in jobs],
-                            [job.noise.key if noisy and job.noise is not None else None for job in jobs])
-        rows = [jobs[j].tokens for j, _ in layout.owner]
-        z_rows, samples = self._noise_rows(jobs, layout)
-        # one copy to the host, not one per row (each a device sync on a GPU)
-        probs = torch.softmax(self.class_logits(rows, z_rows, sigma, class_ids, layout.group, prefix, samples),
-                              dim=-1).cpu()  # (R, C)
-        out = [torch.empty((job.n_samples, probs.shape[1])) for job in jobs]
-        for r, (j, n) in enumerate(layout.owner):
+            by_adapter.setdefault(self.adapter if job.adapter is None else job.adapter, []).append(j)
+        order: list[tuple[int, int]] = []  # rows in forward order: (job, sample)
+        segments: list[Segment] = []
+        samples: list[Hashable] = []
+        for adapter, members in by_adapter.items():
+            sigmas = {sigma if jobs[j].sigma is None else jobs[j].sigma for j in members}
+            if len(sigmas) != 1:
+                raise ValueError(f"adapter {adapter}: one sigma per forward, got {sorted(sigmas)}")
+            seg_sigma = sigmas.pop()
+            noisy = seg_sigma > 0.0
+            for j in members:
+                job = jobs[j]
+                if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
+                    raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
+            part = [jobs[j] for j in members]
+            layout = row_layout([job.n_samples for job in part],
+                                [job.noise.key if noisy and job.noise is not None else None for job in part])
+            z_rows, key = self._noise_rows(part, layout, self.posteriors[adapter])
+            segments.append(Segment(adapter, len(layout.owner), z_rows, seg_sigma, layout.group))
+            samples.append(None if key is None else (adapter, key, float(seg_sigma)))
+            order += [(members[j], n) for j, n in layout.owner]
+        if isinstance(prefix, Mapping):
+            prefix = min(prefix.get(a, 0) for a in by_adapter) or None
+        ids = [default_ids if job.class_ids is None else job.class_ids for job in jobs]
+        union, cols = _union_ids(ids)
+        rows = [jobs[j].tokens for j, _ in order]
+        logits = self.segment_logits(rows, segments, union, prefix, None if None in samples else tuple(samples))
+        if all(c is None for c in cols):  # one label set: one softmax, one copy to the host
+            probs = torch.softmax(logits, dim=-1).cpu()  # (R, C)
+        else:
+            logits = logits.cpu()  # (R, U)
+            probs = [torch.softmax(logits[r, cols[j]], dim=-1) for r, (j, _) in enumerate(order)]
+        out = [torch.empty((job.n_samples, len(ids[j]))) for j, job in enumerate(jobs)]
+        for r, (j, n) in enumerate(order):
             if n < 0:
                 out[j][:] = probs[r]
             else:
                 out[j][n] = probs[r]
         return out
 
-    def _noise_rows(self, jobs: Sequence[Job], layout: RowLayout) -> tuple[list[torch.Tensor] | None, Hashable]:
+    def _noise_rows(self, jobs: Sequence[Job], layout: RowLayout, posterior: TFBPosterior
+                    ) -> tuple[list[torch.Tensor] | None, Hashable]:
         """Per module the (R / group, r, in) draws of a layout's rows, and the key of its samples."""
         if not layout.blocks:  # the posterior mean only
             return None, ("mean",)
-        modules = self.posterior.modules
+        modules = posterior.modules
         if layout.uniform:
             parts = [(jobs[j].noise, jobs[j].n_samples) for j, _ in layout.blocks]  # (draw, N) per draw
             z_rows = []

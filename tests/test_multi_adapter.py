@@ -1,0 +1,136 @@
+"""Many adapters on one base model: rows of different adapters share one forward, and each answer
+equals that adapter served alone (its own base model, its own forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, LABELS
+from test_posterior import peft_reference
+
+from tfb_core.config import ModelConfig
+from tfb_core.loading import LoadError, load_classifier, load_classifiers
+from tfb_core.sampling import Job
+from tfb_core.tasks import get_task
+
+KEYS = ("adapter", "adapter_qv", "adapter_other")
+YES_NO = ["yes", "no"]
+PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
+
+
+def _cfg(tiny, key: str) -> ModelConfig:
+    return ModelConfig(model=tiny["model"], adapter=tiny[key], device=DEVICE)
+
+
+@pytest.fixture()
+def many(tiny):
+    """One base model with three adapters (the second classifying yes/no)."""
+    return load_classifiers([_cfg(tiny, k) for k in KEYS], [LABELS, YES_NO, LABELS])
+
+
+def _count_forwards(clf):
+    calls: list[tuple[int, ...]] = []
+    backbone = clf.backbone
+
+    def counted(**kw):
+        calls.append(tuple(kw["input_ids"].shape))
+        return backbone(**kw)
+
+    return calls, counted
+
+
+@pytest.mark.parametrize("sigmas", [(0.3, 0.0, 0.5), (0.0, 0.0, 0.0), (0.4, 0.4, 0.4)])
+def test_one_forward_of_three_adapters_equals_each_served_alone(tiny, many, sigmas):
+    tokens = many[0].tokenize(PROMPTS)
+    draws = [clf.posterior.draw(seed=11 + a, n_samples=4) for a, clf in enumerate(many)]
+    jobs = [Job(tokens[i], 4, draws[a], adapter=a, sigma=sigmas[a], class_ids=many[a].class_ids)
+            for i in range(len(PROMPTS)) for a in range(3)]  # interleaved adapters
+    calls, counted = _count_forwards(many[0])
+    many[0].backbone = counted
+    mixed = many[0].run_jobs(jobs, sigma=0.0)
+    assert len(calls) == 1 and calls[0][0] == sum(4 if s > 0 else 1 for s in sigmas) * len(PROMPTS)
+    for a, key in enumerate(KEYS):
+        alone = load_classifier(_cfg(tiny, key), [LABELS, YES_NO, LABELS][a])  # its own base model
+        # the same standard-normal draws, module by module: same seed, same module order
+        own = alone.posterior.draw(seed=11 + a, n_samples=4)
+        for z_own, z_many in zip(own.z, draws[a].z, strict=True):
+            assert torch.equal(z_own, z_many)
+        for i in range(len(PROMPTS)):
+            ref = alone.run_jobs([Job(tokens[i], 4, own)], sigma=sigmas[a])[0]  # (N, C)
+            torch.testing.assert_close(mixed[i * 3 + a], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_differ_and_each_follows_its_own_sigma(many):
+    """The routing is real: the same input gets each adapter's own answer, and only the adapters
+    with sigma > 0 vary across samples."""
+    tokens = many[0].tokenize(PROMPTS[:1])[0]
+    jobs = [Job(tokens, 3, clf.posterior.draw(1, 3), adapter=a, sigma=s, class_ids=many[0].class_ids)
+            for a, (clf, s) in enumerate(zip(many, (0.5, 0.0, 0.5), strict=True))]
+    out = many[0].run_jobs(jobs, sigma=0.0)
+    assert not torch.allclose(out[0][0], out[2][0], atol=1e-3)  # two adapters, one label set
+    assert not torch.allclose(out[0][0], out[0][1], atol=1e-4)  # noisy samples differ
+    assert torch.equal(out[1][0], out[1][1])  # sigma = 0: every sample is the mean
+
+
+def test_sigma_zero_of_every_adapter_reproduces_its_peft_model(tiny, many):
+    """Independent oracle: the untouched peft model of each adapter alone, one prompt at a time."""
+    tokens = many[0].tokenize(PROMPTS)
+    jobs = [Job(tokens[i], 1, None, adapter=a, sigma=0.0, class_ids=many[a].class_ids)
+            for a in range(3) for i in range(len(PROMPTS))]
+    out = many[0].run_jobs(jobs, sigma=0.0)
+    for a, key in enumerate(KEYS):
+        ref = peft_reference(_cfg(tiny, key), PROMPTS, [LABELS, YES_NO, LABELS][a])
+        got = torch.stack([out[a * len(PROMPTS) + i][0] for i in range(len(PROMPTS))])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_instruction_prefix_across_adapters_keeps_answers(tiny, many):
+    """Inputs of one task under several adapters: the instruction runs once per (adapter, sample),
+    its keys and values are kept, and the answers are those of a plain forward."""
+    task = get_task("sst2")
+    prompts = [task.format(s) for s in PROMPTS]
+    tokens = many[0].tokenize(prompts)
+    prefix = many[0].shared_prefix(tokens)
+    assert prefix >= 8
+    draws = [clf.posterior.draw(seed=3, n_samples=3) for clf in many]
+    jobs = [Job(t, 3, draws[a], adapter=a, sigma=0.2, class_ids=many[0].class_ids) for a in (0, 2) for t in tokens]
+    plain = many[0].run_jobs(jobs, sigma=0.0)  # no prefix: one forward of the whole rows
+    calls, counted = _count_forwards(many[0])
+    many[0].backbone = counted
+    shared = many[0].run_jobs(jobs, sigma=0.0, prefix={0: prefix, 2: prefix})
+    again = many[0].run_jobs(jobs, sigma=0.0, prefix={0: prefix, 2: prefix})
+    assert calls[0] == (2 * 3, prefix)  # the prefix: one row per (adapter, sample)
+    assert calls[1][0] == len(jobs) * 3 and calls[2][0] == len(jobs) * 3  # second time: from the prefix cache
+    assert len(calls) == 3
+    for p, s, g in zip(plain, shared, again, strict=True):
+        torch.testing.assert_close(s, p, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g, p, atol=1e-5, rtol=1e-4)
+
+
+def test_the_prefix_cache_keeps_adapters_apart(many):
+    """At sigma = 0 two adapters' prefixes are both 'the mean': the cache must not hand one's keys
+    and values to the other."""
+    task = get_task("sst2")
+    tokens = many[0].tokenize([task.format(s) for s in PROMPTS])
+    prefix = many[0].shared_prefix(tokens)
+    first = many[0].run_jobs([Job(t, 1, None) for t in tokens], sigma=0.0, prefix=prefix)
+    other = many[2].run_jobs([Job(t, 1, None) for t in tokens], sigma=0.0, prefix=prefix)
+    fresh = many[2]
+    fresh.prefix_cache.clear()
+    ref = fresh.run_jobs([Job(t, 1, None) for t in tokens], sigma=0.0)
+    for o, r, f in zip(other, ref, first, strict=True):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(o, f, atol=1e-4)
+
+
+def test_adapters_must_share_the_base_models_settings(tiny):
+    cfgs = [_cfg(tiny, "adapter"), ModelConfig(model=tiny["model"], adapter=tiny["adapter_qv"], device=DEVICE,
+                                               max_length=64)]
+    with pytest.raises(LoadError, match="max_length"):
+        load_classifiers(cfgs, [LABELS, LABELS])
+
+
+def test_each_adapters_posterior_has_only_its_own_layers(many):
+    names = [{m.name.split(".")[-1] for m in clf.posterior.modules} for clf in many]
+    assert names == [{"q_proj", "v_proj", "lm_head"}, {"q_proj", "v_proj"}, {"k_proj", "o_proj", "down_proj"}]
+    assert many[0].head is not None and many[1].head is None and many[2].head is None
