@@ -134,3 +134,75 @@ def test_each_adapters_posterior_has_only_its_own_layers(many):
     names = [{m.name.split(".")[-1] for m in clf.posterior.modules} for clf in many]
     assert names == [{"q_proj", "v_proj", "lm_head"}, {"q_proj", "v_proj"}, {"k_proj", "o_proj", "down_proj"}]
     assert many[0].head is not None and many[1].head is None and many[2].head is None
+
+
+# --- engines: one per adapter, one batch loop for all -----------------------------------------------
+def _engine_cfgs(tiny, model_cfg):
+    from dataclasses import replace
+
+    from tfb_core.engine import EngineConfig
+
+    base = dict(n_samples=4, seed=0, max_rows=64)
+    return [("pos", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter"]), task="sst2", sigma=0.3, **base)),
+            ("yn", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_qv"]), labels=("yes", "no"),
+                                sigma=0.0, **base)),
+            ("other", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_other"]), task="sst2", sigma=0.5,
+                                   **base))]
+
+
+def test_a_mixed_batch_of_three_adapters_answers_each_request_as_its_adapter_alone(tiny, model_cfg):
+    from tfb_core.batch import BatchRequest
+    from tfb_core.engine import TFBEngine
+
+    named = _engine_cfgs(tiny, model_cfg)
+    engines = TFBEngine.load_many(named, progress=False)
+    assert [e.name for e in engines] == ["pos", "yn", "other"]
+    assert len({id(e.classifier.model) for e in engines}) == 1  # one base model
+    pos, yn, other = engines
+    requests = [BatchRequest(["a great film", "a dull mess"], 4, 1, engine=pos),
+                BatchRequest(["Is it good?", "Was it dull? Answer:"], 3, 2, engine=yn),
+                BatchRequest(["superb"], 5, 3, engine=other),
+                BatchRequest(["I would not watch it again"], 4, 1, engine=pos),
+                BatchRequest(["wonderful cast"], 2, 9, labels=("True", "False"), engine=yn)]
+    forwards = []
+    got = pos.run_batch(requests, max_rows=64, on_forward=lambda i, r, s: forwards.append(i))
+    assert sum(forwards) == 7
+    alone = {name: TFBEngine.load(cfg, progress=False) for name, cfg in named}  # each on its own base model
+    for req, res in zip(requests, got, strict=True):
+        assert isinstance(res, torch.Tensor), res
+        own = alone[req.engine.name]
+        want = own.run_batch([BatchRequest(req.prompts, req.n_samples, req.seed, req.labels)], max_rows=64)[0]
+        assert res.shape == want.shape
+        torch.testing.assert_close(res, want, atol=1e-5, rtol=1e-4)
+
+
+def test_one_forward_holds_several_adapters_when_a_forward_is_expensive(tiny, model_cfg):
+    """With a large fixed cost per forward (a GPU), the planner puts all adapters' rows in one forward."""
+    from tfb_core.batch import BatchRequest
+    from tfb_core.engine import TFBEngine
+
+    engines = TFBEngine.load_many(_engine_cfgs(tiny, model_cfg), progress=False)
+    for e in engines:
+        e.classifier.forward_overhead_tokens = 10_000
+    requests = [BatchRequest(["a great film"], 4, 1, engine=e) for e in engines]
+    forwards = []
+    engines[0].run_batch(requests, max_rows=64, on_forward=lambda i, r, s: forwards.append((i, r)))
+    assert forwards == [(3, 4 + 1 + 4)]  # sigma = 0 takes one row
+
+
+def test_sigma_search_and_cache_entry_of_each_adapter_are_its_own(tiny, model_cfg, tmp_path):
+    """Each adapter searches its own sigma on one base model, and finds it again in the cache served alone."""
+    from dataclasses import replace
+
+    from tfb_core.config import SearchConfig
+    from tfb_core.engine import DEMO_ANCHOR, EngineConfig, TFBEngine
+
+    model = replace(model_cfg, cache_dir=str(tmp_path))
+    search = SearchConfig(tolerance=0.05, n_samples=3, iters=3, low=1e-3, high=1.0)
+    named = [(k, EngineConfig(model=replace(model, adapter=tiny[k]), task="sst2", anchor=str(DEMO_ANCHOR),
+                              search=search, n_samples=3)) for k in ("adapter", "adapter_other")]
+    first, second = TFBEngine.load_many(named, progress=False)
+    assert first.sigma_source == second.sigma_source == "search"
+    assert first.sigma != second.sigma
+    again = TFBEngine.load(named[1][1], progress=False)
+    assert again.sigma_source == "cache" and again.sigma == second.sigma

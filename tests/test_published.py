@@ -174,7 +174,7 @@ def test_offline_start_up_without_the_anchor_stops_before_loading_the_model(tmp_
     from app.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("tfb_core.engine.load_classifier", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("tfb_core.engine.load_classifiers", lambda *a, **k: pytest.fail("loaded the model first"))
     assert main(["search", "--published", "blob/ARC-Easy/3", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--anchor" in err and "ARC-Easy-train-shuffle42-500.jsonl" in err

@@ -33,7 +33,8 @@ ForwardHook = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """One caller's inputs: prompts, N, the seed of its posterior samples, and its label set."""
+    """One caller's inputs: prompts, N, the seed of its posterior samples, its label set, and the
+    adapter (engine) that answers it."""
 
     prompts: Sequence[str]
     n_samples: int
@@ -42,6 +43,8 @@ class BatchRequest:
     #: True once nobody waits for the answer any more: the request's inputs are skipped before the
     #: next forward, and it is answered :class:`RequestCancelled`
     cancelled: Callable[[], bool] | None = None
+    #: the adapter served on the batch's base model that answers it (None: the batch's engine)
+    engine: TFBEngine | None = None
 
 
 class RequestCancelled(Exception):
@@ -66,51 +69,79 @@ class ClassIds:
         return ids
 
 
+@dataclass
+class _Input:
+    """One input of the batch: whose (request, position) it is, under which engine and class ids."""
+
+    request: int
+    engine: TFBEngine
+    class_ids: torch.Tensor
+
+
 def run_batch(engine: TFBEngine, requests: Sequence[BatchRequest], max_rows: int,
               on_forward: ForwardHook | None = None) -> list[torch.Tensor | Exception]:
-    """Per request: its (B_i, N_i, C) per-sample probabilities, or the error it alone gets."""
-    clf = engine.classifier
+    """Per request: its (B_i, N_i, C_i) per-sample probabilities, or the error it alone gets.
+
+    Requests for other adapters of the same base model (``BatchRequest.engine``) and with other
+    label sets share the forwards: each row carries its adapter's posterior sample and sigma, each
+    input its own class tokens.
+    """
     out: list[torch.Tensor | Exception | None] = [None] * len(requests)
     tokens: dict[int, list[list[int]]] = {}
-    groups: dict[Labels | None, list[int]] = {}
+    inputs: list[_Input] = []
     for r, req in enumerate(requests):
+        own = req.engine or engine
+        if own.classifier.model is not engine.classifier.model:
+            out[r] = ValueError(f"adapter {own.name!r} is not on this batch's base model")
+            continue
+        clf = own.classifier
         try:
             tokens[r] = clf.tokenize(req.prompts)
         except ValueError as exc:  # PromptTooLongError
             out[r] = exc
             continue
-        key = None if req.labels is None or list(req.labels) == clf.labels else tuple(req.labels)
-        groups.setdefault(key, []).append(r)
-    for labels, members in groups.items():
         try:
-            class_ids = None if labels is None else engine.class_ids.get(engine, labels)
+            ids = (clf.class_ids if req.labels is None or list(req.labels) == clf.labels
+                   else own.class_ids.get(own, tuple(req.labels)))
         except ValueError as exc:  # TaskError
-            for r in members:
-                out[r] = exc
+            out[r] = exc
             continue
-        found = _forward(engine, [requests[r] for r in members], [tokens[r] for r in members], class_ids,
-                         max_rows, on_forward)
+        if not tokens[r]:
+            out[r] = torch.empty((0, req.n_samples, len(ids)))
+        inputs += [_Input(r, own, ids) for _ in tokens[r]]
+    if inputs:
+        found = _forward(engine, requests, tokens, inputs, max_rows, on_forward)
         for r, res in found.items():
-            out[members[r]] = res
+            out[r] = res
     return out  # type: ignore[return-value]
 
 
-def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: Sequence[list[list[int]]],
-             class_ids: torch.Tensor | None, max_rows: int,
-             on_forward: ForwardHook | None) -> dict[int, torch.Tensor | Exception]:
-    """One label set's requests: planned forwards, results per request (its position in ``requests``)."""
-    sigma = engine.sigma
-    need: dict[int, int] = {}
-    for req in requests:  # one draw per seed, big enough for every request that uses it
-        need[req.seed] = max(need.get(req.seed, 0), req.n_samples)
-    noise = {seed: engine.noise(seed, n) for seed, n in need.items()} if sigma > 0.0 else {}
-    owners = [(r, i) for r, toks in enumerate(tokens) for i in range(len(toks))]
-    units = [[Job(tokens[r][i], requests[r].n_samples, noise.get(requests[r].seed))] for r, i in owners]
-    # inputs of one draw and N together where that is cheaper: they share the instruction's prefix
-    keys = [(requests[r].seed, requests[r].n_samples) if sigma > 0.0 else 0 for r, _ in owners]
-    # the task's instruction (one prefix for every batch, computed once per draw), else what the
-    # batch's inputs share
-    prefix = engine.prompt_prefix or engine.classifier.shared_prefix([u[0].tokens for u in units])
+def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: dict[int, list[list[int]]],
+             inputs: Sequence[_Input], max_rows: int, on_forward: ForwardHook | None) -> dict[int, torch.Tensor | Exception]:
+    """The batch's inputs in planned forwards; results per request (its position in ``requests``)."""
+    need: dict[tuple[int, int], int] = {}  # (engine, seed) -> N: one draw per seed and adapter, big enough
+    for x in inputs:
+        req = requests[x.request]
+        key = (id(x.engine), req.seed)
+        need[key] = max(need.get(key, 0), req.n_samples)
+    engines = {id(x.engine): x.engine for x in inputs}
+    noise = {key: engines[key[0]].noise(key[1], n) for key, n in need.items() if engines[key[0]].sigma > 0.0}
+    positions: dict[int, int] = {}
+    units, keys = [], []
+    for x in inputs:
+        req, own = requests[x.request], x.engine
+        i = positions.get(x.request, 0)
+        positions[x.request] = i + 1
+        units.append([Job(tokens[x.request][i], req.n_samples, noise.get((id(own), req.seed)),
+                          adapter=own.classifier.adapter, sigma=own.sigma, class_ids=x.class_ids)])
+        # inputs of one adapter, draw and N together where that is cheaper: they share the prefix
+        keys.append((own.classifier.adapter, req.seed, req.n_samples) if own.sigma > 0.0 else (own.classifier.adapter,))
+    # per adapter its task's instruction (one prefix for every batch, computed once per draw), else
+    # what its inputs in this batch share
+    prefix = {}
+    for own in engines.values():
+        mine = [u[0].tokens for u, x in zip(units, inputs, strict=True) if x.engine is own]
+        prefix[own.classifier.adapter] = own.prompt_prefix or own.classifier.shared_prefix(mine)
     hook = None
     if on_forward is not None:
         clock = [time.perf_counter()]
@@ -121,25 +152,24 @@ def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: Sequen
             clock[0] = now
 
     def skip(u: int) -> bool:
-        cancelled = requests[owners[u][0]].cancelled
+        cancelled = requests[inputs[u].request].cancelled
         return cancelled is not None and cancelled()
 
+    members = sorted(positions)
     try:
-        results = engine.classifier.run_planned(units, max_rows, sigma, class_ids, prefix, keys, on_chunk=hook,
-                                                skip=skip)
+        results = engine.classifier.run_planned(units, max_rows, engine.sigma, prefix=prefix, keys=keys,
+                                                on_chunk=hook, skip=skip)
     except Exception as exc:  # noqa: BLE001 -- a failed forward (e.g. out of memory) fails these requests only
         log.exception("forward of %d inputs failed", len(units))
-        return dict.fromkeys(range(len(requests)), exc)
-    per: dict[int, list[torch.Tensor]] = {r: [] for r in range(len(requests))}
+        return dict.fromkeys(members, exc)
+    per: dict[int, list[torch.Tensor]] = {r: [] for r in members}
     skipped: set[int] = set()
-    for (r, _), unit in zip(owners, results, strict=True):
+    for x, unit in zip(inputs, results, strict=True):
         if unit:
-            per[r].append(unit[0])  # (N, C)
+            per[x.request].append(unit[0])  # (N, C)
         else:
-            skipped.add(r)
-    n_classes = len(engine.classifier.labels) if class_ids is None else len(class_ids)
-    return {r: RequestCancelled("cancelled before all its inputs ran") if r in skipped else
-            torch.stack(v) if v else torch.empty((0, requests[r].n_samples, n_classes))
+            skipped.add(x.request)
+    return {r: RequestCancelled("cancelled before all its inputs ran") if r in skipped else torch.stack(v)
             for r, v in per.items()}  # (B_r, N, C)
 
 

@@ -20,7 +20,7 @@ from tfb_core import __version__, cache
 from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.conformal import SCORES, Calibration
-from tfb_core.loading import LoadError, default_cache_dir, load_classifier
+from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
 from tfb_core.posterior import NoiseDraw
 from tfb_core.published import PublishedError, reference_anchor, task_dataset
 from tfb_core.published import parse as parse_published
@@ -179,6 +179,8 @@ class TFBEngine:
         self.sigma = sigma
         self.sigma_source = sigma_source
         self.search_result = search_result
+        #: the adapter's name where several are served on one base model
+        self.name = "default"
         classifier.truncate = task.truncate
         #: conformal sets and abstention thresholds' data (None: no labelled calibration data)
         self.calibration: Calibration | None = None
@@ -193,6 +195,31 @@ class TFBEngine:
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def load(cls, cfg: EngineConfig, progress: bool = True) -> TFBEngine:
+        return cls.load_many([("default", cfg)], progress)[0]
+
+    @classmethod
+    def load_many(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True) -> list[TFBEngine]:
+        """One engine per named adapter, all on one base model (loaded once): each with its own task,
+        sigma (fixed, from the cache, or its own search) and calibration. The adapters must agree on
+        the base model's settings (:data:`tfb_core.loading.BASE_FIELDS`)."""
+        if not named:
+            raise LoadError("no adapter to serve")
+        prepared = [cls._prepare(cfg) for _, cfg in named]
+        floors = {cfg.d_floor for cfg, _ in prepared}
+        if len(floors) > 1:
+            raise LoadError(f"adapters on one base model must share d_floor, got {sorted(floors)}")
+        clfs = load_classifiers([cfg.model for cfg, _ in prepared], [task.labels for _, task in prepared],
+                                PosteriorConfig(d_floor=prepared[0][0].d_floor))
+        engines = []
+        for (name, _), (cfg, task), clf in zip(named, prepared, clfs, strict=True):
+            engine = cls._finish(cfg, task, clf, progress)
+            engine.name = name
+            engines.append(engine)
+        return engines
+
+    @classmethod
+    def _prepare(cls, cfg: EngineConfig) -> tuple[EngineConfig, Task]:
+        """The config with its defaults and the task; the reference anchor fetched before any model."""
         cfg = cfg.with_defaults()
         try:
             task = get_task(cfg.task, cfg.labels)
@@ -201,7 +228,11 @@ class TFBEngine:
         if cfg.sigma is None and not cfg.anchor and (cfg.published or task_dataset(task.name)):
             # the reference anchor before the model: offline without it, start-up fails in seconds
             cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
-        clf = load_classifier(cfg.model, task.labels, PosteriorConfig(d_floor=cfg.d_floor))
+        return cfg, task
+
+    @classmethod
+    def _finish(cls, cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool) -> TFBEngine:
+        """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
         clf.truncate = task.truncate  # before the anchor is tokenized
         clf.max_batch_tokens = cfg.max_batch_tokens
