@@ -30,11 +30,13 @@ import torch
 from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
 from app.metrics import Metrics
 from tfb_core.batch import BatchRequest
-from tfb_core.engine import TFBEngine
+from tfb_core.engine import AdapterPool, TFBEngine
 
 log = logging.getLogger(__name__)
 
 Labels = tuple[str, ...]
+#: what the worker loads and serves: one engine, or several adapters' on one base model
+Served = TFBEngine | AdapterPool
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Work:
     seed: int
     labels: Labels | None  # None: the configured labels
     finish: Callable[[torch.Tensor], Any]
+    engine: TFBEngine | None = None  # the adapter that answers it (None: the default)
     rows: int = 0
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # its batch was taken from the queue (time.monotonic)
@@ -77,8 +80,8 @@ class Work:
 class ModelWorker:
     """Loads the engine on its own thread, then serves batches; futures resolve on ``loop``."""
 
-    def __init__(self, load: Callable[[], TFBEngine], limits: BatchLimits, metrics: Metrics,
-                 on_ready: Callable[[TFBEngine], None], on_failure: Callable[[BaseException], None],
+    def __init__(self, load: Callable[[], Served], limits: BatchLimits, metrics: Metrics,
+                 on_ready: Callable[[Served], None], on_failure: Callable[[BaseException], None],
                  warmup: bool = True) -> None:
         self._load = load
         self.limits = limits
@@ -86,7 +89,7 @@ class ModelWorker:
         self._on_ready = on_ready
         self._on_failure = on_failure
         self._warmup = warmup
-        self.engine: TFBEngine | None = None
+        self.engine: Served | None = None
         self._queue: deque[Work] = deque()
         self._queued_rows = 0
         self._busy = False
@@ -144,14 +147,15 @@ class ModelWorker:
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 1.0)
 
     # --- requests (event loop side) --------------------------------------------------------------
-    def rows_of(self, n_inputs: int, n_samples: int) -> int:
-        return n_inputs * n_samples if self.engine is None else self.engine.rows(n_inputs, n_samples)
+    def rows_of(self, n_inputs: int, n_samples: int, engine: TFBEngine | None = None) -> int:
+        engine = engine or self.engine  # type: ignore[assignment]
+        return n_inputs * n_samples if engine is None else engine.rows(n_inputs, n_samples)
 
     async def submit(self, work: Work) -> Any:
         """Queue ``work`` and wait for its result; raises the work's error, or 429/503 on overload."""
         loop = asyncio.get_running_loop()
         work.future = loop.create_future()
-        work.rows = self.rows_of(len(work.prompts), work.n_samples)
+        work.rows = self.rows_of(len(work.prompts), work.n_samples, work.engine)
         with self._cond:
             if not self._accepting:
                 raise NotReadyError("the server is shutting down")
@@ -283,14 +287,15 @@ class ModelWorker:
         self.metrics.queue_depth.set(depth)
         return batch
 
-    def _process(self, engine: TFBEngine, batch: Sequence[Work]) -> None:
+    def _process(self, engine: Served, batch: Sequence[Work]) -> None:
         now = time.monotonic()
         self.metrics.batch_requests.observe(len(batch))
         for work in batch:
             work.started = now
             self.metrics.queue_wait.observe(now - work.enqueued)
         # a work whose client left (or whose drain deadline passed) is skipped before its next forward
-        requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels, cancelled=lambda w=w: w.abandoned)
+        requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels, cancelled=lambda w=w: w.abandoned,
+                                 engine=w.engine)
                     for w in batch]
         results = engine.run_batch(requests, self.limits.max_rows, on_forward=self._observe_forward)
         for work, res in zip(batch, results, strict=True):

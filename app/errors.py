@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tfb_core.engine import UnknownAdapterError
 from tfb_core.loading import LoadError
 from tfb_core.sampling import EmptyPromptError, PromptTooLongError
 from tfb_core.tasks import TaskError
@@ -89,6 +90,8 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return 422, f"{exc} tokens (TFB_MAX_LENGTH)", None
     if isinstance(exc, (TaskError, EmptyPromptError)):
         return 422, str(exc), None
+    if isinstance(exc, UnknownAdapterError):  # as vLLM and OpenAI answer an unknown model
+        return 404, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
         return 503, str(exc), {"Retry-After": "5"}
     return 500, "internal error (see the server log)", None
@@ -117,7 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(422, f"the request body is not valid JSON: {reason[:200]}")
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError):
+    for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError, UnknownAdapterError):
         app.add_exception_handler(cls, known)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

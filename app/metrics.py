@@ -24,6 +24,8 @@ _CONFIDENCE = tuple(round((k + 1) / ECE_BINS, 6) for k in range(ECE_BINS))
 _ENTROPY = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0)
 _MI = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 OTHER_LABEL = "_other"
+#: the label of every per-adapter metric
+A = ["adapter"]
 
 
 def confidence_bin(confidence: float) -> int:
@@ -61,128 +63,148 @@ class Metrics:
         for reason in ("disconnect", "timeout", "shutdown"):
             self.aborted.labels(reason=reason)
         # uncertainty
-        self.confidence = Histogram("tfb_prediction_confidence", "top-label confidence of predictions",
+        # per adapter (label ``adapter``: its name; one base model may serve several)
+        self.confidence = Histogram("tfb_prediction_confidence", "top-label confidence of predictions", A,
                                     buckets=_CONFIDENCE, registry=r)
-        self.predictive_entropy = Histogram("tfb_prediction_predictive_entropy", "predictive entropy (nats)",
+        self.predictive_entropy = Histogram("tfb_prediction_predictive_entropy", "predictive entropy (nats)", A,
                                             buckets=_ENTROPY, registry=r)
         self.mutual_information = Histogram("tfb_prediction_mutual_information",
-                                            "mutual information, epistemic (nats)", buckets=_MI, registry=r)
+                                            "mutual information, epistemic (nats)", A, buckets=_MI, registry=r)
         self.predictions = Counter("tfb_predictions", "predictions by predicted label (per-request labels "
-                                   f"outside the configured ones count as {OTHER_LABEL!r})", ["label"], registry=r)
-        self.sigma = Gauge("tfb_sigma", "posterior scale sigma in use", registry=r)
-        self.default_samples = Gauge("tfb_default_samples", "default number of posterior samples N", registry=r)
+                                   f"outside the configured ones count as {OTHER_LABEL!r})", [*A, "label"], registry=r)
+        self.sigma = Gauge("tfb_sigma", "posterior scale sigma in use", A, registry=r)
+        self.default_samples = Gauge("tfb_default_samples", "default number of posterior samples N", A, registry=r)
         # calibration
-        self.bin_count = Counter("tfb_calibration_bin_count", "labelled predictions per confidence bin", ["bin"],
-                                 registry=r)
-        self.bin_correct = Counter("tfb_calibration_bin_correct", "correct labelled predictions per bin", ["bin"],
-                                   registry=r)
-        self.bin_confidence = Counter("tfb_calibration_bin_confidence_sum", "sum of confidences per bin", ["bin"],
-                                      registry=r)
-        for b in range(ECE_BINS):  # every bin exists from the start: increase() needs a zero to start from
-            for c in (self.bin_count, self.bin_correct, self.bin_confidence):
-                c.labels(bin=str(b))
-        self.feedback = Counter("tfb_feedback", "labels received on /feedback", registry=r)
-        self.feedback_correct = Counter("tfb_feedback_correct", "labelled predictions that were right", registry=r)
-        self.feedback_nll = Counter("tfb_feedback_nll_sum", "sum of -log p[true label]", registry=r)
-        self.feedback_brier = Counter("tfb_feedback_brier_sum", "sum of Brier scores", registry=r)
-        self.recent_accuracy = Gauge("tfb_recent_accuracy", "accuracy of the last K labelled predictions", registry=r)
-        self.recent_ece = Gauge("tfb_recent_ece", "ECE (15 bins) of the last K labelled predictions", registry=r)
-        self.recent_nll = Gauge("tfb_recent_nll", "NLL of the last K labelled predictions", registry=r)
-        self.recent_brier = Gauge("tfb_recent_brier", "Brier score of the last K labelled predictions", registry=r)
-        self.recent_count = Gauge("tfb_recent_count", "labelled predictions in the recent window (<= K)", registry=r)
-        self._recent: deque[tuple[list[float], int]] = deque(maxlen=recent_window)
-        self._recent_dirty = False
+        self.bin_count = Counter("tfb_calibration_bin_count", "labelled predictions per confidence bin",
+                                 [*A, "bin"], registry=r)
+        self.bin_correct = Counter("tfb_calibration_bin_correct", "correct labelled predictions per bin",
+                                   [*A, "bin"], registry=r)
+        self.bin_confidence = Counter("tfb_calibration_bin_confidence_sum", "sum of confidences per bin",
+                                      [*A, "bin"], registry=r)
+        self.feedback = Counter("tfb_feedback", "labels received on /feedback", A, registry=r)
+        self.feedback_correct = Counter("tfb_feedback_correct", "labelled predictions that were right", A, registry=r)
+        self.feedback_nll = Counter("tfb_feedback_nll_sum", "sum of -log p[true label]", A, registry=r)
+        self.feedback_brier = Counter("tfb_feedback_brier_sum", "sum of Brier scores", A, registry=r)
+        self.recent_accuracy = Gauge("tfb_recent_accuracy", "accuracy of the last K labelled predictions", A,
+                                     registry=r)
+        self.recent_ece = Gauge("tfb_recent_ece", "ECE (15 bins) of the last K labelled predictions", A, registry=r)
+        self.recent_nll = Gauge("tfb_recent_nll", "NLL of the last K labelled predictions", A, registry=r)
+        self.recent_brier = Gauge("tfb_recent_brier", "Brier score of the last K labelled predictions", A, registry=r)
+        self.recent_count = Gauge("tfb_recent_count", "labelled predictions in the recent window (<= K)", A,
+                                  registry=r)
+        self._window = recent_window
+        self._recent: dict[str, deque[tuple[list[float], int]]] = {}
+        self._recent_dirty: set[str] = set()
         # prediction sets and abstention (tfb_core.conformal); label-free accuracy estimate
-        self.with_set = Counter("tfb_predictions_with_set", "predictions that got a prediction set (alpha)",
+        self.with_set = Counter("tfb_predictions_with_set", "predictions that got a prediction set (alpha)", A,
                                 registry=r)
-        self.set_size = Counter("tfb_prediction_set_size_sum", "sum of prediction set sizes", registry=r)
+        self.set_size = Counter("tfb_prediction_set_size_sum", "sum of prediction set sizes", A, registry=r)
         self.with_risk = Counter("tfb_predictions_with_max_risk", "predictions asked to abstain or not (max_risk)",
-                                 registry=r)
-        self.abstentions = Counter("tfb_abstentions", "predictions that abstained at their max_risk", registry=r)
+                                 A, registry=r)
+        self.abstentions = Counter("tfb_abstentions", "predictions that abstained at their max_risk", A, registry=r)
         self.confidence_sum = Counter("tfb_confidence_sum", "sum of top-label confidences of predictions "
-                                      "(/ tfb_prediction_confidence_count: label-free accuracy estimate)", registry=r)
+                                      "(/ tfb_prediction_confidence_count: label-free accuracy estimate)", A,
+                                      registry=r)
         self.estimated_accuracy = Gauge("tfb_estimated_accuracy", "mean confidence of the last K predictions: "
-                                        "their expected accuracy if calibrated (label-free, as CBPE)", registry=r)
-        self.fb_with_set = Counter("tfb_feedback_with_set", "labelled predictions that had a prediction set",
+                                        "their expected accuracy if calibrated (label-free, as CBPE)", A, registry=r)
+        self.fb_with_set = Counter("tfb_feedback_with_set", "labelled predictions that had a prediction set", A,
                                    registry=r)
         self.fb_covered = Counter("tfb_feedback_set_covered", "labelled predictions whose set held the true label",
-                                  registry=r)
+                                  A, registry=r)
         self.fb_target = Counter("tfb_feedback_set_target_sum", "sum of 1 - alpha over labelled predictions with "
-                                 "a set (their promised coverage)", registry=r)
+                                 "a set (their promised coverage)", A, registry=r)
         self.fb_answered = Counter("tfb_feedback_answered", "labelled predictions answered (not abstained) under "
-                                   "a max_risk", registry=r)
-        self.fb_answered_wrong = Counter("tfb_feedback_answered_wrong", "of those, the wrong ones", registry=r)
+                                   "a max_risk", A, registry=r)
+        self.fb_answered_wrong = Counter("tfb_feedback_answered_wrong", "of those, the wrong ones", A, registry=r)
         self.fb_risk_target = Counter("tfb_feedback_max_risk_sum", "sum of max_risk over labelled answered "
-                                      "predictions", registry=r)
-        self._recent_conf: deque[float] = deque(maxlen=recent_window)
+                                      "predictions", A, registry=r)
+        self._recent_conf: dict[str, deque[float]] = {}
+
+    def set_adapter(self, adapter: str, sigma: float, n_samples: int) -> None:
+        """A served adapter: its sigma and N, and every per-adapter series at zero (``increase()``
+        needs a zero to start from, and a dashboard lists the adapter before its first prediction)."""
+        self.sigma.labels(adapter=adapter).set(sigma)
+        self.default_samples.labels(adapter=adapter).set(n_samples)
+        for b in range(ECE_BINS):
+            for c in (self.bin_count, self.bin_correct, self.bin_confidence):
+                c.labels(adapter=adapter, bin=str(b))
+        for m in (self.confidence, self.predictive_entropy, self.mutual_information, self.feedback,
+                  self.feedback_correct, self.feedback_nll, self.feedback_brier, self.with_set, self.set_size,
+                  self.with_risk, self.abstentions, self.confidence_sum, self.fb_with_set, self.fb_covered,
+                  self.fb_target, self.fb_answered, self.fb_answered_wrong, self.fb_risk_target):
+            m.labels(adapter=adapter)
 
     # --- uncertainty ----------------------------------------------------------------------------
-    def observe_predictions(self, predictions: Sequence[dict], configured_labels: Sequence[str]) -> None:
+    def observe_predictions(self, predictions: Sequence[dict], configured_labels: Sequence[str],
+                            adapter: str = "default") -> None:
         known = set(configured_labels)
+        recent = self._recent_conf.setdefault(adapter, deque(maxlen=self._window))
+        conf, ent, mi = (self.confidence.labels(adapter=adapter), self.predictive_entropy.labels(adapter=adapter),
+                         self.mutual_information.labels(adapter=adapter))
         for p in predictions:
-            self.confidence.observe(p["confidence"])
-            self.predictive_entropy.observe(p["predictive_entropy"])
-            self.mutual_information.observe(p["mutual_information"])
-            self.predictions.labels(label=p["label"] if p["label"] in known else OTHER_LABEL).inc()
-            self.confidence_sum.inc(p["confidence"])
-            self._recent_conf.append(p["confidence"])
+            conf.observe(p["confidence"])
+            ent.observe(p["predictive_entropy"])
+            mi.observe(p["mutual_information"])
+            self.predictions.labels(adapter=adapter, label=p["label"] if p["label"] in known else OTHER_LABEL).inc()
+            self.confidence_sum.labels(adapter=adapter).inc(p["confidence"])
+            recent.append(p["confidence"])
             if p.get("prediction_set") is not None:
-                self.with_set.inc()
-                self.set_size.inc(len(p["prediction_set"]))
+                self.with_set.labels(adapter=adapter).inc()
+                self.set_size.labels(adapter=adapter).inc(len(p["prediction_set"]))
             if p.get("abstain") is not None:
-                self.with_risk.inc()
+                self.with_risk.labels(adapter=adapter).inc()
                 if p["abstain"]:
-                    self.abstentions.inc()
-        if self._recent_conf:
-            self.estimated_accuracy.set(math.fsum(self._recent_conf) / len(self._recent_conf))
+                    self.abstentions.labels(adapter=adapter).inc()
+        if recent:
+            self.estimated_accuracy.labels(adapter=adapter).set(math.fsum(recent) / len(recent))
 
     def observe_feedback_conformal(self, covered: bool | None, alpha: float | None, answered: bool | None,
-                                   correct: bool, max_risk: float | None) -> None:
+                                   correct: bool, max_risk: float | None, adapter: str = "default") -> None:
         """Realised coverage and selective risk of one labelled prediction (None: not asked for)."""
         if covered is not None and alpha is not None:
-            self.fb_with_set.inc()
-            self.fb_target.inc(1.0 - alpha)
+            self.fb_with_set.labels(adapter=adapter).inc()
+            self.fb_target.labels(adapter=adapter).inc(1.0 - alpha)
             if covered:
-                self.fb_covered.inc()
+                self.fb_covered.labels(adapter=adapter).inc()
         if answered and max_risk is not None:
-            self.fb_answered.inc()
-            self.fb_risk_target.inc(max_risk)
+            self.fb_answered.labels(adapter=adapter).inc()
+            self.fb_risk_target.labels(adapter=adapter).inc(max_risk)
             if not correct:
-                self.fb_answered_wrong.inc()
+                self.fb_answered_wrong.labels(adapter=adapter).inc()
 
     # --- calibration ----------------------------------------------------------------------------
-    def observe_feedback(self, probs: Sequence[float], target: int) -> None:
+    def observe_feedback(self, probs: Sequence[float], target: int, adapter: str = "default") -> None:
         """Count one labelled prediction (mean probabilities ``probs``, true class ``target``)."""
         confidence = max(probs)
         predicted = max(range(len(probs)), key=probs.__getitem__)
         correct = predicted == target
         b = str(confidence_bin(confidence))
-        self.bin_count.labels(bin=b).inc()
-        self.bin_confidence.labels(bin=b).inc(confidence)
+        self.bin_count.labels(adapter=adapter, bin=b).inc()
+        self.bin_confidence.labels(adapter=adapter, bin=b).inc(confidence)
         if correct:
-            self.bin_correct.labels(bin=b).inc()
-            self.feedback_correct.inc()
-        self.feedback.inc()
-        self.feedback_nll.inc(-math.log(max(probs[target], _EPS)))
-        self.feedback_brier.inc(sum((p - (1.0 if c == target else 0.0)) ** 2 for c, p in enumerate(probs)))
-        self._recent.append((list(probs), target))
-        self._recent_dirty = True
+            self.bin_correct.labels(adapter=adapter, bin=b).inc()
+            self.feedback_correct.labels(adapter=adapter).inc()
+        self.feedback.labels(adapter=adapter).inc()
+        self.feedback_nll.labels(adapter=adapter).inc(-math.log(max(probs[target], _EPS)))
+        self.feedback_brier.labels(adapter=adapter).inc(
+            sum((p - (1.0 if c == target else 0.0)) ** 2 for c, p in enumerate(probs)))
+        self._recent.setdefault(adapter, deque(maxlen=self._window)).append((list(probs), target))
+        self._recent_dirty.add(adapter)
 
     def refresh_recent(self) -> None:
-        """Recompute the tfb_recent_* gauges (at scrape time, and only after new feedback)."""
-        if not self._recent_dirty:
-            return
-        self._recent_dirty = False
-        items = list(self._recent)
-        self.recent_count.set(len(items))
-        if not items:
-            return
-        width = max(len(p) for p, _ in items)
-        # Per-request label sets may differ in size: zero-padding the missing classes leaves the
-        # top label, its confidence, -log p[y] and the Brier score unchanged.
-        probs = torch.tensor([p + [0.0] * (width - len(p)) for p, _ in items], dtype=torch.float64)  # (K, C)
-        target = torch.tensor([t for _, t in items])  # (K,)
-        self.recent_accuracy.set(accuracy(probs, target))
-        self.recent_ece.set(ece(probs, target))
-        self.recent_nll.set(nll(probs, target))
-        self.recent_brier.set(brier(probs, target))
+        """Recompute the tfb_recent_* gauges (at scrape time, and only for adapters with new feedback)."""
+        dirty, self._recent_dirty = self._recent_dirty, set()
+        for adapter in sorted(dirty):
+            items = list(self._recent[adapter])
+            self.recent_count.labels(adapter=adapter).set(len(items))
+            if not items:
+                continue
+            width = max(len(p) for p, _ in items)
+            # Per-request label sets may differ in size: zero-padding the missing classes leaves the
+            # top label, its confidence, -log p[y] and the Brier score unchanged.
+            probs = torch.tensor([p + [0.0] * (width - len(p)) for p, _ in items], dtype=torch.float64)  # (K, C)
+            target = torch.tensor([t for _, t in items])  # (K,)
+            self.recent_accuracy.labels(adapter=adapter).set(accuracy(probs, target))
+            self.recent_ece.labels(adapter=adapter).set(ece(probs, target))
+            self.recent_nll.labels(adapter=adapter).set(nll(probs, target))
+            self.recent_brier.labels(adapter=adapter).set(brier(probs, target))

@@ -20,7 +20,7 @@ from app.errors import DuplicateFeedbackError, LimitError, UnknownPredictionErro
 from app.metrics import Metrics
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
-from tfb_core.engine import TFBEngine
+from tfb_core.engine import AdapterPool, TFBEngine
 from tfb_core.tasks import TaskError, generic_task
 
 
@@ -32,6 +32,7 @@ class Record:
     probs: list[float]
     index: int
     labelled: bool = False
+    adapter: str = "default"  # the adapter that made it
     prediction_set: tuple[str, ...] | None = None  # and the alpha it was made at
     alpha: float | None = None
     abstain: bool | None = None  # and the max_risk it was decided at
@@ -85,59 +86,72 @@ class FeedbackStore:
 
 
 class Predictor:
-    """Serves /predict and /feedback on a loaded engine through the model worker."""
+    """Serves /predict and /feedback on the loaded adapters through the model worker."""
 
-    def __init__(self, engine: TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics,
+    def __init__(self, adapters: AdapterPool | TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics,
                  store: LabelStore) -> None:
-        self.engine = engine
+        self.adapters = adapters if isinstance(adapters, AdapterPool) else AdapterPool([adapters])
+        self.engine = self.adapters.default  # the default adapter's
         self.worker = worker
         self.settings = settings
         self.metrics = metrics
         self.store = store
-        self.labels = tuple(engine.task.labels)
 
-    def _labels(self, requested: list[str] | None) -> tuple[str, ...] | None:
-        """None for the configured labels; another label set only for the generic task (else 422)."""
-        if requested is None or tuple(requested) == self.labels:
+    @property
+    def adapter_names(self) -> list[str]:
+        """The served adapters' names, the default first."""
+        return self.adapters.names
+
+    def resolve(self, name: str | None) -> TFBEngine:
+        """The engine of adapter ``name`` (None: the default); unknown: a 404 naming the served ones."""
+        return self.adapters.get(name)
+
+    @staticmethod
+    def _labels(engine: TFBEngine, requested: list[str] | None) -> tuple[str, ...] | None:
+        """None for the adapter's configured labels; another label set only for the generic task (else 422)."""
+        labels = tuple(engine.task.labels)
+        if requested is None or tuple(requested) == labels:
             return None
-        if self.engine.task.formatter is not None:
-            raise TaskError(f"task {self.engine.task.name!r} has fixed labels {list(self.labels)}, "
-                            f"got {list(requested)}")
+        if engine.task.formatter is not None:
+            raise TaskError(f"task {engine.task.name!r} has fixed labels {list(labels)}, got {list(requested)}")
         return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
 
     def prepare(self, req: PredictRequest) -> Work:
         """The worker's share of a request; raises a 4xx error naming the problem."""
         s = self.settings
+        engine = self.resolve(req.adapter)
         if len(req.inputs) > s.max_inputs:
             raise LimitError(f"too many inputs: {len(req.inputs)}, the limit is {s.max_inputs} per request "
                              "(TFB_MAX_INPUTS)")
         n = s.n_samples if req.n_samples is None else req.n_samples
         if n > s.max_samples:
             raise LimitError(f"n_samples {n} is over the limit of {s.max_samples} (TFB_MAX_SAMPLES)")
-        labels = self._labels(req.labels)
-        prompts = self.engine.format_inputs(req.inputs)
-        seed = self.engine.cfg.seed if req.seed is None else req.seed
+        labels = self._labels(engine, req.labels)
+        prompts = engine.format_inputs(req.inputs)
+        seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
-        out_labels = labels or self.labels
+        out_labels = labels or tuple(engine.task.labels)
         alpha, max_risk = req.alpha, req.max_risk
-        self.engine.check_conformal(alpha, max_risk)
+        engine.check_conformal(alpha, max_risk)
         if labels is not None and (alpha is not None or max_risk is not None):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
                             f"got labels {list(labels)}")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = self.engine.response(sample_probs, return_samples, alpha, max_risk)
+            out = engine.response(sample_probs, return_samples, alpha, max_risk)
             if labels is not None:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:
                     p["label"] = out_labels[p["index"]]
             return out
 
-        return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish)
+        return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish, engine=engine)
 
     async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None) -> dict[str, Any]:
         """The response body; ``timing`` (if given) receives the request's queue and batch seconds."""
         work = self.prepare(req)
+        engine = work.engine
+        assert engine is not None
         out = await self.worker.submit(work)
         if timing is not None:
             timing.update(work.timing())
@@ -145,19 +159,21 @@ class Predictor:
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
-            self.store.add(pred_id, Record(labels, p["probs"], p["index"],
+            self.store.add(pred_id, Record(labels, p["probs"], p["index"], adapter=engine.name,
                                            prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
                                            alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
             predictions.append({"id": pred_id, **p})
+        out["adapter"] = engine.name
         out["predictions"] = predictions
-        self.metrics.observe_predictions(predictions, self.labels)
+        self.metrics.observe_predictions(predictions, tuple(engine.task.labels), engine.name)
         return out
 
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         record, target = await self.store.label(req.id, lambda r: generic_task(r.labels).label_index(req.label))
-        self.metrics.observe_feedback(record.probs, target)
+        self.metrics.observe_feedback(record.probs, target, record.adapter)
         covered = None if record.prediction_set is None else record.labels[target] in record.prediction_set
         answered = None if record.abstain is None else not record.abstain
-        self.metrics.observe_feedback_conformal(covered, record.alpha, answered, record.index == target, record.max_risk)
+        self.metrics.observe_feedback_conformal(covered, record.alpha, answered, record.index == target, record.max_risk,
+                                                record.adapter)
         return {"id": req.id, "label": record.labels[target], "index": target, "correct": record.index == target,
                 "confidence": max(record.probs)}

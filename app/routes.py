@@ -95,12 +95,13 @@ async def readyz(state: StateDep) -> Response:
 
 @router.get("/info", tags=["inference"], responses=ERRORS)
 async def info(predictor: PredictorDep) -> dict[str, Any]:
-    """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the limits."""
+    """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the limits:
+    the default adapter's at the top level, every served adapter's under ``adapters``."""
     s = predictor.settings
     limits = {"max_inputs": s.max_inputs, "max_samples": s.max_samples, "max_length": s.max_length,
               "max_body_bytes": s.max_body_bytes, "max_batch_rows": s.max_batch_rows, "max_wait_ms": s.max_wait_ms,
               "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s}
-    return {**predictor.engine.info(), "limits": limits}
+    return {**predictor.adapters.info(), "limits": limits}
 
 
 @router.get("/metrics", tags=["probes"], dependencies=[Depends(require_metrics_key)],

@@ -18,6 +18,8 @@ class PredictRequest(BaseModel):
                                         {"inputs": ["Is the sky blue? Answer:"], "labels": ["yes", "no"],
                                          "n_samples": 16, "seed": 7, "return_samples": False}]})
 
+    adapter: str | None = Field(None, min_length=1, max_length=128,
+                                description="the served adapter to answer with (default: the first); see /info")
     inputs: list[NonEmpty | dict[str, Any]] = Field(
         min_length=1,
         description="prompt strings (generic task), or objects with the configured task's fields")
@@ -49,6 +51,7 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    adapter: str = Field(description="the adapter that answered")
     labels: list[str]
     sigma: float
     n_samples: int

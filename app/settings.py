@@ -8,17 +8,95 @@ one place where the algorithm's defaults live.
 from __future__ import annotations
 
 import json
+import re
+import sys
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.engine import EngineConfig
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover -- Python 3.10
+    import tomli as tomllib
+
 _SEARCH = SearchConfig()
 _ENGINE = EngineConfig()
 _MODEL = ModelConfig()
+
+
+#: an adapter's name: what /predict's "adapter" and /classify's "model" say, and a metric label
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+#: the settings an adapter of TFB_ADAPTERS may set for itself; the rest are the server's
+ADAPTER_FIELDS = ("published", "adapter", "adapter_revision", "adapter_subfolder", "task", "labels", "sigma",
+                  "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance")
+
+
+class AdapterSpec(BaseModel):
+    """One named adapter of ``TFB_ADAPTERS``. A field it does not set is the server's setting of
+    the same name (``TFB_TASK``, ``TFB_SIGMA``...); ``path`` is an alias of ``adapter`` (as in
+    vLLM's ``--lora-modules``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    name: str = Field(pattern=ADAPTER_NAME)
+    published: str | None = None
+    adapter: str | None = Field(None, alias="path")
+    adapter_revision: str | None = None
+    adapter_subfolder: str | None = None
+    task: str | None = None
+    labels: tuple[str, ...] | None = None
+    sigma: float | None = Field(None, ge=0.0)
+    anchor: str | None = None
+    calibration: str | None = None
+    calibration_split: float | None = Field(None, ge=0.0, lt=1.0)
+    search_criterion: Literal["nll", "flip", "accuracy"] | None = None
+    search_tolerance: float | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSpec:
+        if self.published is None and self.adapter is None:
+            raise ValueError(f"adapter {self.name!r}: give its adapter (a folder or hub id) or a published name")
+        return self
+
+
+def parse_adapters(value: Any) -> Any:
+    """``TFB_ADAPTERS``: a JSON list of adapter objects, or the path of a .json or .toml file holding
+    one (TOML: ``[[adapters]]`` tables)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return None
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"adapters: not a JSON list: {exc}") from exc
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"adapters: {text!r} is neither a JSON list nor a .json/.toml file")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+            return data.get("adapters", data)
+        return json.loads(path.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"adapters file {text!r}: {exc}") from exc
+
+
+def default_adapter_name(published: str | None, adapter: str | None, subfolder: str | None) -> str:
+    """A single adapter's name: its published name, else its folder's (or hub id's, subfolder's) last part."""
+    if published:
+        return published
+    if not adapter:
+        return "sst2-mle"  # the embedded demo adapter
+    last = (subfolder or "").strip("/").rsplit("/", 1)[-1] or Path(adapter.rstrip("/")).name or adapter
+    return last if re.match(ADAPTER_NAME, last) else "default"
 
 
 class Settings(BaseSettings):
@@ -38,6 +116,11 @@ class Settings(BaseSettings):
     adapter: str | None = Field(None, description="peft LoRA folder or hub id (default: the demo adapter)")
     adapter_revision: str | None = None
     adapter_subfolder: str | None = None
+    adapter_name: str | None = Field(None, pattern=ADAPTER_NAME, description="the single adapter's name (default: "
+                                     "its published name, or its folder's name)")
+    adapters: Annotated[list[AdapterSpec] | None, NoDecode] = Field(
+        None, description="many adapters on one base model: a JSON list of {name, adapter | published, ...} "
+                          "or a .json/.toml file; the first is the default")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
     load_in_8bit: bool = False
@@ -132,6 +215,11 @@ class Settings(BaseSettings):
         # compose passes TFB_PUBLISHED= (empty) to switch the published default off
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _parse_adapters(cls, value: Any) -> Any:
+        return parse_adapters(value)
+
     @field_validator("labels", mode="before")
     @classmethod
     def _split_labels(cls, value: Any) -> Any:
@@ -152,7 +240,14 @@ class Settings(BaseSettings):
                              "one input's samples must fit in one forward")
         if self.n_samples > self.max_samples:
             raise ValueError(f"n_samples ({self.n_samples}) must be <= max_samples ({self.max_samples})")
-        self.engine_config()  # the model side is validated by tfb_core's own configs
+        if self.adapters is not None:
+            given = [f for f in ("published", "adapter", "adapter_revision", "adapter_subfolder", "adapter_name")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"adapters (TFB_ADAPTERS) names every adapter: unset {', '.join(given)}")
+            if not self.adapters:
+                raise ValueError("adapters (TFB_ADAPTERS) is an empty list")
+        self.engine_configs()  # the model side is validated by tfb_core's own configs
         return self
 
     def model_settings(self) -> ModelConfig:
@@ -162,8 +257,30 @@ class Settings(BaseSettings):
             adapter_subfolder=self.adapter_subfolder, dtype=self.dtype, device=self.device,
             load_in_8bit=self.load_in_8bit, cache_dir=self.cache_dir, max_length=self.max_length)
 
+    def engine_configs(self) -> list[tuple[str, EngineConfig]]:
+        """(name, :class:`EngineConfig`) of every served adapter, the default first (``ValueError``
+        naming a bad value or a repeated name)."""
+        if self.adapters is None:
+            name = self.adapter_name or default_adapter_name(self.published, self.adapter, self.adapter_subfolder)
+            return [(name, self.engine_config())]
+        out = []
+        for spec in self.adapters:
+            own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
+            try:
+                out.append((spec.name, self.model_copy(update={"adapters": None, **own}).engine_config()))
+            except ValueError as exc:
+                raise ValueError(f"adapter {spec.name!r}: {exc}") from exc
+        names = [n for n, _ in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"adapter names must be unique, repeated: {dup}")
+        return out
+
     def engine_config(self) -> EngineConfig:
-        """The :class:`EngineConfig` these settings describe (``ValueError`` naming a bad value)."""
+        """The :class:`EngineConfig` of the single adapter these settings describe (``ValueError``
+        naming a bad value); with ``adapters``, the first's."""
+        if self.adapters is not None:
+            return self.engine_configs()[0][1]
         search = SearchConfig(criterion=self.search_criterion, tolerance=self.search_tolerance, low=self.search_low,
                               high=self.search_high, iters=self.search_iters, rtol=self.search_rtol,
                               n_samples=self.search_samples,

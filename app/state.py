@@ -17,7 +17,7 @@ from app.metrics import Metrics
 from app.middleware import Expiry
 from app.predictor import FeedbackStore, LabelStore, Predictor
 from app.settings import Settings
-from tfb_core.engine import TFBEngine
+from tfb_core.engine import AdapterPool, TFBEngine
 
 log = logging.getLogger("app")
 
@@ -30,7 +30,7 @@ class AppState:
     def __init__(self, settings: Settings, feedback_store: LabelStore | None = None) -> None:
         self.settings = settings
         self.store = feedback_store if feedback_store is not None else FeedbackStore(settings.feedback_store_size)
-        self.engine_config = settings.engine_config()
+        self.engine_configs = settings.engine_configs()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.recent_window)
         self.status: Status = "loading"
@@ -43,21 +43,28 @@ class AppState:
                              max_queue=settings.max_queue, timeout_s=settings.request_timeout_s)
         self.worker = ModelWorker(self._load, limits, self.metrics, self._ready, self._failed, settings.warmup)
 
-    def _load(self) -> TFBEngine:  # on the worker thread
-        cfg = self.engine_config.with_defaults()
-        log.info("loading model %s with adapter %s (task %s)", cfg.model.model, cfg.model.adapter,
-                 cfg.task or f"generic {list(cfg.labels or ())}")
-        return TFBEngine.load(cfg)
+    def _load(self) -> AdapterPool:  # on the worker thread
+        named = [(name, cfg.with_defaults()) for name, cfg in self.engine_configs]
+        for name, cfg in named:
+            log.info("adapter %s: %s on model %s (task %s)", name, cfg.model.adapter, cfg.model.model,
+                     cfg.task or f"generic {list(cfg.labels or ())}")
+        if len(named) == 1:
+            engine = TFBEngine.load(named[0][1])
+            engine.name = named[0][0]
+            return AdapterPool([engine])
+        return AdapterPool.load(named)
 
-    def _ready(self, engine: TFBEngine) -> None:
-        self.predictor = Predictor(engine, self.worker, self.settings, self.metrics, self.store)
-        self.metrics.sigma.set(engine.sigma)
-        self.metrics.default_samples.set(engine.cfg.n_samples)
+    def _ready(self, adapters: AdapterPool) -> None:
+        self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
+        for engine in adapters.engines.values():
+            self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)
-        log.info("ready in %.1fs: sigma=%.6g (%s), N=%d, %d LoRA modules", time.monotonic() - self.started,
-                 engine.sigma, engine.sigma_source, engine.cfg.n_samples, len(engine.classifier.posterior.modules))
+        for engine in adapters.engines.values():
+            log.info("ready in %.1fs: adapter %s, sigma=%.6g (%s), N=%d, %d LoRA modules",
+                     time.monotonic() - self.started, engine.name, engine.sigma, engine.sigma_source,
+                     engine.cfg.n_samples, len(engine.classifier.posterior.modules))
 
     def _failed(self, exc: BaseException) -> None:
         self.status = "failed"

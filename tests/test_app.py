@@ -194,18 +194,18 @@ def test_feedback_moves_calibration_counters(client):
     for b in range(15):
         members = [(p, y) for p, y in zip(preds, targets, strict=True)
                    if min(math.floor(p["confidence"] * 15), 14) == b]
-        assert delta("tfb_calibration_bin_count_total", bin=str(b)) == len(members)
-        assert delta("tfb_calibration_bin_correct_total", bin=str(b)) == sum(p["index"] == y for p, y in members)
-        assert math.isclose(delta("tfb_calibration_bin_confidence_sum_total", bin=str(b)),
+        assert delta("tfb_calibration_bin_count_total", adapter="adapter", bin=str(b)) == len(members)
+        assert delta("tfb_calibration_bin_correct_total", adapter="adapter", bin=str(b)) == sum(p["index"] == y for p, y in members)
+        assert math.isclose(delta("tfb_calibration_bin_confidence_sum_total", adapter="adapter", bin=str(b)),
                             sum(p["confidence"] for p, _ in members), abs_tol=1e-9)
-    assert delta("tfb_feedback_total") == 4
-    assert delta("tfb_feedback_correct_total") == sum(p["index"] == y for p, y in zip(preds, targets, strict=True))
+    assert delta("tfb_feedback_total", adapter="adapter") == 4
+    assert delta("tfb_feedback_correct_total", adapter="adapter") == sum(p["index"] == y for p, y in zip(preds, targets, strict=True))
     probs = torch.tensor([p["probs"] for p in preds], dtype=torch.float64)
     target = torch.tensor(targets)
-    assert math.isclose(delta("tfb_feedback_nll_sum_total"), 4 * nll(probs, target), rel_tol=1e-6)
-    assert math.isclose(delta("tfb_feedback_brier_sum_total"), 4 * brier(probs, target), rel_tol=1e-6)
+    assert math.isclose(delta("tfb_feedback_nll_sum_total", adapter="adapter"), 4 * nll(probs, target), rel_tol=1e-6)
+    assert math.isclose(delta("tfb_feedback_brier_sum_total", adapter="adapter"), 4 * brier(probs, target), rel_tol=1e-6)
     # the recent window (its values: tests/test_app_metrics.py) holds these labels too
-    assert int(metric(after, "tfb_recent_count")) - int(metric(before, "tfb_recent_count")) == 4
+    assert int(metric(after, "tfb_recent_count", adapter="adapter")) - int(metric(before, "tfb_recent_count", adapter="adapter")) == 4
 
 
 def test_feedback_errors(client):
@@ -258,12 +258,12 @@ def test_metrics_parse_and_names(client):
     missing = [n for n in SERVING + UNCERTAINTY + CALIBRATION if n not in names]
     assert not missing, missing
     assert metric(samples, "tfb_ready") == 1.0
-    assert metric(samples, "tfb_sigma") == 0.05
-    assert metric(samples, "tfb_default_samples") == 10
+    assert metric(samples, "tfb_sigma", adapter="adapter") == 0.05
+    assert metric(samples, "tfb_default_samples", adapter="adapter") == 10
     assert metric(samples, "tfb_queue_capacity") == 256
     assert metric(samples, "tfb_requests_total", route="/predict", status="200") >= 1
-    assert metric(samples, "tfb_predictions_total", label="positive") + \
-        metric(samples, "tfb_predictions_total", label="negative") >= 2
+    assert metric(samples, "tfb_predictions_total", adapter="adapter", label="positive") + \
+        metric(samples, "tfb_predictions_total", adapter="adapter", label="negative") >= 2
     bins = {dict(labels).get("bin") for name, labels in samples if name == "tfb_calibration_bin_count_total"}
     assert bins == {str(b) for b in range(15)}
 

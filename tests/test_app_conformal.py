@@ -159,8 +159,8 @@ def test_metrics_count_sets_abstentions_and_realised_coverage(client):
     def scrape():
         return metric_samples(client.get("/metrics").text)
 
-    def value(samples, name):
-        return samples.get((name, frozenset()), 0.0)
+    def value(samples, name, adapter):
+        return samples.get((name, frozenset({("adapter", adapter)})), 0.0)
 
     before = scrape()
     out = client.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9}).json()
@@ -170,22 +170,22 @@ def test_metrics_count_sets_abstentions_and_realised_coverage(client):
         assert client.post("/feedback", json={"id": p["id"], "label": y}).status_code == 200
     after = scrape()
 
-    def delta(name):
-        return value(after, name) - value(before, name)
+    def delta(name, adapter):
+        return value(after, name, adapter) - value(before, name, adapter)
 
     sizes = sum(len(p["prediction_set"]) for p in preds)
     covered = sum(y in p["prediction_set"] for p, y in zip(preds, truth, strict=True))
     answered = [(p, y) for p, y in zip(preds, truth, strict=True) if not p["abstain"]]
     assert out["abstention"]["supported"] and answered  # max_risk 0.9: the tiny model certifies a threshold
-    assert delta("tfb_predictions_with_set_total") == 4 and delta("tfb_prediction_set_size_sum_total") == sizes
-    assert delta("tfb_predictions_with_max_risk_total") == 4
-    assert delta("tfb_abstentions_total") == sum(p["abstain"] for p in preds)
-    assert delta("tfb_confidence_sum_total") == pytest.approx(sum(p["confidence"] for p in preds), abs=1e-6)
-    assert delta("tfb_feedback_with_set_total") == 4 and delta("tfb_feedback_set_covered_total") == covered
-    assert delta("tfb_feedback_set_target_sum_total") == pytest.approx(4 * 0.8)
-    assert delta("tfb_feedback_answered_total") == len(answered)
-    assert delta("tfb_feedback_answered_wrong_total") == sum(p["label"] != y for p, y in answered)
-    assert 0.5 <= value(after, "tfb_estimated_accuracy") <= 1.0
+    assert delta("tfb_predictions_with_set_total", "adapter") == 4 and delta("tfb_prediction_set_size_sum_total", "adapter") == sizes
+    assert delta("tfb_predictions_with_max_risk_total", "adapter") == 4
+    assert delta("tfb_abstentions_total", "adapter") == sum(p["abstain"] for p in preds)
+    assert delta("tfb_confidence_sum_total", "adapter") == pytest.approx(sum(p["confidence"] for p in preds), abs=1e-6)
+    assert delta("tfb_feedback_with_set_total", "adapter") == 4 and delta("tfb_feedback_set_covered_total", "adapter") == covered
+    assert delta("tfb_feedback_set_target_sum_total", "adapter") == pytest.approx(4 * 0.8)
+    assert delta("tfb_feedback_answered_total", "adapter") == len(answered)
+    assert delta("tfb_feedback_answered_wrong_total", "adapter") == sum(p["label"] != y for p, y in answered)
+    assert 0.5 <= value(after, "tfb_estimated_accuracy", "adapter") <= 1.0
 
 
 def test_cli_predict_sets_match_the_server(client, tiny, cal_file, capsys):

@@ -26,30 +26,31 @@ def test_confidence_bins_are_fifteen_half_open_intervals():
 def test_feedback_counters_and_recent_window_by_hand():
     registry = CollectorRegistry()
     m = Metrics(registry, recent_window=3)
+    m.set_adapter("a", 0.1, 10)
     # (probs, true class): a 2-label right, a 3-label wrong, a 2-label wrong, a 3-label right
     labelled = [([0.9, 0.1], 0), ([0.2, 0.5, 0.3], 2), ([0.4, 0.6], 0), ([0.1, 0.1, 0.8], 2)]
     for probs, target in labelled:
-        m.observe_feedback(probs, target)
-    assert value(registry, "tfb_feedback_total") == 4
-    assert value(registry, "tfb_feedback_correct_total") == 2
+        m.observe_feedback(probs, target, "a")
+    assert value(registry, "tfb_feedback_total", adapter="a") == 4
+    assert value(registry, "tfb_feedback_correct_total", adapter="a") == 2
     nll = -(math.log(0.9) + math.log(0.3) + math.log(0.4) + math.log(0.8))
-    assert value(registry, "tfb_feedback_nll_sum_total") == pytest.approx(nll)
+    assert value(registry, "tfb_feedback_nll_sum_total", adapter="a") == pytest.approx(nll)
     brier = (0.01 + 0.01) + (0.04 + 0.25 + 0.49) + (0.36 + 0.36) + (0.01 + 0.01 + 0.04)
-    assert value(registry, "tfb_feedback_brier_sum_total") == pytest.approx(brier)
+    assert value(registry, "tfb_feedback_brier_sum_total", adapter="a") == pytest.approx(brier)
     # bins: 0.9 -> 13, 0.5 -> 7, 0.6 -> 9, 0.8 -> 12
     for b, (count, correct, conf) in {13: (1, 1, 0.9), 7: (1, 0, 0.5), 9: (1, 0, 0.6), 12: (1, 1, 0.8)}.items():
-        assert value(registry, "tfb_calibration_bin_count_total", bin=str(b)) == count
-        assert value(registry, "tfb_calibration_bin_correct_total", bin=str(b)) == correct
-        assert value(registry, "tfb_calibration_bin_confidence_sum_total", bin=str(b)) == pytest.approx(conf)
-    assert value(registry, "tfb_calibration_bin_count_total", bin="0") == 0  # every bin exists from the start
+        assert value(registry, "tfb_calibration_bin_count_total", adapter="a", bin=str(b)) == count
+        assert value(registry, "tfb_calibration_bin_correct_total", adapter="a", bin=str(b)) == correct
+        assert value(registry, "tfb_calibration_bin_confidence_sum_total", adapter="a", bin=str(b)) == pytest.approx(conf)
+    assert value(registry, "tfb_calibration_bin_count_total", adapter="a", bin="0") == 0  # every bin exists from the start
     # the last K = 3: wrong (0.5), wrong (0.6), right (0.8)
     m.refresh_recent()
-    assert value(registry, "tfb_recent_count") == 3
-    assert value(registry, "tfb_recent_accuracy") == pytest.approx(1 / 3)
-    assert value(registry, "tfb_recent_nll") == pytest.approx(-(math.log(0.3) + math.log(0.4) + math.log(0.8)) / 3)
-    assert value(registry, "tfb_recent_brier") == pytest.approx((0.78 + 0.72 + 0.06) / 3)
+    assert value(registry, "tfb_recent_count", adapter="a") == 3
+    assert value(registry, "tfb_recent_accuracy", adapter="a") == pytest.approx(1 / 3)
+    assert value(registry, "tfb_recent_nll", adapter="a") == pytest.approx(-(math.log(0.3) + math.log(0.4) + math.log(0.8)) / 3)
+    assert value(registry, "tfb_recent_brier", adapter="a") == pytest.approx((0.78 + 0.72 + 0.06) / 3)
     # three bins with one prediction each: ECE = mean |accuracy - confidence| = (0.5 + 0.6 + 0.2) / 3
-    assert value(registry, "tfb_recent_ece") == pytest.approx((0.5 + 0.6 + 0.2) / 3, abs=1e-6)
+    assert value(registry, "tfb_recent_ece", adapter="a") == pytest.approx((0.5 + 0.6 + 0.2) / 3, abs=1e-6)
 
 
 def test_prediction_histograms_and_other_labels():
@@ -57,10 +58,30 @@ def test_prediction_histograms_and_other_labels():
     m = Metrics(registry)
     preds = [{"confidence": 0.95, "predictive_entropy": 0.2, "mutual_information": 0.004, "label": "positive"},
              {"confidence": 0.55, "predictive_entropy": 0.69, "mutual_information": 0.2, "label": "maybe"}]
-    m.observe_predictions(preds, ("negative", "positive"))
-    assert value(registry, "tfb_predictions_total", label="positive") == 1
-    assert value(registry, "tfb_predictions_total", label="_other") == 1
-    assert value(registry, "tfb_prediction_confidence_count") == 2
-    assert value(registry, "tfb_prediction_confidence_sum") == pytest.approx(1.5)
-    assert value(registry, "tfb_prediction_mutual_information_bucket", le="0.01") == 1
-    assert value(registry, "tfb_prediction_predictive_entropy_bucket", le="0.7") == 2
+    m.observe_predictions(preds, ("negative", "positive"), "a")
+    assert value(registry, "tfb_predictions_total", adapter="a", label="positive") == 1
+    assert value(registry, "tfb_predictions_total", adapter="a", label="_other") == 1
+    assert value(registry, "tfb_prediction_confidence_count", adapter="a") == 2
+    assert value(registry, "tfb_prediction_confidence_sum", adapter="a") == pytest.approx(1.5)
+    assert value(registry, "tfb_prediction_mutual_information_bucket", adapter="a", le="0.01") == 1
+    assert value(registry, "tfb_prediction_predictive_entropy_bucket", adapter="a", le="0.7") == 2
+
+
+def test_adapters_have_their_own_series_and_recent_windows():
+    registry = CollectorRegistry()
+    m = Metrics(registry, recent_window=2)
+    m.set_adapter("a", 0.1, 10)
+    m.set_adapter("b", 0.0, 4)
+    assert value(registry, "tfb_sigma", adapter="a") == 0.1 and value(registry, "tfb_default_samples", adapter="b") == 4
+    assert value(registry, "tfb_feedback_total", adapter="b") == 0  # exported from the start
+    m.observe_feedback([0.9, 0.1], 0, "a")
+    m.observe_feedback([0.3, 0.7], 0, "b")
+    m.observe_feedback([0.2, 0.8], 1, "b")
+    m.observe_predictions([{"confidence": 0.6, "predictive_entropy": 0.6, "mutual_information": 0.0,
+                            "label": "x"}], ("x", "y"), "b")
+    m.refresh_recent()
+    assert value(registry, "tfb_feedback_total", adapter="a") == 1 and value(registry, "tfb_feedback_total", adapter="b") == 2
+    assert value(registry, "tfb_recent_accuracy", adapter="a") == 1.0
+    assert value(registry, "tfb_recent_accuracy", adapter="b") == 0.5
+    assert value(registry, "tfb_estimated_accuracy", adapter="b") == pytest.approx(0.6)
+    assert registry.get_sample_value("tfb_estimated_accuracy", {"adapter": "a"}) is None  # no prediction yet

@@ -75,7 +75,9 @@ def metric(samples: dict[tuple[str, frozenset], float], name: str, **labels: str
 
 
 def strip_ids(response: dict[str, Any]) -> dict[str, Any]:
-    return {**response, "predictions": [{k: v for k, v in p.items() if k != "id"} for p in response["predictions"]]}
+    """The response without what the server adds to the engine's answer: prediction ids and the adapter's name."""
+    return {**{k: v for k, v in response.items() if k != "adapter"},
+            "predictions": [{k: v for k, v in p.items() if k != "id"} for p in response["predictions"]]}
 
 
 def assert_close(a: Any, b: Any, tol: float = 1e-5, path: str = "") -> None:

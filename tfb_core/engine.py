@@ -24,7 +24,7 @@ from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
 from tfb_core.posterior import NoiseDraw
 from tfb_core.published import PublishedError, reference_anchor, task_dataset
 from tfb_core.published import parse as parse_published
-from tfb_core.sampling import BayesianClassifier, rows_of
+from tfb_core.sampling import BayesianClassifier, Job, rows_of
 from tfb_core.search import SearchResult, check_result, search_sigma
 from tfb_core.tasks import Record, Task, TaskError, get_task
 from tfb_core.uncertainty import summarize
@@ -477,3 +477,75 @@ class TFBEngine:
                             if self.calibration else {"n": 0, "detail": NO_CALIBRATION}),
             "version": __version__,
         }
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter that is not served."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0])
+
+
+class AdapterPool:
+    """Named engines (adapters) on one base model, the first the default: what a server serves.
+
+    Each engine is one adapter's whole state (weights, sigma, task, posterior, calibration); the
+    pool routes a request to its engine and runs every engine's requests in shared forwards.
+    """
+
+    def __init__(self, engines: Sequence[TFBEngine]) -> None:
+        if not engines:
+            raise ValueError("no adapter to serve")
+        names = [e.name for e in engines]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"adapter names must be unique, repeated: {dup}")
+        self.engines: dict[str, TFBEngine] = {e.name: e for e in engines}
+        self.default = engines[0]
+
+    @classmethod
+    def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True) -> AdapterPool:
+        names = [n for n, _ in named]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:  # before loading anything
+            raise LoadError(f"adapter names must be unique, repeated: {dup}")
+        return cls(TFBEngine.load_many(named, progress))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.engines)
+
+    def get(self, name: str | None) -> TFBEngine:
+        """The engine of adapter ``name`` (None: the default); :class:`UnknownAdapterError` naming the served ones."""
+        if name is None:
+            return self.default
+        engine = self.engines.get(name)
+        if engine is None:
+            raise UnknownAdapterError(f"unknown adapter {name!r}: this server serves {self.names}")
+        return engine
+
+    def rows(self, n_inputs: int, n_samples: int, name: str | None = None) -> int:
+        return self.get(name).rows(n_inputs, n_samples)
+
+    def run_batch(self, requests: Sequence[BatchRequest], max_rows: int,
+                  on_forward: ForwardHook | None = None) -> list[torch.Tensor | Exception]:
+        """Requests of any adapter (``BatchRequest.engine``, None: the default) in shared forwards."""
+        return run_batch(self.default, requests, max_rows, on_forward)
+
+    def warm_up(self, max_rows: int) -> float | None:
+        """The default adapter's warm-up (and measured forward cost: one base model, one cost for
+        all), then one forward of each other adapter."""
+        overhead = warm_up(self.default, max_rows)
+        for engine in list(self.engines.values())[1:]:
+            if engine.cfg.forward_overhead_tokens is None:
+                engine.classifier.forward_overhead_tokens = self.default.classifier.forward_overhead_tokens
+            tokens = engine.classifier.tokenize([engine.task.format(engine.task.placeholder("warm-up"))])[0]
+            n = engine.cfg.n_samples
+            engine.classifier.run_jobs([Job(tokens, n, engine.noise(engine.cfg.seed, n))], engine.sigma,
+                                       prefix=engine.prompt_prefix or None)
+        return overhead
+
+    def info(self) -> dict[str, Any]:
+        """The default adapter's :meth:`TFBEngine.info`, and every adapter's under ``adapters``."""
+        return {**self.default.info(), "default_adapter": self.default.name,
+                "adapters": [{"name": name, **e.info()} for name, e in self.engines.items()]}
