@@ -188,24 +188,24 @@ def test_feedback_moves_calibration_counters(client):
                             "confidence": p["confidence"]}
     after = metric_samples(client.get("/metrics").text)
 
-    def delta(name, **labels):
-        return metric(after, name, **labels) - metric(before, name, **labels)
+    def delta(name, **labels):  # of the one adapter, named after its folder
+        return metric(after, name, adapter="adapter", **labels) - metric(before, name, adapter="adapter", **labels)
 
     for b in range(15):
         members = [(p, y) for p, y in zip(preds, targets, strict=True)
                    if min(math.floor(p["confidence"] * 15), 14) == b]
-        assert delta("tfb_calibration_bin_count_total", adapter="adapter", bin=str(b)) == len(members)
-        assert delta("tfb_calibration_bin_correct_total", adapter="adapter", bin=str(b)) == sum(p["index"] == y for p, y in members)
-        assert math.isclose(delta("tfb_calibration_bin_confidence_sum_total", adapter="adapter", bin=str(b)),
+        assert delta("tfb_calibration_bin_count_total", bin=str(b)) == len(members)
+        assert delta("tfb_calibration_bin_correct_total", bin=str(b)) == sum(p["index"] == y for p, y in members)
+        assert math.isclose(delta("tfb_calibration_bin_confidence_sum_total", bin=str(b)),
                             sum(p["confidence"] for p, _ in members), abs_tol=1e-9)
-    assert delta("tfb_feedback_total", adapter="adapter") == 4
-    assert delta("tfb_feedback_correct_total", adapter="adapter") == sum(p["index"] == y for p, y in zip(preds, targets, strict=True))
+    assert delta("tfb_feedback_total") == 4
+    assert delta("tfb_feedback_correct_total") == sum(p["index"] == y for p, y in zip(preds, targets, strict=True))
     probs = torch.tensor([p["probs"] for p in preds], dtype=torch.float64)
     target = torch.tensor(targets)
-    assert math.isclose(delta("tfb_feedback_nll_sum_total", adapter="adapter"), 4 * nll(probs, target), rel_tol=1e-6)
-    assert math.isclose(delta("tfb_feedback_brier_sum_total", adapter="adapter"), 4 * brier(probs, target), rel_tol=1e-6)
+    assert math.isclose(delta("tfb_feedback_nll_sum_total"), 4 * nll(probs, target), rel_tol=1e-6)
+    assert math.isclose(delta("tfb_feedback_brier_sum_total"), 4 * brier(probs, target), rel_tol=1e-6)
     # the recent window (its values: tests/test_app_metrics.py) holds these labels too
-    assert int(metric(after, "tfb_recent_count", adapter="adapter")) - int(metric(before, "tfb_recent_count", adapter="adapter")) == 4
+    assert int(delta("tfb_recent_count")) == 4
 
 
 def test_feedback_errors(client):

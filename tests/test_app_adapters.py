@@ -37,8 +37,8 @@ def test_each_adapter_answers_as_a_server_of_that_adapter_alone(client, tiny):
     specs = {a["name"]: a for a in _adapters(tiny)}
     for r, (body, name) in zip(got, bodies, strict=True):
         spec = specs[name]
-        alone = make_settings(tiny, adapter=spec.get("adapter") or spec["path"], labels=spec.get("labels", ["negative", "positive"]),
-                              sigma=spec.get("sigma", 0.05))
+        alone = make_settings(tiny, adapter=spec.get("adapter") or spec["path"],
+                              labels=spec.get("labels", ["negative", "positive"]), sigma=spec.get("sigma", 0.05))
         with ready_client(alone) as single:
             want = single.post("/predict", json={k: v for k, v in body.items() if k != "adapter"})
         assert_close(strip_ids(r.json()), strip_ids(want.json()))
@@ -79,8 +79,8 @@ def test_metrics_carry_the_adapter(client):
 
 def test_adapters_from_a_toml_file_and_settings_errors(tiny, tmp_path):
     toml = tmp_path / "adapters.toml"
-    toml.write_text('[[adapters]]\nname = "a"\npath = "%s"\n\n[[adapters]]\nname = "b"\npublished = "mle/boolq/1"\n'
-                    % tiny["adapter"])
+    toml.write_text(f'[[adapters]]\nname = "a"\npath = "{tiny["adapter"]}"\n\n'
+                    '[[adapters]]\nname = "b"\npublished = "mle/boolq/1"\n')
     s = make_settings(tiny, adapter=None, adapters=str(toml))
     named = s.engine_configs()
     assert [n for n, _ in named] == ["a", "b"]
