@@ -7,6 +7,7 @@ the command line overrides the TFB_* environment, which overrides the defaults.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,29 @@ FLAG_SETTINGS = {
     "samples": "n_samples", "seed": "seed", "anchor": "anchor", "criterion": "search_criterion",
     "tolerance": "search_tolerance", "low": "search_low", "high": "search_high", "iters": "search_iters", "rtol": "search_rtol",
     "search_samples": "search_samples", "search_method": "search_method", "host": "host", "port": "port",
+    "adapter_name": "adapter_name",
 }
+
+
+def lora_module(text: str) -> dict[str, Any]:
+    """One ``--lora-modules`` entry, as vLLM takes them: ``name=path`` (a folder or hub id),
+    ``name=published:method/dataset/seed``, or a JSON object with the fields of TFB_ADAPTERS."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            entry = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+        if not isinstance(entry, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object")
+        return entry
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"expected name=path, name=published:method/dataset/seed or a JSON object, "
+                                         f"got {text!r}")
+    if source.startswith("published:"):
+        return {"name": name, "published": source[len("published:"):]}
+    return {"name": name, "adapter": source}
 
 
 def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,6 +54,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag, None) is not None}
     if "labels" in out:
         out["labels"] = tuple(out["labels"])
+    if getattr(args, "lora_modules", None):
+        out["adapters"] = json.dumps(args.lora_modules)
     if getattr(args, "verbose", False):
         out["log_level"] = "debug"
     return out
@@ -67,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("server")
     g.add_argument("--host", default=None, help="address to bind (TFB_HOST, default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="port (TFB_PORT, default 8000)")
+    m = s.add_argument_group("many adapters on one base model (TFB_ADAPTERS)")
+    m.add_argument("--lora-modules", nargs="+", action="extend", type=lora_module, default=None, metavar="SPEC",
+                   help="named adapters, the first the default: name=path, name=published:method/dataset/seed, "
+                        "or a JSON object (name, adapter|path|published, task, labels, sigma, anchor, calibration...)")
+    m.add_argument("--adapter-name", default=None, help="the single adapter's name (TFB_ADAPTER_NAME)")
     s.set_defaults(func=cmd_serve)
     return parser
 

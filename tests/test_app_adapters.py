@@ -104,3 +104,21 @@ def test_single_adapter_name_defaults(tiny):
     with clean_env():
         assert Settings(published="mle/boolq/1").engine_configs()[0][0] == "mle/boolq/1"
         assert Settings().engine_configs()[0][0] == "sst2-mle"  # the demo
+
+
+def test_serve_flags_as_vllms_lora_modules(tiny, capsys):
+    from app.cli import build_parser, settings_overrides
+
+    args = build_parser().parse_args(["serve", "--model", tiny["model"], "--lora-modules", f"a={tiny['adapter']}",
+                                      "b=published:mle/boolq/1", "--lora-modules",
+                                      json.dumps({"name": "c", "path": tiny["adapter_qv"], "sigma": 0.1})])
+    with clean_env():
+        s = Settings(**settings_overrides(args))
+    named = dict(s.engine_configs())
+    assert list(named) == ["a", "b", "c"]
+    assert named["a"].model.adapter == tiny["adapter"] and named["b"].published == "mle/boolq/1"
+    assert named["c"].model.adapter == tiny["adapter_qv"] and named["c"].sigma == 0.1
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--lora-modules", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "expected name=path" in capsys.readouterr().err
