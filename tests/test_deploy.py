@@ -375,3 +375,29 @@ def test_ray_serve_configs_validate():
         settings = Settings(**{k: v for k, v in args.items() if k != "device"})
         assert settings.published == "mle/winogrande_s/1" and settings.anchor is None
         assert settings.search_tolerance == Settings.model_fields["search_tolerance"].default
+
+
+def test_compose_many_adapters_serves_the_six_published_mle_adapters():
+    cfg = compose_config("docker-compose.yml", "docker-compose.multi.yml")
+    tfb = cfg["services"]["tfb"]
+    env = tfb["environment"]
+    assert env["TFB_PUBLISHED"] == "" and env["TFB_ADAPTERS"] == "/adapters/published-mle.toml"
+    mount = next(v for v in tfb["volumes"] if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/adapters")
+    source = Path(mount["source"] if isinstance(mount, dict) else mount.split(":")[0])
+    toml = source / "published-mle.toml"
+    assert toml.is_file()
+    try:
+        from app.settings import Settings
+    except ImportError:
+        return
+    # the Settings the container builds from this environment (the mounted file at its host path)
+    fields = {k[4:].lower(): v for k, v in env.items() if k.startswith("TFB_") and v is not None}
+    fields["adapters"] = str(toml)
+    fields = {k: v for k, v in fields.items() if k in Settings.model_fields}
+    named = Settings(**fields).engine_configs()
+    from tfb_core.published import DATASET_TASKS
+
+    assert [n for n, _ in named] == list(DATASET_TASKS)
+    bases = {cfg.with_defaults().model.model for _, cfg in named}
+    assert bases == {"meta-llama/Meta-Llama-3.1-8B"}, "one base model for all six"
+    assert {cfg.published.split("/")[0] for _, cfg in named} == {"mle"}
