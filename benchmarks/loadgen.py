@@ -100,10 +100,11 @@ def _server_timing(header: str) -> dict[str, float]:
 
 async def _load(url: str, clients: int, total: int, seconds: float, n_samples: int,
                 sentences: list[str] = SENTENCES, timeout: float = 30.0,
-                snapshot: Callable[[], Any] | None = None) -> dict[str, Any]:
+                snapshot: Callable[[], Any] | None = None, adapters: list[str] | None = None) -> dict[str, Any]:
     """Client-side latency, and the server's own from its Server-Timing header: ``app`` (request in
     to response out, in the app), ``queue`` (waiting for the worker and for company). ``snapshot``
-    runs after the warm-up, before the load; its result is returned as ``before``."""
+    runs after the warm-up, before the load; its result is returned as ``before``. ``adapters``:
+    requests name these in turn (many adapters on one base model)."""
     import httpx
 
     lat: list[float] = []
@@ -122,6 +123,8 @@ async def _load(url: str, clients: int, total: int, seconds: float, n_samples: i
             body: dict[str, Any] = {"inputs": [sentences[k % len(sentences)]], "n_samples": n_samples}
             if k % 8 == 7:  # most clients take the default posterior samples; some fix a seed
                 body["seed"] = 1 + k % 3
+            if adapters:
+                body["adapter"] = adapters[issued % len(adapters)]
             k += clients
             t0 = time.perf_counter()
             try:
@@ -146,8 +149,11 @@ async def _load(url: str, clients: int, total: int, seconds: float, n_samples: i
                                                                   trust_env=False)) for _ in range(clients)]
         for client in pool:  # open the connections
             await client.get("/healthz")
-        for _ in range(2):  # warm the model path
-            await pool[0].post("/predict", json={"inputs": [sentences[0]], "n_samples": n_samples})
+        for name in adapters or [None] * 2:  # warm the model path (each adapter's)
+            warm: dict[str, Any] = {"inputs": [sentences[0]], "n_samples": n_samples}
+            if name is not None:
+                warm["adapter"] = name
+            await pool[0].post("/predict", json=warm)
         before = await asyncio.to_thread(snapshot) if snapshot is not None else None
         began = time.perf_counter()
         await asyncio.gather(*(one_client(c, client) for c, client in enumerate(pool)))
