@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.errors import UnauthorizedError
 from app.middleware import server_timing
 from app.predictor import Predictor
-from app.schemas import ERRORS, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
+from app.schemas import ERRORS, ErrorBody, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
 from app.state import AppState
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, if the server has one (TFB_API_KEY)")
@@ -56,7 +56,7 @@ router = APIRouter()
 
 
 @router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=ERRORS, tags=["inference"])
+             responses={**ERRORS, 404: {"model": ErrorBody, "description": "unknown adapter"}}, tags=["inference"])
 async def predict(body: PredictRequest, predictor: PredictorDep, response: Response) -> dict[str, Any]:
     """Classify inputs with N posterior samples: probabilities, confidence, entropy, mutual information.
 
