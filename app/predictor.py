@@ -11,6 +11,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -96,6 +97,20 @@ class Predictor:
         self.store = store
         self.labels = tuple(engine.task.labels)
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names the served adapters answer to (the first is the default): the published name,
+        else the adapter folder's name (a hub id as given), else "default". One adapter today."""
+        m = self.engine.cfg.model
+        if self.engine.cfg.published:
+            return (self.engine.cfg.published,)
+        if not m.adapter:
+            return ("default",)
+        local = m.adapter.startswith((".", "/", "~")) or Path(m.adapter).expanduser().exists()  # as loading.py
+        if local:
+            return (Path(m.adapter, m.adapter_subfolder or "").name,)
+        return ("/".join(p for p in (m.adapter, m.adapter_subfolder) if p),)
+
     def _labels(self, requested: list[str] | None) -> tuple[str, ...] | None:
         """None for the configured labels; another label set only for the generic task (else 422)."""
         if requested is None or tuple(requested) == self.labels:
@@ -105,8 +120,10 @@ class Predictor:
                             f"got {list(requested)}")
         return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
 
-    def prepare(self, req: PredictRequest) -> Work:
-        """The worker's share of a request; raises a 4xx error naming the problem."""
+    def prepare(self, req: PredictRequest, count_tokens: bool = False) -> Work:
+        """The worker's share of a request; raises a 4xx error naming the problem. ``count_tokens``:
+        the result also has ``prompt_tokens``, each input's prompt length in tokens (counted on the
+        worker thread: the tokenizer is not safe to share across threads)."""
         s = self.settings
         if len(req.inputs) > s.max_inputs:
             raise LimitError(f"too many inputs: {len(req.inputs)}, the limit is {s.max_inputs} per request "
@@ -131,13 +148,17 @@ class Predictor:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:
                     p["label"] = out_labels[p["index"]]
+            if count_tokens:
+                out["prompt_tokens"] = [len(t) for t in self.engine.classifier.tokenize(prompts)]
             return out
 
         return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish)
 
-    async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None) -> dict[str, Any]:
-        """The response body; ``timing`` (if given) receives the request's queue and batch seconds."""
-        work = self.prepare(req)
+    async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None,
+                      count_tokens: bool = False) -> dict[str, Any]:
+        """The response body; ``timing`` (if given) receives the request's queue and batch seconds;
+        ``count_tokens``: see :meth:`prepare`."""
+        work = self.prepare(req, count_tokens)
         out = await self.worker.submit(work)
         if timing is not None:
             timing.update(work.timing())
