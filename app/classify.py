@@ -16,7 +16,8 @@ What vLLM defines (vllm-project/vllm; file @ commit of the version read):
   (the input's position), label, probs, num_classes}; ``UsageInfo`` {prompt_tokens, total_tokens,
   completion_tokens 0, prompt_tokens_details null}.
 - errors: ``ErrorResponse`` = ``{"error": {"message", "type", "param", "code"}}`` (engine/protocol.py
-  @ d7e52523; older vLLM sent the flat ``{"object": "error", ...}``). A request that fails
+  @ d7e52523; older releases, in vllm/entrypoints/openai/protocol.py, sent a flat ``{"object": "error",
+  "message", ...}``: the OpenAI client reads both). A request that fails
   validation is 400 with type "Bad Request" (``vllm/entrypoints/openai/api_server.py`` @ 048027fb);
   an unknown model 404 NotFoundError "The model `x` does not exist.", param "model"; a missing or
   empty model is the default (``vllm/entrypoints/openai/engine/serving.py`` @ 619e4b31).

@@ -21,7 +21,7 @@ import re
 import pytest
 from conftest import require
 from pydantic import BaseModel, ConfigDict
-from test_app_support import LABELS, PROMPTS, assert_close, make_settings, ready_client
+from test_app_support import LABELS, PROMPTS, assert_close, make_settings, metric, metric_samples, ready_client
 
 
 # --- vLLM's schema, restated (extra fields allowed, as vLLM's OpenAIBaseModel allows them) --------------
@@ -265,6 +265,9 @@ def test_vllm_example_client_flow(client):
     r = client.post("/classify", json={"model": model, "input": prompts},
                     headers={"accept": "application/json", "Content-Type": "application/json"})
     check_vllm_response(r.json(), len(prompts), model)
+    assert {"queue", "batch", "app"} <= {t.split(";")[0].strip() for t in r.headers["server-timing"].split(",")}
+    samples = metric_samples(client.get("/metrics").text)
+    assert metric(samples, "tfb_requests_total", route="/classify", status="200") >= 1
 
 
 def test_openai_client(client):
