@@ -1,12 +1,15 @@
 """The one place that maps errors to HTTP: engine and limit errors -> 4xx, overload -> 429/503.
 
 Every error body is ``{"detail": "<message>"}`` (FastAPI's own 422 body keeps its list of
-reasons). A limit's message names the limit and the setting that sets it.
+reasons). A limit's message names the limit and the setting that sets it. The vLLM-compatible
+routes (app/classify.py) answer the same errors in vLLM's OpenAI-style body instead
+(:func:`openai_error_response`).
 """
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +83,25 @@ class RequestTimeoutError(ServingError):
 
 def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
+
+
+def openai_error_body(status_code: int, message: str, err_type: str | None = None,
+                      param: str | None = None) -> dict[str, dict[str, object]]:
+    """vLLM's error body (vllm/entrypoints/openai/engine/protocol.py ``ErrorResponse``, the form current
+    vLLM sends): ``{"error": {"message", "type", "param", "code"}}``; ``type`` defaults to the status's
+    reason phrase, as vLLM's handler of FastAPI's HTTP errors writes it."""
+    if err_type is None:
+        try:
+            err_type = HTTPStatus(status_code).phrase
+        except ValueError:  # a status http.HTTPStatus does not name
+            err_type = "Error"
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status_code}}
+
+
+def openai_error_response(status_code: int, message: str, headers: dict[str, str] | None = None,
+                          err_type: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(openai_error_body(status_code, message, err_type, param), status_code=status_code,
+                        headers=headers)
 
 
 def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:

@@ -19,6 +19,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.classify import OPENAI_PATHS
+from app.classify import router as classify_router
 from app.errors import install_error_handlers
 from app.middleware import ServingMiddleware
 from app.predictor import LabelStore
@@ -57,9 +59,10 @@ def create_app(settings: Settings | None = None, feedback_store: LabelStore | No
     app.state.tfb = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(classify_router)  # vLLM's classify API, errors in vLLM's body
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
-                                                                                  app.redoc_url},
+                                                                                  app.redoc_url} | OPENAI_PATHS,
                        body_timeout_s=settings.body_timeout_s, expiry=state.expiry,
-                       max_header_bytes=settings.max_header_bytes)
+                       max_header_bytes=settings.max_header_bytes, openai_paths=OPENAI_PATHS)
     return app

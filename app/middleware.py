@@ -11,6 +11,7 @@ answered 503 with Retry-After. The metrics use the route's path, or "other" for 
 does not serve (bounded label values). Every response carries ``Server-Timing: app;dur=``
 (milliseconds from the request reaching the app to its response), so that a client can tell the
 server's share of a latency from the network's and its own; /predict adds its queue and batch times.
+On the vLLM-compatible paths (``openai_paths``) these errors come in vLLM's body (app/errors.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_response
+from app.errors import error_response, openai_error_response
 from app.metrics import Metrics
 
 
@@ -86,14 +87,21 @@ def _gone(watch: asyncio.Future[Message]) -> bool:
 class ServingMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, routes: set[str | None],
                  body_timeout_s: float = 30.0, expiry: Expiry | None = None,
-                 max_header_bytes: int | None = None) -> None:
+                 max_header_bytes: int | None = None, openai_paths: set[str] | frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.openai_paths = frozenset(openai_paths)
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.routes = {r for r in routes if r}
         self.body_timeout_s = body_timeout_s
         self.expiry = expiry or Expiry()
         self.max_header_bytes = max_header_bytes
+
+    def _error(self, scope: Scope, status: int, message: str, headers: dict[str, str]) -> ASGIApp:
+        """The error response, in vLLM's body on its paths, else ours."""
+        if scope["path"] in self.openai_paths:
+            return openai_error_response(status, message, headers)
+        return error_response(status, message, headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,13 +152,12 @@ class ServingMiddleware:
                 if reason[0] == "gone":
                     status = CLIENT_CLOSED
                 elif reason[0] == "body":
-                    await error_response(408, f"the request body did not arrive within {self.body_timeout_s:g}s "
-                                              "(TFB_BODY_TIMEOUT_S)", {"Connection": "close"})(scope, receive,
-                                                                                              send_status)
+                    await self._error(scope, 408, f"the request body did not arrive within {self.body_timeout_s:g}s "
+                                      "(TFB_BODY_TIMEOUT_S)", {"Connection": "close"})(scope, receive, send_status)
                 else:
-                    await error_response(503, "the server is shutting down: not answered within the drain "
-                                              "timeout (TFB_DRAIN_TIMEOUT_S)",
-                                         {"Retry-After": "5", "Connection": "close"})(scope, receive, send_status)
+                    await self._error(scope, 503, "the server is shutting down: not answered within the drain "
+                                      "timeout (TFB_DRAIN_TIMEOUT_S)",
+                                      {"Retry-After": "5", "Connection": "close"})(scope, receive, send_status)
         finally:
             live = False
             expired.remove_done_callback(on_expiry)
@@ -169,14 +176,14 @@ class ServingMiddleware:
             size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
                 len(k) + len(v) + 4 for k, v in scope.get("headers", []))
             if size > self.max_header_bytes:
-                await error_response(431, f"request headers of {size} bytes are over the limit of "
-                                          f"{self.max_header_bytes} (TFB_MAX_HEADER_BYTES)",
-                                     {"Connection": "close"})(scope, receive, send)
+                await self._error(scope, 431, f"request headers of {size} bytes are over the limit of "
+                                  f"{self.max_header_bytes} (TFB_MAX_HEADER_BYTES)",
+                                  {"Connection": "close"})(scope, receive, send)
                 return
         if scope["method"] in _BODY_METHODS and route != "other":
             why = unsupported_media(scope)
             if why is not None:
-                await error_response(415, why, {"Connection": "close"})(scope, receive, send)
+                await self._error(scope, 415, why, {"Connection": "close"})(scope, receive, send)
                 return
         timer = asyncio.get_running_loop().call_later(self.body_timeout_s, stop, "body")
         try:
@@ -185,7 +192,7 @@ class ServingMiddleware:
             timer.cancel()
         if body is None:
             limit = f"request body over the limit of {self.max_body} bytes (TFB_MAX_BODY_BYTES)"
-            await error_response(413, limit, {"Connection": "close"})(scope, receive, send)
+            await self._error(scope, 413, limit, {"Connection": "close"})(scope, receive, send)
             return
         if body["type"] != "http.request":  # gone while sending its body
             stop("gone")

@@ -116,8 +116,10 @@ class Predictor:
             raise TaskError(f"task {engine.task.name!r} has fixed labels {list(labels)}, got {list(requested)}")
         return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
 
-    def prepare(self, req: PredictRequest) -> Work:
-        """The worker's share of a request; raises a 4xx error naming the problem."""
+    def prepare(self, req: PredictRequest, count_tokens: bool = False) -> Work:
+        """The worker's share of a request; raises a 4xx error naming the problem. ``count_tokens``:
+        the result also has ``prompt_tokens``, each input's prompt length in tokens (counted on the
+        worker thread: the tokenizer is not safe to share across threads)."""
         s = self.settings
         engine = self.resolve(req.adapter)
         if len(req.inputs) > s.max_inputs:
@@ -143,13 +145,17 @@ class Predictor:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:
                     p["label"] = out_labels[p["index"]]
+            if count_tokens:
+                out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out
 
         return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish, engine=engine)
 
-    async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None) -> dict[str, Any]:
-        """The response body; ``timing`` (if given) receives the request's queue and batch seconds."""
-        work = self.prepare(req)
+    async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None,
+                      count_tokens: bool = False) -> dict[str, Any]:
+        """The response body; ``timing`` (if given) receives the request's queue and batch seconds;
+        ``count_tokens``: see :meth:`prepare`."""
+        work = self.prepare(req, count_tokens)
         engine = work.engine
         assert engine is not None
         out = await self.worker.submit(work)

@@ -1,0 +1,347 @@
+"""vLLM-compatible classification: ``POST /classify`` (and ``/v1/classify``) and ``GET /v1/models``.
+
+A client written for vLLM's Classification API works unchanged: the request, the response and the
+error bodies are vLLM's, and every data item carries our uncertainty beside vLLM's fields. The
+route translates to the /predict path (:class:`app.schemas.PredictRequest`, the same worker, the
+same /feedback store and metrics), so the probabilities equal /predict's for the same input and seed.
+
+What vLLM defines (vllm-project/vllm; file @ commit of the version read):
+- request: ``vllm/entrypoints/pooling/base/protocol.py`` @ 65772ef1 (``PoolingBasicRequestMixin``:
+  model, user, truncate_prompt_tokens, request_id, priority; ``CompletionRequestMixin``: input,
+  add_special_tokens; ``ClassifyRequestMixin``: softmax, activation, use_activation). Its base
+  ``OpenAIBaseModel`` (``vllm/entrypoints/openai/engine/protocol.py`` @ d7e52523) has
+  ``extra="allow"``: unknown fields are logged and ignored, not refused; so here.
+- response: ``vllm/entrypoints/pooling/classify/protocol.py`` @ dff4cad3: ``ClassificationResponse``
+  {id "classify-<hex>", object "list", created, model, data, usage}; ``ClassificationData`` {index
+  (the input's position), label, probs, num_classes}; ``UsageInfo`` {prompt_tokens, total_tokens,
+  completion_tokens 0, prompt_tokens_details null}.
+- errors: ``ErrorResponse`` = ``{"error": {"message", "type", "param", "code"}}`` (engine/protocol.py
+  @ d7e52523; older releases, in vllm/entrypoints/openai/protocol.py, sent a flat ``{"object": "error",
+  "message", ...}``: the OpenAI client reads both). A request that fails
+  validation is 400 with type "Bad Request" (``vllm/entrypoints/openai/api_server.py`` @ 048027fb);
+  an unknown model 404 NotFoundError "The model `x` does not exist.", param "model"; a missing or
+  empty model is the default (``vllm/entrypoints/openai/engine/serving.py`` @ 619e4b31).
+
+Here: our 422s (validation, limits, task errors) are vLLM's 400; the other statuses (401, 408, 413,
+415, 429, 431, 503) keep their code and headers with vLLM's body. Token ids, chat ``messages`` and
+``use_activation: false`` (raw logits) are refused with a 400 saying so; ``truncate_prompt_tokens``,
+``add_special_tokens``, ``priority``, ``request_id`` and ``user`` are accepted and ignored. Our
+extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``, ``alpha``,
+``max_risk``, ``return_samples``; an input may also be an object with the task's fields (the
+multi-field tasks need it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ServingError, openai_error_response, status_of
+from app.middleware import server_timing
+from app.predictor import Predictor
+from app.routes import PredictorDep
+from app.schemas import PredictRequest
+
+log = logging.getLogger(__name__)
+
+#: the paths whose errors (middleware's included) are answered in vLLM's body
+OPENAI_PATHS = frozenset({"/classify", "/v1/classify", "/v1/models"})
+
+
+# --- request and response (vLLM's fields, then ours) -----------------------------------------------
+class ClassifyRequest(BaseModel):
+    """vLLM's classification request; unknown fields are ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "sst2-mle", "input": ["a gripping, beautifully acted film", "it is a film"]},
+        {"input": "a gripping, beautifully acted film", "n_samples": 16, "seed": 7, "alpha": 0.1}]})
+
+    model: str | None = Field(None, description="the adapter's name (GET /v1/models); unset: the default adapter")
+    input: str | list[str | dict[str, Any]] | dict[str, Any] = Field(
+        description="a text or a list of texts; tfb extension: objects with the configured task's fields")
+    user: str | None = Field(None, description="accepted and ignored (vLLM)")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="accepted and ignored (vLLM)")
+    request_id: str | None = Field(None, description="accepted and ignored (vLLM)")
+    priority: int = Field(0, description="accepted and ignored (vLLM)")
+    add_special_tokens: bool = Field(True, description="accepted and ignored (vLLM): the tokenizer's own are added")
+    softmax: bool | None = Field(None, description="vLLM (deprecated): false is refused")
+    activation: bool | None = Field(None, description="vLLM (deprecated): false is refused")
+    use_activation: bool | None = Field(None, description="vLLM: false (raw logits) is refused: answers are "
+                                                          "probabilities averaged over posterior samples")
+    # --- tfb extensions, as on /predict
+    labels: list[str] | None = Field(None, min_length=2, description="class labels (generic task)")
+    n_samples: int | None = Field(None, ge=1, description="posterior samples N (default: the server's)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the posterior samples")
+    return_samples: bool = Field(False, description="each item also gets its per-sample probabilities")
+    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="each item gets a conformal prediction_set")
+    max_risk: float | None = Field(None, gt=0.0, lt=1.0, description="each item gets an abstain flag")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "messages" in data and "input" not in data:
+            raise ValueError("chat-style `messages` are not supported by this server: send `input` (text)")
+        return data
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        """Refuse what vLLM takes and this server cannot (token ids), and empty texts, by name."""
+        def is_id(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if isinstance(value, list) and value and all(is_id(v) or (isinstance(v, list) and all(map(is_id, v)))
+                                                     for v in value):
+            raise ValueError("token ids are not supported by this server: send text (a string or a list of strings)")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty text: nothing to classify")
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, str) and not v.strip():
+                    raise ValueError(f"item {i} is an empty text: nothing to classify")
+                if not isinstance(v, (str, dict)):
+                    raise ValueError(f"item {i} must be a string (or an object with the task's fields), "
+                                     f"got {type(v).__name__}")
+        elif not isinstance(value, (str, dict)):
+            raise ValueError(f"must be a string or a list of strings, got {type(value).__name__}")
+        return value
+
+    @model_validator(mode="after")
+    def _activation(self) -> ClassifyRequest:
+        for name in ("use_activation", "softmax", "activation"):
+            if getattr(self, name) is False:
+                raise ValueError(f"{name}=false (raw logits) is not supported: this server answers probabilities "
+                                 "averaged over posterior samples")
+        return self
+
+
+class ClassifyData(BaseModel):
+    index: int = Field(description="the input's position in the request")
+    label: str = Field(description="the predicted label")
+    probs: list[float] = Field(description="class probabilities averaged over the posterior samples")
+    num_classes: int
+    # --- ours
+    prediction_id: str = Field(description="id of this prediction, for POST /feedback")
+    confidence: float = Field(description="max of probs")
+    predictive_entropy: float = Field(description="H[mean p] in nats (total uncertainty)")
+    expected_entropy: float = Field(description="mean of H[p_n] in nats (aleatoric)")
+    mutual_information: float = Field(description="predictive minus expected entropy (epistemic)")
+    prediction_set: list[str] | None = Field(None, description="conformal prediction set, if alpha was given")
+    abstain: bool | None = Field(None, description="whether to abstain at max_risk, if it was given")
+    samples: list[list[float]] | None = Field(None, description="per-sample probabilities, if asked")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="tokens of the prompts the model read (task instruction included), "
+                                           "once per input")
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: None = None
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: str = "list"
+    created: int
+    model: str = Field(description="the adapter that answered")
+    data: list[ClassifyData]
+    usage: Usage
+    # --- ours
+    labels: list[str] = Field(description="the labels probs are aligned with")
+    sigma: float
+    n_samples: int
+    conformal: dict[str, Any] | None = None
+    abstention: dict[str, Any] | None = None
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "tfb-serve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = []
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+# --- errors in vLLM's body ---------------------------------------------------------------------------
+class UnknownModelError(ServingError):
+    status_code = 404
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param): each error as ``field: reason``; param: the first error's field."""
+    parts, param = [], None
+    for e in exc.errors():
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "json_invalid":
+            parts.append(f"the request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}")
+            continue
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts)[:1000] or "invalid request", param
+
+
+def openai_error(request: Request, exc: Exception) -> JSONResponse:
+    """Any error of these routes in vLLM's body: 422 -> 400 as vLLM answers, never a traceback."""
+    if isinstance(exc, RequestValidationError):
+        message, param = _validation_message(exc)
+        return openai_error_response(400, message, param=param)
+    if isinstance(exc, UnknownModelError):
+        return openai_error_response(404, exc.message, err_type="NotFoundError", param="model")
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            return openai_error_response(400, f"the request body is not valid JSON: {exc.__cause__}"[:300])
+        return openai_error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    status, message, headers = status_of(exc)
+    if status >= 500 and status != 503:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    if status == 422:
+        return openai_error_response(400, message, headers, err_type="BadRequestError")
+    return openai_error_response(status, message, headers)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """A route whose errors, from body validation to the model worker, come in vLLM's body (the
+    app's handlers, app/errors.py, answer every other route)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # noqa: BLE001 -- every error is answered, in vLLM's body
+                return openai_error(request, exc)
+
+        return route
+
+
+# --- translation -------------------------------------------------------------------------------------
+def resolve_model(predictor: Predictor, model: str | None) -> str:
+    """The served adapter a request's ``model`` names: unset or empty is the default (the first),
+    the base model's id is an alias of it (vLLM serves the base model under its id), else one of
+    :attr:`Predictor.adapter_names`; anything else is vLLM's 404. The one place names resolve."""
+    names = predictor.adapter_names
+    if not model or model == predictor.engine.cfg.model.model:
+        return names[0]
+    if model in names:
+        return model
+    raise UnknownModelError(f"The model `{model}` does not exist.")
+
+
+def predict_request(body: ClassifyRequest, adapter: str | None = None) -> PredictRequest:
+    """The /predict request of a classify request for ``adapter`` (a pydantic error here is a 400)."""
+    inputs = body.input if isinstance(body.input, list) else [body.input]
+    return PredictRequest(inputs=inputs, adapter=adapter, labels=body.labels, n_samples=body.n_samples, seed=body.seed,
+                          return_samples=body.return_samples, alpha=body.alpha, max_risk=body.max_risk)
+
+
+def _client_loc(loc: tuple[Any, ...], listed: bool) -> tuple[Any, ...]:
+    """A /predict error location in the client's terms: ``inputs.i`` is ``input.i`` (``input`` for a string)."""
+    if loc and loc[0] == "inputs":
+        return ("input", *loc[1:]) if listed else ("input", *loc[2:])
+    return loc
+
+
+def classify_response(out: dict[str, Any], model: str, request_id: str) -> dict[str, Any]:
+    """vLLM's response from /predict's answer (with ``prompt_tokens``): vLLM's fields, then ours."""
+    data = []
+    for i, p in enumerate(out["predictions"]):
+        item = {"index": i, "label": p["label"], "probs": p["probs"], "num_classes": len(p["probs"]),
+                "prediction_id": p["id"], "confidence": p["confidence"],
+                "predictive_entropy": p["predictive_entropy"], "expected_entropy": p["expected_entropy"],
+                "mutual_information": p["mutual_information"]}
+        item.update({k: p[k] for k in ("prediction_set", "abstain", "samples") if k in p})
+        data.append(item)
+    tokens = sum(out.get("prompt_tokens", ()))
+    body = {"id": request_id, "object": "list", "created": int(time.time()), "model": model, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+            "labels": out["labels"], "sigma": out["sigma"], "n_samples": out["n_samples"]}
+    body.update({k: out[k] for k in ("conformal", "abstention") if k in out})
+    return body
+
+
+# --- routes ------------------------------------------------------------------------------------------
+router = APIRouter(route_class=OpenAIErrorRoute, tags=["vLLM-compatible"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in (
+        (400, "invalid request (vLLM answers validation errors 400): the message names the field"),
+        (401, "missing or wrong API key"), (404, "unknown model"), (408, "body not received in time"),
+        (413, "body too large"), (415, "body not JSON"), (429, "queue full (Retry-After)"),
+        (431, "headers too large"), (503, "not ready, shutting down, or timed out (Retry-After)"))}
+
+
+async def _classify(body: ClassifyRequest, request: Request, predictor: Predictor) -> Response:
+    model = resolve_model(predictor, body.model)
+    extra = sorted(body.model_extra or ())
+    if extra:  # vLLM logs them too
+        log.info("/classify: ignoring unknown fields %s", extra)
+    request_id = "classify-" + (request.headers.get("x-request-id") or uuid.uuid4().hex)
+    if isinstance(body.input, list) and not body.input:  # vLLM answers an empty list with no data
+        engine = predictor.resolve(model)
+        return JSONResponse(classify_response({"predictions": [], "labels": list(engine.task.labels), "sigma": engine.sigma,
+                                               "n_samples": body.n_samples or predictor.settings.n_samples},
+                                              model, request_id))
+    try:
+        req = predict_request(body, model)
+    except ValidationError as exc:  # e.g. an empty text: named as the client sent it
+        errors = [{**e, "loc": _client_loc(e.get("loc", ()), isinstance(body.input, list))} for e in exc.errors()]
+        raise RequestValidationError(errors) from exc
+    timing: dict[str, float] = {}
+    out = await predictor.predict(req, timing, count_tokens=True)
+    headers = {"Server-Timing": server_timing(timing)} if timing else None
+    return JSONResponse(classify_response(out, model, request_id), headers=headers)
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify(body: ClassifyRequest, request: Request, predictor: PredictorDep) -> Response:
+    """vLLM's Classification API: probabilities, label and usage per input, with confidence, entropies
+    and mutual information beside them (``prediction_id`` for POST /feedback)."""
+    return await _classify(body, request, predictor)
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify_v1(body: ClassifyRequest, request: Request, predictor: PredictorDep) -> Response:
+    """The same as POST /classify, under the OpenAI client's ``/v1`` base URL."""
+    return await _classify(body, request, predictor)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def models(predictor: PredictorDep) -> dict[str, Any]:
+    """The served adapters, as vLLM lists its LoRA adapters (``parent``: the base model); the first
+    is the default. The base model's id is accepted as ``model`` too, meaning the default adapter."""
+    cfg = predictor.engine.cfg
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tfb-serve",
+         "root": cfg.model.adapter, "parent": cfg.model.model, "max_model_len": predictor.settings.max_length,
+         "permission": []} for name in predictor.adapter_names]}
