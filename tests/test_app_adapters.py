@@ -122,3 +122,18 @@ def test_serve_flags_as_vllms_lora_modules(tiny, capsys):
         build_parser().parse_args(["serve", "--lora-modules", "no-equals-sign"])
     assert exit_info.value.code == 2
     assert "expected name=path" in capsys.readouterr().err
+
+
+def test_classify_model_names_the_adapter(client):
+    """vLLM's /classify: ``model`` picks the adapter, as a LoRA name does in vLLM; /v1/models lists them."""
+    r = client.post("/classify", json={"model": "other", "input": PROMPTS[:2], "n_samples": 4, "seed": 2})
+    assert r.status_code == 200, r.text
+    same = client.post("/predict", json={"adapter": "other", "inputs": PROMPTS[:2], "n_samples": 4, "seed": 2}).json()
+    assert r.json()["model"] == "other"
+    for item, p in zip(r.json()["data"], same["predictions"], strict=True):
+        assert item["probs"] == pytest.approx(p["probs"], abs=1e-6) and item["label"] == p["label"]
+    yes_no = client.post("/classify", json={"model": "yes-no", "input": "Is it good?"}).json()
+    assert yes_no["labels"] == ["yes", "no"] and yes_no["data"][0]["num_classes"] == 2
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["qkv", "yes-no", "other"]
+    missing = client.post("/classify", json={"model": "nope", "input": "x"})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
