@@ -123,13 +123,13 @@ class EngineConfig:
         return EngineConfig(**{**self.__dict__, **changes}) if changes else self
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
+def read_jsonl(path: str | Path, what: str = "anchor file") -> list[Record]:
     """Records of a JSON Lines file; a bad line is an error naming the file and line."""
     p = Path(path)
     if p.is_dir():
-        raise LoadError(f"anchor file {str(p)!r} is a directory: give a JSON Lines file")
+        raise LoadError(f"{what} {str(p)!r} is a directory: give a JSON Lines file")
     if not p.is_file():
-        raise LoadError(f"anchor file {str(p)!r}: no such file")
+        raise LoadError(f"{what} {str(p)!r}: no such file")
     records: list[Record] = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -142,7 +142,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
             raise LoadError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
         records.append(rec)
     if not records:
-        raise LoadError(f"anchor file {str(p)!r} holds no records")
+        raise LoadError(f"{what} {str(p)!r} holds no records")
     return records
 
 
