@@ -115,6 +115,12 @@ class Metrics:
         self.fb_risk_target = Counter("tfb_feedback_max_risk_sum", "sum of max_risk over labelled answered "
                                       "predictions", registry=r)
         self._recent_conf: deque[float] = deque(maxlen=recent_window)
+        # uncertainty drift: the calibration set's values, the reference for tfb:*_drift:30m (NaN: none)
+        self.cal_entropy = Gauge("tfb_calibration_predictive_entropy", "mean predictive entropy (nats) of the "
+                                 "calibration set at the default N and seed", registry=r)
+        self.cal_mi = Gauge("tfb_calibration_mutual_information", "mean mutual information (nats) of the "
+                            "calibration set at the default N and seed", registry=r)
+        self.set_calibration_reference(None, None)
 
     # --- uncertainty ----------------------------------------------------------------------------
     def observe_predictions(self, predictions: Sequence[dict], configured_labels: Sequence[str]) -> None:
@@ -135,6 +141,11 @@ class Metrics:
                     self.abstentions.inc()
         if self._recent_conf:
             self.estimated_accuracy.set(math.fsum(self._recent_conf) / len(self._recent_conf))
+
+    def set_calibration_reference(self, entropy: float | None, mutual_information: float | None) -> None:
+        """The calibration set's mean predictive entropy and MI (None: no calibration data)."""
+        self.cal_entropy.set(math.nan if entropy is None else entropy)
+        self.cal_mi.set(math.nan if mutual_information is None else mutual_information)
 
     def observe_feedback_conformal(self, covered: bool | None, alpha: float | None, answered: bool | None,
                                    correct: bool, max_risk: float | None) -> None:

@@ -53,6 +53,8 @@ class AppState:
         self.predictor = Predictor(engine, self.worker, self.settings, self.metrics, self.store)
         self.metrics.sigma.set(engine.sigma)
         self.metrics.default_samples.set(engine.cfg.n_samples)
+        cal = engine.calibration
+        self.metrics.set_calibration_reference(cal and cal.mean_predictive_entropy, cal and cal.mean_mutual_information)
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)

@@ -36,7 +36,8 @@ HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_for
               "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information")
 GAUGES = ("tfb_queue_depth", "tfb_queue_capacity", "tfb_inflight_requests", "tfb_ready", "tfb_sigma",
           "tfb_default_samples", "tfb_recent_accuracy", "tfb_recent_ece", "tfb_recent_nll", "tfb_recent_brier",
-          "tfb_recent_count", "tfb_estimated_accuracy")
+          "tfb_recent_count", "tfb_estimated_accuracy", "tfb_calibration_predictive_entropy",
+          "tfb_calibration_mutual_information")
 
 
 def exported_series_names() -> set[str]:

@@ -281,7 +281,8 @@ class TFBEngine:
                                                      max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
             except ValueError as exc:  # e.g. a prompt over max_length
                 raise LoadError(f"calibration data ({source}): {exc}") from exc
-            self.calibration = Calibration.fit(summarize(probs).probs.double(), targets, source)
+            u = summarize(probs)
+            self.calibration = Calibration.fit(u.probs.double(), targets, source, u.mutual_information)
             path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
             log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
         return self
@@ -442,7 +443,9 @@ class TFBEngine:
             "calibration": ({"n": self.calibration.n, "source": self.calibration.source,
                              "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
                              "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
-                             "exact binomial p-values"}
+                             "exact binomial p-values",
+                             "mean_predictive_entropy": self.calibration.mean_predictive_entropy,
+                             "mean_mutual_information": self.calibration.mean_mutual_information}
                             if self.calibration else {"n": 0, "detail": NO_CALIBRATION}),
             "version": __version__,
         }
