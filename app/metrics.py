@@ -119,6 +119,11 @@ class Metrics:
         self.fb_risk_target = Counter("tfb_feedback_max_risk_sum", "sum of max_risk over labelled answered "
                                       "predictions", A, registry=r)
         self._recent_conf: dict[str, deque[float]] = {}
+        # uncertainty drift: the calibration set's values, the reference for tfb:*_drift:30m (NaN: none)
+        self.cal_entropy = Gauge("tfb_calibration_predictive_entropy", "mean predictive entropy (nats) of the "
+                                 "calibration set at the default N and seed", A, registry=r)
+        self.cal_mi = Gauge("tfb_calibration_mutual_information", "mean mutual information (nats) of the "
+                            "calibration set at the default N and seed", A, registry=r)
 
     def set_adapter(self, adapter: str, sigma: float, n_samples: int) -> None:
         """A served adapter: its sigma and N, and every per-adapter series at zero (``increase()``
@@ -157,6 +162,11 @@ class Metrics:
                     self.abstentions.labels(adapter=adapter).inc()
         if recent:
             self.estimated_accuracy.labels(adapter=adapter).set(math.fsum(recent) / len(recent))
+
+    def set_calibration_reference(self, adapter: str, entropy: float | None, mutual_information: float | None) -> None:
+        """An adapter's calibration set's mean predictive entropy and MI (None: no calibration data)."""
+        self.cal_entropy.labels(adapter=adapter).set(math.nan if entropy is None else entropy)
+        self.cal_mi.labels(adapter=adapter).set(math.nan if mutual_information is None else mutual_information)
 
     def observe_feedback_conformal(self, covered: bool | None, alpha: float | None, answered: bool | None,
                                    correct: bool, max_risk: float | None, adapter: str = "default") -> None:

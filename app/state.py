@@ -58,6 +58,9 @@ class AppState:
         self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
         for engine in adapters.engines.values():
             self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
+            cal = engine.calibration
+            self.metrics.set_calibration_reference(engine.name, cal and cal.mean_predictive_entropy,
+                                                   cal and cal.mean_mutual_information)
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)

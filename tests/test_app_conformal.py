@@ -96,10 +96,30 @@ def test_info_shows_the_calibration(client, cal_file):
     assert info["n"] == len(CAL) and str(cal_file) in info["source"] and info["score"] == "lac"
 
 
+def test_drift_reference_is_the_calibration_sets_mean_uncertainty(client, settings):
+    """The calibration set's mean entropy and MI, by the public predict path, in /info and as gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = TFBEngine.load(settings.engine_config(), progress=False).predict(CAL)
+    entropy = sum(p["predictive_entropy"] for p in out["predictions"]) / len(CAL)
+    mi = sum(p["mutual_information"] for p in out["predictions"]) / len(CAL)
+    assert mi > 0.0
+    info = client.get("/info").json()["calibration"]
+    assert info["mean_predictive_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert info["mean_mutual_information"] == pytest.approx(mi, rel=1e-3)
+    gauges = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
+              for s in f.samples if s.name.startswith("tfb_calibration_") and not s.labels}
+    assert gauges["tfb_calibration_predictive_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert gauges["tfb_calibration_mutual_information"] == pytest.approx(mi, rel=1e-3)
+
+
 def test_no_calibration_data_is_422_saying_why(tiny):
     with ready_client(make_settings(tiny, warmup=False)) as c:
         r = c.post("/predict", json={"inputs": PROMPTS[:1], "max_risk": 0.1})
         assert c.get("/info").json()["calibration"]["n"] == 0
+        reference = [line for line in c.get("/metrics").text.splitlines()
+                     if line.startswith(("tfb_calibration_mutual_information ", "tfb_calibration_predictive_entropy "))]
+        assert len(reference) == 2 and all(line.endswith(" NaN") for line in reference)  # no reference: no drift ratio
     assert r.status_code == 422 and "max_risk" in r.text and "TFB_CALIBRATION" in r.text
 
 

@@ -195,3 +195,18 @@ def test_calibration_round_trips_through_json() -> None:
     probs, labels = synthetic(60, 3, gen)
     cal = Calibration.fit(probs, labels, source="anchor split")
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    with_mi = Calibration.fit(probs, labels, mutual_information=torch.full((60,), 0.25))
+    assert Calibration.from_dict(json.loads(json.dumps(with_mi.to_dict()))) == with_mi
+    old = cal.to_dict()
+    del old["mean_predictive_entropy"], old["mean_mutual_information"]
+    with pytest.raises(KeyError):  # a cache from before the drift reference: the engine recomputes it
+        Calibration.from_dict(old)
+
+
+def test_uncertainty_reference_by_hand() -> None:
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]], dtype=torch.float64)
+    cal = Calibration.fit(probs, torch.tensor([0, 0, 1]), mutual_information=torch.tensor([0.3, 0.0, 0.03]))
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert cal.mean_predictive_entropy == pytest.approx((math.log(2) + 0.0 + h) / 3)
+    assert cal.mean_mutual_information == pytest.approx(0.11)
+    assert Calibration.fit(probs, torch.tensor([0, 0, 1])).mean_mutual_information is None

@@ -36,7 +36,8 @@ HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_for
               "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information")
 GAUGES = ("tfb_queue_depth", "tfb_queue_capacity", "tfb_inflight_requests", "tfb_ready", "tfb_sigma",
           "tfb_default_samples", "tfb_recent_accuracy", "tfb_recent_ece", "tfb_recent_nll", "tfb_recent_brier",
-          "tfb_recent_count", "tfb_estimated_accuracy")
+          "tfb_recent_count", "tfb_estimated_accuracy", "tfb_calibration_predictive_entropy",
+          "tfb_calibration_mutual_information")
 
 
 def exported_series_names() -> set[str]:
@@ -315,6 +316,18 @@ def test_grafana_dashboard_queries_name_exported_metrics():
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for word in ("latency", "throughput", "batch", "confidence", "entropy", "mutual information", "ece", "reliability"):
         assert word in titles
+    # acting on uncertainty: one panel each, showing the series its title promises
+    panels = {p["title"].lower(): {n for t in p.get("targets", []) for n in promql_metric_names(t["expr"])}
+              for p in dash["panels"] if p["type"] != "row"}
+    for word, series in (("estimated accuracy", {"tfb:estimated_accuracy:1h", "tfb_estimated_accuracy"}),
+                         ("abstention rate", {"tfb:abstention_rate:1h", "tfb_abstentions_total"}),
+                         ("set size", {"tfb:set_size:mean1h", "tfb_prediction_set_size_sum_total"}),
+                         ("coverage vs 1 - alpha", {"tfb:set_coverage:1d", "tfb:set_coverage_target:1d"}),
+                         ("selective risk", {"tfb:selective_risk:1d", "tfb_feedback_max_risk_sum_total"}),
+                         ("drift", {"tfb:mutual_information_drift:30m", "tfb:predictive_entropy_drift:30m",
+                                    "tfb_calibration_mutual_information"})):
+        shown = [names for title, names in panels.items() if word in title]
+        assert len(shown) == 1 and series <= shown[0], f"{word}: {shown}"
 
 
 def test_grafana_provisioning():

@@ -11,6 +11,7 @@ scrape and cancels in the ratios).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import socket
@@ -59,15 +60,18 @@ def wait_for(what: str, check, timeout: float = TIMEOUT_S, every: float = 0.25):
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
+def server(tiny, tmp_path_factory):
     import uvicorn
 
     from app.main import create_app
     from app.settings import Settings
 
     port = free_port()
+    calibration = tmp_path_factory.mktemp("calibration") / "cal.jsonl"  # the drift rules' reference
+    calibration.write_text("".join(json.dumps({"prompt": t, "label": LABELS[i % 2]}) + "\n"
+                                   for i, t in enumerate(TEXTS)))
     settings = Settings(model=tiny["model"], adapter=tiny["adapter"], labels=LABELS, sigma=0.05, n_samples=4,
-                        cache_dir=str(tiny["root"] / "cache-prom"), warmup=False)
+                        cache_dir=str(tiny["root"] / "cache-prom"), warmup=False, calibration=str(calibration))
     srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
                                        lifespan="on"))
     thread = threading.Thread(target=srv.run, name="tfb-uvicorn", daemon=True)
@@ -196,6 +200,15 @@ def test_prometheus_scrapes_and_rules_match(server, prometheus):
                  "(increase(tfb_calibration_bin_confidence_sum_total[1h])))) "
                  "/ sum(increase(tfb_calibration_bin_count_total[1h]))")
     assert scalar(api, issue_ece) == pytest.approx(want["ece"], rel=1e-6, abs=1e-9)
+    # uncertainty drift: served mean MI and entropy over the calibration set's (from /info)
+    reference = httpx.get(f"{base}/info", timeout=5).json()["calibration"]
+    mean_mi = sum(p["mutual_information"] for p in preds) / n
+    mean_h = sum(p["predictive_entropy"] for p in preds) / n
+    assert scalar(api, "tfb_calibration_mutual_information") == pytest.approx(reference["mean_mutual_information"])
+    assert scalar(api, "tfb:mutual_information_drift:30m") == pytest.approx(
+        mean_mi / reference["mean_mutual_information"], rel=1e-5)
+    assert scalar(api, "tfb:predictive_entropy_drift:30m") == pytest.approx(
+        mean_h / reference["mean_predictive_entropy"], rel=1e-5)
 
     # 5. Every rule loaded and healthy (none failing to evaluate).
     groups = httpx.get(f"{api}/rules", timeout=5).json()["data"]["groups"]

@@ -159,3 +159,96 @@ def test_tfb_eval_command_on_the_tiny_model(tiny, tmp_path, monkeypatch, capsys)
     assert out["sigma"] == 0.05 and out["n_test"] == 6 and "ood" in out
     assert json.loads((tmp_path / "out.json").read_text())["methods"] == out["methods"]
     assert (tmp_path / "plot.png").is_file()
+
+
+def test_evaluate_acting_on_uncertainty_section(classifier, tmp_path):
+    """The selective section: error AUROC is sklearn's on the same probabilities, AURC is the
+    risk-coverage area, sets and thresholds are fitted on one seeded half and measured on the other."""
+    from conftest import require
+
+    metrics = require("sklearn.metrics", "scikit-learn is not installed (dev extra, via mapie)")
+    from tfb_core.selective import risk_coverage
+
+    task = get_task("sst2")
+    test = records(16)
+    plot = tmp_path / "rel.png"
+    out = evaluate(classifier, task, test, records(4), SearchConfig(), EvalOptions(n_boot=0, plot=str(plot)),
+                   sigma=0.05, n_samples=3, seed=0)
+    sel = out["selective"]
+    assert sel["n_calibration"] == 8 and sel["n_measured"] == 8 and "seeded half" in sel["calibration"]
+    assert set(sel["methods"]) == set(METHODS)
+    assert set(sel["methods"]["tfb"]["aurc"]) == {"confidence", "entropy", "mutual_information"}
+    assert set(sel["methods"]["mle"]["aurc"]) == {"confidence", "entropy"}
+    # the MLE probabilities, independently: one sigma = 0 forward
+    prompts = [task.format(r) for r in test]
+    y = torch.tensor([r["label"] for r in test])
+    p = classifier.sample_probs(prompts, 1, sigma=0.0).mean(1)  # (B, C)
+    conf, wrong = p.max(1).values, p.argmax(1) != y
+    m = sel["methods"]["mle"]
+    assert 0 < int(wrong.sum()) < len(test)  # both classes: the AUROC is defined
+    assert m["error_auroc"]["confidence"] == pytest.approx(metrics.roc_auc_score(wrong.numpy(), (-conf).numpy()),
+                                                           abs=1e-5)
+    assert m["aurc"]["confidence"] == pytest.approx(risk_coverage(conf, ~wrong)["aurc"], abs=1e-6)
+    assert m["aurc_optimal"] <= m["aurc"]["confidence"] + 1e-12
+    for alpha, r in m["conformal"].items():
+        assert r["target"] == pytest.approx(1 - float(alpha)) and 1.0 <= r["mean_set_size"] <= 2.0
+    assert m["conformal"]["0.05"]["supported"] is False  # 8 calibration records cannot support 1/(n+1) > 0.05
+    assert set(sel["methods"]["tfb"]["abstention"]) == {"confidence", "entropy", "mutual_information"}
+    rc = tmp_path / "rel_risk_coverage.png"
+    assert out["plot_risk_coverage"] == str(rc) and rc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "acting on uncertainty" in format_table(out)
+    json.dumps(out)
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_tfb_eval_test_file_generic_task_with_calibration_and_ood_files(tiny, tmp_path, capsys):
+    """``tfb eval --test-file`` on the generic task (prompt and label), sets fitted on --calibration,
+    OOD AUROCs from --ood-file; without --calibration, a seeded half of the test file."""
+    from tfb_core.cli import main
+
+    labelled = [{"prompt": s, "label": ["negative", "positive"][i % 2]} for i, s in enumerate(SENTENCES)]
+    test = _write(tmp_path / "test.jsonl", labelled + [""] + labelled[:4])  # a blank line is skipped
+    cal = _write(tmp_path / "cal.jsonl", labelled[2:] + labelled[:2])
+    ood = _write(tmp_path / "ood.jsonl", [{"prompt": "is the sky blue"}, {"prompt": "does water boil"}])
+    base = ["eval", "--model", tiny["model"], "--adapter", tiny["adapter"], "--labels", "negative", "positive",
+            "--anchor", cal, "--sigma", "0.05", "--samples", "2", "--bootstrap", "0", "--test-file", test]
+    assert main(base + ["--calibration", cal, "--ood-file", ood]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "generic" and out["n_test"] == 12 and out["model"]["test"] == test
+    sel = out["selective"]
+    assert sel["calibration"] == f"calibration file {cal} (8 records)" and sel["n_measured"] == 12
+    assert out["ood"]["n_ood"] == 2 and "auroc_confidence_tfb" in out["ood"]
+    assert main(base + ["--split-seed", "1"]) == 0
+    captured = capsys.readouterr()
+    sel = json.loads(captured.out)["selective"]
+    assert sel["n_calibration"] == 6 and sel["n_measured"] == 6 and "seed 1" in sel["calibration"]
+    assert "fitted on a seeded half of the test records (seed 1)" in captured.err
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ({"prompt": "a film"}, "no 'label'"),
+    ({"prompt": "a film", "label": "meh"}, "unknown label 'meh'"),
+    ({"label": "positive"}, "missing field 'prompt'"),
+    ("not json", "not valid JSON"),
+])
+def test_tfb_eval_test_file_must_be_labelled(tiny, tmp_path, capsys, line, message):
+    """A bad or unlabelled record: exit 2 with one line naming the file and line, before the model loads."""
+    from tfb_core.cli import main
+
+    test = _write(tmp_path / "test.jsonl", [{"prompt": "a great film", "label": "positive"}, "", line])
+    rc = main(["eval", "--model", tiny["model"], "--adapter", tiny["adapter"], "--labels", "negative", "positive",
+               "--anchor", test, "--sigma", "0.05", "--test-file", test])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{test}:3" in err and message in err, err
+
+
+def test_tfb_eval_generic_task_needs_a_test_file(tiny, capsys):
+    from tfb_core.cli import main
+
+    rc = main(["eval", "--model", tiny["model"], "--adapter", tiny["adapter"], "--labels", "negative", "positive",
+               "--sigma", "0.05"])
+    assert rc == 2 and "--test-file" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import re
 import socket
@@ -38,8 +39,13 @@ def free_port() -> int:
 
 
 def tiny_settings(tiny) -> dict:
+    calibration = tiny["root"] / "ray-calibration.jsonl"  # labelled: prediction sets and abstention
+    calibration.write_text("".join(json.dumps({"prompt": f"a {w} film", "label": LABELS[i % 2]}) + "\n"
+                                   for i, w in enumerate(["great", "dull", "superb", "tedious", "fine", "awful",
+                                                          "moving", "thin", "warm", "flat"] * 2)))
     return {"model": tiny["model"], "adapter": tiny["adapter"], "labels": LABELS, "sigma": SIGMA,
-            "cache_dir": str(tiny["root"] / "cache-ray"), "n_samples": 4, "warmup": False}
+            "cache_dir": str(tiny["root"] / "cache-ray"), "n_samples": 4, "warmup": False,
+            "calibration": str(calibration)}
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +226,8 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
         return lambda r: generic_task(r.labels).label_index(label)
 
     async def scenario():
-        here.add("p1", Record(tuple(LABELS), [0.2, 0.8], 1))
+        here.add("p1", Record(tuple(LABELS), [0.2, 0.8], 1, prediction_set=("positive",), alpha=0.1,
+                              abstain=False, max_risk=0.05))
         await asyncio.sleep(0.1)  # the fire-and-forget add reaches the actor
         ticks = 0
 
@@ -235,7 +242,9 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
             await there.label("p1", target("postive"))  # a typo, through the other replica
         assert ticks > 0, "the event loop was blocked while the actor answered"
         record, index = await there.label("p1", target("positive"))
-        assert index == 1 and record.probs == [0.2, 0.8]
+        assert index == 1 and record == Record(tuple(LABELS), [0.2, 0.8], 1, labelled=True,
+                                               prediction_set=("positive",), alpha=0.1, abstain=False,
+                                               max_risk=0.05)  # the whole prediction, conformal fields too
         with pytest.raises(DuplicateFeedbackError):
             await here.label("p1", target("positive"))  # the predicting replica learns of it
         with pytest.raises(DuplicateFeedbackError):
@@ -245,3 +254,42 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
         tick.cancel()
 
     asyncio.run(scenario())
+
+
+def test_feedback_on_another_replica_keeps_the_conformal_fields(cluster, labelled):
+    """Predictions with alpha and max_risk, labelled through whichever replica the proxy picks:
+    realised coverage and selective risk count every label, also those that reach the replica
+    that did not predict (it reads the prediction set and abstain flag from the shared actor).
+    Runs after test_metrics_exported_the_ray_way, whose counts exclude these requests."""
+    base = cluster["base"]
+    made, cross, covered, answered, wrong = 0, 0, 0, 0, 0
+    for i in range(16):
+        r = httpx.post(f"{base}/predict", json={"inputs": ["a great film" if i % 2 else "a dull mess"],
+                                                "alpha": 0.2, "max_risk": 0.45}, timeout=60)
+        assert r.status_code == 200, r.text
+        p = r.json()["predictions"][0]
+        truth = LABELS[i % 2]
+        f = httpx.post(f"{base}/feedback", json={"id": p["id"], "label": truth}, timeout=30)
+        assert f.status_code == 200, f.text
+        made += 1
+        cross += f.headers["x-tfb-replica"] != r.headers["x-tfb-replica"]
+        covered += truth in p["prediction_set"]
+        answered += not p["abstain"]
+        wrong += (not p["abstain"]) and p["label"] != truth
+    assert cross > 0, "no label reached the other replica: nothing was tested"
+
+    def total(text: str, name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^ray_{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+    deadline = time.monotonic() + 90
+    while True:
+        text = scrape_ray(cluster["metrics_port"])
+        if total(text, "tfb_feedback_total") >= len(labelled) + made:
+            break
+        assert time.monotonic() < deadline, "the labels did not reach Ray's metrics"
+        time.sleep(1)
+    assert total(text, "tfb_feedback_with_set_total") == made
+    assert total(text, "tfb_feedback_set_covered_total") == covered
+    assert total(text, "tfb_feedback_set_target_sum_total") == pytest.approx(0.8 * made)
+    assert total(text, "tfb_feedback_answered_total") == answered
+    assert total(text, "tfb_feedback_answered_wrong_total") == wrong

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -138,28 +139,44 @@ def cmd_search(args: argparse.Namespace) -> int:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The ``tfb eval`` flags (on top of the shared model/task/search flags of the CLI)."""
     g = p.add_argument_group("evaluation")
+    g.add_argument("--test-file", default=None, metavar="F.jsonl",
+                   help="evaluate on these labelled records (the task's fields, or prompt and label for the generic "
+                        "task) instead of a built-in split")
     g.add_argument("--test-split", default="test", help="split of the task's data to evaluate on (default test)")
     g.add_argument("--limit", type=int, default=None, help="evaluate on the first N test records")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the half of the test records that fits prediction sets and abstention thresholds "
+                        "when no --calibration (or TFB_CALIBRATION) file is given (default 0)")
     g.add_argument("--anchor-split", default="anchor", help="anchor split when no --anchor file is given")
     g.add_argument("--anchor-limit", type=int, default=None,
                    help="anchor: this many records of --anchor-split, shuffled with seed 42 (reference: 500 of train)")
     g.add_argument("--ood-task", default=None, help="OOD data set (e.g. boolq, arc_easy) fed through the task's prompt")
     g.add_argument("--ood-split", default="validation")
+    g.add_argument("--ood-file", default=None, metavar="G.jsonl",
+                   help="OOD inputs (JSON Lines; labels not needed) instead of --ood-task")
     g.add_argument("--ood-field", default="question", help="field of the OOD records used as the input text")
     g.add_argument("--ood-limit", type=int, default=None, help="OOD records (default: as many as test records)")
     g.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: none)")
     g.add_argument("--max-rows", type=int, default=64, help="rows (prompt x sample) per forward")
-    g.add_argument("--plot", default=None, help="write the reliability diagram PNG here")
+    g.add_argument("--plot", default=None, help="write the reliability diagram PNG here (and the risk-coverage "
+                   "curves beside it, as NAME_risk_coverage.png)")
     g.add_argument("--output", default=None, help="write the JSON result here (also printed to stdout)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``tfb eval``: print the JSON result to stdout and the table to stderr."""
+    if args.ood_file and args.ood_task:
+        raise ValueError("give --ood-file or --ood-task, not both")
+    if args.calibration is None and os.environ.get("TFB_CALIBRATION"):
+        args.calibration = os.environ["TFB_CALIBRATION"]
+    cfg = engine_config_from_args(args)
     opts = EvalOptions(test_split=args.test_split, limit=args.limit, anchor_split=args.anchor_split,
                        ood_task=args.ood_task, ood_split=args.ood_split, ood_field=args.ood_field,
                        ood_limit=args.ood_limit, anchor_limit=args.anchor_limit, n_boot=args.bootstrap,
-                       max_rows=args.max_rows, plot=args.plot, output=args.output)
-    result = run_eval(engine_config_from_args(args), opts)
+                       max_rows=args.max_rows, plot=args.plot, output=args.output, test_file=args.test_file,
+                       ood_file=args.ood_file, split_seed=args.split_seed, conformal_score=cfg.conformal_score,
+                       conformal_mondrian=cfg.conformal_mondrian, risk_delta=cfg.risk_delta)
+    result = run_eval(cfg, opts)
     print(json.dumps(result))
     return 0
 
@@ -194,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
-    e = sub.add_parser("eval", help="evaluate MLE against TFB (and temperature scaling) on a data set")
+    e = sub.add_parser("eval", help="evaluate MLE against TFB (and temperature scaling) on a data set or --test-file")
     add_model_arguments(e)
     add_eval_arguments(e)
     e.set_defaults(func=cmd_eval)

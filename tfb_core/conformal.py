@@ -26,6 +26,10 @@ from a labelled calibration set that the sigma search did not see:
   <= delta. The lowest certified lambda is used: with probability >= 1 - delta over the
   calibration draw, the error among answered inputs is <= max_risk. None certified: abstain on
   everything, flagged.
+
+* uncertainty reference: the calibration set's mean predictive entropy and mean mutual
+  information, the label-free baseline that served traffic's uncertainty is compared with
+  (drift monitoring: a rise means inputs less like the calibration data).
 """
 
 from __future__ import annotations
@@ -37,16 +41,19 @@ from typing import Any
 
 import torch
 
+from tfb_core.uncertainty import entropy
+
 SCORES = ("lac", "aps")
 LTT_STARTS = 8
 
 
-def _grid(n_classes: int) -> tuple[float, ...]:
+def _grid(n_classes: int, low: float | None = None) -> tuple[float, ...]:
     """Fixed confidence thresholds, high to low: fine near 1 (where LLM confidences crowd), then
-    linear down to 1/C. Fixed before seeing data, as Learn-then-Test requires."""
+    linear down to 1/C (or ``low``, for a certainty score in [0, 1] other than confidence). Fixed
+    before seeing data, as Learn-then-Test requires."""
     near_one = [1.0 - 10.0 ** (-e / 10) for e in range(60, 9, -1)]  # 1 - 1e-6 .. 0.9
     linear = [1.0 - k / 100 for k in range(10, 101)]  # 0.9 .. 0.0
-    lo = 1.0 / n_classes
+    lo = 1.0 / n_classes if low is None else low
     return tuple(sorted({round(x, 12) for x in near_one + linear if x >= lo - 1e-12}, reverse=True))
 
 
@@ -117,10 +124,14 @@ class Calibration:
     grid: tuple[float, ...]  # LTT thresholds, high to low
     answered: tuple[int, ...]  # per threshold, calibration inputs with confidence >= it
     errors: tuple[int, ...]  # per threshold, wrong predictions among those
+    mean_predictive_entropy: float  # nats, of the mean probabilities
+    mean_mutual_information: float | None = None  # nats; None: fitted without per-sample probabilities
 
     @classmethod
-    def fit(cls, probs: torch.Tensor, target: torch.Tensor, source: str = "") -> Calibration:
-        """From mean probabilities (n, C) and true classes (n,) of the calibration set."""
+    def fit(cls, probs: torch.Tensor, target: torch.Tensor, source: str = "",
+            mutual_information: torch.Tensor | None = None) -> Calibration:
+        """From mean probabilities (n, C), true classes (n,) and, for the drift reference, the
+        mutual information (n,) of the calibration set."""
         if probs.dim() != 2 or probs.shape[0] != target.shape[0] or probs.shape[0] == 0:
             raise ValueError(f"need (n, C) probabilities and n targets, n > 0; got {tuple(probs.shape)} "
                              f"and {tuple(target.shape)}")
@@ -136,7 +147,9 @@ class Calibration:
         grid = _grid(c)
         answered = tuple(int((conf >= g).sum()) for g in grid)
         errors = tuple(int((wrong & (conf >= g)).sum()) for g in grid)
-        return cls(n, c, source, scores, class_scores, grid, answered, errors)
+        mi = float(mutual_information.double().mean()) if mutual_information is not None else None
+        return cls(n, c, source, scores, class_scores, grid, answered, errors,
+                   float(entropy(probs.double()).mean()), mi)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +159,11 @@ class Calibration:
         return cls(n=int(d["n"]), n_classes=int(d["n_classes"]), source=str(d["source"]),
                    scores={k: tuple(v) for k, v in d["scores"].items()},
                    class_scores={k: tuple(tuple(x) for x in v) for k, v in d["class_scores"].items()},
-                   grid=tuple(d["grid"]), answered=tuple(d["answered"]), errors=tuple(d["errors"]))
+                   grid=tuple(d["grid"]), answered=tuple(d["answered"]), errors=tuple(d["errors"]),
+                   # required: a cache written before the drift reference existed is recomputed
+                   mean_predictive_entropy=float(d["mean_predictive_entropy"]),
+                   mean_mutual_information=(None if d["mean_mutual_information"] is None
+                                            else float(d["mean_mutual_information"])))
 
     # --- prediction sets ----------------------------------------------------------------------
     def quantiles(self, alpha: float, score: str, mondrian: bool = False) -> tuple[list[float], bool]:

@@ -123,13 +123,13 @@ class EngineConfig:
         return EngineConfig(**{**self.__dict__, **changes}) if changes else self
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
+def read_jsonl(path: str | Path, what: str = "anchor file") -> list[Record]:
     """Records of a JSON Lines file; a bad line is an error naming the file and line."""
     p = Path(path)
     if p.is_dir():
-        raise LoadError(f"anchor file {str(p)!r} is a directory: give a JSON Lines file")
+        raise LoadError(f"{what} {str(p)!r} is a directory: give a JSON Lines file")
     if not p.is_file():
-        raise LoadError(f"anchor file {str(p)!r}: no such file")
+        raise LoadError(f"{what} {str(p)!r}: no such file")
     records: list[Record] = []
     for i, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -142,7 +142,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
             raise LoadError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
         records.append(rec)
     if not records:
-        raise LoadError(f"anchor file {str(p)!r} holds no records")
+        raise LoadError(f"{what} {str(p)!r} holds no records")
     return records
 
 
@@ -312,7 +312,8 @@ class TFBEngine:
                                                      max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
             except ValueError as exc:  # e.g. a prompt over max_length
                 raise LoadError(f"calibration data ({source}): {exc}") from exc
-            self.calibration = Calibration.fit(summarize(probs).probs.double(), targets, source)
+            u = summarize(probs)
+            self.calibration = Calibration.fit(u.probs.double(), targets, source, u.mutual_information)
             path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
             log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
         return self
@@ -473,7 +474,9 @@ class TFBEngine:
             "calibration": ({"n": self.calibration.n, "source": self.calibration.source,
                              "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
                              "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
-                             "exact binomial p-values"}
+                             "exact binomial p-values",
+                             "mean_predictive_entropy": self.calibration.mean_predictive_entropy,
+                             "mean_mutual_information": self.calibration.mean_mutual_information}
                             if self.calibration else {"n": 0, "detail": NO_CALIBRATION}),
             "version": __version__,
         }

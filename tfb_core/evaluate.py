@@ -9,8 +9,14 @@ On the same test examples, with the same adapter::
 
 Per method: accuracy, ECE (15 bins), NLL, Brier (fractions, not x100) and mean mutual information;
 paired bootstrap intervals for the differences to ``mle``; with an OOD set, the AUROC of
-predictive entropy and of mutual information separating in- (label 0) from out-of-distribution
-(label 1) inputs. ``tfb eval`` (:mod:`tfb_core.cli`) runs :func:`run_eval`.
+confidence, predictive entropy and mutual information separating in- (label 0) from
+out-of-distribution (label 1) inputs. Acting on uncertainty (:mod:`tfb_core.selective`): coverage
+and mean set size of split-conformal sets at each alpha, the risk-coverage curve and its area,
+the share answered at each max_risk under Learn-then-Test (by confidence, entropy and mutual
+information) and the AUROC of each score for detecting errors; the sets and thresholds are fitted
+on a calibration file or, without one, on a seeded half of the test records and measured on the
+other half. ``tfb eval`` (:mod:`tfb_core.cli`) runs :func:`run_eval` on a data set's split or on
+the user's labelled JSON Lines (``--test-file``).
 """
 
 from __future__ import annotations
@@ -27,10 +33,21 @@ from typing import Any
 
 import torch
 
+from tfb_core import selective
 from tfb_core.config import SearchConfig
+from tfb_core.conformal import SCORES
 from tfb_core.sampling import rows_of
-from tfb_core.tasks import Record, Task
-from tfb_core.uncertainty import apply_temperature, brier, classification_metrics, ece, fit_temperature, nll, summarize
+from tfb_core.tasks import Record, Task, TaskError
+from tfb_core.uncertainty import (
+    Uncertainty,
+    apply_temperature,
+    brier,
+    classification_metrics,
+    ece,
+    fit_temperature,
+    nll,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +74,18 @@ class EvalOptions:
     max_rows: int = 64
     plot: str | None = None
     output: str | None = None
+    test_file: str | None = None  # labelled JSON Lines instead of test_split
+    ood_file: str | None = None  # JSON Lines of OOD inputs instead of ood_task
+    split_seed: int = 0  # the seeded half of the test records that calibrates when no calibration file is given
+    conformal_score: str = "lac"
+    conformal_mondrian: bool = False
+    risk_delta: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.conformal_score not in SCORES:
+            raise ValueError(f"conformal_score must be one of {SCORES}, got {self.conformal_score!r}")
+        if not 0.0 < self.risk_delta < 1.0:
+            raise ValueError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
         if self.n_boot < 0:
             raise ValueError(f"n_boot must be >= 0, got {self.n_boot}")
         if self.limit is not None and self.limit < 1:
@@ -167,12 +194,32 @@ def plot_reliability(probs: dict[str, torch.Tensor], target: torch.Tensor, path:
 
 
 # --- on a model -----------------------------------------------------------------------------------
-def _prompts(task: Task, records: Sequence[Record]) -> tuple[list[str], torch.Tensor]:
+def _prompts(task: Task, records: Sequence[Record], what: str = "test") -> tuple[list[str], torch.Tensor]:
     prompts = [task.format(r) for r in records]
     targets = [task.target(r) for r in records]
-    if any(t is None for t in targets):
-        raise ValueError("every evaluation record needs a label")
+    missing = [i for i, t in enumerate(targets, 1) if t is None]
+    if missing:
+        raise ValueError(f"{what}: record {missing[0]} has no label (every evaluation record needs one)")
     return prompts, torch.tensor(targets)
+
+
+def read_labelled(path: str | Path, task: Task, what: str = "test file") -> list[Record]:
+    """Records of a JSON Lines file, each with the task's fields and a label; an error names the file and line."""
+    from tfb_core.engine import read_jsonl
+    from tfb_core.loading import LoadError
+
+    records = read_jsonl(path, what)
+    lines = [i for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    for rec, line in zip(records, lines, strict=True):
+        try:
+            task.format(rec)
+            target = task.target(rec)
+        except TaskError as exc:
+            raise LoadError(f"{what} {path}:{line}: {exc}") from exc
+        if target is None:
+            raise LoadError(f"{what} {path}:{line}: no 'label': every record needs one of "
+                            f"{list(task.labels)} (or its index)")
+    return records
 
 
 def ood_input(task: Task, record: Record, field: str) -> Record:
@@ -194,13 +241,17 @@ def _sample(clf: Any, prompts: Sequence[str], n: int, sigma: float, seed: int, m
 
 def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Record], search: SearchConfig,
              opts: EvalOptions, sigma: float | None = None, n_samples: int = 10, seed: int = 0,
-             ood: Sequence[Record] | None = None, progress: bool = False) -> dict[str, Any]:
-    """All four methods on ``test``; sigma from ``search`` on ``anchor`` unless given. JSON-able."""
+             ood: Sequence[Record] | None = None, progress: bool = False,
+             calibration: Sequence[Record] | None = None, calibration_source: str = "calibration") -> dict[str, Any]:
+    """All four methods on ``test``; sigma from ``search`` on ``anchor`` unless given. JSON-able.
+
+    Prediction sets and abstention thresholds are fitted on ``calibration`` (labelled records) if
+    given, else on a seeded half of ``test`` (``opts.split_seed``) and measured on the other half."""
     from tfb_core.search import search_sigma
 
     start = time.perf_counter()
-    test_prompts, y = _prompts(task, test)
-    anchor_prompts, y_anchor = _prompts(task, anchor)
+    test_prompts, y = _prompts(task, test, "test")
+    anchor_prompts, y_anchor = _prompts(task, anchor, "anchor (temperature scaling needs labels)")
     search_info: dict[str, Any] | None = None
     if sigma is None:
         result = search_sigma(clf, anchor_prompts, search, targets=y_anchor, progress=progress, max_rows=opts.max_rows)
@@ -230,6 +281,16 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
         "methods": methods, "n_boot": opts.n_boot,
         "differences": bootstrap_differences(probs, y, n_boot=opts.n_boot, seed=opts.boot_seed),
     }
+    if calibration is not None:
+        cal_prompts, y_cal = _prompts(task, calibration, calibration_source)
+        mle_cal = run(cal_prompts, 0.0, "calibration mle").mean(1)  # (n, C)
+        u_cal = summarize(run(cal_prompts, sigma, "calibration tfb")) if sigma > 0 else summarize(mle_cal[:, None])
+        cal = {"mle": mle_cal, "tfb": u_cal.probs, "temperature": apply_temperature(mle_cal, t_mle),
+               "tfb+temperature": apply_temperature(u_cal.probs, t_tfb)}
+        out["selective"] = selective_metrics(probs, y, u_tfb, opts, (cal, y_cal, u_cal),
+                                             f"{calibration_source} ({len(calibration)} records)")
+    else:
+        out["selective"] = selective_metrics(probs, y, u_tfb, opts)
     if ood:
         ood_prompts = [task.format(ood_input(task, r, opts.ood_field)) for r in ood]
         u_in_mle = summarize(mle_test)
@@ -237,6 +298,8 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
         u_out = summarize(run(ood_prompts, sigma, "ood tfb")) if sigma > 0 else u_out_mle
         out["ood"] = {
             "n_ood": len(ood),
+            "auroc_confidence_mle": ood_auroc(-u_in_mle.confidence, -u_out_mle.confidence),
+            "auroc_confidence_tfb": ood_auroc(-u_tfb.confidence, -u_out.confidence),
             "auroc_entropy_mle": ood_auroc(u_in_mle.predictive_entropy, u_out_mle.predictive_entropy),
             "auroc_entropy_tfb": ood_auroc(u_tfb.predictive_entropy, u_out.predictive_entropy),
             "auroc_mi_tfb": ood_auroc(u_tfb.mutual_information, u_out.mutual_information),
@@ -247,8 +310,84 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
     if opts.plot:
         title = f"{task.name}: {len(test)} test examples, sigma={sigma:.4g}, N={n_samples}"
         out["plot"] = str(plot_reliability(probs, y, opts.plot, title=title))
+        curves = {name: {score: selective.risk_coverage(c, correct) for score, c in scores.items()}
+                  for name, scores, correct in _scored(probs, y, u_tfb)}
+        out["plot_risk_coverage"] = str(selective.plot_risk_coverage(curves, risk_coverage_path(opts.plot), title))
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def risk_coverage_path(plot: str | Path) -> Path:
+    """Where the risk-coverage PNG goes: beside the reliability diagram, ``<name>_risk_coverage.png``."""
+    p = Path(plot)
+    return p.with_name(f"{p.stem}_risk_coverage.png")
+
+
+def _scored(probs: dict[str, torch.Tensor], y: torch.Tensor, u_tfb: Uncertainty):
+    """(method, its certainty scores on the test records, correct (B,)): mutual information for ``tfb`` only."""
+    for name, p in probs.items():
+        yield name, selective.certainties(p, u_tfb.mutual_information if name == "tfb" else None), p.argmax(1) == y
+
+
+def selective_metrics(probs: dict[str, torch.Tensor], y: torch.Tensor, u_tfb: Uncertainty, opts: EvalOptions,
+                      cal: tuple[dict[str, torch.Tensor], torch.Tensor, Uncertainty] | None = None,
+                      cal_source: str = "") -> dict[str, Any]:
+    """Acting on uncertainty, per method: AURC and error-detection AUROC of each certainty score on
+    all test records; conformal coverage and set size per alpha and Learn-then-Test coverage per
+    max_risk, fitted on ``cal`` ((probs per method, targets, TFB uncertainty)) or else on a seeded
+    half of the test records, and measured on the test records not used to fit them."""
+    n = y.shape[0]
+    if cal is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.split_seed))
+        fit_i, eval_i = perm[: n // 2].sort().values, perm[n // 2:].sort().values
+        cal = ({k: p[fit_i] for k, p in probs.items()}, y[fit_i],
+               Uncertainty(*(getattr(u_tfb, f)[fit_i] for f in Uncertainty.__dataclass_fields__)))
+        cal_source = f"a seeded half of the test records (seed {opts.split_seed})"
+        probs_eval, y_eval = {k: p[eval_i] for k, p in probs.items()}, y[eval_i]
+        mi_eval = u_tfb.mutual_information[eval_i]
+    else:
+        probs_eval, y_eval, mi_eval = probs, y, u_tfb.mutual_information
+    cal_probs, y_cal, u_cal = cal
+    out: dict[str, Any] = {"calibration": cal_source, "n_calibration": int(y_cal.shape[0]),
+                           "n_measured": int(y_eval.shape[0]), "conformal_score": opts.conformal_score,
+                           "mondrian": opts.conformal_mondrian, "risk_delta": opts.risk_delta, "methods": {}}
+    for name, scores, correct in _scored(probs, y, u_tfb):
+        m: dict[str, Any] = {
+            "aurc": {s: selective.risk_coverage(c, correct)["aurc"] for s, c in scores.items()},
+            "aurc_optimal": selective.aurc_optimal(correct),
+            "error_auroc": {s: selective.auroc(-c, ~correct) for s, c in scores.items()},
+        }
+        if y_cal.shape[0] and y_eval.shape[0]:
+            m["conformal"] = selective.conformal_report(cal_probs[name], y_cal, probs_eval[name], y_eval,
+                                                        score=opts.conformal_score, mondrian=opts.conformal_mondrian)
+            with_mi = name == "tfb"
+            m["abstention"] = selective.abstention_report(
+                selective.certainties(cal_probs[name], u_cal.mutual_information if with_mi else None),
+                cal_probs[name].argmax(1) != y_cal,
+                selective.certainties(probs_eval[name], mi_eval if with_mi else None),
+                probs_eval[name].argmax(1) != y_eval, n_classes=probs[name].shape[1], delta=opts.risk_delta)
+        out["methods"][name] = m
+    return out
+
+
+def format_selective(sel: dict[str, Any]) -> list[str]:
+    """Table lines of :func:`selective_metrics`."""
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"acting on uncertainty: sets and thresholds fitted on {sel['calibration']}, measured on "
+             f"{sel['n_measured']} records ({sel['conformal_score']}{', Mondrian' if sel['mondrian'] else ''}, "
+             f"delta {sel['risk_delta']})"]
+    for name, m in sel["methods"].items():
+        lines.append(f"  {name:<16} AURC " + ", ".join(f"{s} {v:.4f}" for s, v in m["aurc"].items())
+                     + f" (optimal {m['aurc_optimal']:.4f}); error AUROC "
+                     + ", ".join(f"{s} {f(v)}" for s, v in m["error_auroc"].items()))
+        if "conformal" in m:
+            lines.append(f"  {'':<16} coverage/set size " + ", ".join(
+                f"alpha {a}: {r['coverage']:.3f}/{r['mean_set_size']:.2f}{'' if r['supported'] else ' (unsupported)'}"
+                for a, r in m["conformal"].items()))
+            for score, rows in m["abstention"].items():
+                lines.append(f"  {'':<16} answered by {score:<18} " + ", ".join(
+                    f"max_risk {r}: {f(v['coverage'])} (risk {f(v['selective_risk'])})" for r, v in rows.items()))
+    return lines
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -266,8 +405,11 @@ def format_table(result: dict[str, Any]) -> str:
                 for k, r in rows.items()))
     if "ood" in result:
         o = result["ood"]
-        lines.append(f"OOD ({o['n_ood']}): AUROC entropy mle {o['auroc_entropy_mle']:.3f}, entropy tfb "
-                     f"{o['auroc_entropy_tfb']:.3f}, MI tfb {o['auroc_mi_tfb']:.3f}")
+        lines.append(f"OOD ({o['n_ood']}): AUROC confidence mle {o['auroc_confidence_mle']:.3f}, tfb "
+                     f"{o['auroc_confidence_tfb']:.3f}; entropy mle {o['auroc_entropy_mle']:.3f}, tfb "
+                     f"{o['auroc_entropy_tfb']:.3f}; MI tfb {o['auroc_mi_tfb']:.3f}")
+    if result.get("selective"):
+        lines += format_selective(result["selective"])
     return "\n".join(lines)
 
 
@@ -280,20 +422,35 @@ def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None)
 def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Load the model of ``cfg`` (an :class:`tfb_core.engine.EngineConfig`), evaluate, write outputs.
 
-    Test (and OOD) records come from :mod:`tfb_core.data`; the anchor from ``cfg.anchor`` (a JSONL
-    file) or else the data set's ``opts.anchor_split``. Prints the table to stderr.
+    Test records come from ``opts.test_file`` (labelled JSON Lines: the task's fields, or
+    ``prompt`` and ``label`` for the generic task) or else the data set's ``opts.test_split``
+    (:mod:`tfb_core.data`); OOD records from ``opts.ood_file`` or ``opts.ood_task``; the anchor from
+    ``cfg.anchor`` (a JSONL file) or else the data set's ``opts.anchor_split``. Prediction sets and
+    abstention are fitted on ``cfg.calibration`` if it was given (not the demo's default file), else
+    on a seeded half of the test records. Prints the table to stderr.
     """
     from tfb_core.engine import read_jsonl
     from tfb_core.loading import load_classifier
     from tfb_core.tasks import get_task
 
+    calibration_file = cfg.calibration  # before the demo's defaults fill it in: only a file the user named
     cfg = cfg.with_defaults()
-    if cfg.task is None:
-        raise ValueError("evaluation needs a named task (--task), whose records carry labels")
-    task = get_task(cfg.task)
+    if cfg.task is None and cfg.labels is None:
+        raise ValueError("evaluation needs a named task (--task) or the generic task's --labels")
+    task = get_task(cfg.task, cfg.labels)
+    builtin = task.name != "generic"
+    if not opts.test_file and not builtin:
+        raise ValueError("the generic task has no built-in data: give --test-file F.jsonl (prompt and label per line)")
+    if not cfg.anchor and not builtin:
+        raise ValueError("the generic task has no built-in anchor: give --anchor F.jsonl (labelled: temperature "
+                         "scaling is fitted on it)")
+    if opts.test_file:
+        test = read_labelled(opts.test_file, task, "test file")[:opts.limit]
+    else:
+        test = _load_split(task.name, opts.test_split, opts.limit, cfg.model.cache_dir)
+    calibration = read_labelled(calibration_file, task, "calibration file") if calibration_file else None
     clf = load_classifier(cfg.model, task.labels)
     clf.truncate = task.truncate
-    test = _load_split(task.name, opts.test_split, opts.limit, cfg.model.cache_dir)
     if cfg.anchor:
         anchor = read_jsonl(cfg.anchor)
     else:
@@ -301,13 +458,19 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
         if opts.anchor_limit:
             random.Random(42).shuffle(anchor)
             anchor = anchor[:opts.anchor_limit]
-    ood = _load_split(opts.ood_task, opts.ood_split, opts.ood_limit or len(test), cfg.model.cache_dir) \
-        if opts.ood_task else None
+    if opts.ood_file:
+        ood: list[Record] | None = read_jsonl(opts.ood_file, "OOD file")
+    elif opts.ood_task:
+        ood = _load_split(opts.ood_task, opts.ood_split, opts.ood_limit or len(test), cfg.model.cache_dir)
+    else:
+        ood = None
     result = evaluate(clf, task, test, anchor, cfg.search, opts, sigma=cfg.sigma, n_samples=cfg.n_samples,
-                      seed=cfg.seed, ood=ood, progress=progress)
+                      seed=cfg.seed, ood=ood, progress=progress, calibration=calibration,
+                      calibration_source=f"calibration file {calibration_file}")
     result["model"] = {"model": cfg.model.model, "adapter": cfg.model.adapter, "device": cfg.model.device,
-                       "anchor": cfg.anchor or f"{task.name}:{opts.anchor_split}", "test": f"{task.name}:{opts.test_split}",
-                       "ood": f"{opts.ood_task}:{opts.ood_split}" if opts.ood_task else None}
+                       "anchor": cfg.anchor or f"{task.name}:{opts.anchor_split}",
+                       "test": opts.test_file or f"{task.name}:{opts.test_split}",
+                       "ood": opts.ood_file or (f"{opts.ood_task}:{opts.ood_split}" if opts.ood_task else None)}
     print(format_table(result), file=sys.stderr)
     if opts.output:
         path = Path(opts.output)

@@ -20,8 +20,10 @@ own batcher coalesces them into N-sample forwards, as in the single-process serv
   exist from the start, which ``increase`` needs). Strip the prefix at scrape time
   (``metric_relabel_configs``, see prometheus-ray.yml) and deploy/prometheus/rules.yml and the
   Grafana dashboard work unchanged.
-* Feedback: a prediction's id is remembered by the replica that made it and by one shared actor,
-  so POST /feedback works whichever replica the proxy picks.
+* Feedback: a prediction (id, probabilities, and its prediction set and abstain flag with the
+  alpha and max_risk they were made at) is remembered by the replica that made it and by one
+  shared actor, so POST /feedback works, and counts realised coverage and selective risk,
+  whichever replica the proxy picks.
 * Each response carries ``X-TFB-Replica`` (the Serve replica id) and ``X-TFB-PID``.
 """
 
@@ -114,37 +116,41 @@ class FeedbackStoreActor:
     """Predictions of every replica by id, so /feedback works whichever replica it reaches.
 
     One named, detached actor per Serve application namespace; bounded like the app's own store.
-    An actor runs one method at a time: :meth:`claim` is atomic across replicas.
+    An actor runs one method at a time: :meth:`claim` is atomic across replicas. A prediction is
+    kept whole, as the fields of the app's ``Record`` (labels, probabilities, index, and the
+    prediction set, alpha, abstain and max_risk it was made with): /feedback on another replica
+    counts realised coverage and selective risk as the predicting replica would. Plain dicts, so
+    the actor needs none of the app's code.
     """
 
     def __init__(self, capacity: int) -> None:
         from collections import OrderedDict
 
         self.capacity = capacity
-        self.items: OrderedDict[str, list[Any]] = OrderedDict()  # id -> [labels, probs, index, labelled]
+        self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()  # id -> the Record's fields
 
-    def add(self, pred_id: str, labels: tuple[str, ...], probs: list[float], index: int) -> None:
+    def add(self, pred_id: str, record: dict[str, Any]) -> None:
         known = self.items.get(pred_id)
-        labelled = bool(known and known[3])  # claimed by its own replica before this add arrived
-        self.items[pred_id] = [labels, probs, index, labelled]
+        labelled = bool(known and known["labelled"])  # claimed by its own replica before this add arrived
+        self.items[pred_id] = {**record, "labelled": labelled}
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
 
-    def lookup(self, pred_id: str) -> list[Any] | None:
-        """[labels, probs, index, labelled] of a prediction, or None if unknown. Marks nothing."""
+    def lookup(self, pred_id: str) -> dict[str, Any] | None:
+        """The Record's fields of a prediction, or None if unknown. Marks nothing."""
         item = self.items.get(pred_id)
-        return None if item is None or item[0] is None else list(item)
+        return None if item is None or "labels" not in item else dict(item)
 
     def claim(self, pred_id: str) -> bool | None:
         """Mark a prediction labelled: True if this call did, False if it was already, None if the
         id is unknown (then remembered as labelled, for an :meth:`add` still on its way)."""
         item = self.items.get(pred_id)
         if item is None:
-            self.items[pred_id] = [None, None, None, True]
+            self.items[pred_id] = {"labelled": True}
             return None
-        if item[3]:
+        if item["labelled"]:
             return False
-        item[3] = True
+        item["labelled"] = True
         return True
 
 
@@ -169,8 +175,10 @@ class SharedFeedbackStore:
         return len(self.local)
 
     def add(self, pred_id: str, record: Any) -> None:
+        from dataclasses import asdict
+
         self.local.add(pred_id, record)
-        self.actor.add.remote(pred_id, tuple(record.labels), list(record.probs), int(record.index))
+        self.actor.add.remote(pred_id, asdict(record))
 
     async def _call(self, method: Any, *args: Any) -> Any:
         return await asyncio.wait_for(method.remote(*args), self.timeout_s)  # an ObjectRef is awaitable
@@ -192,8 +200,9 @@ class SharedFeedbackStore:
                     break
             if shared is None:
                 self.local.get(pred_id)  # raises the app's 404, with its message
-            labels, probs, index, labelled = shared
-            record = Record(tuple(labels), list(probs), int(index), bool(labelled))
+            ps = shared.get("prediction_set")
+            record = Record(**{**shared, "labels": tuple(shared["labels"]), "probs": list(shared["probs"]),
+                               "prediction_set": None if ps is None else tuple(ps)})
         if record.labelled:
             raise DuplicateFeedbackError(f"prediction {pred_id!r} already has a label")
         index = target(record)  # a bad label: 422 here, nothing claimed

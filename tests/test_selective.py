@@ -1,0 +1,119 @@
+"""Risk-coverage, AURC, error AUROC, and offline conformal/abstention reports: by hand and against
+scikit-learn's roc_auc_score (an independent oracle; dev extra, through mapie)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import require
+
+from tfb_core.conformal import Calibration, _grid
+from tfb_core.selective import (
+    abstention_report,
+    aurc_optimal,
+    auroc,
+    certainties,
+    certified_threshold,
+    conformal_report,
+    plot_risk_coverage,
+    risk_coverage,
+)
+
+metrics = require("sklearn.metrics", "scikit-learn is not installed (dev extra, via mapie)")
+
+
+def test_risk_coverage_and_aurc_by_hand():
+    cert = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    correct = torch.tensor([True, False, True, True])
+    rc = risk_coverage(cert, correct)
+    assert rc["coverage"] == [0.25, 0.5, 0.75, 1.0]
+    assert rc["risk"] == pytest.approx([0.0, 1 / 2, 1 / 3, 1 / 4])
+    assert rc["threshold"] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert rc["aurc"] == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4) / 4)  # 13/48
+    assert aurc_optimal(correct) == pytest.approx((0 + 0 + 0 + 1 / 4) / 4)  # the wrong one answered last
+    # order does not matter, only the scores
+    perm = torch.tensor([2, 0, 3, 1])
+    assert risk_coverage(cert[perm], correct[perm])["aurc"] == pytest.approx(13 / 48)
+
+
+def test_risk_coverage_answers_ties_together():
+    rc = risk_coverage(torch.tensor([0.9, 0.9, 0.5]), torch.tensor([True, True, False]))
+    assert rc["coverage"] == pytest.approx([2 / 3, 1.0]) and rc["risk"] == pytest.approx([0.0, 1 / 3])
+    assert rc["aurc"] == pytest.approx((0 * 2 + 1 / 3) / 3)
+    # all tied: one point, the overall error, whatever the order
+    rc = risk_coverage(torch.full((4,), 0.7), torch.tensor([True, False, True, False]))
+    assert rc["coverage"] == [1.0] and rc["risk"] == [0.5] and rc["aurc"] == 0.5
+    with pytest.raises(ValueError, match="as many"):
+        risk_coverage(torch.tensor([0.5]), torch.tensor([True, False]))
+
+
+def test_error_auroc_is_sklearns_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (200,), generator=gen).double() / 4  # many ties
+    wrong = torch.rand(200, generator=gen) < 0.3 + 0.4 * score  # errors where the score is high
+    want = metrics.roc_auc_score(wrong.numpy(), score.numpy())
+    assert auroc(score, wrong) == pytest.approx(want, abs=1e-6)  # torchmetrics answers in float32
+    assert auroc(score, torch.zeros(200, dtype=torch.bool)) is None  # no errors: undefined
+    assert auroc(score, torch.ones(200, dtype=torch.bool)) is None
+
+
+def test_certainties_are_in_unit_interval_and_order_like_their_scores():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
+    mi = torch.tensor([0.3, 0.01, 0.0])
+    c = certainties(p, mi)
+    assert c["confidence"].tolist() == pytest.approx([0.5, 0.9, 1.0])
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert c["entropy"].tolist() == pytest.approx([0.0, 1 - h / math.log(2), 1.0])
+    assert c["mutual_information"].tolist() == pytest.approx([1 - 0.3 / math.log(2), 1 - 0.01 / math.log(2), 1.0])
+    assert "mutual_information" not in certainties(p)
+
+
+def test_conformal_report_by_hand():
+    p0 = torch.tensor([0.1 * k for k in range(1, 10)], dtype=torch.float64)  # LAC scores 0.9 .. 0.1, n = 9
+    cal = torch.stack([p0, 1 - p0], 1)
+    test = torch.tensor([[0.5, 0.5], [0.15, 0.85], [0.9, 0.1]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1])
+    rep = conformal_report(cal, torch.zeros(9, dtype=torch.long), test, y, alphas=(0.2, 0.05))
+    # alpha 0.2: q = the ceil(10 * 0.8) = 8th smallest score = 0.8, the set is {y: p_y >= 0.2}:
+    # {0, 1} (covers 0), {1} (misses 0), {0} (misses 1)
+    assert rep["0.2"]["coverage"] == pytest.approx(1 / 3) and rep["0.2"]["mean_set_size"] == pytest.approx(4 / 3)
+    assert rep["0.2"]["supported"] and rep["0.2"]["target"] == pytest.approx(0.8)
+    # alpha 0.05 < 1/(n+1): every label, flagged
+    assert rep["0.05"] == {"target": 0.95, "coverage": 1.0, "mean_set_size": 2.0, "supported": False}
+
+
+def _two_groups(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n confident right answers (0.95) and n unsure ones (0.6), half of those wrong."""
+    conf = torch.tensor([0.95] * n + [0.6] * n, dtype=torch.float64)
+    wrong = torch.tensor([False] * n + [i % 2 == 0 for i in range(n)])
+    return torch.stack([conf, 1 - conf], 1), wrong
+
+
+def test_abstention_report_by_hand_and_confidence_is_the_servers_rule():
+    probs, wrong = _two_groups(50)
+    cal_scores = certainties(probs)
+    rep = abstention_report(cal_scores, wrong, cal_scores, wrong, n_classes=2, max_risks=(0.1,), delta=0.1)
+    # every threshold in (0.6, 0.95] answers the 50 right ones: 0.9^50 = 0.005 <= 0.1 / 8 certifies
+    # them; at 0.6 the 25 errors in 100 do not; the lowest certified grid point is 0.61
+    conf = rep["confidence"]["0.1"]
+    assert conf["certified"] and conf["threshold"] == pytest.approx(0.61)
+    assert conf["coverage"] == 0.5 and conf["selective_risk"] == 0.0
+    # binary: entropy orders like confidence, so it answers the same inputs
+    assert rep["entropy"]["0.1"]["coverage"] == 0.5 and rep["entropy"]["0.1"]["selective_risk"] == 0.0
+    # the confidence threshold is Calibration.threshold's (what the server uses per request)
+    y = torch.where(wrong, 1, 0)
+    th = Calibration.fit(probs, y).threshold(0.1, 0.1)
+    assert certified_threshold(cal_scores["confidence"], wrong, 0.1, 0.1, _grid(2)) == th
+    # too strict for 100 inputs: nothing certified, nothing answered
+    strict = abstention_report(cal_scores, wrong, cal_scores, wrong, n_classes=2, max_risks=(0.02,))
+    assert strict["confidence"]["0.02"] == {"certified": False, "threshold": None, "coverage": 0.0,
+                                            "selective_risk": None}
+
+
+def test_plot_risk_coverage_writes_a_png(tmp_path):
+    probs, wrong = _two_groups(5)
+    curves = {"mle": {s: risk_coverage(c, ~wrong) for s, c in certainties(probs).items()}}
+    path = plot_risk_coverage(curves, tmp_path / "rc.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
