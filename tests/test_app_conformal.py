@@ -108,7 +108,7 @@ def test_drift_reference_is_the_calibration_sets_mean_uncertainty(client, settin
     assert info["mean_predictive_entropy"] == pytest.approx(entropy, rel=1e-4)
     assert info["mean_mutual_information"] == pytest.approx(mi, rel=1e-3)
     gauges = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
-              for s in f.samples if s.name.startswith("tfb_calibration_") and not s.labels}
+              for s in f.samples if s.name.startswith("tfb_calibration_") and s.labels == {"adapter": "adapter"}}
     assert gauges["tfb_calibration_predictive_entropy"] == pytest.approx(entropy, rel=1e-4)
     assert gauges["tfb_calibration_mutual_information"] == pytest.approx(mi, rel=1e-3)
 
@@ -118,7 +118,7 @@ def test_no_calibration_data_is_422_saying_why(tiny):
         r = c.post("/predict", json={"inputs": PROMPTS[:1], "max_risk": 0.1})
         assert c.get("/info").json()["calibration"]["n"] == 0
         reference = [line for line in c.get("/metrics").text.splitlines()
-                     if line.startswith(("tfb_calibration_mutual_information ", "tfb_calibration_predictive_entropy "))]
+                     if line.startswith(("tfb_calibration_mutual_information{", "tfb_calibration_predictive_entropy{"))]
         assert len(reference) == 2 and all(line.endswith(" NaN") for line in reference)  # no reference: no drift ratio
     assert r.status_code == 422 and "max_risk" in r.text and "TFB_CALIBRATION" in r.text
 

@@ -96,7 +96,7 @@ def dashboard_exprs() -> list[str]:
     for var in dash["templating"]["list"]:
         q = var.get("query")
         if isinstance(q, dict):
-            exprs.append(re.sub(r"^label_values\((\w+),.*\)$", r"\1", q["query"]))
+            exprs.append(re.sub(r"^label_values\((\w+(?:\{[^}]*\})?),.*\)$", r"\1", q["query"]))
     return exprs
 
 
@@ -414,3 +414,27 @@ def test_compose_many_adapters_serves_the_six_published_mle_adapters():
     bases = {cfg.with_defaults().model.model for _, cfg in named}
     assert bases == {"meta-llama/Meta-Llama-3.1-8B"}, "one base model for all six"
     assert {cfg.published.split("/")[0] for _, cfg in named} == {"mle"}
+
+
+def test_grafana_adapter_variable_filters_every_per_adapter_query():
+    """Many adapters on one server: the dashboard has an adapter variable, and every query of a
+    per-adapter metric or recording rule selects it (serving metrics are the server's, unlabelled)."""
+    dash = json.loads(DASHBOARD.read_text())
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert "adapter" in names
+    from app.metrics import A as ADAPTER_LABEL  # noqa: F401 -- the label the app exports
+
+    serving = ("tfb_ready", "tfb_requests_total", "tfb_request_duration", "tfb_queue_", "tfb_forward_duration",
+               "tfb_inflight", "tfb_batch_")
+    checked = 0
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            expr = t["expr"]
+            if any(s in expr for s in serving):
+                continue
+            selectors = re.findall(r"(?:tfb_[a-z_]+|tfb:[a-z_:0-9]+)\{[^}]*\}", expr)
+            assert selectors, expr
+            for sel in selectors:
+                assert 'adapter=~"$adapter"' in sel, f"{panel['title']}: {sel}"
+            checked += 1
+    assert checked > 30
