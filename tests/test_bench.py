@@ -17,9 +17,12 @@ PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not wat
 
 def _delta_rows(classifier) -> list[int]:
     """Record the leading size of the first module's noise tensor at each forward."""
+    from tfb_core.posterior import RoutedLinear
+
     seen: list[int] = []
-    module = classifier.posterior.modules[0]
-    module.register_forward_pre_hook(lambda m, args: seen.append(m.z.shape[0] if m.z is not None else 0))
+    slot = classifier.posterior.modules[0]  # the adapter's LoRA on a layer: the layer's RoutedLinear runs it
+    layer = next(m for m in classifier.model.modules() if isinstance(m, RoutedLinear) and slot in m.slots.values())
+    layer.register_forward_pre_hook(lambda m, args: seen.append(slot.z.shape[0] if slot.z is not None else 0))
     return seen
 
 
