@@ -205,7 +205,7 @@ def _write(path, rows) -> str:
     return str(path)
 
 
-def test_tfb_eval_test_file_generic_task_with_calibration_and_ood_files(tiny, tmp_path, capsys):
+def test_tfb_eval_test_file_generic_task_with_calibration_and_ood_files(tiny, tmp_path, capsys, monkeypatch):
     """``tfb eval --test-file`` on the generic task (prompt and label), sets fitted on --calibration,
     OOD AUROCs from --ood-file; without --calibration, a seeded half of the test file."""
     from tfb_core.cli import main
@@ -227,6 +227,9 @@ def test_tfb_eval_test_file_generic_task_with_calibration_and_ood_files(tiny, tm
     sel = json.loads(captured.out)["selective"]
     assert sel["n_calibration"] == 6 and sel["n_measured"] == 6 and "seed 1" in sel["calibration"]
     assert "fitted on a seeded half of the test records (seed 1)" in captured.err
+    monkeypatch.setenv("TFB_CALIBRATION", cal)  # the server's setting works as --calibration
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["selective"]["calibration"] == f"calibration file {cal} (8 records)"
 
 
 @pytest.mark.parametrize(("line", "message"), [

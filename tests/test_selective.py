@@ -16,6 +16,7 @@ from tfb_core.selective import (
     auroc,
     certainties,
     certified_threshold,
+    confidence_equivalent,
     conformal_report,
     plot_risk_coverage,
     risk_coverage,
@@ -59,15 +60,29 @@ def test_error_auroc_is_sklearns_with_ties():
     assert auroc(score, torch.ones(200, dtype=torch.bool)) is None
 
 
-def test_certainties_are_in_unit_interval_and_order_like_their_scores():
-    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
-    mi = torch.tensor([0.3, 0.01, 0.0])
+def _h(c: float, k: int) -> float:
+    """Entropy of (c, (1-c)/k, ..., (1-c)/k), k + 1 classes."""
+    rest = (1 - c) / k
+    return -(c * math.log(c) if c else 0.0) - (k * rest * math.log(rest) if rest else 0.0)
+
+
+def test_certainties_put_entropy_and_mi_on_the_confidence_scale():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]], dtype=torch.float64)
+    mi = torch.tensor([0.3, 0.01, 0.0], dtype=torch.float64)
     c = certainties(p, mi)
     assert c["confidence"].tolist() == pytest.approx([0.5, 0.9, 1.0])
-    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
-    assert c["entropy"].tolist() == pytest.approx([0.0, 1 - h / math.log(2), 1.0])
-    assert c["mutual_information"].tolist() == pytest.approx([1 - 0.3 / math.log(2), 1 - 0.01 / math.log(2), 1.0])
+    # two classes: the entropy of p maps back to max p
+    assert c["entropy"].tolist() == pytest.approx([0.5, 0.9, 1.0], abs=1e-12)
+    # MI: the binary confidence whose entropy it is (decreasing: more MI, less certain)
+    for value, got in zip([0.3, 0.01, 0.0], c["mutual_information"].tolist(), strict=True):
+        assert 0.5 <= got <= 1.0 and _h(got, 1) == pytest.approx(value, abs=1e-12)
+    assert c["mutual_information"][0] < c["mutual_information"][1] < c["mutual_information"][2]
     assert "mutual_information" not in certainties(p)
+    # three classes: a max-entropy completion maps to its own top probability; the ends are 1/C and 1
+    q = torch.tensor([[0.7, 0.15, 0.15], [1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    # (near 1/C the entropy is flat in c: there c is found to about sqrt(machine epsilon))
+    assert certainties(q)["entropy"].tolist() == pytest.approx([0.7, 1 / 3, 1.0], abs=1e-7)
+    assert confidence_equivalent(torch.tensor([_h(0.42, 3)], dtype=torch.float64), 4).item() == pytest.approx(0.42, abs=1e-12)
 
 
 def test_conformal_report_by_hand():
@@ -85,8 +100,8 @@ def test_conformal_report_by_hand():
 
 
 def _two_groups(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n confident right answers (0.95) and n unsure ones (0.6), half of those wrong."""
-    conf = torch.tensor([0.95] * n + [0.6] * n, dtype=torch.float64)
+    """n confident right answers (0.95) and n unsure ones (0.605), half of those wrong."""
+    conf = torch.tensor([0.95] * n + [0.605] * n, dtype=torch.float64)
     wrong = torch.tensor([False] * n + [i % 2 == 0 for i in range(n)])
     return torch.stack([conf, 1 - conf], 1), wrong
 
@@ -95,13 +110,13 @@ def test_abstention_report_by_hand_and_confidence_is_the_servers_rule():
     probs, wrong = _two_groups(50)
     cal_scores = certainties(probs)
     rep = abstention_report(cal_scores, wrong, cal_scores, wrong, n_classes=2, max_risks=(0.1,), delta=0.1)
-    # every threshold in (0.6, 0.95] answers the 50 right ones: 0.9^50 = 0.005 <= 0.1 / 8 certifies
+    # every threshold in (0.605, 0.95] answers the 50 right ones: 0.9^50 = 0.005 <= 0.1 / 8 certifies
     # them; at 0.6 the 25 errors in 100 do not; the lowest certified grid point is 0.61
     conf = rep["confidence"]["0.1"]
     assert conf["certified"] and conf["threshold"] == pytest.approx(0.61)
     assert conf["coverage"] == 0.5 and conf["selective_risk"] == 0.0
-    # binary: entropy orders like confidence, so it answers the same inputs
-    assert rep["entropy"]["0.1"]["coverage"] == 0.5 and rep["entropy"]["0.1"]["selective_risk"] == 0.0
+    # binary: entropy is confidence on the same grid, so the same threshold and inputs
+    assert rep["entropy"] == rep["confidence"]
     # the confidence threshold is Calibration.threshold's (what the server uses per request)
     y = torch.where(wrong, 1, 0)
     th = Calibration.fit(probs, y).threshold(0.1, 0.1)

@@ -47,13 +47,12 @@ SCORES = ("lac", "aps")
 LTT_STARTS = 8
 
 
-def _grid(n_classes: int, low: float | None = None) -> tuple[float, ...]:
+def _grid(n_classes: int) -> tuple[float, ...]:
     """Fixed confidence thresholds, high to low: fine near 1 (where LLM confidences crowd), then
-    linear down to 1/C (or ``low``, for a certainty score in [0, 1] other than confidence). Fixed
-    before seeing data, as Learn-then-Test requires."""
+    linear down to 1/C. Fixed before seeing data, as Learn-then-Test requires."""
     near_one = [1.0 - 10.0 ** (-e / 10) for e in range(60, 9, -1)]  # 1 - 1e-6 .. 0.9
     linear = [1.0 - k / 100 for k in range(10, 101)]  # 0.9 .. 0.0
-    lo = 1.0 / n_classes if low is None else low
+    lo = 1.0 / n_classes
     return tuple(sorted({round(x, 12) for x in near_one + linear if x >= lo - 1e-12}, reverse=True))
 
 

@@ -10,9 +10,12 @@
 * prediction sets and abstention, offline: fitted on calibration data with
   :class:`tfb_core.conformal.Calibration` (the server's code), measured on held-out data.
 
-Certainty scores, all in [0, 1] and higher = answer first: ``confidence`` (max p), ``entropy``
-(1 - H[p] / log C) and ``mutual_information`` (1 - MI / log C; MI <= H <= log C). Learn-then-Test
-on confidence uses the server's grid; on the other two a grid of the same shape down to 0.
+Certainty scores, all in [1/C, 1] and higher = answer first: ``confidence`` (max p), and
+``entropy`` and ``mutual_information`` put on the confidence scale by one fixed decreasing map,
+:func:`confidence_equivalent` (the top probability of the distribution (c, (1-c)/(C-1), ...)
+whose entropy is the given value; MI <= H <= log C). So all three use the server's
+Learn-then-Test grid and differ only in how they order inputs: with two classes the entropy of
+p maps back to max p exactly, and entropy gives confidence's threshold and coverage.
 """
 
 from __future__ import annotations
@@ -31,13 +34,29 @@ MAX_RISKS = (0.02, 0.05, 0.1)
 CERTAINTIES = ("confidence", "entropy", "mutual_information")
 
 
+def confidence_equivalent(h: torch.Tensor, n_classes: int, iters: int = 60) -> torch.Tensor:
+    """The c in [1/C, 1] whose distribution (c, (1-c)/(C-1), ..., (1-c)/(C-1)) has entropy ``h``
+    (nats, (B,)): a fixed decreasing map from [0, log C] onto [1/C, 1] (bisection, float64)."""
+    k = n_classes - 1
+    target = h.double().clamp(0.0, math.log(n_classes))
+    lo = torch.full_like(target, 1.0 / n_classes)
+    hi = torch.ones_like(target)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        rest = (1.0 - mid) / k
+        h_mid = -(torch.special.xlogy(mid, mid) + k * torch.special.xlogy(rest, rest))
+        above = h_mid > target  # entropy falls as c grows: the root is above mid
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return (lo + hi) / 2
+
+
 def certainties(probs: torch.Tensor, mutual_information: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Certainty scores (B,) in [0, 1] of mean probabilities (B, C), and of MI (B,) where given."""
-    log_c = math.log(probs.shape[1])
+    """Certainty scores (B,) in [1/C, 1] of mean probabilities (B, C), and of MI (B,) where given."""
+    c = probs.shape[1]
     out = {"confidence": probs.double().max(1).values,
-           "entropy": (1.0 - entropy(probs.double()) / log_c).clamp(0.0, 1.0)}
+           "entropy": confidence_equivalent(entropy(probs.double()), c)}
     if mutual_information is not None:
-        out["mutual_information"] = (1.0 - mutual_information.double() / log_c).clamp(0.0, 1.0)
+        out["mutual_information"] = confidence_equivalent(mutual_information.double(), c)
     return out
 
 
@@ -102,8 +121,8 @@ def abstention_report(cal: Mapping[str, torch.Tensor], cal_wrong: torch.Tensor, 
     """Per certainty score and max_risk: the Learn-then-Test threshold fitted on ``cal`` scores and
     what it does on ``test``: the fraction answered (coverage) and the error among those."""
     out: dict[str, Any] = {}
+    grid = _grid(n_classes)
     for name, cert in cal.items():
-        grid = _grid(n_classes) if name == "confidence" else _grid(n_classes, low=0.0)
         rows: dict[str, Any] = {}
         for r in max_risks:
             th = certified_threshold(cert, cal_wrong, r, delta, grid)
