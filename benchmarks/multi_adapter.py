@@ -93,11 +93,11 @@ def _env(model: str | None, adapters: list[Path], sigma: float, n_samples: int, 
     env.update({"TFB_ADAPTERS": json.dumps(spec), "TFB_SIGMA": str(sigma), "TFB_N_SAMPLES": str(n_samples),
                 "TFB_MAX_SAMPLES": str(n_samples), "TFB_MAX_BATCH_ROWS": str(clients * n_samples),
                 "TFB_MAX_QUEUE": str(4 * clients), "TFB_REQUEST_TIMEOUT_S": str(timeout), "TFB_LOG_LEVEL": "warning",
-                "TFB_CACHE_DIR": str(root / "cache"), "OMP_NUM_THREADS": threads,
+                "OMP_NUM_THREADS": threads,
                 "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
     if model is not None:
-        env.update(TFB_MODEL=model, TFB_LABELS="negative,positive")
-    else:
+        env.update(TFB_MODEL=model, TFB_LABELS="negative,positive", TFB_CACHE_DIR=str(root / "cache"))
+    else:  # the embedded default: its converted model in the user's cache (sigma is fixed: nothing searched)
         env.update(TFB_TASK="sst2")
     return env
 

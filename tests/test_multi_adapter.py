@@ -206,3 +206,23 @@ def test_sigma_search_and_cache_entry_of_each_adapter_are_its_own(tiny, model_cf
     assert first.sigma != second.sigma
     again = TFBEngine.load(named[1][1], progress=False)
     assert again.sigma_source == "cache" and again.sigma == second.sigma
+
+
+def test_adapters_taking_turns_keep_their_instruction_prefixes(tiny):
+    """Five adapters in turn, twice: the second round computes no prefix (one kept per adapter and
+    draw; a cache sized for one adapter would evict them in turn and miss every time)."""
+    keys = ["adapter", "adapter_qv", "adapter_other", "adapter_blob", "adapter"]
+    many = load_classifiers([_cfg(tiny, k) for k in keys], [LABELS] * len(keys))
+    task = get_task("sst2")
+    tokens = many[0].tokenize([task.format(s) for s in PROMPTS[:2]])
+    prefix = many[0].shared_prefix(tokens)
+    draws = [clf.posterior.draw(1, 3) for clf in many]
+    calls, counted = _count_forwards(many[0])
+    many[0].backbone = counted
+    for round_ in range(2):
+        for a in range(len(many)):
+            many[0].run_jobs([Job(t, 3, draws[a], adapter=a, sigma=0.2) for t in tokens], sigma=0.0, prefix=prefix)
+        if round_ == 0:
+            assert sum(1 for c in calls if c[1] == prefix) == len(keys)  # each adapter's prefix, once
+            calls.clear()
+    assert calls and all(c[1] != prefix for c in calls), calls  # the second round: suffixes only

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tfb_core.posterior import NoiseDraw, RoutedLinear, Routing, TFBLinear, TFBPosterior, bayesianize_many
-from tfb_core.prefix_cache import PrefixCache
+from tfb_core.prefix_cache import PREFIX_CACHE_SIZE, PrefixCache
 from tfb_core.tasks import class_token_ids
 
 #: Shorter common prefixes are not worth a separate forward.
@@ -267,6 +267,9 @@ class BayesianClassifier:
         model, posteriors, heads, _ = bayesianize_many(peft_model, list(adapters), d_floor=d_floor)
         first = cls(model, tokenizer, posteriors[0], heads[0], labels[0], max_length=max_length)
         first.posteriors = posteriors
+        # as many kept prefixes per adapter as one adapter has: adapters taking turns must not evict
+        # each other's (six adapters in four entries would miss every time)
+        first.prefix_cache = PrefixCache(PREFIX_CACHE_SIZE * len(posteriors))
         return [first] + [first.for_adapter(a, labels[a], heads[a]) for a in range(1, len(posteriors))]
 
     def for_adapter(self, adapter: int, labels: Sequence[str], head: TFBLinear | None = None) -> BayesianClassifier:
