@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.engine import EngineConfig
+from tfb_core.loading import BASE_FIELDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -274,6 +275,13 @@ class Settings(BaseSettings):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"adapter names must be unique, repeated: {dup}")
+        first = out[0][1].with_defaults().model
+        for name, cfg in out[1:]:  # one base model: a published adapter names its own (Llama-3.1-8B)
+            model = cfg.with_defaults().model
+            for f in BASE_FIELDS:
+                if getattr(model, f) != getattr(first, f):
+                    raise ValueError(f"adapters share one base model: adapter {name!r} needs {f} "
+                                     f"{getattr(model, f)!r}, adapter {out[0][0]!r} {getattr(first, f)!r}")
         return out
 
     def engine_config(self) -> EngineConfig:

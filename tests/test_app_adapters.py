@@ -81,11 +81,18 @@ def test_adapters_from_a_toml_file_and_settings_errors(tiny, tmp_path):
     toml = tmp_path / "adapters.toml"
     toml.write_text(f'[[adapters]]\nname = "a"\npath = "{tiny["adapter"]}"\n\n'
                     '[[adapters]]\nname = "b"\npublished = "mle/boolq/1"\n')
-    s = make_settings(tiny, adapter=None, adapters=str(toml))
-    named = s.engine_configs()
+    toml_ok = tmp_path / "ok.toml"
+    toml_ok.write_text(f'[[adapters]]\nname = "a"\npath = "{tiny["adapter"]}"\n\n'
+                       f'[[adapters]]\nname = "b"\npath = "{tiny["adapter_qv"]}"\ntask = "sst2"\n')
+    named = make_settings(tiny, adapter=None, adapters=str(toml_ok)).engine_configs()
     assert [n for n, _ in named] == ["a", "b"]
-    assert named[0][1].model.adapter == tiny["adapter"] and named[1][1].published == "mle/boolq/1"
+    assert named[0][1].model.adapter == tiny["adapter"] and named[1][1].task == "sst2"
     assert named[1][1].sigma == 0.05  # not set by the adapter: the server's
+    # on the default base model, a published adapter needs its own (Llama-3.1-8B): refused at start-up
+    with clean_env(), pytest.raises(ValueError, match="adapters share one base model: adapter 'b' needs model "
+                                                      "'meta-llama/Meta-Llama-3.1-8B'"):
+        Settings(adapters=str(toml))
+    assert make_settings(tiny, adapter=None, adapters=str(toml)).engine_configs()[1][1].published  # a local copy
     with pytest.raises(ValueError, match="unset adapter"):
         make_settings(tiny, adapters=str(toml))  # TFB_ADAPTER and TFB_ADAPTERS both
     with pytest.raises(ValueError, match="repeated"):
