@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
-from tfb_core.engine import EngineConfig
+from tfb_core.engine import EngineConfig, check_names
 from tfb_core.loading import BASE_FIELDS
 
 if sys.version_info >= (3, 11):
@@ -271,10 +271,7 @@ class Settings(BaseSettings):
                 out.append((spec.name, self.model_copy(update={"adapters": None, **own}).engine_config()))
             except ValueError as exc:
                 raise ValueError(f"adapter {spec.name!r}: {exc}") from exc
-        names = [n for n, _ in out]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"adapter names must be unique, repeated: {dup}")
+        check_names([n for n, _ in out])
         first = out[0][1].with_defaults().model
         for name, cfg in out[1:]:  # one base model: a published adapter names its own (Llama-3.1-8B)
             model = cfg.with_defaults().model

@@ -482,6 +482,13 @@ class TFBEngine:
         }
 
 
+def check_names(names: Sequence[str]) -> None:
+    """Adapter names must be unique: ``ValueError`` naming the repeated ones."""
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        raise ValueError(f"adapter names must be unique, repeated: {dup}")
+
+
 class UnknownAdapterError(KeyError):
     """A request named an adapter that is not served."""
 
@@ -499,19 +506,16 @@ class AdapterPool:
     def __init__(self, engines: Sequence[TFBEngine]) -> None:
         if not engines:
             raise ValueError("no adapter to serve")
-        names = [e.name for e in engines]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"adapter names must be unique, repeated: {dup}")
+        check_names([e.name for e in engines])
         self.engines: dict[str, TFBEngine] = {e.name: e for e in engines}
         self.default = engines[0]
 
     @classmethod
     def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True) -> AdapterPool:
-        names = [n for n, _ in named]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:  # before loading anything
-            raise LoadError(f"adapter names must be unique, repeated: {dup}")
+        try:
+            check_names([n for n, _ in named])  # before loading anything
+        except ValueError as exc:
+            raise LoadError(str(exc)) from None
         return cls(TFBEngine.load_many(named, progress))
 
     @property
