@@ -203,14 +203,17 @@ def _union_ids(ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Te
     """One forward's class-token ids (the union of its jobs') and, per job, the columns of its own
     ids in it (None: the whole union, the common case of one label set)."""
     first = ids[0]
-    if all(i is first or torch.equal(i, first) for i in ids):
+    distinct = {id(i): i for i in ids}  # jobs of one label set share its tensor: compare each set once
+    if all(torch.equal(i, first) for i in distinct.values()):
         return first, [None] * len(ids)
     position: dict[int, int] = {}
-    for i in ids:
-        for t in i.tolist():
+    lists = {k: i.tolist() for k, i in distinct.items()}  # one copy to the host per label set
+    for values in lists.values():
+        for t in values:
             position.setdefault(t, len(position))
     union = torch.tensor(list(position), device=first.device)
-    return union, [torch.tensor([position[t] for t in i.tolist()]) for i in ids]
+    cols = {k: torch.tensor([position[t] for t in values]) for k, values in lists.items()}
+    return union, [cols[id(i)] for i in ids]
 
 
 class BayesianClassifier:
