@@ -105,6 +105,8 @@ class ClassifyRequest(BaseModel):
             raise ValueError("token ids are not supported by this server: send text (a string or a list of strings)")
         if isinstance(value, str) and not value.strip():
             raise ValueError("an empty text: nothing to classify")
+        if isinstance(value, list) and not value:  # vLLM: "please provide at least one prompt" (400)
+            raise ValueError("an empty list: give at least one text to classify")
         if isinstance(value, list):
             for i, v in enumerate(value):
                 if isinstance(v, str) and not v.strip():

@@ -191,16 +191,11 @@ def test_vllm_fields_and_unknown_fields_are_accepted(client):
     assert r.json()["id"] == "classify-abc123"  # vLLM's id from the X-Request-Id header
 
 
-def test_empty_list_answers_no_data(client):
-    out = classify(client, input=[])
-    assert out["data"] == [] and out["usage"]["prompt_tokens"] == 0
-    VllmClassificationResponse.model_validate(out)
-
-
 # --- errors: vLLM's body, vLLM's status (400 for what /predict answers 422) --------------------------------
 BAD = [
     ("no input", {"json": {"model": ADAPTER}}, "input"),
     ("empty text", {"json": {"input": ""}}, "empty"),
+    ("empty list", {"json": {"input": []}}, "at least one"),  # as vLLM's "please provide at least one prompt"
     ("blank item", {"json": {"input": ["fine", "  "]}}, "item 1"),
     ("number", {"json": {"input": 5}}, "string"),
     ("token ids", {"json": {"input": [1, 2, 3]}}, "token ids"),
