@@ -80,6 +80,8 @@ def parse_adapters(value: Any) -> Any:
             raise ValueError(f"adapters: not a JSON list: {exc}") from exc
     path = Path(text).expanduser()
     if not path.is_file():
+        if path.suffix in (".json", ".toml"):
+            raise ValueError(f"adapters file {text!r}: no such file")
         raise ValueError(f"adapters: {text!r} is neither a JSON list nor a .json/.toml file")
     try:
         if path.suffix == ".toml":

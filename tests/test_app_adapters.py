@@ -97,8 +97,10 @@ def test_adapters_from_a_toml_file_and_settings_errors(tiny, tmp_path):
         make_settings(tiny, adapters=str(toml))  # TFB_ADAPTER and TFB_ADAPTERS both
     with pytest.raises(ValueError, match="repeated"):
         make_settings(tiny, adapter=None, adapters=json.dumps([{"name": "x", "path": "/a"}, {"name": "x", "path": "/b"}]))
-    with pytest.raises(ValueError, match="neither a JSON list nor"):
+    with pytest.raises(ValueError, match="missing.toml'.*no such file"):
         make_settings(tiny, adapter=None, adapters=str(tmp_path / "missing.toml"))
+    with pytest.raises(ValueError, match="neither a JSON list nor"):
+        make_settings(tiny, adapter=None, adapters="{not a list}")
     with pytest.raises(ValueError, match="published name"):
         make_settings(tiny, adapter=None, adapters=json.dumps([{"name": "x"}]))
     with pytest.raises(ValueError, match="string_pattern_mismatch|should match pattern"):

@@ -226,3 +226,20 @@ def test_adapters_taking_turns_keep_their_instruction_prefixes(tiny):
             assert sum(1 for c in calls if c[1] == prefix) == len(keys)  # each adapter's prefix, once
             calls.clear()
     assert calls and all(c[1] != prefix for c in calls), calls  # the second round: suffixes only
+
+
+def test_a_start_up_error_of_one_of_several_adapters_names_it(tiny, model_cfg, tmp_path):
+    from dataclasses import replace
+
+    from tfb_core.engine import EngineConfig, TFBEngine
+
+    bad_anchor = tmp_path / "anchor.jsonl"
+    bad_anchor.write_text('{"sentence": "fine", "label": "positive"}\nnot json\n')
+    ok = ("ok", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter"]), task="sst2", sigma=0.1))
+    no_task = ("no-task", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_qv"]), sigma=0.1))
+    with pytest.raises(LoadError, match="^adapter 'no-task': give a task name or labels"):
+        TFBEngine.load_many([ok, no_task], progress=False)
+    bad = ("bad-anchor", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_qv"]), task="sst2",
+                                      anchor=str(bad_anchor)))
+    with pytest.raises(LoadError, match="^adapter 'bad-anchor': .*anchor.jsonl"):
+        TFBEngine.load_many([ok, bad], progress=False)

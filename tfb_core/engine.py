@@ -204,7 +204,7 @@ class TFBEngine:
         the base model's settings (:data:`tfb_core.loading.BASE_FIELDS`)."""
         if not named:
             raise LoadError("no adapter to serve")
-        prepared = [cls._prepare(cfg) for _, cfg in named]
+        prepared = [_named(name, len(named), cls._prepare, cfg) for name, cfg in named]
         floors = {cfg.d_floor for cfg, _ in prepared}
         if len(floors) > 1:
             raise LoadError(f"adapters on one base model must share d_floor, got {sorted(floors)}")
@@ -212,7 +212,7 @@ class TFBEngine:
                                 PosteriorConfig(d_floor=prepared[0][0].d_floor))
         engines = []
         for (name, _), (cfg, task), clf in zip(named, prepared, clfs, strict=True):
-            engine = cls._finish(cfg, task, clf, progress)
+            engine = _named(name, len(named), cls._finish, cfg, task, clf, progress)
             engine.name = name
             engines.append(engine)
         return engines
@@ -487,6 +487,16 @@ def check_names(names: Sequence[str]) -> None:
     dup = sorted({n for n in names if list(names).count(n) > 1})
     if dup:
         raise ValueError(f"adapter names must be unique, repeated: {dup}")
+
+
+def _named(name: str, count: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``; with several adapters, a start-up error says which adapter it is about."""
+    try:
+        return fn(*args)
+    except (LoadError, ValueError, OSError) as exc:  # TaskError, DataError, PublishedError are ValueErrors
+        if count < 2:
+            raise
+        raise LoadError(f"adapter {name!r}: {exc}") from exc
 
 
 class UnknownAdapterError(KeyError):
