@@ -183,14 +183,7 @@ def plot_reliability(probs: dict[str, torch.Tensor], target: torch.Tensor, path:
         h.set_ylim(1e-3, 1.0)
         if j == 0:
             h.set_ylabel("fraction of examples")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return selective.save_figure(fig, path, title)
 
 
 # --- on a model -----------------------------------------------------------------------------------

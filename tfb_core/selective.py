@@ -137,8 +137,6 @@ def abstention_report(cal: Mapping[str, torch.Tensor], cal_wrong: torch.Tensor, 
 
 def plot_risk_coverage(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Any, title: str = "") -> Any:
     """Risk-coverage curves: one panel per method, one line per certainty score (AURC in the legend)."""
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,6 +155,15 @@ def plot_risk_coverage(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], pa
         ax.set_xlabel("coverage (fraction answered)")
         ax.legend(fontsize=7, loc="upper left")
     axes[0][0].set_ylabel("risk (error among answered)")
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig: Any, path: Any, title: str = "") -> Any:
+    """Title, lay out, write (folders made) and close a matplotlib figure: every plot of ``tfb eval``."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
