@@ -126,14 +126,17 @@ def predictions(cluster, reference):
 
 @pytest.fixture(scope="module")
 def labelled(cluster, predictions):
-    """/feedback for every prediction: a mistyped label first, then the right one, then again."""
-    out = []
-    for _, _, body in predictions:
+    """/feedback for every prediction: a mistyped label first, then the right one, then again. The
+    predictions are labelled concurrently (each one's three posts in order): one client's sequential
+    posts may all be routed to the one replica Ray's router has found idle, and then no label would
+    reach the replica that did not predict."""
+    def label(body: dict) -> list[httpx.Response]:
         pred_id = body["predictions"][0]["id"]
-        post = [httpx.post(f"{cluster['base']}/feedback", json={"id": pred_id, "label": label}, timeout=30)
-                for label in ("postive", "positive", "negative")]
-        out.append(post)
-    return out
+        return [httpx.post(f"{cluster['base']}/feedback", json={"id": pred_id, "label": lab}, timeout=30)
+                for lab in ("postive", "positive", "negative")]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(label, [body for _, _, body in predictions]))
 
 
 def test_two_replicas_answer_concurrent_requests(predictions, reference):
@@ -262,8 +265,8 @@ def test_feedback_on_another_replica_keeps_the_conformal_fields(cluster, labelle
     that did not predict (it reads the prediction set and abstain flag from the shared actor).
     Runs after test_metrics_exported_the_ray_way, whose counts exclude these requests."""
     base = cluster["base"]
-    made, cross, covered, answered, wrong = 0, 0, 0, 0, 0
-    for i in range(16):
+
+    def predict_and_label(i: int) -> tuple[bool, bool, bool, bool]:
         r = httpx.post(f"{base}/predict", json={"inputs": ["a great film" if i % 2 else "a dull mess"],
                                                 "alpha": 0.2, "max_risk": 0.45}, timeout=60)
         assert r.status_code == 200, r.text
@@ -271,11 +274,17 @@ def test_feedback_on_another_replica_keeps_the_conformal_fields(cluster, labelle
         truth = LABELS[i % 2]
         f = httpx.post(f"{base}/feedback", json={"id": p["id"], "label": truth}, timeout=30)
         assert f.status_code == 200, f.text
-        made += 1
-        cross += f.headers["x-tfb-replica"] != r.headers["x-tfb-replica"]
-        covered += truth in p["prediction_set"]
-        answered += not p["abstain"]
-        wrong += (not p["abstain"]) and p["label"] != truth
+        return (f.headers["x-tfb-replica"] != r.headers["x-tfb-replica"], truth in p["prediction_set"],
+                not p["abstain"], (not p["abstain"]) and p["label"] != truth)
+
+    # concurrent clients, so that Ray's router spreads them; rounds of 16 until a label has reached
+    # the replica that did not predict (the bound only guards against a router that never spreads)
+    outcomes: list[tuple[bool, bool, bool, bool]] = []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while not any(o[0] for o in outcomes) and len(outcomes) < 80:
+            outcomes += pool.map(predict_and_label, range(len(outcomes), len(outcomes) + 16))
+    made = len(outcomes)
+    cross, covered, answered, wrong = (sum(column) for column in zip(*outcomes, strict=True))
     assert cross > 0, "no label reached the other replica: nothing was tested"
 
     def total(text: str, name: str) -> float:
