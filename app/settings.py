@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.engine import EngineConfig, check_names
-from tfb_core.loading import BASE_FIELDS
+from tfb_core.loading import base_mismatch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -274,13 +274,11 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"adapter {spec.name!r}: {exc}") from exc
         check_names([n for n, _ in out])
-        first = out[0][1].with_defaults().model
-        for name, cfg in out[1:]:  # one base model: a published adapter names its own (Llama-3.1-8B)
-            model = cfg.with_defaults().model
-            for f in BASE_FIELDS:
-                if getattr(model, f) != getattr(first, f):
-                    raise ValueError(f"adapters share one base model: adapter {name!r} needs {f} "
-                                     f"{getattr(model, f)!r}, adapter {out[0][0]!r} {getattr(first, f)!r}")
+        models = [cfg.with_defaults().model for _, cfg in out]
+        if bad := base_mismatch(models):  # one base model: a published adapter names its own (Llama-3.1-8B)
+            i, f = bad
+            raise ValueError(f"adapters share one base model: adapter {out[i][0]!r} needs {f} "
+                             f"{getattr(models[i], f)!r}, adapter {out[0][0]!r} {getattr(models[0], f)!r}")
         return out
 
     def engine_config(self) -> EngineConfig:

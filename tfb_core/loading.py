@@ -166,6 +166,16 @@ BASE_FIELDS = ("model", "model_revision", "model_subfolder", "gguf_file", "dtype
                "cache_dir", "max_length")
 
 
+def base_mismatch(cfgs: Sequence[ModelConfig]) -> tuple[int, str] | None:
+    """(index, field) of the first config whose base model differs from the first one's in a
+    :data:`BASE_FIELDS` field; None: they all name one base model."""
+    for i, cfg in enumerate(cfgs[1:], 1):
+        for f in BASE_FIELDS:
+            if getattr(cfg, f) != getattr(cfgs[0], f):
+                return i, f
+    return None
+
+
 def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]],
                      posterior: PosteriorConfig | None = None) -> list:
     """One base model with every adapter of ``cfgs`` (which must agree on :data:`BASE_FIELDS`),
@@ -175,11 +185,10 @@ def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]
     if not cfgs:
         raise LoadError("no adapter to load")
     first = cfgs[0]
-    for cfg in cfgs[1:]:
-        for f in BASE_FIELDS:
-            if getattr(cfg, f) != getattr(first, f):
-                raise LoadError(f"adapters on one base model must share its settings: {f} is {getattr(first, f)!r} "
-                                f"for adapter {first.adapter!r} and {getattr(cfg, f)!r} for adapter {cfg.adapter!r}")
+    if bad := base_mismatch(cfgs):
+        cfg, f = cfgs[bad[0]], bad[1]
+        raise LoadError(f"adapters on one base model must share its settings: {f} is {getattr(first, f)!r} "
+                        f"for adapter {first.adapter!r} and {getattr(cfg, f)!r} for adapter {cfg.adapter!r}")
     from tfb_core.tasks import class_token_ids
 
     posterior = posterior or PosteriorConfig()
