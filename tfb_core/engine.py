@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -484,7 +484,7 @@ class TFBEngine:
 
 def check_names(names: Sequence[str]) -> None:
     """Adapter names must be unique: ``ValueError`` naming the repeated ones."""
-    dup = sorted({n for n in names if list(names).count(n) > 1})
+    dup = sorted(n for n, count in Counter(names).items() if count > 1)
     if dup:
         raise ValueError(f"adapter names must be unique, repeated: {dup}")
 
