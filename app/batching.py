@@ -10,7 +10,9 @@
 
 Rows of an input = N (1 at sigma = 0). Every request keeps its own noise, so its answer does not
 depend on which other requests shared its forward. The worker also loads the model (so that
-/healthz answers while it loads) and runs the engine's warm-up.
+/healthz answers while it loads) and runs the engine's warm-up; and background work (a
+calibration forward) one step at a time whenever no request is queued, so that a request waits
+for at most one step.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class ModelWorker:
         self._deadline: float | None = None  # the drain's deadline (time.monotonic), once it began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        #: (step, on_done): ``step()`` does a little work and returns True once finished; run only when
+        #: no request is queued; ``on_done()`` runs on the event loop afterwards
+        self._background: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
         metrics.queue_capacity.set(limits.max_queue)
 
     # --- lifecycle (event loop side) -------------------------------------------------------------
@@ -145,6 +150,13 @@ class ModelWorker:
             # a forward in progress cannot be interrupted; its requests are answered already, and the
             # thread is a daemon: the process does not wait for it past a short grace
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 1.0)
+
+    def add_background(self, step: Callable[[], bool], on_done: Callable[[], None]) -> None:
+        """Run ``step()`` on the worker thread between batches, whenever no request waits, until it
+        returns True (or raises: logged); then ``on_done()`` on the event loop. Dropped at shutdown."""
+        with self._cond:
+            self._background.append((step, on_done))
+            self._cond.notify()
 
     # --- requests (event loop side) --------------------------------------------------------------
     def rows_of(self, n_inputs: int, n_samples: int, engine: TFBEngine | None = None) -> int:
@@ -236,6 +248,9 @@ class ModelWorker:
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:  # nothing queued: a step of background work
+                self._background_step()
+                continue
             try:
                 self._process(engine, batch)
             except BaseException as exc:  # noqa: BLE001 -- a bug must fail its requests, not the worker
@@ -246,6 +261,18 @@ class ModelWorker:
                 with self._cond:
                     self._busy = False
 
+    def _background_step(self) -> None:
+        step, on_done = self._background[0]
+        try:
+            finished = step()
+        except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it
+            log.exception("background work failed")
+            finished = True
+        if finished:
+            with self._cond:
+                self._background.popleft()
+            self._call_on_loop(lambda _: on_done(), None)
+
     def _call_on_loop(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._loop is not None:
             try:
@@ -254,7 +281,8 @@ class ModelWorker:
                 pass
 
     def _next_batch(self) -> list[Work] | None:
-        """Block for the next batch: whole works, up to max_rows rows (a bigger work comes alone)."""
+        """Block for the next batch: whole works, up to max_rows rows (a bigger work comes alone);
+        an empty list when no request is queued and background work is waiting; None: stop."""
         lim = self.limits
         with self._cond:
             while True:
@@ -265,6 +293,8 @@ class ModelWorker:
                     break
                 if self._stopping:
                     return None
+                if self._background and self._accepting:
+                    return []
                 self._cond.wait()
             deadline = self._queue[0].enqueued + lim.max_wait_s
             while self._queued_rows < lim.max_rows and not self._stopping:

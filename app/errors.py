@@ -9,6 +9,7 @@ routes (app/classify.py) answer the same errors in vLLM's OpenAI-style body inst
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tfb_core.calibrate import CalibrationPendingError
 from tfb_core.engine import UnknownAdapterError
 from tfb_core.loading import LoadError
 from tfb_core.sampling import EmptyPromptError, PromptTooLongError
@@ -112,6 +114,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return 422, f"{exc} tokens (TFB_MAX_LENGTH)", None
     if isinstance(exc, (TaskError, EmptyPromptError)):
         return 422, str(exc), None
+    if isinstance(exc, CalibrationPendingError):  # still running: retry then; failed: no Retry-After
+        retry = exc.retry_after_s
+        return 503, str(exc), None if retry is None else {"Retry-After": str(max(1, math.ceil(retry)))}
     if isinstance(exc, UnknownAdapterError):  # as vLLM and OpenAI answer an unknown model
         return 404, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
@@ -142,7 +147,8 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(422, f"the request body is not valid JSON: {reason[:200]}")
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError, UnknownAdapterError):
+    for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError, UnknownAdapterError,
+                CalibrationPendingError):
         app.add_exception_handler(cls, known)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     # --- feedback and calibration ---------------------------------------------------------------
     feedback_store_size: int = Field(100_000, ge=1, le=10_000_000, description="predictions kept for /feedback")
     recent_window: int = Field(1000, ge=1, le=1_000_000, description="K of the tfb_recent_* gauges")
+    calibrate_in_background: bool = Field(
+        True, description="a calibration not in the cache runs after the server is ready, between requests (alpha "
+                          "and max_risk answer 503 with Retry-After until it is done); false: before it is ready")
 
     # --- HTTP connections (uvicorn, h11; see app/server.py) ----------------------------------------
     max_header_bytes: int = Field(16_384, ge=1024, le=1_048_576,

@@ -48,19 +48,20 @@ class AppState:
         for name, cfg in named:
             log.info("adapter %s: %s on model %s (task %s)", name, cfg.model.adapter, cfg.model.model,
                      cfg.task or f"generic {list(cfg.labels or ())}")
+        background = self.settings.calibrate_in_background
         if len(named) == 1:
-            engine = TFBEngine.load(named[0][1])
+            engine = TFBEngine.load(named[0][1], background_calibration=background)
             engine.name = named[0][0]
             return AdapterPool([engine])
-        return AdapterPool.load(named)
+        return AdapterPool.load(named, background_calibration=background)
 
     def _ready(self, adapters: AdapterPool) -> None:
         self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
         for engine in adapters.engines.values():
             self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
-            cal = engine.calibration
-            self.metrics.set_calibration_reference(engine.name, cal and cal.mean_predictive_entropy,
-                                                   cal and cal.mean_mutual_information)
+            self._calibrated(engine)
+            if (run := engine.calibration_run) is not None and run.state == "running":
+                self.worker.add_background(run.step, lambda engine=engine: self._calibrated(engine))
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)
@@ -68,6 +69,12 @@ class AppState:
             log.info("ready in %.1fs: adapter %s, sigma=%.6g (%s), N=%d, %d LoRA modules",
                      time.monotonic() - self.started, engine.name, engine.sigma, engine.sigma_source,
                      engine.cfg.n_samples, len(engine.classifier.posterior.modules))
+
+    def _calibrated(self, engine: TFBEngine) -> None:
+        """The calibration's drift reference as gauges (none while it is still running, or without one)."""
+        cal = engine.calibration
+        self.metrics.set_calibration_reference(engine.name, cal and cal.mean_predictive_entropy,
+                                               cal and cal.mean_mutual_information)
 
     def _failed(self, exc: BaseException) -> None:
         self.status = "failed"

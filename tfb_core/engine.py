@@ -18,6 +18,7 @@ import torch
 
 from tfb_core import __version__, cache
 from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
+from tfb_core.calibrate import CalibrationData, CalibrationRun
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.conformal import SCORES, Calibration
 from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
@@ -182,8 +183,11 @@ class TFBEngine:
         #: the adapter's name where several are served on one base model
         self.name = "default"
         classifier.truncate = task.truncate
-        #: conformal sets and abstention thresholds' data (None: no labelled calibration data)
+        #: conformal sets and abstention thresholds' data (None: no labelled calibration data, or
+        #: not yet: see calibration_run)
         self.calibration: Calibration | None = None
+        #: the calibration still to compute, when it was left to run in the background
+        self.calibration_run: CalibrationRun | None = None
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
         #: class-token ids of request label sets other than the task's (generic task)
         self.class_ids = ClassIds()
@@ -194,14 +198,16 @@ class TFBEngine:
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def load(cls, cfg: EngineConfig, progress: bool = True) -> TFBEngine:
-        return cls.load_many([("default", cfg)], progress)[0]
+    def load(cls, cfg: EngineConfig, progress: bool = True, background_calibration: bool = False) -> TFBEngine:
+        return cls.load_many([("default", cfg)], progress, background_calibration)[0]
 
     @classmethod
-    def load_many(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True) -> list[TFBEngine]:
+    def load_many(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
+                  background_calibration: bool = False) -> list[TFBEngine]:
         """One engine per named adapter, all on one base model (loaded once): each with its own task,
-        sigma (fixed, from the cache, or its own search) and calibration. The adapters must agree on
-        the base model's settings (:data:`tfb_core.loading.BASE_FIELDS`)."""
+        sigma (fixed, from the cache, or its own search) and calibration (``background_calibration``:
+        one not in the cache is left to run later, :attr:`TFBEngine.calibration_run`). The adapters
+        must agree on the base model's settings (:data:`tfb_core.loading.BASE_FIELDS`)."""
         if not named:
             raise LoadError("no adapter to serve")
         prepared = [_named(name, len(named), cls._prepare, cfg) for name, cfg in named]
@@ -212,7 +218,7 @@ class TFBEngine:
                                 PosteriorConfig(d_floor=prepared[0][0].d_floor))
         engines = []
         for (name, _), (cfg, task), clf in zip(named, prepared, clfs, strict=True):
-            engine = _named(name, len(named), cls._finish, cfg, task, clf, progress)
+            engine = _named(name, len(named), cls._finish, cfg, task, clf, progress, background_calibration)
             engine.name = name
             engines.append(engine)
         return engines
@@ -231,7 +237,8 @@ class TFBEngine:
         return cfg, task
 
     @classmethod
-    def _finish(cls, cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool) -> TFBEngine:
+    def _finish(cls, cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool,
+                background: bool = False) -> TFBEngine:
         """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
         clf.forward_overhead_tokens = cfg.forward_overhead_tokens
         clf.truncate = task.truncate  # before the anchor is tokenized
@@ -240,7 +247,7 @@ class TFBEngine:
         if cfg.sigma is not None:
             if cal is None and cfg.anchor:  # the anchor was not used to fit sigma: all of it calibrates
                 cal = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor) + (f"anchor {cfg.anchor}",)
-            return cls(cfg, clf, task, cfg.sigma, "fixed").calibrated(cal)
+            return cls(cfg, clf, task, cfg.sigma, "fixed").calibrated(cal, background=background)
         if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
             cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(cls.default_anchor(cfg, task))})
         prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
@@ -261,7 +268,7 @@ class TFBEngine:
         result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
         if result is not None:
             log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-            return cls(cfg, clf, task, result.sigma, "cache", result).calibrated(cal, key)
+            return cls(cfg, clf, task, result.sigma, "cache", result).calibrated(cal, key, background)
         log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
                  cfg.search.tolerance, cfg.search.n_samples)
         result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
@@ -270,7 +277,7 @@ class TFBEngine:
         clf.prefix_cache.clear()
         path = cache.save(cache_dir, key, result)
         log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
-        return cls(cfg, clf, task, result.sigma, "search", result).calibrated(cal, key)
+        return cls(cfg, clf, task, result.sigma, "search", result).calibrated(cal, key, background)
 
     @staticmethod
     def _calibration_file(cfg: EngineConfig, task: Task, clf: BayesianClassifier
@@ -288,9 +295,10 @@ class TFBEngine:
         return prompts, targets, f"file {cfg.calibration}"
 
     def calibrated(self, cal: tuple[list[str], torch.Tensor | None, str] | None,
-                   sigma_key: dict[str, Any] | None = None) -> TFBEngine:
-        """Compute (or load from the cache) the :class:`Calibration` of labelled ``cal`` under this
-        engine's sigma and default samples; returns self."""
+                   sigma_key: dict[str, Any] | None = None, background: bool = False) -> TFBEngine:
+        """The :class:`Calibration` of labelled ``cal`` under this engine's sigma and default samples:
+        from the cache, else computed now, or (``background``) left as :attr:`calibration_run` for
+        the server to run between its batches. Returns self."""
         if cal is None or cal[1] is None:
             return self
         prompts, targets, source = cal
@@ -303,19 +311,25 @@ class TFBEngine:
         if data is not None:
             try:
                 self.calibration = Calibration.from_dict(data)
+                return self
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("calibration cache unreadable (%s); recomputing", exc)
-        if self.calibration is None:
-            noise = self.noise(cfg.seed, cfg.n_samples)
-            try:
-                probs = self.classifier.sample_probs(prompts, cfg.n_samples, sigma=self.sigma, noise=noise,
-                                                     max_rows=cfg.max_rows, prefix=self.prompt_prefix or None)  # (n, N, C)
-            except ValueError as exc:  # e.g. a prompt over max_length
-                raise LoadError(f"calibration data ({source}): {exc}") from exc
-            u = summarize(probs)
-            self.calibration = Calibration.fit(u.probs.double(), targets, source, u.mutual_information)
-            path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
-            log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
+        # a few inputs a step: one step is one forward of at most max_rows rows
+        chunk = max(1, cfg.max_rows // rows_of(cfg.n_samples, self.sigma))
+        def forward(chunk: list[str]) -> torch.Tensor:  # (k, N, C)
+            return self.classifier.sample_probs(chunk, cfg.n_samples, sigma=self.sigma,
+                                                noise=self.noise(cfg.seed, cfg.n_samples), max_rows=cfg.max_rows,
+                                                prefix=self.prompt_prefix or None)
+
+        def done(calibration: Calibration) -> None:
+            self.calibration = calibration
+
+        run = CalibrationRun(CalibrationData(prompts, targets, source), forward, done, key, cache_dir, chunk)
+        if background:
+            self.calibration_run = run
+            log.info("calibration on %d labelled inputs (%s) runs in the background", len(prompts), source)
+        else:
+            run.run()
         return self
 
     @staticmethod
@@ -410,9 +424,12 @@ class TFBEngine:
         return self.response(probs, return_samples, alpha, max_risk)
 
     def check_conformal(self, alpha: float | None, max_risk: float | None) -> None:
-        """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
+        """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration
+        data, :class:`CalibrationPendingError` (a 503) while the calibration is still running."""
         if (alpha is not None or max_risk is not None) and self.calibration is None:
             asked = "alpha" if alpha is not None else "max_risk"
+            if self.calibration_run is not None:
+                raise self.calibration_run.pending_error(asked)
             raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
@@ -471,15 +488,23 @@ class TFBEngine:
             "n_samples": self.cfg.n_samples,
             "seed": self.cfg.seed, "lora_modules": len(self.classifier.posterior.modules),
             "search": self.search_result.to_dict() if self.search_result else None,
-            "calibration": ({"n": self.calibration.n, "source": self.calibration.source,
-                             "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
-                             "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
-                             "exact binomial p-values",
-                             "mean_predictive_entropy": self.calibration.mean_predictive_entropy,
-                             "mean_mutual_information": self.calibration.mean_mutual_information}
-                            if self.calibration else {"n": 0, "detail": NO_CALIBRATION}),
+            "calibration": self.calibration_info(),
             "version": __version__,
         }
+
+
+    def calibration_info(self) -> dict[str, Any]:
+        """/info's calibration: where it came from and what it certifies; or its progress; or why there is none."""
+        if self.calibration is None:
+            if self.calibration_run is not None:
+                return self.calibration_run.info()
+            return {"state": "off", "n": 0, "detail": NO_CALIBRATION}
+        cal = self.calibration
+        return {"state": "ready", "n": cal.n, "source": cal.source, "score": self.cfg.conformal_score,
+                "mondrian": self.cfg.conformal_mondrian, "risk_delta": self.cfg.risk_delta,
+                "abstention": "Learn-then-Test on confidence, exact binomial p-values",
+                "mean_predictive_entropy": cal.mean_predictive_entropy,
+                "mean_mutual_information": cal.mean_mutual_information}
 
 
 def check_names(names: Sequence[str]) -> None:
@@ -521,12 +546,13 @@ class AdapterPool:
         self.default = engines[0]
 
     @classmethod
-    def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True) -> AdapterPool:
+    def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
+             background_calibration: bool = False) -> AdapterPool:
         try:
             check_names([n for n, _ in named])  # before loading anything
         except ValueError as exc:
             raise LoadError(str(exc)) from None
-        return cls(TFBEngine.load_many(named, progress))
+        return cls(TFBEngine.load_many(named, progress, background_calibration))
 
     @property
     def names(self) -> list[str]:
