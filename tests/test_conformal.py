@@ -142,29 +142,72 @@ def test_binom_cdf_matches_scipy() -> None:
         assert binom_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
 
 
-def test_ltt_threshold_matches_scipy_fixed_sequence() -> None:
+def scipy_fallback(conf: torch.Tensor, wrong: torch.Tensor, grid: tuple[float, ...], max_risk: float,
+                   delta: float, points=(0.999, 0.99, 0.95, 0.8)) -> float | None:
+    """The lowest threshold the fallback procedure certifies, written from its definition with scipy:
+    delta / 4 at the grid point nearest each of ``points``; a rejected null passes its level to the
+    next grid point down; a null not rejected passes nothing."""
+    own = {min(range(len(grid)), key=lambda j: abs(grid[j] - c)) for c in points}
+    assert len(own) == len(points)
+    lowest, carried = None, 0.0
+    for j, lam in enumerate(grid):
+        level = (delta / len(points) if j in own else 0.0) + carried
+        ans = conf >= lam
+        n_a, k = int(ans.sum()), int((wrong & ans).sum())
+        if level > 0 and n_a > 0 and stats.binom.cdf(k, n_a, max_risk) <= level:
+            lowest, carried = lam, level
+        else:
+            carried = 0.0
+    return lowest
+
+
+def test_ltt_threshold_matches_scipy_fallback() -> None:
     gen = torch.Generator().manual_seed(6)
-    probs, labels = synthetic(2000, 2, gen)
+    for n_classes, n in [(2, 2000), (2, 300), (4, 600)]:
+        probs, labels = synthetic(n, n_classes, gen)
+        cal = Calibration.fit(probs, labels)
+        conf, pred = probs.max(1)
+        wrong = pred != labels
+        for max_risk, delta in [(0.05, 0.1), (0.1, 0.1), (0.02, 0.2), (0.2, 0.05)]:
+            expected = scipy_fallback(conf, wrong, cal.grid, max_risk, delta)
+            th = cal.threshold(max_risk, delta)
+            assert th.supported == (expected is not None)
+            if expected is not None:
+                assert th.threshold == expected
+                abstain, _ = cal.abstain(conf, max_risk, delta)
+                assert abstain == (conf < expected).tolist()
+
+
+def test_ltt_a_null_not_rejected_passes_nothing_on() -> None:
+    """By hand: 20 inputs at confidence 0.97 (10 wrong), 600 right at 0.945, 300 at 0.835 (150 wrong),
+    max_risk 0.1, delta 0.1. The fallback points 0.999, 0.99 and 0.95 (grid 0.94988) answer the 20
+    (50 % wrong): not rejected, so their delta / 4 each is not passed on; the grid points between
+    0.95 and 0.8 have no level of their own, though 10 errors in 620 would reject there; at 0.8
+    (920 answered, 160 wrong: 17 %) delta / 4 does not reject. Nothing is certified. A procedure that
+    passed a level on after a null it did not reject would certify 0.84."""
+    conf = torch.tensor([0.97] * 20 + [0.945] * 600 + [0.835] * 300, dtype=torch.float64)
+    wrong = torch.tensor([True] * 10 + [False] * 10 + [False] * 600 + [True] * 150 + [False] * 150)
+    probs = torch.stack([conf, 1 - conf], 1)
+    labels = wrong.long()  # class 0 predicted everywhere: wrong exactly where the label is 1
     cal = Calibration.fit(probs, labels)
-    conf, pred = probs.max(1)
-    wrong = pred != labels
-    for max_risk, delta in [(0.05, 0.1), (0.1, 0.1), (0.02, 0.2)]:
-        g = len(cal.grid)
-        starts = sorted({round(i * g / 8) for i in range(8)})
-        certified = []
-        for s in starts:
-            for j in range(s, g):
-                ans = conf >= cal.grid[j]
-                n_a, k = int(ans.sum()), int((wrong & ans).sum())
-                if n_a == 0 or stats.binom.cdf(k, n_a, max_risk) > delta / len(starts):
-                    break
-                certified.append(cal.grid[j])
-        th = cal.threshold(max_risk, delta)
-        assert th.supported == bool(certified)
-        if certified:
-            assert th.threshold == min(certified)
-            abstain, _ = cal.abstain(conf, max_risk, delta)
-            assert abstain == (conf < min(certified)).tolist()
+    assert stats.binom.cdf(10, 620, 0.1) < 1e-10  # the level-less points would reject at any level
+    th = cal.threshold(0.1, 0.1)
+    assert not th.supported and th.threshold == math.inf
+    # the same with 40 right inputs at 0.97: 0.999 and 0.99 answer none; at 0.95, 40 answered and 0
+    # wrong: 0.9^40 = 0.0148 <= delta / 4 = 0.025, rejected, and the run goes on down at 0.025 to 0.84
+    # (640 answered, 0 wrong); 0.83 answers the 300 too (150 of 940 wrong): not rejected
+    conf2 = torch.cat([torch.full((40,), 0.97, dtype=torch.float64), conf[20:]])
+    labels2 = torch.cat([torch.zeros(40, dtype=torch.long), labels[20:]])
+    th2 = Calibration.fit(torch.stack([conf2, 1 - conf2], 1), labels2).threshold(0.1, 0.1)
+    assert th2.supported and th2.threshold == pytest.approx(0.84)
+    # and 1000 more at 0.805, 20 of them wrong: at 0.8 (1940 answered, 170 wrong) the p-value lies
+    # between delta / 4 and delta / 2, so 0.8 is rejected only if the level of the run that ended at
+    # 0.83 were still carried: it is not, and 0.84 stays the lowest certified threshold
+    conf3 = torch.cat([conf2, torch.full((1000,), 0.805, dtype=torch.float64)])
+    labels3 = torch.cat([labels2, torch.ones(20, dtype=torch.long), torch.zeros(980, dtype=torch.long)])
+    assert 0.025 < stats.binom.cdf(170, 1940, 0.1) <= 0.05
+    th3 = Calibration.fit(torch.stack([conf3, 1 - conf3], 1), labels3).threshold(0.1, 0.1)
+    assert th3.supported and th3.threshold == pytest.approx(0.84)
 
 
 def test_ltt_controls_selective_risk_over_splits() -> None:
@@ -181,6 +224,22 @@ def test_ltt_controls_selective_risk_over_splits() -> None:
         ans = conf[test_i] >= th.threshold
         fails += float(wrong[test_i][ans].double().mean()) > max_risk
     assert fails <= delta * splits  # expected <= 4; the bound is loose so usually 0
+
+
+def test_ltt_family_wise_error_is_at_most_delta_where_every_null_is_true() -> None:
+    """Errors independent of confidence at rate 0.105: the selective risk is 0.105 > max_risk 0.1 at
+    every threshold, so certifying any threshold is an error. Over 400 calibration draws of 1000 the
+    share that certifies one must be <= delta (0.1) up to sampling noise: 3 standard errors of a
+    proportion at 0.1 over 400 draws is 0.045. Spending delta at each fallback point instead of
+    delta / 4, or passing a level on after a null that was not rejected, certifies far more often."""
+    gen = torch.Generator().manual_seed(11)
+    certified, draws = 0, 400
+    for _ in range(draws):
+        conf = 0.5 + 0.5 * torch.rand(1000, generator=gen, dtype=torch.float64)
+        wrong = torch.rand(1000, generator=gen) < 0.105
+        probs = torch.stack([conf, 1 - conf], 1)
+        certified += Calibration.fit(probs, wrong.long()).threshold(0.1, 0.1).supported
+    assert certified / draws <= 0.1 + 0.045
 
 
 def test_unreachable_risk_abstains_on_everything() -> None:
