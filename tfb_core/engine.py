@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
 DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
-#: 100 labelled SST-2 sentences neither the adapter nor the sigma search saw (a seeded draw from the
-#: adapter's held-out test part): the demo's calibration set for prediction sets and abstention
+#: the 272 labelled SST-2 sentences neither the adapter nor the sigma search saw (its held-out test
+#: part, scripts/demo_calibration.py): the demo's calibration set for prediction sets and abstention
 DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
 NO_CALIBRATION = ("no labelled calibration data: set TFB_CALIBRATION (or TFB_CALIBRATION_SPLIT, to hold out part "
                   "of a labelled anchor)")
