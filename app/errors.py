@@ -116,7 +116,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return 404, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
         return 503, str(exc), {"Retry-After": "5"}
-    return 500, "internal error (see the server log)", None
+    # the connection's state after an unexpected error is unknown: close it, so that a client reusing
+    # it opens a new one instead of waiting on this one
+    return 500, "internal error (see the server log)", {"Connection": "close"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

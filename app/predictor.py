@@ -132,7 +132,6 @@ class Predictor:
         prompts = engine.format_inputs(req.inputs)
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
-        out_labels = labels or tuple(engine.task.labels)
         alpha, max_risk = req.alpha, req.max_risk
         engine.check_conformal(alpha, max_risk)
         if labels is not None and (alpha is not None or max_risk is not None):
@@ -140,11 +139,7 @@ class Predictor:
                             f"got labels {list(labels)}")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk)
-            if labels is not None:
-                out["labels"] = list(out_labels)
-                for p in out["predictions"]:
-                    p["label"] = out_labels[p["index"]]
+            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels)
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out

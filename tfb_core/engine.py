@@ -416,13 +416,19 @@ class TFBEngine:
             raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
-                 max_risk: float | None = None) -> dict[str, Any]:
+                 max_risk: float | None = None, labels: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``;
         with ``alpha`` each prediction gets its conformal ``prediction_set``, with ``max_risk`` its
-        ``abstain`` flag (post-processing with the calibration: no other forward)."""
+        ``abstain`` flag (post-processing with the calibration: no other forward). ``labels``: the
+        request's own label set the C classes are (None: the task's)."""
         u = summarize(sample_probs)
-        labels = list(self.task.labels)
+        labels = list(self.task.labels if labels is None else labels)
+        if len(labels) != sample_probs.shape[-1]:
+            raise ValueError(f"{sample_probs.shape[-1]} class probabilities for {len(labels)} labels {labels}")
         self.check_conformal(alpha, max_risk)
+        if (alpha is not None or max_risk is not None) and labels != list(self.task.labels):
+            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
+                            f"got labels {labels}")
         extra: dict[str, Any] = {}
         sets = abstain = None
         if alpha is not None and self.calibration is not None:

@@ -1,0 +1,90 @@
+"""Hostile clients, round two (issue 20): a request's own label set larger than the adapter's, a 500
+on a keep-alive connection, broken adapter files, /classify's validation, bundled defaults of an
+adapter folder named by path, and requests on open connections during the drain.
+
+Loopback only; nothing asserts a duration (timeouts only bound a hang).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+from test_app_hostile import _read_all, live_server
+from test_app_support import PROMPTS, make_settings, ready_client
+
+#: six labels, each one token of the tiny tokenizer, on an adapter configured with two
+SIX = ["a", "b", "c", "d", "e", "f"]
+
+
+@pytest.fixture(scope="module")
+def client(tiny):
+    with ready_client(make_settings(tiny)) as c:
+        yield c
+
+
+def _http(method: str, path: str, body: dict | None = None, close: bool = False) -> bytes:
+    data = b"" if body is None else json.dumps(body).encode()
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n")
+    return head.encode() + data
+
+
+# --- a request's labels outnumber the adapter's ---------------------------------------------------------
+@pytest.mark.parametrize("path", ["/predict", "/classify"])
+def test_more_request_labels_than_configured_are_answered(client, path):
+    key = "inputs" if path == "/predict" else "input"
+    r = client.post(path, json={key: PROMPTS[:2], "labels": SIX, "n_samples": 3})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["labels"] == SIX
+    items = out["predictions"] if path == "/predict" else out["data"]
+    for p in items:
+        assert len(p["probs"]) == 6 and p["label"] == SIX[max(range(6), key=lambda i: p["probs"][i])]
+
+
+@pytest.mark.parametrize("path", ["/predict", "/classify"])
+def test_a_class_past_the_configured_labels_wins(client, monkeypatch, path):
+    """The winning class is the request's sixth label: the response is built with the request's
+    label set, not the adapter's two (an IndexError, a 500, before)."""
+    served = client.app.state.tfb.worker.engine
+    real = served.run_batch
+
+    def last_class_wins(requests, *args, **kwargs):  # (B, N, C) per request: all mass on class C - 1
+        out = real(requests, *args, **kwargs)
+        return [torch.nn.functional.one_hot(torch.full(t.shape[:2], t.shape[-1] - 1), t.shape[-1]).float()
+                if isinstance(t, torch.Tensor) else t for t in out]
+
+    monkeypatch.setattr(served, "run_batch", last_class_wins)
+    key = "inputs" if path == "/predict" else "input"
+    r = client.post(path, json={key: PROMPTS[:2], "labels": SIX, "n_samples": 3})
+    assert r.status_code == 200, r.text
+    items = r.json()["predictions"] if path == "/predict" else r.json()["data"]
+    assert [p["label"] for p in items] == ["f", "f"] and all(p["probs"][5] == 1.0 for p in items)
+
+
+# --- a 500 closes its keep-alive connection --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live(tiny):
+    with live_server(make_settings(tiny, warmup=False, keep_alive_s=30)) as (server, port):
+        yield server, port
+
+
+@pytest.mark.parametrize("path,key", [("/predict", "inputs"), ("/classify", "input")])
+def test_500_closes_the_keep_alive_connection(live, monkeypatch, path, key):
+    """An unexpected error is a 500 with ``Connection: close`` and the server closes the connection
+    (a client reusing it is not left waiting for an answer that never comes)."""
+    server, port = live
+    engine = server.config.app.state.tfb.predictor.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forced")
+
+    monkeypatch.setattr(engine, "response", broken)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(_http("POST", path, {key: PROMPTS[:1]}))
+        reply = _read_all(s)  # ends when the server closes (the keep-alive timeout is 30 s: the socket's 20 s first)
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 500") and b"connection: close" in head, reply
