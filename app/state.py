@@ -72,7 +72,9 @@ class AppState:
     def _failed(self, exc: BaseException) -> None:
         self.status = "failed"
         self.error = f"start-up failed: {exc}"
-        log.critical("%s", self.error, exc_info=not isinstance(exc, (ValueError, RuntimeError)))
+        # called on the loop, outside the worker's except block: the traceback is the exception's own
+        # (exc_info=True here would log "NoneType: None")
+        log.critical("%s", self.error, exc_info=None if isinstance(exc, (ValueError, RuntimeError)) else exc)
         if self.settings.exit_on_startup_failure:
             for handler in logging.getLogger().handlers + log.handlers:
                 handler.flush()

@@ -8,6 +8,7 @@ Loopback only; nothing asserts a duration (timeouts only bound a hang).
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import pytest
@@ -88,3 +89,47 @@ def test_500_closes_the_keep_alive_connection(live, monkeypatch, path, key):
         reply = _read_all(s)  # ends when the server closes (the keep-alive timeout is 30 s: the socket's 20 s first)
     head = reply.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 500") and b"connection: close" in head, reply
+
+
+# --- start-up errors name the adapter and the file ----------------------------------------------------------
+def _failed_readyz(settings) -> str:
+    from fastapi.testclient import TestClient
+    from test_app_hostile import _wait
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as c:
+        _wait(lambda: c.get("/readyz").json()["status"] != "loading", "the load to end")
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "failed", r.text
+    return r.json()["detail"]
+
+
+def test_truncated_adapter_weights_name_the_adapter_and_file(tiny, tmp_path, caplog):
+    broken = tmp_path / "broken-adapter"
+    shutil.copytree(tiny["adapter"], broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut inside the header
+    caplog.set_level("INFO")
+    detail = _failed_readyz(make_settings(tiny, adapter=str(broken), warmup=False))
+    assert str(broken) in detail and str(weights) in detail and "truncated or corrupt" in detail, detail
+    assert "NoneType: None" not in caplog.text
+
+
+def test_unexpected_startup_error_logs_its_own_traceback(tiny, monkeypatch, caplog):
+    """A start-up failure that is not a LoadError is logged with its traceback, not ``NoneType: None``
+    (the log call runs on the event loop, outside the worker's except block)."""
+    from tfb_core.engine import TFBEngine
+
+    class Surprise(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Surprise("a bug in loading")
+
+    monkeypatch.setattr(TFBEngine, "load", load)
+    caplog.set_level("INFO")
+    assert "a bug in loading" in _failed_readyz(make_settings(tiny, warmup=False))
+    failed = [r for r in caplog.records if "start-up failed" in r.getMessage()]
+    assert failed and failed[0].exc_info is not None and failed[0].exc_info[0] is Surprise, caplog.text
+    assert "NoneType: None" not in caplog.text
