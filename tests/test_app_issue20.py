@@ -133,3 +133,40 @@ def test_unexpected_startup_error_logs_its_own_traceback(tiny, monkeypatch, capl
     failed = [r for r in caplog.records if "start-up failed" in r.getMessage()]
     assert failed and failed[0].exc_info is not None and failed[0].exc_info[0] is Surprise, caplog.text
     assert "NoneType: None" not in caplog.text
+
+
+# --- calibration: the file's name, and what an unsupported alpha means --------------------------------------
+def test_missing_calibration_file_is_named_as_one(tiny, tmp_path):
+    missing = tmp_path / "no-such-calibration.jsonl"
+    detail = _failed_readyz(make_settings(tiny, warmup=False, calibration=str(missing)))
+    assert f"calibration file {str(missing)!r}: no such file" in detail and "anchor" not in detail, detail
+
+
+@pytest.fixture(scope="module")
+def skewed_cal(tmp_path_factory):
+    """18 negative and 2 positive labelled records: with Mondrian at alpha 0.1, only 'positive'
+    (n_y = 2 < 1/alpha - 1) is unsupported."""
+    path = tmp_path_factory.mktemp("cal20") / "cal.jsonl"
+    words = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin", "warm", "flat"]
+    rows = [{"prompt": f"a {w} film, {v} cast", "label": "negative"} for w in words for v in ("good", "bad")]
+    rows[0]["label"] = rows[1]["label"] = "positive"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_unsupported_alpha_detail_names_what_it_means(tiny, skewed_cal):
+    from tfb_core.engine import TFBEngine
+
+    plain = TFBEngine.load(make_settings(tiny, calibration=str(skewed_cal)).engine_config(), progress=False)
+    out = plain.predict(PROMPTS[:2], alpha=0.01)  # 20 inputs: 1/21 > 0.01
+    detail = out["conformal"]["detail"]
+    assert "Mondrian" not in detail and "every label" in detail, detail
+    assert all(p["prediction_set"] == ["negative", "positive"] for p in out["predictions"])
+
+    mondrian = TFBEngine.load(make_settings(tiny, calibration=str(skewed_cal), conformal_mondrian=True
+                                            ).engine_config(), progress=False)
+    out = mondrian.predict(PROMPTS, alpha=0.1)
+    detail = out["conformal"]["detail"]
+    assert not out["conformal"]["supported"] and "['positive']" in detail and "every label" not in detail, detail
+    assert "'negative'" not in detail
+    assert all("positive" in p["prediction_set"] for p in out["predictions"])  # forced into every set

@@ -278,7 +278,7 @@ class TFBEngine:
         """(prompts, labels, source) of ``cfg.calibration``; every record must carry a label."""
         if not cfg.calibration:
             return None
-        prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration), cfg.calibration)
+        prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration, what="calibration file"), cfg.calibration)
         if targets is None:
             raise LoadError(f"calibration file {cfg.calibration!r}: every record needs a label")
         try:
@@ -437,8 +437,7 @@ class TFBEngine:
             extra["conformal"] = {"alpha": alpha, "score": self.cfg.conformal_score,
                                   "mondrian": self.cfg.conformal_mondrian, "supported": res.supported}
             if not res.supported:
-                extra["conformal"]["detail"] = (f"alpha {alpha} is below 1/(n+1) for {self.calibration.n} calibration "
-                                                "inputs (per class, Mondrian): the sets hold every label")
+                extra["conformal"]["detail"] = self._unsupported_detail(alpha, labels)
         if max_risk is not None and self.calibration is not None:
             abstain, th = self.calibration.abstain(u.confidence, max_risk, self.cfg.risk_delta)
             extra["abstention"] = {"max_risk": max_risk, "delta": self.cfg.risk_delta,
@@ -466,6 +465,17 @@ class TFBEngine:
             preds.append(item)
         return {"labels": labels, "sigma": self.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds,
                 **extra}
+
+    def _unsupported_detail(self, alpha: float, labels: Sequence[str]) -> str:
+        """Why some (or all) prediction sets hold labels regardless of the input, and which."""
+        cal, score, mondrian = self.calibration, self.cfg.conformal_score, self.cfg.conformal_mondrian
+        assert cal is not None
+        if not mondrian:
+            return (f"alpha {alpha} is below 1/(n+1) for {cal.n} calibration inputs: the sets hold every label")
+        classes = cal.unsupported_classes(alpha, score, mondrian)
+        counts = {labels[y]: len(cal.class_scores[score][y]) for y in classes}
+        return (f"alpha {alpha} is below 1/(n_y+1) for the calibration inputs of classes {list(counts)} "
+                f"(Mondrian, per class: n_y = {counts}): every set holds those labels")
 
     def info(self) -> dict[str, Any]:
         m = self.cfg.model
