@@ -342,8 +342,9 @@ async def classify_v1(body: ClassifyRequest, request: Request, predictor: Predic
 async def models(predictor: PredictorDep) -> dict[str, Any]:
     """The served adapters, as vLLM lists its LoRA adapters (``parent``: the base model); the first
     is the default. The base model's id is accepted as ``model`` too, meaning the default adapter."""
-    cfg = predictor.engine.cfg
+    created = int(time.time())
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tfb-serve",
-         "root": cfg.model.adapter, "parent": cfg.model.model, "max_model_len": predictor.settings.max_length,
-         "permission": []} for name in predictor.adapter_names]}
+        {"id": name, "object": "model", "created": created, "owned_by": "tfb-serve",
+         "root": model.adapter, "parent": model.model, "max_model_len": predictor.settings.max_length,
+         "permission": []}
+        for name in predictor.adapter_names for model in (predictor.resolve(name).cfg.model,)]}
