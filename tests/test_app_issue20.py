@@ -170,3 +170,47 @@ def test_unsupported_alpha_detail_names_what_it_means(tiny, skewed_cal):
     assert not out["conformal"]["supported"] and "['positive']" in detail and "every label" not in detail, detail
     assert "'negative'" not in detail
     assert all("positive" in p["prediction_set"] for p in out["predictions"])  # forced into every set
+
+
+# --- one validation for /predict and /classify --------------------------------------------------------------
+WRONG_TYPES = [("n_samples", True), ("n_samples", "5"), ("n_samples", 2.0), ("seed", "1"), ("alpha", "0.1"),
+               ("max_risk", "0.1"), ("return_samples", "yes"), ("labels", ["yes", 1])]
+
+
+@pytest.mark.parametrize("field,value", WRONG_TYPES, ids=[f"{f}={v!r}" for f, v in WRONG_TYPES])
+def test_classify_refuses_what_predict_refuses(client, field, value):
+    p = client.post("/predict", json={"inputs": ["fine"], field: value})
+    assert p.status_code == 422, p.text
+    r = client.post("/classify", json={"input": "fine", field: value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"] and err["type"] == "BadRequestError", err
+
+
+@pytest.mark.parametrize("field", ["alpha", "max_risk"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_alpha_is_named_as_such(client, field, value):
+    body = f'"{field}": {value}'
+    p = client.post("/predict", content=f'{{"inputs": ["fine"], {body}}}', headers={"content-type": "application/json"})
+    r = client.post("/classify", content=f'{{"input": "fine", {body}}}', headers={"content-type": "application/json"})
+    assert p.status_code == 422 and "must be a finite number in (0, 1)" in p.text, p.text
+    assert r.status_code == 400 and "must be a finite number in (0, 1)" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_400s_have_one_type_and_task_errors_name_input(tiny):
+    with ready_client(make_settings(tiny, labels=None, task="sst2", max_length=200)) as c:
+        task = c.post("/classify", json={"input": [{"text": "x"}]})  # sst2 needs a sentence
+        parse = c.post("/classify", content=b'{"input": ', headers={"content-type": "application/json"})
+        schema = c.post("/classify", json={"input": "x", "n_samples": 0})
+        limit = c.post("/classify", json={"input": "x", "n_samples": 999})
+    errors = [r.json()["error"] for r in (task, parse, schema, limit)]
+    assert all(r.status_code == 400 for r in (task, parse, schema, limit))
+    assert {e["type"] for e in errors} == {"BadRequestError"}, errors
+    assert errors[0]["param"] == "input" and "sentence" in errors[0]["message"]
+    assert errors[2]["param"] == errors[3]["param"] == "n_samples"
+
+
+def test_classify_empty_list_is_the_validators_400(client):
+    r = client.post("/classify", json={"input": []})
+    assert r.status_code == 400 and "at least one" in r.json()["error"]["message"] and r.json()["error"]["param"] == "input"

@@ -395,7 +395,7 @@ class TFBEngine:
             try:
                 prompts.append(self.task.format(x))
             except TaskError as exc:
-                raise TaskError(f"input {i}: {exc}") from exc
+                raise TaskError(f"input {i}: {exc}", param="inputs") from exc
         return prompts
 
     def predict(self, inputs: Sequence[str | Record], n_samples: int | None = None, seed: int | None = None,
@@ -413,7 +413,7 @@ class TFBEngine:
         """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
         if (alpha is not None or max_risk is not None) and self.calibration is None:
             asked = "alpha" if alpha is not None else "max_risk"
-            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
+            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})", param=asked)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
                  max_risk: float | None = None, labels: Sequence[str] | None = None) -> dict[str, Any]:
@@ -428,7 +428,7 @@ class TFBEngine:
         self.check_conformal(alpha, max_risk)
         if (alpha is not None or max_risk is not None) and labels != list(self.task.labels):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
-                            f"got labels {labels}")
+                            f"got labels {labels}", param="labels")
         extra: dict[str, Any] = {}
         sets = abstain = None
         if alpha is not None and self.calibration is not None:
