@@ -214,3 +214,50 @@ def test_400s_have_one_type_and_task_errors_name_input(tiny):
 def test_classify_empty_list_is_the_validators_400(client):
     r = client.post("/classify", json={"input": []})
     assert r.status_code == 400 and "at least one" in r.json()["error"]["message"] and r.json()["error"]["param"] == "input"
+
+
+# --- an adapter folder's own anchor and calibration follow it, and the calibration cache is by content -----
+def _folder_with_sets(tiny, where) -> str:
+    """A copy of the tiny adapter with an anchor.jsonl and a calibration.jsonl beside its weights."""
+    folder = shutil.copytree(tiny["adapter"], where)
+    words = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin"]
+    rows = [{"prompt": f"a {w} film", "label": ["negative", "positive"][i % 2]} for i, w in enumerate(words)]
+    (folder / "anchor.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]))
+    (folder / "calibration.jsonl").write_text("\n".join(json.dumps(r) for r in rows[4:]))
+    return str(folder)
+
+
+def test_adapter_folder_named_by_path_brings_its_anchor_and_calibration(tiny, tmp_path, monkeypatch):
+    from tfb_core import engine as engine_module
+    from tfb_core.engine import EngineConfig
+
+    folder = _folder_with_sets(tiny, tmp_path / "mine")
+    s = make_settings(tiny, adapter=None, sigma=None, cache_dir=str(tmp_path / "cache"),
+                      adapters=json.dumps([{"name": "mine", "adapter": folder}]))
+    cfg = s.engine_configs()[0][1].with_defaults()
+    assert cfg.anchor == f"{folder}/anchor.jsonl" and cfg.calibration == f"{folder}/calibration.jsonl"
+    # the demo adapter's folder, named by its path: also its task
+    monkeypatch.setattr(engine_module, "DEMO_ADAPTER", tmp_path / "mine")
+    demo = EngineConfig(model=cfg.model).with_defaults()
+    assert demo.task == "sst2" and demo.anchor == cfg.anchor and demo.calibration == cfg.calibration
+    # what is given explicitly wins
+    given = EngineConfig(model=cfg.model, sigma=0.1, calibration_split=0.5, labels=("a", "b")).with_defaults()
+    assert given.anchor is None and given.calibration is None and given.task is None
+
+
+def test_same_calibration_under_another_path_reuses_the_cache(tiny, tmp_path, caplog):
+    from tfb_core.engine import TFBEngine
+
+    cache_dir = str(tmp_path / "cache")
+    caplog.set_level("INFO", logger="tfb_core.engine")
+    first = TFBEngine.load(make_settings(tiny, adapter=_folder_with_sets(tiny, tmp_path / "a"), sigma=0.05,
+                                         cache_dir=cache_dir).engine_config(), progress=False)
+    computed = [r for r in caplog.records if r.getMessage().startswith("calibration on")]
+    assert first.calibration is not None and len(computed) == 1
+    caplog.clear()
+    moved = _folder_with_sets(tiny, tmp_path / "b")
+    second = TFBEngine.load(make_settings(tiny, adapter=moved, sigma=0.05, cache_dir=cache_dir).engine_config(),
+                            progress=False)
+    assert not [r for r in caplog.records if r.getMessage().startswith("calibration on")]  # no second forward
+    assert second.calibration is not None and second.calibration.scores == first.calibration.scores
+    assert second.info()["calibration"]["source"] == f"file {moved}/calibration.jsonl"  # shown: where it was read

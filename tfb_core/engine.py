@@ -10,7 +10,7 @@ import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
-DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
+#: what an adapter folder may carry beside its weights: its anchor set and its calibration set
+ANCHOR_FILE = "anchor.jsonl"
+CALIBRATION_FILE = "calibration.jsonl"
+DEMO_ANCHOR = DEMO_ADAPTER / ANCHOR_FILE
 #: 100 labelled SST-2 sentences neither the adapter nor the sigma search saw (a seeded draw from the
 #: adapter's held-out test part): the demo's calibration set for prediction sets and abstention
-DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
+DEMO_CALIBRATION = DEMO_ADAPTER / CALIBRATION_FILE
 NO_CALIBRATION = ("no labelled calibration data: set TFB_CALIBRATION (or TFB_CALIBRATION_SPLIT, to hold out part "
                   "of a labelled anchor)")
 
@@ -102,7 +105,12 @@ class EngineConfig:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
 
     def with_defaults(self) -> EngineConfig:
-        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
+        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor.
+
+        An adapter folder may carry its own ``anchor.jsonl`` and ``calibration.jsonl`` beside its
+        weights: they are the defaults of its anchor (when sigma is not fixed) and calibration,
+        wherever the folder is named from (the demo adapter's, by the default or by its path, also
+        set the task, sst2)."""
         changes: dict[str, Any] = {}
         model = self.model
         if self.published is not None:
@@ -114,13 +122,23 @@ class EngineConfig:
         if model.adapter is None and model.model == DEFAULT_MODEL:
             model = ModelConfig(**{**asdict(model), "adapter": str(DEMO_ADAPTER)})
             changes["model"] = model
-            if self.task is None and self.labels is None:
+        folder = local_adapter_folder(model)
+        if folder is not None:
+            if folder.resolve() == DEMO_ADAPTER.resolve() and self.task is None and self.labels is None:
                 changes["task"] = "sst2"
-            if self.anchor is None and self.sigma is None:
-                changes["anchor"] = str(DEMO_ANCHOR)
-            if self.calibration is None and self.calibration_split == 0.0:
-                changes["calibration"] = str(DEMO_CALIBRATION)
+            if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
+                changes["anchor"] = str(folder / ANCHOR_FILE)
+            if self.calibration is None and self.calibration_split == 0.0 and (folder / CALIBRATION_FILE).is_file():
+                changes["calibration"] = str(folder / CALIBRATION_FILE)
         return EngineConfig(**{**self.__dict__, **changes}) if changes else self
+
+
+def local_adapter_folder(model: ModelConfig) -> Path | None:
+    """The local folder of ``model``'s adapter (its subfolder), or None (a hub id, none)."""
+    if not model.adapter:
+        return None
+    folder = Path(model.adapter).expanduser() / (model.adapter_subfolder or "")
+    return folder if folder.is_dir() else None
 
 
 def read_jsonl(path: str | Path, what: str = "anchor file") -> list[Record]:
@@ -295,14 +313,16 @@ class TFBEngine:
             return self
         prompts, targets, source = cal
         cfg = self.cfg
+        # the data are identified by their content, not by where they were read from (``source``, shown
+        # in /info, is not in the key): the same records under another path reuse the calibration
         key = {"sigma_key": sigma_key or self.cache_key(cfg, self.classifier, self.task, [], None),
-               "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed, "source": source,
+               "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed,
                "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())])}
         cache_dir = default_cache_dir(cfg.model.cache_dir)
         data = cache.load_json(cache_dir, key, "calibration")
         if data is not None:
             try:
-                self.calibration = Calibration.from_dict(data)
+                self.calibration = replace(Calibration.from_dict(data), source=source)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("calibration cache unreadable (%s); recomputing", exc)
         if self.calibration is None:
