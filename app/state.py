@@ -95,6 +95,7 @@ class AppState:
         now answer whatever is still running 503 with Retry-After. Idempotent; on the event loop."""
         if self.status == "ready":
             self.status = "draining"
+        self.expiry.draining = True
         self.metrics.ready.set(0)
         if self.worker.begin_drain(self.settings.drain_timeout_s):
             asyncio.get_running_loop().call_later(self.settings.drain_timeout_s, self.expiry.set)

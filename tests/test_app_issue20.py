@@ -261,3 +261,48 @@ def test_same_calibration_under_another_path_reuses_the_cache(tiny, tmp_path, ca
     assert not [r for r in caplog.records if r.getMessage().startswith("calibration on")]  # no second forward
     assert second.calibration is not None and second.calibration.scores == first.calibration.scores
     assert second.info()["calibration"]["source"] == f"file {moved}/calibration.jsonl"  # shown: where it was read
+
+
+# --- a request on an open keep-alive connection during the drain ---------------------------------------------
+def _read_response(s: socket.socket) -> bytes:
+    """One whole response (headers and a Content-Length body) from a connection left open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a whole response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed within the body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_request_on_open_connection_during_drain_is_503(tiny):
+    """SIGTERM with a client's keep-alive connection open: its next request is answered 503 with
+    Retry-After and Connection: close (uvicorn closed idle connections at the signal: the request
+    found the connection closed), and the server then stops."""
+    import signal
+
+    from test_app_hostile import _wait
+
+    settings = make_settings(tiny, warmup=False, drain_timeout_s=5.0, keep_alive_s=30)
+    with live_server(settings) as (server, port):
+        state = server.config.app.state.tfb
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(_http("POST", "/predict", {"inputs": PROMPTS[:1]}))
+            assert _read_response(s).startswith(b"HTTP/1.1 200")  # the connection stays open (keep-alive)
+            server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
+            _wait(lambda: state.status == "draining", "the drain to begin")
+            try:
+                s.sendall(_http("POST", "/predict", {"inputs": PROMPTS[:1]}))
+                reply = _read_all(s)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                reply = repr(exc).encode()
+        server.thread.join(30)
+        assert not server.thread.is_alive()
+    head = reply.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 503"), reply
+    assert b"retry-after:" in head and b"connection: close" in head and b"shutting down" in reply, reply
