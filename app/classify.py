@@ -18,7 +18,8 @@ What vLLM defines (vllm-project/vllm; file @ commit of the version read):
 - errors: ``ErrorResponse`` = ``{"error": {"message", "type", "param", "code"}}`` (engine/protocol.py
   @ d7e52523; older releases, in vllm/entrypoints/openai/protocol.py, sent a flat ``{"object": "error",
   "message", ...}``: the OpenAI client reads both). A request that fails
-  validation is 400 with type "Bad Request" (``vllm/entrypoints/openai/api_server.py`` @ 048027fb);
+  validation is 400 (``vllm/entrypoints/openai/api_server.py`` @ 048027fb), type "BadRequestError"
+  here for every 400 (vLLM's name of the status in its serving code; older handlers wrote "Bad Request");
   an unknown model 404 NotFoundError "The model `x` does not exist.", param "model"; a missing or
   empty model is the default (``vllm/entrypoints/openai/engine/serving.py`` @ 619e4b31).
 
@@ -50,7 +51,7 @@ from app.errors import ServingError, openai_error_response, status_of
 from app.middleware import server_timing
 from app.predictor import Predictor
 from app.routes import PredictorDep
-from app.schemas import PredictRequest
+from app.schemas import PredictOptions, PredictRequest
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ OPENAI_PATHS = frozenset({"/classify", "/v1/classify", "/v1/models"})
 
 
 # --- request and response (vLLM's fields, then ours) -----------------------------------------------
-class ClassifyRequest(BaseModel):
-    """vLLM's classification request; unknown fields are ignored, as vLLM does."""
+class ClassifyRequest(PredictOptions):
+    """vLLM's classification request; unknown fields are ignored, as vLLM does. Our extensions
+    (labels, n_samples, seed, return_samples, alpha, max_risk) are /predict's own fields
+    (:class:`app.schemas.PredictOptions`), validated as strictly as there."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
         {"model": "sst2-mle", "input": ["a gripping, beautifully acted film", "it is a film"]},
@@ -78,14 +81,6 @@ class ClassifyRequest(BaseModel):
     activation: bool | None = Field(None, description="vLLM (deprecated): false is refused")
     use_activation: bool | None = Field(None, description="vLLM: false (raw logits) is refused: answers are "
                                                           "probabilities averaged over posterior samples")
-    # --- tfb extensions, as on /predict
-    labels: list[str] | None = Field(None, min_length=2, description="class labels (generic task)")
-    n_samples: int | None = Field(None, ge=1, description="posterior samples N (default: the server's)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the posterior samples")
-    return_samples: bool = Field(False, description="each item also gets its per-sample probabilities")
-    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="each item gets a conformal prediction_set")
-    max_risk: float | None = Field(None, gt=0.0, lt=1.0, description="each item gets an abstain flag")
-
     @model_validator(mode="before")
     @classmethod
     def _no_chat(cls, data: Any) -> Any:
@@ -226,8 +221,9 @@ def openai_error(request: Request, exc: Exception) -> JSONResponse:
     status, message, headers = status_of(exc)
     if status >= 500 and status != 503:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    if status == 422:
-        return openai_error_response(400, message, headers, err_type="BadRequestError")
+    if status == 422:  # param: the field in the client's terms (/classify's ``input`` is /predict's ``inputs``)
+        param = getattr(exc, "param", None)
+        return openai_error_response(400, message, headers, param="input" if param == "inputs" else param)
     return openai_error_response(status, message, headers)
 
 
@@ -309,11 +305,6 @@ async def _classify(body: ClassifyRequest, request: Request, predictor: Predicto
     if extra:  # vLLM logs them too
         log.info("/classify: ignoring unknown fields %s", extra)
     request_id = "classify-" + (request.headers.get("x-request-id") or uuid.uuid4().hex)
-    if isinstance(body.input, list) and not body.input:  # vLLM answers an empty list with no data
-        engine = predictor.resolve(model)
-        return JSONResponse(classify_response({"predictions": [], "labels": list(engine.task.labels), "sigma": engine.sigma,
-                                               "n_samples": body.n_samples or predictor.settings.n_samples},
-                                              model, request_id))
     try:
         req = predict_request(body, model)
     except ValidationError as exc:  # e.g. an empty text: named as the client sent it
@@ -342,8 +333,9 @@ async def classify_v1(body: ClassifyRequest, request: Request, predictor: Predic
 async def models(predictor: PredictorDep) -> dict[str, Any]:
     """The served adapters, as vLLM lists its LoRA adapters (``parent``: the base model); the first
     is the default. The base model's id is accepted as ``model`` too, meaning the default adapter."""
-    cfg = predictor.engine.cfg
+    created = int(time.time())
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": int(time.time()), "owned_by": "tfb-serve",
-         "root": cfg.model.adapter, "parent": cfg.model.model, "max_model_len": predictor.settings.max_length,
-         "permission": []} for name in predictor.adapter_names]}
+        {"id": name, "object": "model", "created": created, "owned_by": "tfb-serve",
+         "root": model.adapter, "parent": model.model, "max_model_len": predictor.settings.max_length,
+         "permission": []}
+        for name in predictor.adapter_names for model in (predictor.resolve(name).cfg.model,)]}

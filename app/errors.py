@@ -32,9 +32,10 @@ class ServingError(Exception):
     status_code = 500
     headers: dict[str, str] = {}
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field it is about, where known (vLLM's error ``param``)
         if headers is not None:
             self.headers = headers
 
@@ -90,8 +91,12 @@ def error_response(status_code: int, message: str, headers: dict[str, str] | Non
 def openai_error_body(status_code: int, message: str, err_type: str | None = None,
                       param: str | None = None) -> dict[str, dict[str, object]]:
     """vLLM's error body (vllm/entrypoints/openai/engine/protocol.py ``ErrorResponse``, the form current
-    vLLM sends): ``{"error": {"message", "type", "param", "code"}}``; ``type`` defaults to the status's
-    reason phrase, as vLLM's handler of FastAPI's HTTP errors writes it."""
+    vLLM sends): ``{"error": {"message", "type", "param", "code"}}``; ``type`` defaults to vLLM's
+    ``BadRequestError`` for every 400 (a validation error, a body that is not JSON, a task or limit
+    error: one type, as the OpenAI client names the status), else the status's reason phrase, as vLLM's
+    handler of FastAPI's HTTP errors writes it."""
+    if err_type is None and status_code == 400:
+        err_type = "BadRequestError"
     if err_type is None:
         try:
             err_type = HTTPStatus(status_code).phrase
@@ -121,7 +126,9 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return 404, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
         return 503, str(exc), {"Retry-After": "5"}
-    return 500, "internal error (see the server log)", None
+    # the connection's state after an unexpected error is unknown: close it, so that a client reusing
+    # it opens a new one instead of waiting on this one
+    return 500, "internal error (see the server log)", {"Connection": "close"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

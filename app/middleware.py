@@ -32,10 +32,12 @@ def server_timing(seconds: dict[str, float]) -> str:
 
 
 class Expiry:
-    """Set once, when the drain's deadline has passed; requests can wait on it (one future per loop)."""
+    """Set once, when the drain's deadline has passed; requests can wait on it (one future per loop).
+    ``draining``: the drain has begun (every response from then on closes its connection)."""
 
     def __init__(self) -> None:
         self.is_set = False
+        self.draining = False
         self._future: asyncio.Future[None] | None = None
 
     def future(self) -> asyncio.Future[None]:
@@ -118,7 +120,11 @@ class ServingMiddleware:
                 status = message["status"]
                 started = True
                 timing = server_timing({"app": time.perf_counter() - start}).encode()
-                message = {**message, "headers": [*message.get("headers", []), (b"server-timing", timing)]}
+                headers = [*message.get("headers", []), (b"server-timing", timing)]
+                if self.expiry.draining and not any(k.lower() == b"connection" for k, _ in headers):
+                    # shutting down: a keep-alive client must not send its next request here
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         # This request's task is cancelled (by callbacks, no extra tasks) when its body is late, when

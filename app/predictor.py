@@ -113,7 +113,8 @@ class Predictor:
         if requested is None or tuple(requested) == labels:
             return None
         if engine.task.formatter is not None:
-            raise TaskError(f"task {engine.task.name!r} has fixed labels {list(labels)}, got {list(requested)}")
+            raise TaskError(f"task {engine.task.name!r} has fixed labels {list(labels)}, got {list(requested)}",
+                            param="labels")
         return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
 
     def prepare(self, req: PredictRequest, count_tokens: bool = False) -> Work:
@@ -124,27 +125,22 @@ class Predictor:
         engine = self.resolve(req.adapter)
         if len(req.inputs) > s.max_inputs:
             raise LimitError(f"too many inputs: {len(req.inputs)}, the limit is {s.max_inputs} per request "
-                             "(TFB_MAX_INPUTS)")
+                             "(TFB_MAX_INPUTS)", param="inputs")
         n = s.n_samples if req.n_samples is None else req.n_samples
         if n > s.max_samples:
-            raise LimitError(f"n_samples {n} is over the limit of {s.max_samples} (TFB_MAX_SAMPLES)")
+            raise LimitError(f"n_samples {n} is over the limit of {s.max_samples} (TFB_MAX_SAMPLES)", param="n_samples")
         labels = self._labels(engine, req.labels)
         prompts = engine.format_inputs(req.inputs)
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
-        out_labels = labels or tuple(engine.task.labels)
         alpha, max_risk = req.alpha, req.max_risk
         engine.check_conformal(alpha, max_risk)
         if labels is not None and (alpha is not None or max_risk is not None):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
-                            f"got labels {list(labels)}")
+                            f"got labels {list(labels)}", param="labels")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk)
-            if labels is not None:
-                out["labels"] = list(out_labels)
-                for p in out["predictions"]:
-                    p["label"] = out_labels[p["index"]]
+            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels)
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out

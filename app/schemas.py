@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+NonEmpty = Annotated[str, Strict(), Field(min_length=1)]
 
 
-class PredictRequest(BaseModel):
+class PredictOptions(BaseModel):
+    """The per-request options of /predict and /classify: one strict definition of each field, so
+    that both routes accept and refuse the same values (no ``"5"`` for 5, no ``true`` for 1)."""
+
+    labels: list[NonEmpty] | None = Field(
+        None, min_length=2, strict=True,
+        description="class labels, each one token; a named task accepts only its own labels")
+    n_samples: int | None = Field(None, ge=1, strict=True, description="posterior samples N (default: the server's)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True,
+                             description="seed of this request's posterior samples (default: the server's)")
+    return_samples: bool = Field(False, strict=True, description="also return the per-sample probabilities")
+    alpha: float | None = Field(None, gt=0.0, lt=1.0, strict=True, description="miscoverage: each prediction "
+                                "gets a prediction_set holding the true label with probability >= 1 - alpha")
+    max_risk: float | None = Field(None, gt=0.0, lt=1.0, strict=True, description="each prediction gets abstain, "
+                                   "so that the error rate among answered inputs is <= max_risk (w.p. >= 1 - delta)")
+
+    @field_validator("alpha", "max_risk", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):  # NaN is neither above 0 nor below 1
+            raise ValueError(f"must be a finite number in (0, 1), got {value}")
+        return value
+
+
+class PredictRequest(PredictOptions):
     """Inputs to classify, with optional per-request labels, N and seed."""
 
     model_config = ConfigDict(
@@ -23,17 +48,6 @@ class PredictRequest(BaseModel):
     inputs: list[NonEmpty | dict[str, Any]] = Field(
         min_length=1,
         description="prompt strings (generic task), or objects with the configured task's fields")
-    labels: list[NonEmpty] | None = Field(
-        None, min_length=2,
-        description="class labels, each one token; a named task accepts only its own labels")
-    n_samples: int | None = Field(None, ge=1, description="posterior samples N (default: the server's)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1,
-                             description="seed of this request's posterior samples (default: the server's)")
-    return_samples: bool = Field(False, description="also return the per-sample probabilities")
-    alpha: float | None = Field(None, gt=0.0, lt=1.0, description="miscoverage: each prediction gets a "
-                                "prediction_set holding the true label with probability >= 1 - alpha")
-    max_risk: float | None = Field(None, gt=0.0, lt=1.0, description="each prediction gets abstain, so that "
-                                   "the error rate among answered inputs is <= max_risk (w.p. >= 1 - delta)")
 
 
 class Prediction(BaseModel):

@@ -14,7 +14,10 @@ What each limit does (settings, TFB_*):
 - DRAIN_TIMEOUT_S: on SIGTERM/SIGINT new connections are refused, the worker takes no new work,
   and this long after the signal whatever is still running is answered 503 with Retry-After
   (app/middleware.py); uvicorn's own grace ends a moment later, so the process exits within the
-  timeout plus about a second.
+  timeout plus about a second. An open keep-alive connection is not cut at the signal: a request
+  on it is answered 503 with Retry-After and ``Connection: close`` (every response of the drain
+  closes its connection), and an idle one closes at its keep-alive timeout (KEEP_ALIVE_S), so
+  the exit may wait for that too (never past the drain's bound).
 
 Under plain ``uvicorn --factory app.main:create_app`` these are uvicorn's flags (``--http h11
 --h11-max-incomplete-event-size``, ``--timeout-keep-alive``, ``--limit-concurrency``,
@@ -70,6 +73,15 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                # Idle between requests: uvicorn would close it now, and a request already on its way
+                # (a client's pooled connection) would find it closed. Left open, that request is
+                # answered 503 with Retry-After and Connection: close (the app is draining); the
+                # keep-alive timer (or the header timer, before a first request) closes it otherwise.
+                return
+            super().shutdown()  # a response in progress: the connection closes after it
 
         def _arm(self) -> None:
             self._disarm()

@@ -79,7 +79,9 @@ class AppState:
     def _failed(self, exc: BaseException) -> None:
         self.status = "failed"
         self.error = f"start-up failed: {exc}"
-        log.critical("%s", self.error, exc_info=not isinstance(exc, (ValueError, RuntimeError)))
+        # called on the loop, outside the worker's except block: the traceback is the exception's own
+        # (exc_info=True here would log "NoneType: None")
+        log.critical("%s", self.error, exc_info=None if isinstance(exc, (ValueError, RuntimeError)) else exc)
         if self.settings.exit_on_startup_failure:
             for handler in logging.getLogger().handlers + log.handlers:
                 handler.flush()
@@ -100,6 +102,7 @@ class AppState:
         now answer whatever is still running 503 with Retry-After. Idempotent; on the event loop."""
         if self.status == "ready":
             self.status = "draining"
+        self.expiry.draining = True
         self.metrics.ready.set(0)
         if self.worker.begin_drain(self.settings.drain_timeout_s):
             asyncio.get_running_loop().call_later(self.settings.drain_timeout_s, self.expiry.set)

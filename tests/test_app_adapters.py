@@ -146,3 +146,12 @@ def test_classify_model_names_the_adapter(client):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["qkv", "yes-no", "other"]
     missing = client.post("/classify", json={"model": "nope", "input": "x"})
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+def test_v1_models_lists_each_adapters_own_folder(client, tiny):
+    """As vLLM lists a LoRA adapter: ``root`` is that adapter's own path, ``parent`` the base model."""
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert list(cards) == ["qkv", "yes-no", "other"]
+    assert {name: m["root"] for name, m in cards.items()} == {
+        "qkv": tiny["adapter"], "yes-no": tiny["adapter_qv"], "other": tiny["adapter_other"]}
+    assert all(m["parent"] == tiny["model"] for m in cards.values())

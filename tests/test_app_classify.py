@@ -142,7 +142,9 @@ def test_list_and_string_input(client, tokenizer, path):
     assert resp.usage.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
     one = classify(client, path, model=ADAPTER, input=PROMPTS[1])
     check_vllm_response(one, 1)
-    assert one["data"][0]["probs"] == out["data"][1]["probs"]  # the default draw: the same answer alone
+    # the default draw: the same answer alone, up to the last bits (a batch of one is another matrix
+    # product than a row of a padded batch of four: its summation order is the CPU's kernel's choice)
+    assert_close(one["data"][0]["probs"], out["data"][1]["probs"])
     assert one["usage"]["prompt_tokens"] == len(tokenizer(PROMPTS[1])["input_ids"])
 
 
@@ -246,9 +248,11 @@ def test_named_task_takes_strings_and_objects(tiny):
     """sst2: a text is its one field (the sentence); an object with the task's fields works too."""
     with ready_client(make_settings(tiny, labels=None, task="sst2", max_length=200)) as c:
         out = classify(c, input=["a great film", {"sentence": "a great film"}])
-        assert out["data"][0]["probs"] == out["data"][1]["probs"]
+        # one prompt twice: within the float rounding of two rows of one forward (a row's summation
+        # order may depend on its place in the CPU kernel's tiles), and of a forward of one input
+        assert_close(out["data"][0]["probs"], out["data"][1]["probs"])
         pred = c.post("/predict", json={"inputs": [{"sentence": "a great film"}]}).json()["predictions"][0]
-        assert out["data"][0]["probs"] == pred["probs"]
+        assert_close(out["data"][0]["probs"], pred["probs"])
         check_vllm_error(c.post("/classify", json={"input": [{"text": "x"}]}), 400, "sentence")
 
 

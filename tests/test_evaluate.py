@@ -92,6 +92,23 @@ def test_summarize_splits_entropy_by_hand():
         summarize(torch.ones(2, 3))
 
 
+@pytest.mark.parametrize("n", [2, 3, 5, 7, 10])
+def test_summarize_of_one_model_is_the_row_exactly(n):
+    """N bitwise-identical rows (sigma = 0) are one model: probs are the row and MI is 0 exactly, by
+    construction (a mean of N copies of an entropy is not always the entropy, e.g. 0.1 * 3 / 3, and
+    which inputs round depends on the CPU's summation order); rows that differ are averaged."""
+    row = torch.softmax(torch.randn(64, 3, generator=torch.Generator().manual_seed(n)), -1)  # (B, C)
+    same = row[:, None].expand(64, n, 3).contiguous()  # (B, N, C)
+    u = summarize(same)
+    assert torch.equal(u.probs, row) and torch.equal(u.mutual_information, torch.zeros(64))
+    assert torch.equal(u.predictive_entropy, u.expected_entropy)
+    mixed = same.clone()
+    mixed[0, -1] = torch.tensor([1.0, 0.0, 0.0])  # one input whose samples disagree
+    u = summarize(mixed)
+    assert float(u.mutual_information[0]) > 0 and torch.equal(u.probs[1:], row[1:])
+    assert torch.allclose(u.probs[0].double(), mixed[0].double().mean(0), atol=1e-7)
+
+
 def test_fit_temperature_recovers_a_known_temperature():
     """Labels drawn from softmax(logits / T): the fitted temperature on softmax(logits) is T."""
     gen = torch.Generator().manual_seed(0)

@@ -182,6 +182,12 @@ class Calibration:
         qs = [finite_sample_quantile(s, alpha) for s in self.class_scores[score]]
         return [q for q, _ in qs], all(ok for _, ok in qs)
 
+    def unsupported_classes(self, alpha: float, score: str, mondrian: bool = False) -> list[int]:
+        """The classes whose q is inf at ``alpha`` (too few calibration inputs: alpha < 1/(n+1), per
+        class with ``mondrian``): each of them is in every prediction set."""
+        q, _ = self.quantiles(alpha, score, mondrian)
+        return [y for y, qy in enumerate(q) if math.isinf(qy)]
+
     def prediction_sets(self, probs: torch.Tensor, alpha: float, score: str = "lac",
                         mondrian: bool = False) -> SetResult:
         """Split-conformal sets of mean probabilities (B, C) at level 1 - alpha."""

@@ -10,7 +10,7 @@ import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent / "adapters" / "sst2-mle"
-DEMO_ANCHOR = DEMO_ADAPTER / "anchor.jsonl"
+#: what an adapter folder may carry beside its weights: its anchor set and its calibration set
+ANCHOR_FILE = "anchor.jsonl"
+CALIBRATION_FILE = "calibration.jsonl"
+DEMO_ANCHOR = DEMO_ADAPTER / ANCHOR_FILE
 #: the 272 labelled SST-2 sentences neither the adapter nor the sigma search saw (its held-out test
 #: part, scripts/demo_calibration.py): the demo's calibration set for prediction sets and abstention
-DEMO_CALIBRATION = DEMO_ADAPTER / "calibration.jsonl"
+DEMO_CALIBRATION = DEMO_ADAPTER / CALIBRATION_FILE
 NO_CALIBRATION = ("no labelled calibration data: set TFB_CALIBRATION (or TFB_CALIBRATION_SPLIT, to hold out part "
                   "of a labelled anchor)")
 
@@ -103,7 +106,12 @@ class EngineConfig:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
 
     def with_defaults(self) -> EngineConfig:
-        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor."""
+        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor.
+
+        An adapter folder may carry its own ``anchor.jsonl`` and ``calibration.jsonl`` beside its
+        weights: they are the defaults of its anchor (when sigma is not fixed) and calibration,
+        wherever the folder is named from (the demo adapter's, by the default or by its path, also
+        set the task, sst2)."""
         changes: dict[str, Any] = {}
         model = self.model
         if self.published is not None:
@@ -115,13 +123,23 @@ class EngineConfig:
         if model.adapter is None and model.model == DEFAULT_MODEL:
             model = ModelConfig(**{**asdict(model), "adapter": str(DEMO_ADAPTER)})
             changes["model"] = model
-            if self.task is None and self.labels is None:
+        folder = local_adapter_folder(model)
+        if folder is not None:
+            if folder.resolve() == DEMO_ADAPTER.resolve() and self.task is None and self.labels is None:
                 changes["task"] = "sst2"
-            if self.anchor is None and self.sigma is None:
-                changes["anchor"] = str(DEMO_ANCHOR)
-            if self.calibration is None and self.calibration_split == 0.0:
-                changes["calibration"] = str(DEMO_CALIBRATION)
+            if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
+                changes["anchor"] = str(folder / ANCHOR_FILE)
+            if self.calibration is None and self.calibration_split == 0.0 and (folder / CALIBRATION_FILE).is_file():
+                changes["calibration"] = str(folder / CALIBRATION_FILE)
         return EngineConfig(**{**self.__dict__, **changes}) if changes else self
+
+
+def local_adapter_folder(model: ModelConfig) -> Path | None:
+    """The local folder of ``model``'s adapter (its subfolder), or None (a hub id, none)."""
+    if not model.adapter:
+        return None
+    folder = Path(model.adapter).expanduser() / (model.adapter_subfolder or "")
+    return folder if folder.is_dir() else None
 
 
 def read_jsonl(path: str | Path, what: str = "anchor file") -> list[Record]:
@@ -285,7 +303,7 @@ class TFBEngine:
         """(prompts, labels, source) of ``cfg.calibration``; every record must carry a label."""
         if not cfg.calibration:
             return None
-        prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration), cfg.calibration)
+        prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration, what="calibration file"), cfg.calibration)
         if targets is None:
             raise LoadError(f"calibration file {cfg.calibration!r}: every record needs a label")
         try:
@@ -303,19 +321,22 @@ class TFBEngine:
             return self
         prompts, targets, source = cal
         cfg = self.cfg
+        # the data are identified by their content, not by where they were read from (``source``, shown
+        # in /info, is not in the key): the same records under another path reuse the calibration
         key = {"sigma_key": sigma_key or self.cache_key(cfg, self.classifier, self.task, [], None),
-               "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed, "source": source,
+               "sigma": self.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed,
                "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())])}
         cache_dir = default_cache_dir(cfg.model.cache_dir)
         data = cache.load_json(cache_dir, key, "calibration")
         if data is not None:
             try:
-                self.calibration = Calibration.from_dict(data)
+                self.calibration = replace(Calibration.from_dict(data), source=source)
                 return self
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("calibration cache unreadable (%s); recomputing", exc)
         # a few inputs a step: one step is one forward of at most max_rows rows
         chunk = max(1, cfg.max_rows // rows_of(cfg.n_samples, self.sigma))
+
         def forward(chunk: list[str]) -> torch.Tensor:  # (k, N, C)
             return self.classifier.sample_probs(chunk, cfg.n_samples, sigma=self.sigma,
                                                 noise=self.noise(cfg.seed, cfg.n_samples), max_rows=cfg.max_rows,
@@ -409,7 +430,7 @@ class TFBEngine:
             try:
                 prompts.append(self.task.format(x))
             except TaskError as exc:
-                raise TaskError(f"input {i}: {exc}") from exc
+                raise TaskError(f"input {i}: {exc}", param="inputs") from exc
         return prompts
 
     def predict(self, inputs: Sequence[str | Record], n_samples: int | None = None, seed: int | None = None,
@@ -430,16 +451,22 @@ class TFBEngine:
             asked = "alpha" if alpha is not None else "max_risk"
             if self.calibration_run is not None:
                 raise self.calibration_run.pending_error(asked)
-            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
+            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})", param=asked)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
-                 max_risk: float | None = None) -> dict[str, Any]:
+                 max_risk: float | None = None, labels: Sequence[str] | None = None) -> dict[str, Any]:
         """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``;
         with ``alpha`` each prediction gets its conformal ``prediction_set``, with ``max_risk`` its
-        ``abstain`` flag (post-processing with the calibration: no other forward)."""
+        ``abstain`` flag (post-processing with the calibration: no other forward). ``labels``: the
+        request's own label set the C classes are (None: the task's)."""
         u = summarize(sample_probs)
-        labels = list(self.task.labels)
+        labels = list(self.task.labels if labels is None else labels)
+        if len(labels) != sample_probs.shape[-1]:
+            raise ValueError(f"{sample_probs.shape[-1]} class probabilities for {len(labels)} labels {labels}")
         self.check_conformal(alpha, max_risk)
+        if (alpha is not None or max_risk is not None) and labels != list(self.task.labels):
+            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
+                            f"got labels {labels}", param="labels")
         extra: dict[str, Any] = {}
         sets = abstain = None
         if alpha is not None and self.calibration is not None:
@@ -448,8 +475,7 @@ class TFBEngine:
             extra["conformal"] = {"alpha": alpha, "score": self.cfg.conformal_score,
                                   "mondrian": self.cfg.conformal_mondrian, "supported": res.supported}
             if not res.supported:
-                extra["conformal"]["detail"] = (f"alpha {alpha} is below 1/(n+1) for {self.calibration.n} calibration "
-                                                "inputs (per class, Mondrian): the sets hold every label")
+                extra["conformal"]["detail"] = self._unsupported_detail(alpha, labels)
         if max_risk is not None and self.calibration is not None:
             abstain, th = self.calibration.abstain(u.confidence, max_risk, self.cfg.risk_delta)
             extra["abstention"] = {"max_risk": max_risk, "delta": self.cfg.risk_delta,
@@ -477,6 +503,17 @@ class TFBEngine:
             preds.append(item)
         return {"labels": labels, "sigma": self.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds,
                 **extra}
+
+    def _unsupported_detail(self, alpha: float, labels: Sequence[str]) -> str:
+        """Why some (or all) prediction sets hold labels regardless of the input, and which."""
+        cal, score, mondrian = self.calibration, self.cfg.conformal_score, self.cfg.conformal_mondrian
+        assert cal is not None
+        if not mondrian:
+            return (f"alpha {alpha} is below 1/(n+1) for {cal.n} calibration inputs: the sets hold every label")
+        classes = cal.unsupported_classes(alpha, score, mondrian)
+        counts = {labels[y]: len(cal.class_scores[score][y]) for y in classes}
+        return (f"alpha {alpha} is below 1/(n_y+1) for the calibration inputs of classes {list(counts)} "
+                f"(Mondrian, per class: n_y = {counts}): every set holds those labels")
 
     def info(self) -> dict[str, Any]:
         m = self.cfg.model

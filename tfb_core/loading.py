@@ -104,14 +104,20 @@ def _download_adapter(cfg: ModelConfig) -> Path:
         raise LoadError(f"adapter {cfg.adapter!r}: cannot fetch it from the hub: {exc}") from exc
 
 
-def _adapter_file_keys(folder: Path) -> list[str]:
+def _adapter_file_keys(folder: Path, name: str) -> list[str]:
+    """The tensor names of the adapter's weights file; a truncated or corrupt file is a
+    :class:`LoadError` naming the adapter ``name`` and the file."""
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         return []
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors' SafetensorError (not an OSError): a truncated or corrupt file
+        raise LoadError(f"adapter {name!r}: cannot read its weights file {str(path)!r} (truncated or "
+                        f"corrupt?): {exc}") from exc
 
 
 def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "default") -> torch.nn.Module:
@@ -141,7 +147,7 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "
     base_name = getattr(peft_cfg, "base_model_name_or_path", None)
     if base_name and base_name not in (cfg.model, getattr(model.config, "_name_or_path", None)):
         log.info("adapter %s was made for base model %r; loading it on %r", cfg.adapter, base_name, cfg.model)
-    extra = [k for k in _adapter_file_keys(folder) if "lora_A_rho" in k]
+    extra = [k for k in _adapter_file_keys(folder, name) if "lora_A_rho" in k]
     if extra:
         log.info("adapter %s: ignoring %d keys TFB does not use (e.g. %s)", cfg.adapter, len(extra), extra[0])
     try:

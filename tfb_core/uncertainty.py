@@ -44,9 +44,13 @@ def summarize(sample_probs: torch.Tensor) -> Uncertainty:
     if sample_probs.dim() != 3:
         raise ValueError(f"expected (B, N, C) probabilities, got shape {tuple(sample_probs.shape)}")
     p = sample_probs.double()
-    mean = p.mean(1)  # (B, C)
+    # An input whose N rows are bitwise one row (sigma = 0: the samples are one model) is summarised
+    # by that row itself: a mean over N copies is not always bit-identical to the copy (its rounding
+    # depends on the CPU's summation order), and MI must be exactly 0 there, probs exactly the row.
+    one = (p == p[:, :1]).all(-1).all(-1, keepdim=True)  # (B, 1)
+    mean = torch.where(one, p[:, 0], p.mean(1))  # (B, C)
     h_mean = entropy(mean)  # (B,)
-    h_each = entropy(p).mean(1)  # (B,)
+    h_each = torch.where(one.squeeze(1), h_mean, entropy(p).mean(1))  # (B,)
     conf, index = mean.max(-1)
     return Uncertainty(
         probs=mean.float(),
