@@ -123,7 +123,9 @@ def test_no_calibration_data_is_422_saying_why(tiny):
     assert r.status_code == 422 and "max_risk" in r.text and "TFB_CALIBRATION" in r.text
 
 
-def test_calibration_is_cached_atomically_and_reused(settings, tiny):
+def test_calibration_is_cached_atomically_and_reused(tiny, cal_file, tmp_path):
+    # a cache of its own: a server of an earlier test may still finish a background calibration step
+    settings = make_settings(tiny, calibration=str(cal_file), cache_dir=str(tmp_path / "cache"))
     cache_dir = Path(settings.cache_dir) / "calibration"
     first = TFBEngine.load(settings.engine_config(), progress=False).calibration
     files = list(cache_dir.glob("*.json"))

@@ -249,7 +249,7 @@ def test_same_calibration_under_another_path_reuses_the_cache(tiny, tmp_path, ca
     from tfb_core.engine import TFBEngine
 
     cache_dir = str(tmp_path / "cache")
-    caplog.set_level("INFO", logger="tfb_core.engine")
+    caplog.set_level("INFO", logger="tfb_core")
     first = TFBEngine.load(make_settings(tiny, adapter=_folder_with_sets(tiny, tmp_path / "a"), sigma=0.05,
                                          cache_dir=cache_dir).engine_config(), progress=False)
     computed = [r for r in caplog.records if r.getMessage().startswith("calibration on")]

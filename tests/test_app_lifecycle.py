@@ -32,9 +32,9 @@ def test_503_until_ready_then_200(tiny, monkeypatch):
     release = threading.Event()
     real_load = TFBEngine.load
 
-    def slow_load(cfg, progress=True):
+    def slow_load(cfg, progress=True, background_calibration=False):
         assert release.wait(60), "the test never released the load"
-        return real_load(cfg, progress=False)
+        return real_load(cfg, progress=False, background_calibration=background_calibration)
 
     monkeypatch.setattr(app.state.TFBEngine, "load", staticmethod(slow_load))
     gc.unfreeze()  # an earlier app in this process froze its objects
