@@ -227,7 +227,8 @@ def openai_error(request: Request, exc: Exception) -> JSONResponse:
     if status >= 500 and status != 503:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     if status == 422:
-        return openai_error_response(400, message, headers, err_type="BadRequestError")
+        return openai_error_response(400, message, headers, err_type="BadRequestError",
+                                     param=getattr(exc, "param", None))
     return openai_error_response(status, message, headers)
 
 

@@ -134,13 +134,13 @@ class Predictor:
         return_samples = req.return_samples
         out_labels = labels or tuple(engine.task.labels)
         alpha, max_risk = req.alpha, req.max_risk
-        engine.check_conformal(alpha, max_risk)
+        engine.check_conformal(alpha, max_risk, n, seed)
         if labels is not None and (alpha is not None or max_risk is not None):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
-                            f"got labels {list(labels)}")
+                            f"got labels {list(labels)}", param="alpha" if alpha is not None else "max_risk")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk)
+            out = engine.response(sample_probs, return_samples, alpha, max_risk, seed)
             if labels is not None:
                 out["labels"] = list(out_labels)
                 for p in out["predictions"]:

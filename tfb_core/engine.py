@@ -313,7 +313,8 @@ class TFBEngine:
             except ValueError as exc:  # e.g. a prompt over max_length
                 raise LoadError(f"calibration data ({source}): {exc}") from exc
             u = summarize(probs)
-            self.calibration = Calibration.fit(u.probs.double(), targets, source, u.mutual_information)
+            self.calibration = Calibration.fit(u.probs.double(), targets, source, u.mutual_information,
+                                               n_samples=cfg.n_samples, seed=cfg.seed)
             path = cache.save_json(cache_dir, key, self.calibration.to_dict(), "calibration")
             log.info("calibration on %d labelled inputs (%s), cached at %s", len(prompts), source, path)
         return self
@@ -403,26 +404,49 @@ class TFBEngine:
                 max_risk: float | None = None) -> dict[str, Any]:
         """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
         n = n_samples or self.cfg.n_samples
-        self.check_conformal(alpha, max_risk)  # before the forward
-        noise = self.noise(self.cfg.seed if seed is None else seed, n)
+        seed = self.cfg.seed if seed is None else seed
+        self.check_conformal(alpha, max_risk, n, seed)  # before the forward
+        noise = self.noise(seed, n)
         probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
                                              max_rows=self.cfg.max_rows, prefix=self.prompt_prefix or None)  # (B, N, C)
-        return self.response(probs, return_samples, alpha, max_risk)
+        return self.response(probs, return_samples, alpha, max_risk, seed)
 
-    def check_conformal(self, alpha: float | None, max_risk: float | None) -> None:
-        """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration data."""
-        if (alpha is not None or max_risk is not None) and self.calibration is None:
-            asked = "alpha" if alpha is not None else "max_risk"
-            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})")
+    def check_conformal(self, alpha: float | None, max_risk: float | None, n_samples: int | None = None,
+                        seed: int | None = None) -> None:
+        """Raise ``TaskError`` (a 4xx, its ``param`` the field asked) if a request asks for sets or
+        abstention without calibration data, or at posterior samples ``n_samples`` or a ``seed``
+        (None: the calibration's) other than those the calibration was computed at.
+
+        N and the seed are part of the score function (the mean of N sampled probabilities): the
+        calibration's quantiles and Learn-then-Test counts are valid for that function only (at
+        N = 1, sets calibrated at N = 10 cover less than 1 - alpha). At sigma = 0 every sample is
+        the mean, so neither changes the scores and any is accepted.
+        """
+        if alpha is None and max_risk is None:
+            return
+        asked = "alpha" if alpha is not None else "max_risk"
+        cal = self.calibration
+        if cal is None:
+            raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})", param=asked)
+        if self.sigma == 0.0:
+            return
+        other = ([f"n_samples={n_samples}"] if n_samples is not None and n_samples != cal.n_samples else []) + (
+            [f"seed={seed}"] if seed is not None and seed != cal.seed else [])
+        if other:
+            raise TaskError(f"{asked}: the calibration was computed at n_samples={cal.n_samples}, seed={cal.seed} "
+                            f"(TFB_N_SAMPLES, TFB_SEED); this request asks {' and '.join(other)}: no guarantee holds "
+                            "for another score function; omit n_samples and seed, or set them to the calibration's",
+                            param=asked)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
-                 max_risk: float | None = None) -> dict[str, Any]:
-        """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``;
-        with ``alpha`` each prediction gets its conformal ``prediction_set``, with ``max_risk`` its
-        ``abstain`` flag (post-processing with the calibration: no other forward)."""
+                 max_risk: float | None = None, seed: int | None = None) -> dict[str, Any]:
+        """(B, N, C) per-sample probabilities (drawn with ``seed``, None: the configured one) -> the
+        JSON shape of ``tfb predict`` and ``/predict``; with ``alpha`` each prediction gets its
+        conformal ``prediction_set``, with ``max_risk`` its ``abstain`` flag (post-processing with
+        the calibration: no other forward)."""
         u = summarize(sample_probs)
         labels = list(self.task.labels)
-        self.check_conformal(alpha, max_risk)
+        self.check_conformal(alpha, max_risk, int(sample_probs.shape[1]), self.cfg.seed if seed is None else seed)
         extra: dict[str, Any] = {}
         sets = abstain = None
         if alpha is not None and self.calibration is not None:
@@ -473,7 +497,10 @@ class TFBEngine:
             "search": self.search_result.to_dict() if self.search_result else None,
             "calibration": ({"n": self.calibration.n, "source": self.calibration.source,
                              "score": self.cfg.conformal_score, "mondrian": self.cfg.conformal_mondrian,
-                             "risk_delta": self.cfg.risk_delta, "abstention": "Learn-then-Test on confidence, "
+                             "risk_delta": self.cfg.risk_delta,
+                             # the guarantees hold for requests at these (others asking alpha or max_risk: 422)
+                             "n_samples": self.calibration.n_samples, "seed": self.calibration.seed,
+                             "abstention": "Learn-then-Test on confidence, "
                              "exact binomial p-values",
                              "mean_predictive_entropy": self.calibration.mean_predictive_entropy,
                              "mean_mutual_information": self.calibration.mean_mutual_information}

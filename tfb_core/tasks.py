@@ -26,7 +26,11 @@ Record = Mapping[str, Any]
 
 
 class TaskError(ValueError):
-    """A record or label that does not fit the task."""
+    """A record or label that does not fit the task; ``param``: the request field it is about, if one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _field(record: Record, name: str) -> Any:
