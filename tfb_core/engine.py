@@ -346,7 +346,7 @@ class TFBEngine:
         modules = [f"{mod.name}:{mod.scaling!r}" for mod in clf.posterior.modules]
         model_config = getattr(clf.model, "config", None)
         return {
-            "code_version": __version__,
+            "code_sha256": cache.code_sha256(),  # the code that computes it, not the package version
             "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
             "gguf_file": m.gguf_file,
             "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
