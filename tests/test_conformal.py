@@ -209,6 +209,27 @@ def test_calibration_round_trips_through_json() -> None:
         Calibration.from_dict(unsaid)
 
 
+def test_mondrian_is_unsupported_when_any_class_is() -> None:
+    """30 calibration inputs of class 0 and 3 of class 1: at alpha 0.1 class 0's quantile is its
+    ceil(31 * 0.9) = 28th smallest score, class 1 would need the ceil(4 * 0.9) = 4th of 3 (none): the
+    sets are unsupported, class 1 is in every set, class 0 only within its quantile. At alpha 0.3
+    both are supported (ceil(4 * 0.7) = 3 <= 3)."""
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.rand(33, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    probs = torch.stack([p0, 1 - p0], 1)  # (33, 2)
+    labels = torch.tensor([0] * 30 + [1] * 3)
+    cal = Calibration.fit(probs, labels)
+    q0 = sorted((1 - p0[:30]).tolist())[27]  # LAC: 1 - p_y, from scratch
+    qs, ok = cal.quantiles(0.1, "lac", mondrian=True)
+    assert not ok and qs[0] == pytest.approx(q0) and qs[1] == math.inf
+    test = torch.tensor([[0.99, 0.01], [0.5, 0.5], [0.05, 0.95]], dtype=torch.float64)
+    out = cal.prediction_sets(test, 0.1, "lac", mondrian=True)
+    assert not out.supported
+    assert out.sets == [[c for c in (0, 1) if c == 1 or 1 - float(row[0]) <= q0] for row in test]
+    assert cal.quantiles(0.3, "lac", mondrian=True)[1]
+    assert cal.quantiles(0.1, "lac")[1]  # pooled, 33 inputs support alpha 0.1
+
+
 def test_sets_calibrated_at_n_samples_under_cover_at_fewer() -> None:
     """Why a request at another N may not claim the calibration's guarantee (engine.check_conformal).
 
