@@ -275,3 +275,47 @@ def test_cli_predict_sets_match_the_server(client, tiny, cal_file, capsys):
     with pytest.raises(SystemExit):
         main([*args[:-1 - 2 * len(PROMPTS)], "--alpha", "1.5"])
     assert "--alpha must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
+    """TFB_CONFORMAL_SCORE=aps, TFB_CONFORMAL_MONDRIAN and TFB_RISK_DELTA through the server, against
+    a from-scratch computation on the calibration probabilities the test gets itself from /predict
+    at the default N and seed: per-class APS quantiles, and the threshold's exact binomial p-value
+    (scipy) on the calibration counts, which any valid Learn-then-Test keeps <= delta."""
+    stats = pytest.importorskip("scipy.stats")
+    delta, alpha, max_risk = 0.3, 0.2, 0.9  # the tiny random model certifies only a loose max_risk
+    s = make_settings(tiny, calibration=str(cal_file), conformal_score="aps", conformal_mondrian=True,
+                      risk_delta=delta, cache_dir=str(tmp_path))
+    with ready_client(s) as c:
+        info = c.get("/info").json()["calibration"]
+        cal_probs = [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[:8]]}
+                                                 ).json()["predictions"]]
+        cal_probs += [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[8:16]]}
+                                                  ).json()["predictions"]]
+        cal_probs += [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[16:]]}
+                                                  ).json()["predictions"]]
+        out = c.post("/predict", json={"inputs": PROMPTS, "alpha": alpha, "max_risk": max_risk}).json()
+    assert (info["score"], info["mondrian"], info["risk_delta"]) == ("aps", True, delta)
+    assert out["conformal"]["score"] == "aps" and out["conformal"]["mondrian"] is True
+    assert out["abstention"]["delta"] == delta
+    target = [LABELS.index(r["label"]) for r in CAL]
+
+    def aps(p: list[float], y: int) -> float:  # mass of the labels ranked at or above y (ties: lower index first)
+        return sum(q for k, q in enumerate(p) if q > p[y] or (q == p[y] and k <= y))
+
+    q = []
+    for y in range(2):  # Mondrian: each class's own ceil((n_y + 1)(1 - alpha))-th smallest score
+        scores = sorted(aps(p, y) for p, t in zip(cal_probs, target, strict=True) if t == y)
+        q.append(scores[math.ceil((len(scores) + 1) * (1 - alpha)) - 1])
+    for p in out["predictions"]:
+        expected = [LABELS[y] for y in range(2) if aps(p["probs"], y) <= q[y] + 1e-9]
+        assert p["prediction_set"] == expected, (p["probs"], q)
+    th = out["abstention"]
+    assert th["supported"], th
+    conf = [max(p) for p in cal_probs]
+    answered = [i for i, cf in enumerate(conf) if cf >= th["threshold"]]
+    errors = sum(max(range(2), key=lambda k: cal_probs[i][k]) != target[i] for i in answered)
+    assert len(answered) / len(CAL) == pytest.approx(th["calibration_answered_fraction"])
+    assert stats.binom.cdf(errors, len(answered), max_risk) <= delta
+    for p in out["predictions"]:
+        assert p["abstain"] is (p["confidence"] < th["threshold"])
