@@ -105,8 +105,11 @@ class Metrics:
         self.confidence_sum = Counter("tfb_confidence_sum", "sum of top-label confidences of predictions "
                                       "(/ tfb_prediction_confidence_count: label-free accuracy estimate)", A,
                                       registry=r)
-        self.estimated_accuracy = Gauge("tfb_estimated_accuracy", "mean confidence of the last K predictions: "
-                                        "their expected accuracy if calibrated (label-free, as CBPE)", A, registry=r)
+        self.estimated_accuracy = Gauge("tfb_estimated_accuracy", "mean confidence of the last K served "
+                                        "predictions (each the top class's probability, averaged over the TFB "
+                                        "posterior samples, as served: no further recalibration, unlike CBPE): "
+                                        "their expected accuracy if those probabilities are calibrated "
+                                        "(label-free)", A, registry=r)
         self.fb_with_set = Counter("tfb_feedback_with_set", "labelled predictions that had a prediction set", A,
                                    registry=r)
         self.fb_covered = Counter("tfb_feedback_set_covered", "labelled predictions whose set held the true label",

@@ -134,13 +134,13 @@ class Predictor:
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         alpha, max_risk = req.alpha, req.max_risk
-        engine.check_conformal(alpha, max_risk)
+        engine.check_conformal(alpha, max_risk, n, seed)
         if labels is not None and (alpha is not None or max_risk is not None):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
                             f"got labels {list(labels)}", param="labels")
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels)
+            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels, seed)
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_app_support import LABELS, PROMPTS, make_settings, ready_client
+from test_app_support import LABELS, PROMPTS, make_settings, ready_client, strip_ids
 
 from tfb_core.conformal import Calibration
 from tfb_core.engine import TFBEngine, split_anchor
 from tfb_core.loading import LoadError
+from tfb_core.tasks import TaskError
 
 WORDS = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin", "warm", "flat"]
 CAL = [{"prompt": f"a {w} film, {v} cast", "label": LABELS[(i + j) % 2]}
@@ -64,6 +65,53 @@ def test_sets_and_abstention_match_the_calibration(client, settings):
         assert p["abstain"] is a
     assert out["conformal"]["supported"] and out["conformal"]["score"] == "lac"
     assert out["abstention"]["supported"] == th.supported and th.supported
+
+
+@pytest.mark.parametrize("field", ["alpha", "max_risk"])
+@pytest.mark.parametrize("other,asks", [({"n_samples": 3}, "n_samples=3"), ({"seed": 5}, "seed=5"),
+                                        ({"n_samples": 3, "seed": 5}, "n_samples=3 and seed=5")])
+def test_a_guarantee_at_another_n_or_seed_is_refused(client, settings, field, other, asks):
+    """The calibration holds for the score function at the default N and seed only: a request asking
+    for sets or abstention at another is refused alike on /predict (422) and /classify (vLLM's 400,
+    ``param`` the field), naming the calibration's N and seed; without alpha or max_risk it is served."""
+    at = f"the calibration was computed at n_samples={settings.n_samples}, seed={settings.seed}"
+    r = client.post("/predict", json={"inputs": PROMPTS[:1], field: 0.2, **other})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"{field}: {at}") and f"this request asks {asks}:" in detail
+    c = client.post("/classify", json={"input": PROMPTS[0], field: 0.2, **other})
+    assert c.status_code == 400, c.text
+    err = c.json()["error"]
+    assert err["param"] == field and err["message"] == detail
+    assert client.post("/predict", json={"inputs": PROMPTS[:1], **other}).status_code == 200
+
+
+def test_the_calibrations_own_n_and_seed_are_accepted(client, settings):
+    info = client.get("/info").json()["calibration"]
+    assert (info["n_samples"], info["seed"]) == (settings.n_samples, settings.seed) == (10, 0)
+    ask = {"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.9}
+    default = client.post("/predict", json=ask)
+    explicit = client.post("/predict", json={**ask, "n_samples": settings.n_samples, "seed": settings.seed})
+    assert default.status_code == explicit.status_code == 200, explicit.text
+    assert strip_ids(explicit.json()) == strip_ids(default.json())
+    c = client.post("/classify", json={"input": PROMPTS, "alpha": 0.2, "max_risk": 0.9,
+                                       "n_samples": settings.n_samples, "seed": settings.seed})
+    assert c.status_code == 200, c.text
+    assert [d["prediction_set"] for d in c.json()["data"]] == [p["prediction_set"] for p in default.json()["predictions"]]
+
+
+def test_engine_and_cli_refuse_alike_but_not_at_sigma_zero(settings, tiny, cal_file, tmp_path):
+    """``tfb predict`` goes through the engine's check; at sigma = 0 every sample is the mean, so N
+    and the seed do not change the score function and any is accepted."""
+    engine = TFBEngine.load(settings.engine_config(), progress=False)
+    assert (engine.calibration.n_samples, engine.calibration.seed) == (settings.n_samples, settings.seed)
+    with pytest.raises(TaskError, match=r"^max_risk: the calibration was computed at n_samples=10, seed=0 .*"
+                                        r"this request asks seed=1:") as e:
+        engine.predict(PROMPTS[:1], seed=1, max_risk=0.5)
+    assert e.value.param == "max_risk"
+    flat = TFBEngine.load(make_settings(tiny, sigma=0.0, calibration=str(cal_file),
+                                                 cache_dir=str(tmp_path)).engine_config(), progress=False)
+    assert flat.predict(PROMPTS[:1], n_samples=3, seed=5, alpha=0.2)["conformal"]["supported"]
 
 
 def test_fields_only_when_asked(client):
@@ -136,11 +184,12 @@ def test_calibration_is_cached_atomically_and_reused(tiny, cal_file, tmp_path):
     assert TFBEngine.load(settings.engine_config(), progress=False).calibration.n == 999
     files[0].write_text("{half a file")  # corrupt: recomputed
     again = TFBEngine.load(settings.engine_config(), progress=False).calibration
-    # recomputed, not read: equal to the first up to float order (the first may come from the cache of
-    # an earlier test's server, whose background calibration ran its forwards between requests)
-    assert again.n == first.n and again.answered == first.answered and again.errors == first.errors
-    for score in first.scores:
-        assert list(again.scores[score]) == pytest.approx(list(first.scores[score]), abs=1e-6)
+    assert again == first
+    data = json.loads(files[0].read_text())
+    del data["result"]["n_samples"], data["result"]["seed"]  # a cache that does not say its N and seed
+    data["result"]["n"] = 999
+    files[0].write_text(json.dumps(data))
+    assert TFBEngine.load(settings.engine_config(), progress=False).calibration == first  # recomputed
 
 
 def test_unlabelled_calibration_file_is_a_load_error(tiny, tmp_path):
@@ -349,3 +398,47 @@ def test_failed_background_calibration_says_why(tiny, cal_file, tmp_path, monkey
         assert "the device fell over" in r.json()["detail"] and "max_risk" in r.json()["detail"]
         assert c.post("/predict", json={"inputs": PROMPTS[:1]}).status_code == 200
     assert not list((tmp_path / "cache").glob("calibration/*.json"))  # nothing cached
+
+
+def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
+    """TFB_CONFORMAL_SCORE=aps, TFB_CONFORMAL_MONDRIAN and TFB_RISK_DELTA through the server, against
+    a from-scratch computation on the calibration probabilities the test gets itself from /predict
+    at the default N and seed: per-class APS quantiles, and the threshold's exact binomial p-value
+    (scipy) on the calibration counts, which any valid Learn-then-Test keeps <= delta."""
+    stats = pytest.importorskip("scipy.stats")
+    delta, alpha, max_risk = 0.3, 0.2, 0.9  # the tiny random model certifies only a loose max_risk
+    s = make_settings(tiny, calibration=str(cal_file), conformal_score="aps", conformal_mondrian=True,
+                      risk_delta=delta, cache_dir=str(tmp_path))
+    with ready_client(s) as c:
+        info = c.get("/info").json()["calibration"]
+        cal_probs = [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[:8]]}
+                                                 ).json()["predictions"]]
+        cal_probs += [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[8:16]]}
+                                                  ).json()["predictions"]]
+        cal_probs += [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[16:]]}
+                                                  ).json()["predictions"]]
+        out = c.post("/predict", json={"inputs": PROMPTS, "alpha": alpha, "max_risk": max_risk}).json()
+    assert (info["score"], info["mondrian"], info["risk_delta"]) == ("aps", True, delta)
+    assert out["conformal"]["score"] == "aps" and out["conformal"]["mondrian"] is True
+    assert out["abstention"]["delta"] == delta
+    target = [LABELS.index(r["label"]) for r in CAL]
+
+    def aps(p: list[float], y: int) -> float:  # mass of the labels ranked at or above y (ties: lower index first)
+        return sum(q for k, q in enumerate(p) if q > p[y] or (q == p[y] and k <= y))
+
+    q = []
+    for y in range(2):  # Mondrian: each class's own ceil((n_y + 1)(1 - alpha))-th smallest score
+        scores = sorted(aps(p, y) for p, t in zip(cal_probs, target, strict=True) if t == y)
+        q.append(scores[math.ceil((len(scores) + 1) * (1 - alpha)) - 1])
+    for p in out["predictions"]:
+        expected = [LABELS[y] for y in range(2) if aps(p["probs"], y) <= q[y] + 1e-9]
+        assert p["prediction_set"] == expected, (p["probs"], q)
+    th = out["abstention"]
+    assert th["supported"], th
+    conf = [max(p) for p in cal_probs]
+    answered = [i for i, cf in enumerate(conf) if cf >= th["threshold"]]
+    errors = sum(max(range(2), key=lambda k: cal_probs[i][k]) != target[i] for i in answered)
+    assert len(answered) / len(CAL) == pytest.approx(th["calibration_answered_fraction"])
+    assert stats.binom.cdf(errors, len(answered), max_risk) <= delta
+    for p in out["predictions"]:
+        assert p["abstain"] is (p["confidence"] < th["threshold"])

@@ -53,6 +53,46 @@ def test_feedback_counters_and_recent_window_by_hand():
     assert value(registry, "tfb_recent_ece", adapter="a") == pytest.approx((0.5 + 0.6 + 0.2) / 3, abs=1e-6)
 
 
+def test_recent_ece_has_fifteen_bins_where_ten_would_differ():
+    """Two predictions share a bin of 10 but not of 15: the ECEs differ (0.37 vs 0.1167), so the
+    gauge is checked against a hand computation and torchmetrics' 15-bin MulticlassCalibrationError."""
+    import torch
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    registry = CollectorRegistry()
+    m = Metrics(registry, recent_window=10)
+    m.set_adapter("a", 0.1, 10)
+    labelled = [([0.62, 0.38], 0), ([0.68, 0.32], 1), ([0.05, 0.95], 1)]  # right, wrong, right
+    for probs, target in labelled:
+        m.observe_feedback(probs, target, "a")
+    m.refresh_recent()
+    # 15 bins of width 1/15: 0.62 -> [0.6, 0.667), 0.68 -> [0.667, 0.733), 0.95 -> [0.933, 1]: one each
+    fifteen = (abs(1 - 0.62) + abs(0 - 0.68) + abs(1 - 0.95)) / 3
+    # 10 bins: 0.62 and 0.68 share [0.6, 0.7) (accuracy 1/2, mean confidence 0.65)
+    ten = (2 * abs(0.5 - 0.65) + abs(1 - 0.95)) / 3
+    assert fifteen == pytest.approx(0.37) and abs(fifteen - ten) > 0.2
+    oracle = MulticlassCalibrationError(num_classes=2, n_bins=15, norm="l1")
+    oracle.update(torch.tensor([p for p, _ in labelled]), torch.tensor([t for _, t in labelled]))
+    assert float(oracle.compute()) == pytest.approx(fifteen, abs=1e-6)
+    assert value(registry, "tfb_recent_ece", adapter="a") == pytest.approx(fifteen, abs=1e-6)
+
+
+def test_estimated_accuracy_is_the_mean_confidence_of_the_recent_window():
+    """Several predictions of different confidences over two requests: the gauge is the mean of the
+    last K, not the last one (0.55) nor the mean of all (0.6875)."""
+    registry = CollectorRegistry()
+    m = Metrics(registry, recent_window=3)
+    m.set_adapter("a", 0.1, 10)
+
+    def pred(c: float) -> dict:
+        return {"confidence": c, "predictive_entropy": 0.5, "mutual_information": 0.01, "label": "x"}
+
+    m.observe_predictions([pred(0.9), pred(0.6)], ("x", "y"), "a")
+    assert value(registry, "tfb_estimated_accuracy", adapter="a") == pytest.approx((0.9 + 0.6) / 2)
+    m.observe_predictions([pred(0.7), pred(0.55)], ("x", "y"), "a")
+    assert value(registry, "tfb_estimated_accuracy", adapter="a") == pytest.approx((0.6 + 0.7 + 0.55) / 3)
+
+
 def test_prediction_histograms_and_other_labels():
     registry = CollectorRegistry()
     m = Metrics(registry)

@@ -260,6 +260,70 @@ def test_calibration_round_trips_through_json() -> None:
     del old["mean_predictive_entropy"], old["mean_mutual_information"]
     with pytest.raises(KeyError):  # a cache from before the drift reference: the engine recomputes it
         Calibration.from_dict(old)
+    at = Calibration.fit(probs, labels, n_samples=10, seed=3)
+    assert (at.n_samples, at.seed) == (10, 3) and Calibration.from_dict(json.loads(json.dumps(at.to_dict()))) == at
+    unsaid = at.to_dict()
+    del unsaid["n_samples"], unsaid["seed"]
+    with pytest.raises(KeyError):  # a cache that does not say which N and seed it holds: recomputed
+        Calibration.from_dict(unsaid)
+
+
+def test_mondrian_is_unsupported_when_any_class_is() -> None:
+    """30 calibration inputs of class 0 and 3 of class 1: at alpha 0.1 class 0's quantile is its
+    ceil(31 * 0.9) = 28th smallest score, class 1 would need the ceil(4 * 0.9) = 4th of 3 (none): the
+    sets are unsupported, class 1 is in every set, class 0 only within its quantile. At alpha 0.3
+    both are supported (ceil(4 * 0.7) = 3 <= 3)."""
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.rand(33, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    probs = torch.stack([p0, 1 - p0], 1)  # (33, 2)
+    labels = torch.tensor([0] * 30 + [1] * 3)
+    cal = Calibration.fit(probs, labels)
+    q0 = sorted((1 - p0[:30]).tolist())[27]  # LAC: 1 - p_y, from scratch
+    qs, ok = cal.quantiles(0.1, "lac", mondrian=True)
+    assert not ok and qs[0] == pytest.approx(q0) and qs[1] == math.inf
+    test = torch.tensor([[0.99, 0.01], [0.5, 0.5], [0.05, 0.95]], dtype=torch.float64)
+    out = cal.prediction_sets(test, 0.1, "lac", mondrian=True)
+    assert not out.supported
+    assert out.sets == [[c for c in (0, 1) if c == 1 or 1 - float(row[0]) <= q0] for row in test]
+    assert cal.quantiles(0.3, "lac", mondrian=True)[1]
+    assert cal.quantiles(0.1, "lac")[1]  # pooled, 33 inputs support alpha 0.1
+
+
+def test_sets_calibrated_at_n_samples_under_cover_at_fewer() -> None:
+    """Why a request at another N may not claim the calibration's guarantee (engine.check_conformal).
+
+    Simulated model, no network: an input has a latent logit mu (C = 2); each posterior sample's
+    probabilities are softmax(mu + 2 eps), eps standard normal; the true label is drawn from
+    softmax(mu). LAC sets are calibrated on the means of N = 10 samples, the score function the
+    server calibrates, and tested on fresh inputs scored at N = 10 and at N = 1, each of R = 400
+    independent draws of (200 calibration, 500 test) inputs; the quantile is computed here from
+    scratch (the ceil((n + 1)(1 - alpha))-th smallest calibration score).
+
+    Bounds: at N = 10 the data are exchangeable with continuous scores, so a split's coverage has
+    mean k/(n + 1) = 181/201 (k = ceil(201 * 0.9)) and variance <= Var Beta(181, 21) + 1/(4 * 500)
+    < 1e-3. The mean of R = 400 splits (each in [0, 1]) then strays by t = 0.03 with probability
+    <= exp(-R t^2 / (2 * 1e-3 + 2t / 3)) < 1e-7 (Bernstein), each side. At N = 1 the scores are
+    noisier than the calibration's and coverage falls (about 0.75 here); the bound 1 - alpha - 0.03
+    fails only if the mean strays up by > 0.1, with probability <= exp(-400 * 0.01 / (2/4 + 0.2 / 3))
+    < 1e-3 even for the largest variance a [0, 1] variable has (1/4)."""
+    gen = torch.Generator().manual_seed(20)
+    reps, n_cal, n_test, n, alpha = 400, 200, 500, 10, 0.1
+    mu = torch.randn(reps, n_cal + n_test, 1, 2, generator=gen, dtype=torch.float64) * 2.0
+    probs = torch.softmax(mu + 2.0 * torch.randn(reps, n_cal + n_test, n, 2, generator=gen, dtype=torch.float64),
+                          -1)  # (R, M, N, C) per-sample probabilities
+    label = torch.multinomial(torch.softmax(mu[:, :, 0], -1).reshape(-1, 2), 1, generator=gen).reshape(reps, -1)
+    true_score = 1.0 - probs.mean(2)[:, :n_cal].gather(2, label[:, :n_cal, None])[..., 0]  # (R, n_cal)
+    k = math.ceil((n_cal + 1) * (1 - alpha))
+    q = true_score.sort(1).values[:, k - 1]  # (R,)
+
+    def coverage(test_probs: torch.Tensor) -> float:  # (R, n_test, C) -> mean over splits and inputs
+        s = 1.0 - test_probs.gather(2, label[:, n_cal:, None])[..., 0]  # (R, n_test)
+        return float((s <= q[:, None]).double().mean())
+
+    at_n = coverage(probs[:, n_cal:].mean(2))
+    at_one = coverage(probs[:, n_cal:, 0])
+    assert k / (n_cal + 1) - 0.03 <= at_n <= k / (n_cal + 1) + 0.03
+    assert at_one <= 1 - alpha - 0.03, (at_n, at_one)
 
 
 def test_uncertainty_reference_by_hand() -> None:

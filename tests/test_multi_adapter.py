@@ -18,14 +18,37 @@ YES_NO = ["yes", "no"]
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 
 
-def _cfg(tiny, key: str) -> ModelConfig:
-    return ModelConfig(model=tiny["model"], adapter=tiny[key], device=DEVICE)
+def _cfg(tiny, key: str, dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(model=tiny["model"], adapter=tiny[key], device=DEVICE, dtype=dtype)
 
 
 @pytest.fixture()
 def many(tiny):
     """One base model with three adapters (the second classifying yes/no)."""
     return load_classifiers([_cfg(tiny, k) for k in KEYS], [LABELS, YES_NO, LABELS])
+
+
+def test_mixed_forward_in_bfloat16_equals_each_adapter_alone(tiny):
+    """With a bf16 base peft keeps the LoRA weights in float32, so each segment's LoRA result is a
+    new tensor that RoutedLinear must write back into the bf16 output (the path every multi-adapter
+    forward takes on a GPU). Tolerance: bf16 keeps 8 significant bits (relative step 2^-8 = 0.004);
+    the same rows computed in another batch may round differently in each of the tiny model's
+    layers, so probabilities may move by a few steps: atol 0.02. A lost write-back drops an
+    adapter's LoRA entirely, a change of the order of 0.1 or more on these adapters (non-zero B)."""
+    dtype = "bfloat16"
+    many = load_classifiers([_cfg(tiny, k, dtype) for k in KEYS], [LABELS, YES_NO, LABELS])
+    tokens = many[0].tokenize(PROMPTS)
+    draws = [clf.posterior.draw(seed=11 + a, n_samples=3) for a, clf in enumerate(many)]
+    sigmas = (0.3, 0.0, 0.5)
+    jobs = [Job(tokens[i], 3, draws[a], adapter=a, sigma=sigmas[a], class_ids=many[a].class_ids)
+            for i in range(len(PROMPTS)) for a in range(3)]  # interleaved adapters
+    mixed = many[0].run_jobs(jobs, sigma=0.0)
+    for a, key in enumerate(KEYS):
+        alone = load_classifier(_cfg(tiny, key, dtype), [LABELS, YES_NO, LABELS][a])
+        own = alone.posterior.draw(seed=11 + a, n_samples=3)
+        for i in range(len(PROMPTS)):
+            ref = alone.run_jobs([Job(tokens[i], 3, own)], sigma=sigmas[a])[0]  # (N, C)
+            torch.testing.assert_close(mixed[i * 3 + a].float(), ref.float(), atol=2e-2, rtol=0)
 
 
 def _count_forwards(clf):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,8 +204,7 @@ def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp
     assert key(other_cfg, other_clf) != base, name
 
 
-def test_anchor_and_code_version_change_the_key(model_cfg, anchor_file, tmp_path, monkeypatch):
-    from tfb_core import engine as engine_mod
+def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
     from tfb_core.engine import anchor_prompts, read_jsonl
     from tfb_core.loading import load_classifier
     from tfb_core.tasks import get_task
@@ -217,8 +217,38 @@ def test_anchor_and_code_version_change_the_key(model_cfg, anchor_file, tmp_path
     assert TFBEngine.cache_key(cfg, clf, task, prompts[:-1], targets[:-1]) != base
     assert TFBEngine.cache_key(cfg, clf, task, prompts, 1 - targets) != base  # other labels
     assert TFBEngine.cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
-    monkeypatch.setattr(engine_mod, "__version__", "0.0.0-other")
-    assert TFBEngine.cache_key(cfg, clf, task, prompts, targets) != base
+
+
+def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
+    """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
+    (a new cache file, not the old result); an unchanged tree gives the same key again."""
+    from tfb_core import conformal
+    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.tasks import get_task
+
+    src = tmp_path / "src"
+    src.mkdir()
+    copy = src / "tfb_copy_of_conformal.py"
+    copy.write_text(Path(conformal.__file__).read_text())
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.setattr(cache, "COMPUTING_MODULES", (*cache.COMPUTING_MODULES, "tfb_copy_of_conformal"))
+    cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path / "cache"), sigma=0.05, calibration=str(anchor_file))
+    task = get_task(None, LABELS)
+    prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
+    engine = TFBEngine.load(cfg, progress=False)
+    key = TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets)
+    cache._sources_sha256.cache_clear()  # read the sources again: unchanged, the same key
+    assert TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets) == key
+    calibrations = tmp_path / "cache" / "calibration"
+    assert len(list(calibrations.glob("*.json"))) == 1
+    TFBEngine.load(cfg, progress=False)
+    assert len(list(calibrations.glob("*.json"))) == 1  # reused
+
+    copy.write_text(copy.read_text() + "\nLTT_STARTS = 2 * LTT_STARTS  # an edit\n")
+    cache._sources_sha256.cache_clear()  # a new process would read the edited source
+    assert TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets) != key
+    TFBEngine.load(cfg, progress=False)
+    assert len(list(calibrations.glob("*.json"))) == 2  # recomputed under a new key
 
 
 def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):

@@ -127,6 +127,25 @@ def test_abstention_report_by_hand_and_confidence_is_the_servers_rule():
                                             "selective_risk": None}
 
 
+def test_abstention_report_measures_the_test_data_not_the_calibrations():
+    """Fitted on one set, measured on another with its own errors: coverage and selective risk are
+    counted by hand on the test data at the reported threshold (measuring the calibration data, 0.5
+    and 0.0 here, or flipped error flags, 0.75, would differ)."""
+    probs, wrong = _two_groups(50)
+    test_conf = torch.tensor([0.97, 0.96, 0.7, 0.62, 0.6, 0.55], dtype=torch.float64)
+    test_wrong = torch.tensor([False, True, False, False, True, False])
+    test = certainties(torch.stack([test_conf, 1 - test_conf], 1))
+    rep = abstention_report(certainties(probs), wrong, test, test_wrong, n_classes=2, max_risks=(0.1,))
+    row = rep["confidence"]["0.1"]
+    th = row["threshold"]
+    # certified between the two calibration groups: the 50 right answers, none of the unsure ones
+    assert row["certified"] and 0.605 < th <= 0.95
+    answered = [i for i, c in enumerate(test_conf.tolist()) if c >= th]
+    assert answered == [0, 1, 2, 3]  # 0.6 and 0.55 abstain
+    assert row["coverage"] == pytest.approx(4 / 6)
+    assert row["selective_risk"] == pytest.approx(1 / 4)  # 0.96 is the one wrong answer among them
+
+
 def test_plot_risk_coverage_writes_a_png(tmp_path):
     probs, wrong = _two_groups(5)
     curves = {"mle": {s: risk_coverage(c, ~wrong) for s, c in certainties(probs).items()}}

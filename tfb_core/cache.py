@@ -7,7 +7,9 @@ never trusted. Files are written to a temporary name and renamed: a crash leaves
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,6 +26,22 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
+#: The modules whose code computes what the sigma and calibration caches hold: their source is part
+#: of the cache keys (:func:`code_sha256`), so a change to any of them recomputes, where the package
+#: version (unchanged across commits) would serve a result the new code would not give.
+COMPUTING_MODULES = (
+    "tfb_core.search",  # the sigma search: objective, bracket, bisection/grid, stopping rule
+    "tfb_core.posterior",  # the SVD re-parameterisation, the noise draws and the sigma / d scaling
+    "tfb_core.lora",  # which modules carry LoRA and how A, B and the scaling are read from peft
+    "tfb_core.loading",  # how the base model and adapter are loaded (dtype, attention, class tokens)
+    "tfb_core.sampling",  # the N-sample forward: rows, padding, class-token logits, softmax
+    "tfb_core.prefix_cache",  # the shared instruction's keys/values reused by those forwards
+    "tfb_core.tasks",  # prompt formats, truncation and labels: what the forward reads
+    "tfb_core.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
+    "tfb_core.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
+    "tfb_core.calibrate",  # the calibration's forward in steps, and what it fits on
+)
+
 
 def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -34,6 +52,24 @@ def sha256_text(parts: Iterable[str]) -> str:
     for p in parts:
         h.update(p.encode())
         h.update(b"\x00")
+    return h.hexdigest()
+
+
+def code_sha256() -> str:
+    """SHA-256 of the source of :data:`COMPUTING_MODULES` (read once per process per list)."""
+    return _sources_sha256(tuple(COMPUTING_MODULES))
+
+
+@functools.cache
+def _sources_sha256(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for name in modules:
+        # the file the import system would load, without importing it: a source checkout or a wheel's
+        # installed copy alike
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"cache key: no source for module {name!r}")
+        h.update(name.encode() + b"\x00" + Path(spec.origin).read_bytes() + b"\x00")
     return h.hexdigest()
 
 

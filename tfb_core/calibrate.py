@@ -47,6 +47,8 @@ class CalibrationData:
     prompts: Sequence[str]
     targets: torch.Tensor  # (n,) true classes
     source: str
+    n_samples: int  # the posterior samples and seed of the forward: part of the score function
+    seed: int
 
 
 class CalibrationRun:
@@ -104,7 +106,9 @@ class CalibrationRun:
 
     def _finish(self) -> None:
         u = summarize(torch.cat(self._parts))
-        cal = Calibration.fit(u.probs.double(), self.data.targets, self.data.source, u.mutual_information)
+        d = self.data
+        cal = Calibration.fit(u.probs.double(), d.targets, d.source, u.mutual_information, n_samples=d.n_samples,
+                              seed=d.seed)
         path = cache.save_json(self.cache_dir, self.key, cal.to_dict(), "calibration")
         self._parts = []
         self.on_done(cal)  # before the state: a reader that sees "ready" finds the calibration

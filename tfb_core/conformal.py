@@ -131,12 +131,19 @@ class Calibration:
     errors: tuple[int, ...]  # per threshold, wrong predictions among those
     mean_predictive_entropy: float  # nats, of the mean probabilities
     mean_mutual_information: float | None = None  # nats; None: fitted without per-sample probabilities
+    #: the posterior samples N and noise seed the probabilities were computed at: part of the score
+    #: function, so the guarantees hold for requests at these only (None: not recorded, fitted
+    #: outside an engine)
+    n_samples: int | None = None
+    seed: int | None = None
 
     @classmethod
     def fit(cls, probs: torch.Tensor, target: torch.Tensor, source: str = "",
-            mutual_information: torch.Tensor | None = None) -> Calibration:
+            mutual_information: torch.Tensor | None = None, *, n_samples: int | None = None,
+            seed: int | None = None) -> Calibration:
         """From mean probabilities (n, C), true classes (n,) and, for the drift reference, the
-        mutual information (n,) of the calibration set."""
+        mutual information (n,) of the calibration set; ``n_samples`` and ``seed``: those the
+        probabilities were computed at."""
         if probs.dim() != 2 or probs.shape[0] != target.shape[0] or probs.shape[0] == 0:
             raise ValueError(f"need (n, C) probabilities and n targets, n > 0; got {tuple(probs.shape)} "
                              f"and {tuple(target.shape)}")
@@ -154,7 +161,7 @@ class Calibration:
         errors = tuple(int((wrong & (conf >= g)).sum()) for g in grid)
         mi = float(mutual_information.double().mean()) if mutual_information is not None else None
         return cls(n, c, source, scores, class_scores, grid, answered, errors,
-                   float(entropy(probs.double()).mean()), mi)
+                   float(entropy(probs.double()).mean()), mi, n_samples, seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,7 +175,10 @@ class Calibration:
                    # required: a cache written before the drift reference existed is recomputed
                    mean_predictive_entropy=float(d["mean_predictive_entropy"]),
                    mean_mutual_information=(None if d["mean_mutual_information"] is None
-                                            else float(d["mean_mutual_information"])))
+                                            else float(d["mean_mutual_information"])),
+                   # required too: a cache that does not say which N and seed it was computed at is recomputed
+                   n_samples=None if d["n_samples"] is None else int(d["n_samples"]),
+                   seed=None if d["seed"] is None else int(d["seed"]))
 
     # --- prediction sets ----------------------------------------------------------------------
     def quantiles(self, alpha: float, score: str, mondrian: bool = False) -> tuple[list[float], bool]:

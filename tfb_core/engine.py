@@ -345,7 +345,8 @@ class TFBEngine:
         def done(calibration: Calibration) -> None:
             self.calibration = calibration
 
-        run = CalibrationRun(CalibrationData(prompts, targets, source), forward, done, key, cache_dir, chunk)
+        run = CalibrationRun(CalibrationData(prompts, targets, source, cfg.n_samples, cfg.seed), forward, done, key,
+                             cache_dir, chunk)
         if background:
             self.calibration_run = run
             log.info("calibration on %d labelled inputs (%s) runs in the background", len(prompts), source)
@@ -380,7 +381,7 @@ class TFBEngine:
         modules = [f"{mod.name}:{mod.scaling!r}" for mod in clf.posterior.modules]
         model_config = getattr(clf.model, "config", None)
         return {
-            "code_version": __version__,
+            "code_sha256": cache.code_sha256(),  # the code that computes it, not the package version
             "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
             "gguf_file": m.gguf_file,
             "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
@@ -438,32 +439,56 @@ class TFBEngine:
                 max_risk: float | None = None) -> dict[str, Any]:
         """Predictions for inputs (prompt strings, or records with the task's fields), as JSON-able data."""
         n = n_samples or self.cfg.n_samples
-        self.check_conformal(alpha, max_risk)  # before the forward
-        noise = self.noise(self.cfg.seed if seed is None else seed, n)
+        seed = self.cfg.seed if seed is None else seed
+        self.check_conformal(alpha, max_risk, n, seed)  # before the forward
+        noise = self.noise(seed, n)
         probs = self.classifier.sample_probs(self.format_inputs(inputs), n, sigma=self.sigma, noise=noise,
                                              max_rows=self.cfg.max_rows, prefix=self.prompt_prefix or None)  # (B, N, C)
-        return self.response(probs, return_samples, alpha, max_risk)
+        return self.response(probs, return_samples, alpha, max_risk, seed=seed)
 
-    def check_conformal(self, alpha: float | None, max_risk: float | None) -> None:
-        """Raise ``TaskError`` (a 4xx) if a request asks for sets or abstention without calibration
-        data, :class:`CalibrationPendingError` (a 503) while the calibration is still running."""
-        if (alpha is not None or max_risk is not None) and self.calibration is None:
-            asked = "alpha" if alpha is not None else "max_risk"
+    def check_conformal(self, alpha: float | None, max_risk: float | None, n_samples: int | None = None,
+                        seed: int | None = None) -> None:
+        """Raise ``TaskError`` (a 4xx, its ``param`` the field asked) if a request asks for sets or
+        abstention without calibration data (:class:`CalibrationPendingError`, a 503, while it is still
+        being computed), or at posterior samples ``n_samples`` or a ``seed``
+        (None: the calibration's) other than those the calibration was computed at.
+
+        N and the seed are part of the score function (the mean of N sampled probabilities): the
+        calibration's quantiles and Learn-then-Test counts are valid for that function only (at
+        N = 1, sets calibrated at N = 10 cover less than 1 - alpha). At sigma = 0 every sample is
+        the mean, so neither changes the scores and any is accepted.
+        """
+        if alpha is None and max_risk is None:
+            return
+        asked = "alpha" if alpha is not None else "max_risk"
+        cal = self.calibration
+        if cal is None:
             if self.calibration_run is not None:
                 raise self.calibration_run.pending_error(asked)
             raise TaskError(f"{asked}: prediction sets and abstention are off ({NO_CALIBRATION})", param=asked)
+        if self.sigma == 0.0:
+            return
+        other = ([f"n_samples={n_samples}"] if n_samples is not None and n_samples != cal.n_samples else []) + (
+            [f"seed={seed}"] if seed is not None and seed != cal.seed else [])
+        if other:
+            raise TaskError(f"{asked}: the calibration was computed at n_samples={cal.n_samples}, seed={cal.seed} "
+                            f"(TFB_N_SAMPLES, TFB_SEED); this request asks {' and '.join(other)}: no guarantee holds "
+                            "for another score function; omit n_samples and seed, or set them to the calibration's",
+                            param=asked)
 
     def response(self, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
-                 max_risk: float | None = None, labels: Sequence[str] | None = None) -> dict[str, Any]:
-        """(B, N, C) per-sample probabilities -> the JSON shape of ``tfb predict`` and ``/predict``;
-        with ``alpha`` each prediction gets its conformal ``prediction_set``, with ``max_risk`` its
-        ``abstain`` flag (post-processing with the calibration: no other forward). ``labels``: the
-        request's own label set the C classes are (None: the task's)."""
+                 max_risk: float | None = None, labels: Sequence[str] | None = None,
+                 seed: int | None = None) -> dict[str, Any]:
+        """(B, N, C) per-sample probabilities (drawn with ``seed``, None: the configured one) -> the
+        JSON shape of ``tfb predict`` and ``/predict``; with ``alpha`` each prediction gets its
+        conformal ``prediction_set``, with ``max_risk`` its ``abstain`` flag (post-processing with
+        the calibration: no other forward). ``labels``: the request's own label set the C classes
+        are (None: the task's)."""
         u = summarize(sample_probs)
         labels = list(self.task.labels if labels is None else labels)
         if len(labels) != sample_probs.shape[-1]:
             raise ValueError(f"{sample_probs.shape[-1]} class probabilities for {len(labels)} labels {labels}")
-        self.check_conformal(alpha, max_risk)
+        self.check_conformal(alpha, max_risk, int(sample_probs.shape[1]), self.cfg.seed if seed is None else seed)
         if (alpha is not None or max_risk is not None) and labels != list(self.task.labels):
             raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
                             f"got labels {labels}", param="labels")
@@ -539,6 +564,8 @@ class TFBEngine:
         cal = self.calibration
         return {"state": "ready", "n": cal.n, "source": cal.source, "score": self.cfg.conformal_score,
                 "mondrian": self.cfg.conformal_mondrian, "risk_delta": self.cfg.risk_delta,
+                # the guarantees hold for requests at these (others asking alpha or max_risk: 422)
+                "n_samples": cal.n_samples, "seed": cal.seed,
                 "abstention": "Learn-then-Test on confidence, exact binomial p-values",
                 "mean_predictive_entropy": cal.mean_predictive_entropy,
                 "mean_mutual_information": cal.mean_mutual_information}
