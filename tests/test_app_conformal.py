@@ -442,3 +442,23 @@ def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
     assert stats.binom.cdf(errors, len(answered), max_risk) <= delta
     for p in out["predictions"]:
         assert p["abstain"] is (p["confidence"] < th["threshold"])
+
+
+def test_the_configured_risk_delta_is_the_one_abstention_uses(tiny):
+    """TFB_RISK_DELTA reaches Learn-then-Test: on a calibration whose certified threshold differs
+    between delta 0.05 and 0.3, the engine's threshold is the one at its configured delta (a delta
+    fixed anywhere on the way gives one of them for both)."""
+    gen = torch.Generator().manual_seed(3)
+    conf = 0.5 + 0.5 * torch.rand(600, generator=gen, dtype=torch.float64)
+    wrong = torch.rand(600, generator=gen, dtype=torch.float64) < 0.4 * (1 - conf)  # risk rises as conf falls
+    probs = torch.stack([conf, 1 - conf], 1)
+    thresholds = {}
+    for delta in (0.05, 0.3):
+        engine = TFBEngine.load(make_settings(tiny, risk_delta=delta).engine_config(), progress=False)
+        engine.calibration = Calibration.fit(probs, wrong.long(), "synthetic", n_samples=engine.cfg.n_samples,
+                                             seed=engine.cfg.seed)
+        out = engine.predict(PROMPTS, max_risk=0.1)
+        assert out["abstention"]["delta"] == delta
+        thresholds[delta] = out["abstention"]["threshold"]
+        assert thresholds[delta] == engine.calibration.threshold(0.1, delta).threshold
+    assert thresholds[0.3] < thresholds[0.05]  # a looser delta certifies a lower threshold here

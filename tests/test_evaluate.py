@@ -222,6 +222,31 @@ def _write(path, rows) -> str:
     return str(path)
 
 
+def test_ood_aurocs_rank_ood_inputs_as_more_uncertain(classifier):
+    """The OOD AUROCs of ``evaluate`` against scikit-learn on the MLE's entropies recomputed here (at
+    sigma = 0 the model is deterministic), with OOD = positive and higher entropy = more OOD; and,
+    with two classes, confidence orders inputs exactly as entropy does (reversed), so its AUROC
+    (of minus the confidence) equals entropy's: a dropped sign on either gives 1 - AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    from tfb_core.evaluate import ood_input
+
+    task = get_task("sst2")
+    opts = EvalOptions(n_boot=0, max_rows=32)
+    search = SearchConfig(criterion="nll", tolerance=0.3, iters=2, n_samples=3, max_expansions=1)
+    test = records(6, offset=3)
+    ood = [{"question": q, "passage": "x", "answer": True} for q in
+           ("is the sky blue", "does water boil at 100 degrees", "what is the capital of france")]
+    out = evaluate(classifier, task, records(12), test, search, opts, n_samples=3, seed=0, ood=ood)["ood"]
+    prompts = [task.format(r) for r in test] + [task.format(ood_input(task, r, "question")) for r in ood]
+    h = summarize(classifier.sample_probs(prompts, 1, sigma=0.0)).predictive_entropy.double()  # (9,)
+    expected = roc_auc_score([0] * len(test) + [1] * len(ood), h.numpy())
+    assert 0.0 < expected < 1.0 and expected != 0.5  # the sign shows
+    assert out["auroc_entropy_mle"] == pytest.approx(expected, abs=1e-6)  # a float32 ratio of pair counts
+    assert out["auroc_confidence_mle"] == pytest.approx(expected, abs=1e-6)
+    assert out["auroc_confidence_tfb"] == pytest.approx(out["auroc_entropy_tfb"], abs=1e-6)
+
+
 def test_tfb_eval_test_file_generic_task_with_calibration_and_ood_files(tiny, tmp_path, capsys, monkeypatch):
     """``tfb eval --test-file`` on the generic task (prompt and label), sets fitted on --calibration,
     OOD AUROCs from --ood-file; without --calibration, a seeded half of the test file."""
