@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tfb_core.lora import find_lora_modules, replace_module, unwrap_peft
+from tfb_core.bayes.lora import find_lora_modules, replace_module, unwrap_peft
 from tfb_core.sampling import BayesianClassifier, Job
 
 LABELS = ("negative", "positive")

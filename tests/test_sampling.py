@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfb_core.posterior import NoiseDraw
+from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.sampling import Job, plan_chunks
 from tfb_core.uncertainty import summarize
 

@@ -18,11 +18,11 @@ import torch
 
 from tfb_core import __version__, cache
 from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
+from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.calibrate import CalibrationData, CalibrationRun
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.conformal import SCORES, Calibration
 from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
-from tfb_core.posterior import NoiseDraw
 from tfb_core.published import PublishedError, reference_anchor, task_dataset
 from tfb_core.published import parse as parse_published
 from tfb_core.sampling import BayesianClassifier, Job, rows_of

@@ -1,7 +1,7 @@
 """The batched Monte Carlo forward: N adapter samples for B prompts in one forward of N*B rows.
 
 Rows are replicated sample-major (row = n * B + b for one noise draw); every row carries its own
-sample of A' (see :mod:`tfb_core.posterior`), so prompts with different seeds or different N can
+sample of A' (see :mod:`tfb_core.bayes.posterior`), so prompts with different seeds or different N can
 share one forward and a prompt's answer never depends on what else is in the batch. Only the last
 position is read, and only the class-token rows of ``lm_head`` (and of its LoRA) are computed.
 """
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tfb_core.posterior import NoiseDraw, RoutedLinear, Routing, TFBLinear, TFBPosterior, bayesianize_many
+from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior
+from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
 from tfb_core.prefix_cache import PREFIX_CACHE_SIZE, PrefixCache
 from tfb_core.tasks import class_token_ids
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import PosteriorConfig, SearchConfig
-from tfb_core.posterior import NoiseDraw
 from tfb_core.uncertainty import accuracy, nll
 
 log = logging.getLogger(__name__)
