@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tfb_core.calibrate import CalibrationPendingError
 from tfb_core.engine import UnknownAdapterError
+from tfb_core.forward.classifier import EmptyPromptError, PromptTooLongError
 from tfb_core.loading import LoadError
-from tfb_core.sampling import EmptyPromptError, PromptTooLongError
 from tfb_core.tasks import TaskError
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ for p in (str(ROOT), str(HERE)):
 import torch  # noqa: E402
 from bench_models import DTYPES, Harness  # noqa: E402
 
-from tfb_core.sampling import MIN_SHARED_PREFIX  # noqa: E402
+from tfb_core.forward.planning import MIN_SHARED_PREFIX  # noqa: E402
 
 GRIDS: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {  # (B prompts, L tokens, Ns)
     "full": [(b, L, (1, 4, 10, 32)) for b in (1, 8) for L in (64, 256)],

@@ -8,7 +8,7 @@ from conftest import LABELS
 
 from tfb_core.batch import BatchRequest
 from tfb_core.engine import EngineConfig, TFBEngine
-from tfb_core.sampling import PromptTooLongError
+from tfb_core.forward.classifier import PromptTooLongError
 from tfb_core.tasks import TaskError
 
 PROMPTS = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfb_core.sampling import Job
+from tfb_core.forward.layout import Job
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

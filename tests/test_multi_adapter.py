@@ -9,8 +9,8 @@ from conftest import DEVICE, LABELS
 from test_posterior import peft_reference
 
 from tfb_core.config import ModelConfig
+from tfb_core.forward.layout import Job
 from tfb_core.loading import LoadError, load_classifier, load_classifiers
-from tfb_core.sampling import Job
 from tfb_core.tasks import get_task
 
 KEYS = ("adapter", "adapter_qv", "adapter_other")

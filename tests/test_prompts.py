@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tfb_core.sampling import BayesianClassifier
+from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.tasks import class_token_ids, get_task
 
 MAX_SEQ_LEN = 300  # the reference scripts' --max-seq-len

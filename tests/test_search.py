@@ -226,7 +226,7 @@ def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
     import gc
     import weakref
 
-    from tfb_core import sampling
+    from tfb_core.forward import classifier as sampling
 
     anchor_file = tmp_path / "instructed.jsonl"  # prompts that share an instruction, as a task's do
     instruction = "Classify the sentiment of the movie review below as positive or negative. Review: "

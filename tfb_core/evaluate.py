@@ -36,7 +36,7 @@ import torch
 from tfb_core import selective
 from tfb_core.config import SearchConfig
 from tfb_core.conformal import SCORES
-from tfb_core.sampling import rows_of
+from tfb_core.forward.layout import rows_of
 from tfb_core.tasks import Record, Task, TaskError
 from tfb_core.uncertainty import (
     Uncertainty,

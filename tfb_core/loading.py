@@ -179,8 +179,8 @@ def base_mismatch(cfgs: Sequence[ModelConfig]) -> tuple[int, str] | None:
 def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]],
                      posterior: PosteriorConfig | None = None) -> list:
     """One base model with every adapter of ``cfgs`` (which must agree on :data:`BASE_FIELDS`),
-    Bayesianized: a :class:`~tfb_core.sampling.BayesianClassifier` per adapter, all sharing the base."""
-    from tfb_core.sampling import BayesianClassifier
+    Bayesianized: a :class:`~tfb_core.forward.classifier.BayesianClassifier` per adapter, all sharing the base."""
+    from tfb_core.forward.classifier import BayesianClassifier
 
     if not cfgs:
         raise LoadError("no adapter to load")
