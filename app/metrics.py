@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tfb_core.uncertainty import ECE_BINS, accuracy, brier, ece, nll
+from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, ece, nll
 
 _EPS = 1e-12
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

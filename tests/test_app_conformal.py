@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_app_support import LABELS, PROMPTS, make_settings, ready_client
 
-from tfb_core.conformal import Calibration
+from tfb_core.decide.conformal import Calibration
 from tfb_core.engine import TFBEngine, split_anchor
 from tfb_core.loading import LoadError
 

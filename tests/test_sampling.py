@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.decide.uncertainty import summarize
 from tfb_core.forward.layout import Job
 from tfb_core.forward.planning import plan_chunks
-from tfb_core.uncertainty import summarize
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 

@@ -10,7 +10,7 @@ On the same test examples, with the same adapter::
 Per method: accuracy, ECE (15 bins), NLL, Brier (fractions, not x100) and mean mutual information;
 paired bootstrap intervals for the differences to ``mle``; with an OOD set, the AUROC of
 confidence, predictive entropy and mutual information separating in- (label 0) from
-out-of-distribution (label 1) inputs. Acting on uncertainty (:mod:`tfb_core.selective`): coverage
+out-of-distribution (label 1) inputs. Acting on uncertainty (:mod:`tfb_core.decide.selective`): coverage
 and mean set size of split-conformal sets at each alpha, the risk-coverage curve and its area,
 the share answered at each max_risk under Learn-then-Test (by confidence, entropy and mutual
 information) and the AUROC of each score for detecting errors; the sets and thresholds are fitted
@@ -33,12 +33,10 @@ from typing import Any
 
 import torch
 
-from tfb_core import selective
 from tfb_core.config import SearchConfig
-from tfb_core.conformal import SCORES
-from tfb_core.forward.layout import rows_of
-from tfb_core.tasks import Record, Task, TaskError
-from tfb_core.uncertainty import (
+from tfb_core.decide import selective
+from tfb_core.decide.conformal import SCORES
+from tfb_core.decide.uncertainty import (
     Uncertainty,
     apply_temperature,
     brier,
@@ -48,6 +46,8 @@ from tfb_core.uncertainty import (
     nll,
     summarize,
 )
+from tfb_core.forward.layout import rows_of
+from tfb_core.tasks import Record, Task, TaskError
 
 log = logging.getLogger(__name__)
 

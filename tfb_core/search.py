@@ -23,7 +23,7 @@ import torch
 
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import PosteriorConfig, SearchConfig
-from tfb_core.uncertainty import accuracy, nll
+from tfb_core.decide.uncertainty import accuracy, nll
 
 log = logging.getLogger(__name__)
 

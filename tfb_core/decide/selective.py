@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from tfb_core.conformal import Calibration, Threshold, _grid, _ltt
-from tfb_core.uncertainty import entropy
+from tfb_core.decide.conformal import Calibration, Threshold, _grid, _ltt
+from tfb_core.decide.uncertainty import entropy
 
 ALPHAS = (0.05, 0.1, 0.2)
 MAX_RISKS = (0.02, 0.05, 0.1)
