@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
+from tfb_core.data.loading import base_mismatch
 from tfb_core.engine import EngineConfig, check_names
-from tfb_core.loading import base_mismatch
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -437,7 +437,7 @@ SYNTH_WORDS = ("a", "the", "film", "movie", "plot", "cast", "great", "dull", "wo
 
 def anchor_sentences(n: int = 100) -> tuple[list[str], str]:
     path = ROOT / "tfb_core" / "adapters" / "sst2-mle" / "anchor.jsonl"
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     if path.is_file():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tfb_core.config import SearchConfig
+from tfb_core.data.tasks import get_task
 from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, summarize
 from tfb_core.evaluate import (
     METHODS,
@@ -20,7 +21,6 @@ from tfb_core.evaluate import (
     ood_auroc,
     reliability_bins,
 )
-from tfb_core.tasks import get_task
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again", "a great film",

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tfb_core.data.tasks import class_token_ids, get_task
 from tfb_core.forward.classifier import BayesianClassifier
-from tfb_core.tasks import class_token_ids, get_task
 
 MAX_SEQ_LEN = 300  # the reference scripts' --max-seq-len
 _MC = "Return the label of the correct answer for the question below.\n\nQuestion: {question}\n{word}:\n{choices}\nAnswer:"

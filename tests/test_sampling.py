@@ -90,7 +90,7 @@ def test_noise_is_common_random_numbers_scaled_by_sigma(classifier):
 
 def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifier):
     """A task's instruction is common to every row: running it once per sample changes nothing."""
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     prompts = [task.format(s) for s in PROMPTS]
@@ -203,7 +203,7 @@ def test_forwards_planned_by_length_give_the_same_probabilities(classifier):
 def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classifier):
     """The instruction's keys and values are computed once per posterior sample and reused by the
     next forwards (other prompts, also one prompt alone), and never for other samples or sigma."""
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     prompts = [task.format(s) for s in PROMPTS]

@@ -180,9 +180,9 @@ def _key_variants():
 def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp_path, name, change):
     from dataclasses import replace
 
+    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import anchor_prompts, read_jsonl
-    from tfb_core.loading import load_classifier
-    from tfb_core.tasks import get_task
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
@@ -205,9 +205,9 @@ def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp
 
 def test_anchor_and_code_version_change_the_key(model_cfg, anchor_file, tmp_path, monkeypatch):
     from tfb_core import engine as engine_mod
+    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import anchor_prompts, read_jsonl
-    from tfb_core.loading import load_classifier
-    from tfb_core.tasks import get_task
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)

@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 
 from tfb_core import cache
+from tfb_core.data.loading import LoadError
 from tfb_core.decide.conformal import Calibration
 from tfb_core.decide.uncertainty import summarize
-from tfb_core.loading import LoadError
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.calibrate import CalibrationData, CalibrationRun
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
+from tfb_core.data.loading import LoadError, default_cache_dir, load_classifiers
+from tfb_core.data.published import PublishedError, reference_anchor, task_dataset
+from tfb_core.data.published import parse as parse_published
+from tfb_core.data.tasks import Record, Task, TaskError, get_task
 from tfb_core.decide.conformal import SCORES, Calibration
 from tfb_core.decide.uncertainty import summarize
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.layout import Job, rows_of
-from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
-from tfb_core.published import PublishedError, reference_anchor, task_dataset
-from tfb_core.published import parse as parse_published
 from tfb_core.search import SearchResult, check_result, search_sigma
-from tfb_core.tasks import Record, Task, TaskError, get_task
 
 log = logging.getLogger(__name__)
 

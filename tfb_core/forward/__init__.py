@@ -4,5 +4,5 @@
 :mod:`~tfb_core.forward.layout` says which job, sample and noise each row of a forward is (pure);
 :mod:`~tfb_core.forward.prefix_cache` keeps a shared prompt prefix's keys and values per posterior
 sample; :mod:`~tfb_core.forward.classifier` runs the model and reads the class tokens at the last
-position. Imports point down to :mod:`tfb_core.bayes` and :mod:`tfb_core.tasks`, never up.
+position. Imports point down to :mod:`tfb_core.bayes` and :mod:`tfb_core.data.tasks`, never up.
 """

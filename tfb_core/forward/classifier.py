@@ -23,6 +23,7 @@ from torch import nn
 
 from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior, base_rows
 from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
+from tfb_core.data.tasks import class_token_ids
 from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
 from tfb_core.forward.planning import (
     FORWARD_OVERHEAD_TOKENS,
@@ -34,7 +35,6 @@ from tfb_core.forward.planning import (
     shared_prefix,
 )
 from tfb_core.forward.prefix_cache import PREFIX_CACHE_SIZE, PrefixCache
-from tfb_core.tasks import class_token_ids
 
 
 class PromptTooLongError(ValueError):
