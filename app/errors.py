@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tfb_core.calibrate import CalibrationPendingError
+from tfb_core.data.loading import LoadError
+from tfb_core.data.tasks import TaskError
 from tfb_core.engine import UnknownAdapterError
-from tfb_core.loading import LoadError
-from tfb_core.sampling import EmptyPromptError, PromptTooLongError
-from tfb_core.tasks import TaskError
+from tfb_core.forward.classifier import EmptyPromptError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 

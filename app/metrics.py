@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tfb_core.uncertainty import ECE_BINS, accuracy, brier, ece, nll
+from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, ece, nll
 
 _EPS = 1e-12
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -95,7 +95,7 @@ class Metrics:
         self._window = recent_window
         self._recent: dict[str, deque[tuple[list[float], int]]] = {}
         self._recent_dirty: set[str] = set()
-        # prediction sets and abstention (tfb_core.conformal); label-free accuracy estimate
+        # prediction sets and abstention (tfb_core.decide.conformal); label-free accuracy estimate
         self.with_set = Counter("tfb_predictions_with_set", "predictions that got a prediction set (alpha)", A,
                                 registry=r)
         self.set_size = Counter("tfb_prediction_set_size_sum", "sum of prediction set sizes", A, registry=r)

@@ -20,8 +20,8 @@ from app.errors import DuplicateFeedbackError, LimitError, UnknownPredictionErro
 from app.metrics import Metrics
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
+from tfb_core.data.tasks import TaskError, generic_task
 from tfb_core.engine import AdapterPool, TFBEngine
-from tfb_core.tasks import TaskError, generic_task
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
+from tfb_core.data.loading import base_mismatch
 from tfb_core.engine import EngineConfig, check_names
-from tfb_core.loading import base_mismatch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     search_method: Literal["bisect", "grid"] = _SEARCH.method
     d_floor: float = _ENGINE.d_floor
 
-    # --- prediction sets and abstention (tfb_core.conformal) ------------------------------------
+    # --- prediction sets and abstention (tfb_core.decide.conformal) ------------------------------------
     calibration: str | None = Field(None, description="labelled JSON Lines for prediction sets and abstention "
                                     "(unset: the demo's bundled file, or a calibration_split of a labelled anchor)")
     calibration_split: float = Field(_ENGINE.calibration_split, ge=0.0, lt=1.0,

@@ -7,7 +7,7 @@ seed 0) and under the MLE adapter (sigma = 0). Then:
 
 * splits: the pool of 372 is split at random into n calibration and 372 - n test sentences
   (n = 100, 200, 272; ``--splits`` seeded draws); Learn-then-Test is fitted on the calibration
-  part by the server's procedure (the fallback, :mod:`tfb_core.conformal`) and by the one it
+  part by the server's procedure (the fallback, :mod:`tfb_core.decide.conformal`) and by the one it
   replaced (fixed-sequence runs from 8 evenly spaced grid points, delta / 8 each, restated here),
   and measured on the test part: the share answered and the error among the answered (mean and
   10th percentile over splits), the share of splits that certify a threshold, and the share whose
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from tfb_core.conformal import Calibration, Threshold, binom_cdf
-from tfb_core.data import load_records
+from tfb_core.data.datasets import load_records
+from tfb_core.decide.conformal import Calibration, Threshold, binom_cdf
 from tfb_core.engine import EngineConfig, TFBEngine
 
 SIZES = (100, 200, 272)

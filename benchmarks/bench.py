@@ -55,7 +55,7 @@ for p in (str(ROOT), str(HERE)):
 import torch  # noqa: E402
 from bench_models import DTYPES, Harness  # noqa: E402
 
-from tfb_core.sampling import MIN_SHARED_PREFIX  # noqa: E402
+from tfb_core.forward.planning import MIN_SHARED_PREFIX  # noqa: E402
 
 GRIDS: dict[str, list[tuple[int, int, tuple[int, ...]]]] = {  # (B prompts, L tokens, Ns)
     "full": [(b, L, (1, 4, 10, 32)) for b in (1, 8) for L in (64, 256)],
@@ -437,7 +437,7 @@ SYNTH_WORDS = ("a", "the", "film", "movie", "plot", "cast", "great", "dull", "wo
 
 def anchor_sentences(n: int = 100) -> tuple[list[str], str]:
     path = ROOT / "tfb_core" / "adapters" / "sst2-mle" / "anchor.jsonl"
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     if path.is_file():

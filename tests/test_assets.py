@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tfb_core import assets
+from tfb_core.data import assets
 
 
 def write_tiny_gguf(path: Path) -> Path:

@@ -7,9 +7,9 @@ import torch
 from conftest import LABELS
 
 from tfb_core.batch import BatchRequest
+from tfb_core.data.tasks import TaskError
 from tfb_core.engine import EngineConfig, TFBEngine
-from tfb_core.sampling import PromptTooLongError
-from tfb_core.tasks import TaskError
+from tfb_core.forward.classifier import PromptTooLongError
 
 PROMPTS = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
            "the plot is thin but the acting is superb", "I would not watch it again"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfb_core.sampling import Job
+from tfb_core.forward.layout import Job
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -17,7 +17,7 @@ PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not wat
 
 def _delta_rows(classifier) -> list[int]:
     """Record the leading size of the first module's noise tensor at each forward."""
-    from tfb_core.posterior import RoutedLinear
+    from tfb_core.bayes.routing import RoutedLinear
 
     seen: list[int] = []
     slot = classifier.posterior.modules[0]  # the adapter's LoRA on a layer: the layer's RoutedLinear runs it

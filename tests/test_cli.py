@@ -121,7 +121,7 @@ def test_blob_adapter_extra_keys_are_ignored_with_a_log_line(tiny, caplog):
     from dataclasses import replace
 
     from tfb_core.config import ModelConfig
-    from tfb_core.loading import load_classifier
+    from tfb_core.data.loading import load_classifier
 
     cfg = ModelConfig(model=tiny["model"], adapter=tiny["adapter_blob"])
     with caplog.at_level(logging.INFO):

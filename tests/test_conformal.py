@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import IN_CI
 
-from tfb_core.conformal import Calibration, binom_cdf, finite_sample_quantile, nonconformity
+from tfb_core.decide.conformal import Calibration, binom_cdf, finite_sample_quantile, nonconformity
 
 try:  # the oracles (dev extra); under CI a missing one fails
     import mapie.classification as mapie_classification

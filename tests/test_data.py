@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-from tfb_core import data
-from tfb_core.tasks import get_task
+from tfb_core.data import datasets as data
+from tfb_core.data.tasks import get_task
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREAMBLE = "Return the label of the correct answer for the question below.\n\nQuestion: "
@@ -157,7 +157,7 @@ def test_load_records_from_a_cached_wheel(tmp_path):
 
 
 def test_single_field_task_takes_a_bare_string_multi_field_does_not():
-    from tfb_core.tasks import TaskError, get_task
+    from tfb_core.data.tasks import TaskError, get_task
 
     sst2 = get_task("sst2")
     assert sst2.format("a great film") == sst2.format({"sentence": "a great film"})

@@ -207,7 +207,7 @@ def test_compose_gpu_stack():
         assert env.get(key), key
     # a real published adapter, no hand-written anchor, the code's tolerance default
     from tfb_core.config import SearchConfig
-    from tfb_core.published import parse
+    from tfb_core.data.published import parse
 
     assert parse(env["TFB_PUBLISHED"]).subfolder.startswith("mle/meta-llama/Meta-Llama-3.1-8B/winogrande_s/")
     assert env["TFB_ANCHOR"] is None and env["TFB_ADAPTER"] is None
@@ -408,7 +408,7 @@ def test_compose_many_adapters_serves_the_six_published_mle_adapters():
     fields["adapters"] = str(toml)
     fields = {k: v for k, v in fields.items() if k in Settings.model_fields}
     named = Settings(**fields).engine_configs()
-    from tfb_core.published import DATASET_TASKS
+    from tfb_core.data.published import DATASET_TASKS
 
     assert [n for n, _ in named] == list(DATASET_TASKS)
     bases = {cfg.with_defaults().model.model for _, cfg in named}

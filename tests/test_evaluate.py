@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from tfb_core.config import SearchConfig
+from tfb_core.data.tasks import get_task
+from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, summarize
 from tfb_core.evaluate import (
     METHODS,
     METRICS,
@@ -19,8 +21,6 @@ from tfb_core.evaluate import (
     ood_auroc,
     reliability_bins,
 )
-from tfb_core.tasks import get_task
-from tfb_core.uncertainty import apply_temperature, fit_temperature, summarize
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again", "a great film",
@@ -184,7 +184,7 @@ def test_evaluate_acting_on_uncertainty_section(classifier, tmp_path):
     from conftest import require
 
     metrics = require("sklearn.metrics", "scikit-learn is not installed (dev extra, via mapie)")
-    from tfb_core.selective import risk_coverage
+    from tfb_core.decide.selective import risk_coverage
 
     task = get_task("sst2")
     test = records(16)

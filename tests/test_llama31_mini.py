@@ -25,7 +25,7 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from tfb_core.published import parse, reference_anchor
+from tfb_core.data.published import parse, reference_anchor
 from tfb_core.testing import build_llama31, build_published_lora, hub_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def mini(tmp_path_factory, llama3_tokenizer_dir):
     cache = root / "tfb"
     data = write_hub_dataset(root / "winogrande", {"winogrande_s": WINO})
     mp = pytest.MonkeyPatch()
-    mp.setitem(__import__("tfb_core.published").published.HUB_DATASETS, "winogrande_s", (str(data), "winogrande_s"))
+    mp.setitem(sys.modules["tfb_core.data.published"].HUB_DATASETS, "winogrande_s", (str(data), "winogrande_s"))
     mp.delenv("HF_HUB_OFFLINE", raising=False)
     try:
         reference_anchor("winogrande_s", cache)
@@ -183,7 +183,7 @@ def test_at_sigma_zero_the_server_equals_the_untouched_peft_model(mini):
 
 def test_blob_adapter_equals_peft_at_sigma_zero(mini, caplog):
     """BLoB's lora_A_rho keys are skipped (and named in the log); the mean adapter is used."""
-    with caplog.at_level("INFO", logger="tfb_core.loading"):
+    with caplog.at_level("INFO", logger="tfb_core.data.loading"):
         engine = local_engine(mini, BLOB)
     assert "lora_A_rho" in caplog.text
     ours = torch.tensor([p["probs"] for p in engine.predict(WINO[:3])["predictions"]])

@@ -9,9 +9,9 @@ from conftest import DEVICE, LABELS
 from test_posterior import peft_reference
 
 from tfb_core.config import ModelConfig
-from tfb_core.loading import LoadError, load_classifier, load_classifiers
-from tfb_core.sampling import Job
-from tfb_core.tasks import get_task
+from tfb_core.data.loading import LoadError, load_classifier, load_classifiers
+from tfb_core.data.tasks import get_task
+from tfb_core.forward.layout import Job
 
 KEYS = ("adapter", "adapter_qv", "adapter_other")
 YES_NO = ["yes", "no"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import DEVICE, LABELS
 
+from tfb_core.bayes.lora import find_lora_modules
+from tfb_core.bayes.posterior import sample_seed, svd_reparam
 from tfb_core.config import ModelConfig
-from tfb_core.loading import load_adapter, load_base_model, load_classifier
-from tfb_core.lora import find_lora_modules
-from tfb_core.posterior import sample_seed, svd_reparam
+from tfb_core.data.loading import load_adapter, load_base_model, load_classifier
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again Answer:"]
 
@@ -43,7 +43,7 @@ def test_every_module_keeps_ba_and_std_is_sigma_over_d(model_cfg):
     before = {lw.name: (lw.B @ lw.A).clone() for lw in loras}
     before_B = {lw.name: lw.B.detach().clone() for lw in loras}
     assert any(n.endswith("lm_head") for n in before) and any("q_proj" in n for n in before)
-    from tfb_core.sampling import BayesianClassifier
+    from tfb_core.forward.classifier import BayesianClassifier
 
     clf = BayesianClassifier.from_peft(peft_model, tok, LABELS)
     assert {m.name for m in clf.posterior.modules} == set(before)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tfb_core.prefix_cache import PrefixCache, fork
+from tfb_core.forward.prefix_cache import PrefixCache, fork
 
 
 def _cache(layers: int = 2, rows: int = 3, seed: int = 0) -> DynamicCache:

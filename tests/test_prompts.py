@@ -7,7 +7,7 @@ Wang-ML-Lab/bayesian-peft: zero-shot preambles, ``f"{l}) {c}" for l, c in zip(te
 ``passage[:1024]``, class targets ``ord(answerKey) - ord("A")`` or ``int(answerKey) - 1``, label
 ids ``tokenizer(labels, add_special_tokens=False).input_ids[:, -1:]``, and the tokenizer call
 ``padding=True, truncation=True, max_length=300`` with left padding and pad = bos) independently
-of tfb_core.tasks. Records are written as the hub stores them.
+of tfb_core.data.tasks. Records are written as the hub stores them.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tfb_core.sampling import BayesianClassifier
-from tfb_core.tasks import class_token_ids, get_task
+from tfb_core.data.tasks import class_token_ids, get_task
+from tfb_core.forward.classifier import BayesianClassifier
 
 MAX_SEQ_LEN = 300  # the reference scripts' --max-seq-len
 _MC = "Return the label of the correct answer for the question below.\n\nQuestion: {question}\n{word}:\n{choices}\nAnswer:"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tfb_core import published
-from tfb_core.published import PublishedError, parse, reference_anchor, reference_indices
+from tfb_core.data import published
+from tfb_core.data.published import PublishedError, parse, reference_anchor, reference_indices
 
 
 def need(module: str):
@@ -196,9 +196,9 @@ def test_offline_start_up_without_the_anchor_stops_before_loading_the_model(tmp_
 def test_a_named_task_without_anchor_searches_on_the_reference_anchor(tiny, local_hub, monkeypatch):
     """The engine's default anchor: the published data set's, or the one data set of a named task."""
     from tfb_core.config import ModelConfig
+    from tfb_core.data.loading import LoadError
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import EngineConfig, TFBEngine
-    from tfb_core.loading import LoadError
-    from tfb_core.tasks import get_task
 
     cfg = EngineConfig(model=ModelConfig(model=tiny["model"], adapter=tiny["adapter"],
                                          cache_dir=str(local_hub["cache"])), task="arc_challenge")

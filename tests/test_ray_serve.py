@@ -219,7 +219,7 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
         sys.path.remove(str(RAY_DIR))
     from app.errors import DuplicateFeedbackError, UnknownPredictionError
     from app.predictor import FeedbackStore, Record
-    from tfb_core.tasks import TaskError, generic_task
+    from tfb_core.data.tasks import TaskError, generic_task
 
     actor = _FakeActor(serve_app.FeedbackStoreActor(100))
     here = serve_app.SharedFeedbackStore(FeedbackStore(100), actor)  # the replica that predicted

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tfb_core.posterior import NoiseDraw
-from tfb_core.sampling import Job, plan_chunks
-from tfb_core.uncertainty import summarize
+from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.decide.uncertainty import summarize
+from tfb_core.forward.layout import Job
+from tfb_core.forward.planning import plan_chunks
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 
@@ -89,11 +90,11 @@ def test_noise_is_common_random_numbers_scaled_by_sigma(classifier):
 
 def test_shared_prompt_prefix_runs_once_per_sample_with_the_same_result(classifier):
     """A task's instruction is common to every row: running it once per sample changes nothing."""
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     prompts = [task.format(s) for s in PROMPTS]
-    from tfb_core.sampling import _common_prefix
+    from tfb_core.forward.planning import _common_prefix
 
     assert _common_prefix(classifier.tokenize(prompts)) >= 8
     draw = classifier.posterior.draw(seed=2, n_samples=5)
@@ -202,7 +203,7 @@ def test_forwards_planned_by_length_give_the_same_probabilities(classifier):
 def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classifier):
     """The instruction's keys and values are computed once per posterior sample and reused by the
     next forwards (other prompts, also one prompt alone), and never for other samples or sigma."""
-    from tfb_core.tasks import get_task
+    from tfb_core.data.tasks import get_task
 
     task = get_task("sst2")
     prompts = [task.format(s) for s in PROMPTS]
@@ -260,7 +261,7 @@ def test_engine_knows_its_tasks_instruction(tiny):
 
 def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(classifier, monkeypatch):
     """A forward that costs 0.5 s plus 2 ms per token has a fixed cost of 250 tokens."""
-    import tfb_core.sampling as sampling
+    import tfb_core.forward.planning as sampling
 
     clock = [0.0]
     monkeypatch.setattr(sampling.time, "perf_counter", lambda: clock[0])
@@ -278,7 +279,7 @@ def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(cl
 
 # --- the row layout alone: no model --------------------------------------------------------------------
 def test_row_layout_shares_one_sample_per_group_of_rows_when_every_draw_has_equal_jobs():
-    from tfb_core.sampling import row_layout
+    from tfb_core.forward.layout import row_layout
 
     one = row_layout([3, 3], ["a", "a"])  # two inputs, one draw, N = 3: sample-major
     assert one.uniform and one.group == 2
@@ -291,7 +292,7 @@ def test_row_layout_shares_one_sample_per_group_of_rows_when_every_draw_has_equa
 
 
 def test_row_layout_gathers_samples_when_draws_differ_in_jobs_or_n_and_the_mean_takes_one_row():
-    from tfb_core.sampling import row_layout
+    from tfb_core.forward.layout import row_layout
 
     mixed = row_layout([2, 3, 1], ["a", "a", None])
     assert not mixed.uniform and mixed.group == 1

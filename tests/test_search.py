@@ -181,9 +181,9 @@ def _key_variants():
 def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp_path, name, change):
     from dataclasses import replace
 
+    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import anchor_prompts, read_jsonl
-    from tfb_core.loading import load_classifier
-    from tfb_core.tasks import get_task
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
@@ -205,9 +205,9 @@ def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp
 
 
 def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
+    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import anchor_prompts, read_jsonl
-    from tfb_core.loading import load_classifier
-    from tfb_core.tasks import get_task
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
@@ -222,9 +222,9 @@ def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
 def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
     """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
     (a new cache file, not the old result); an unchanged tree gives the same key again."""
-    from tfb_core import conformal
+    from tfb_core.data.tasks import get_task
+    from tfb_core.decide import conformal
     from tfb_core.engine import anchor_prompts, read_jsonl
-    from tfb_core.tasks import get_task
 
     src = tmp_path / "src"
     src.mkdir()
@@ -244,7 +244,7 @@ def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file,
     TFBEngine.load(cfg, progress=False)
     assert len(list(calibrations.glob("*.json"))) == 1  # reused
 
-    copy.write_text(copy.read_text() + "\nLTT_STARTS = 2 * LTT_STARTS  # an edit\n")
+    copy.write_text(copy.read_text() + "\nLTT_FALLBACK = (0.99, 0.9)  # an edit\n")
     cache._sources_sha256.cache_clear()  # a new process would read the edited source
     assert TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets) != key
     TFBEngine.load(cfg, progress=False)
@@ -256,7 +256,7 @@ def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
     import gc
     import weakref
 
-    from tfb_core import sampling
+    from tfb_core.forward import classifier as sampling
 
     anchor_file = tmp_path / "instructed.jsonl"  # prompts that share an instruction, as a task's do
     instruction = "Classify the sentiment of the movie review below as positive or negative. Review: "

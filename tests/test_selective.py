@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import require
 
-from tfb_core.conformal import Calibration, _grid
-from tfb_core.selective import (
+from tfb_core.decide.conformal import Calibration, _grid
+from tfb_core.decide.selective import (
     abstention_report,
     aurc_optimal,
     auroc,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tfb_core.sampling import Job, rows_of
+from tfb_core.forward.layout import Job, rows_of
 
 if TYPE_CHECKING:
     from tfb_core.engine import TFBEngine

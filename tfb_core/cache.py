@@ -31,14 +31,17 @@ CACHE_FORMAT = 1
 #: version (unchanged across commits) would serve a result the new code would not give.
 COMPUTING_MODULES = (
     "tfb_core.search",  # the sigma search: objective, bracket, bisection/grid, stopping rule
-    "tfb_core.posterior",  # the SVD re-parameterisation, the noise draws and the sigma / d scaling
-    "tfb_core.lora",  # which modules carry LoRA and how A, B and the scaling are read from peft
-    "tfb_core.loading",  # how the base model and adapter are loaded (dtype, attention, class tokens)
-    "tfb_core.sampling",  # the N-sample forward: rows, padding, class-token logits, softmax
-    "tfb_core.prefix_cache",  # the shared instruction's keys/values reused by those forwards
-    "tfb_core.tasks",  # prompt formats, truncation and labels: what the forward reads
-    "tfb_core.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
-    "tfb_core.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
+    "tfb_core.bayes.posterior",  # the SVD re-parameterisation, the noise draws and the sigma / d scaling
+    "tfb_core.bayes.routing",  # how each adapter's rows get its own LoRA and noise in a shared forward
+    "tfb_core.bayes.lora",  # which modules carry LoRA and how A, B and the scaling are read from peft
+    "tfb_core.data.loading",  # how the base model and adapter are loaded (dtype, attention, class tokens)
+    "tfb_core.forward.classifier",  # the N-sample forward: padding, class-token logits, softmax
+    "tfb_core.forward.layout",  # which rows and noise draws each input gets
+    "tfb_core.forward.planning",  # how inputs are grouped into forwards (float order)
+    "tfb_core.forward.prefix_cache",  # the shared instruction's keys/values reused by those forwards
+    "tfb_core.data.tasks",  # prompt formats, truncation and labels: what the forward reads
+    "tfb_core.decide.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
+    "tfb_core.decide.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
     "tfb_core.calibrate",  # the calibration's forward in steps, and what it fits on
 )
 

@@ -1,6 +1,6 @@
 """An engine's calibration forward, in steps: so that a server can answer requests while it runs.
 
-The calibration (:class:`tfb_core.conformal.Calibration`) is a forward of every labelled
+The calibration (:class:`tfb_core.decide.conformal.Calibration`) is a forward of every labelled
 calibration input at the engine's sigma, default N and seed: minutes on a CPU for a few hundred
 inputs. ``tfb predict`` and ``tfb eval`` run it whole before they answer (:meth:`CalibrationRun.run`);
 the server turns ready first and runs it a few inputs at a time between its batches
@@ -22,9 +22,9 @@ from typing import Any, Literal
 import torch
 
 from tfb_core import cache
-from tfb_core.conformal import Calibration
-from tfb_core.loading import LoadError
-from tfb_core.uncertainty import summarize
+from tfb_core.data.loading import LoadError
+from tfb_core.decide.conformal import Calibration
+from tfb_core.decide.uncertainty import summarize
 
 log = logging.getLogger(__name__)
 

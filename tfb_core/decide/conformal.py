@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from tfb_core.uncertainty import entropy
+from tfb_core.decide.uncertainty import entropy
 
 SCORES = ("lac", "aps")
 #: confidences that share delta equally in Learn-then-Test's fallback procedure (the grid points nearest them)

@@ -2,7 +2,7 @@
 
 peft keeps, per LoRA-wrapped ``nn.Linear``, ``lora_A[name]`` (r x in), ``lora_B[name]`` (out x r),
 ``scaling[name]`` (alpha / r) and the frozen ``base_layer``. We read these once and hand them to
-:mod:`tfb_core.posterior`; after that the model no longer runs through peft's code.
+:mod:`tfb_core.bayes.posterior`; after that the model no longer runs through peft's code.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 * AUROC of an uncertainty score (higher = more uncertain) separating errors (or OOD inputs) from
   the rest.
 * prediction sets and abstention, offline: fitted on calibration data with
-  :class:`tfb_core.conformal.Calibration` (the server's code), measured on held-out data.
+  :class:`tfb_core.decide.conformal.Calibration` (the server's code), measured on held-out data.
 
 Certainty scores, all in [1/C, 1] and higher = answer first: ``confidence`` (max p), and
 ``entropy`` and ``mutual_information`` put on the confidence scale by one fixed decreasing map,
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from tfb_core.conformal import Calibration, Threshold, _grid, _ltt
-from tfb_core.uncertainty import entropy
+from tfb_core.decide.conformal import Calibration, Threshold, _grid, _ltt
+from tfb_core.decide.uncertainty import entropy
 
 ALPHAS = (0.05, 0.1, 0.2)
 MAX_RISKS = (0.02, 0.05, 0.1)
