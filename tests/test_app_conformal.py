@@ -430,9 +430,16 @@ def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
     for y in range(2):  # Mondrian: each class's own ceil((n_y + 1)(1 - alpha))-th smallest score
         scores = sorted(aps(p, y) for p, t in zip(cal_probs, target, strict=True) if t == y)
         q.append(scores[math.ceil((len(scores) + 1) * (1 - alpha)) - 1])
+    # the test's probabilities and the server's calibration come from forwards of other batch
+    # compositions (float order: ~1e-8); a score that close to its quantile can fall either side
+    decided = 0
     for p in out["predictions"]:
-        expected = [LABELS[y] for y in range(2) if aps(p["probs"], y) <= q[y] + 1e-9]
-        assert p["prediction_set"] == expected, (p["probs"], q)
+        for y in range(2):
+            score = aps(p["probs"], y)
+            if abs(score - q[y]) > 1e-6:
+                assert (LABELS[y] in p["prediction_set"]) == (score <= q[y]), (p["probs"], q)
+                decided += 1
+    assert decided >= len(PROMPTS)  # most memberships are clear-cut
     th = out["abstention"]
     assert th["supported"], th
     conf = [max(p) for p in cal_probs]
