@@ -418,6 +418,10 @@ def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
         cal_probs += [p["probs"] for p in c.post("/predict", json={"inputs": [r["prompt"] for r in CAL[16:]]}
                                                   ).json()["predictions"]]
         out = c.post("/predict", json={"inputs": PROMPTS, "alpha": alpha, "max_risk": max_risk}).json()
+        inputs = PROMPTS + [r["prompt"] for r in CAL]  # at most 8 a request (make_settings)
+        by_alpha = {a: {"predictions": [p for i in range(0, len(inputs), 8) for p in c.post(
+            "/predict", json={"inputs": inputs[i:i + 8], "alpha": a}).json()["predictions"]]}
+            for a in (0.1, 0.2, 0.3, 0.4, 0.5)}
     assert (info["score"], info["mondrian"], info["risk_delta"]) == ("aps", True, delta)
     assert out["conformal"]["score"] == "aps" and out["conformal"]["mondrian"] is True
     assert out["abstention"]["delta"] == delta
@@ -426,20 +430,26 @@ def test_aps_mondrian_and_risk_delta_reach_the_server(tiny, cal_file, tmp_path):
     def aps(p: list[float], y: int) -> float:  # mass of the labels ranked at or above y (ties: lower index first)
         return sum(q for k, q in enumerate(p) if q > p[y] or (q == p[y] and k <= y))
 
-    q = []
-    for y in range(2):  # Mondrian: each class's own ceil((n_y + 1)(1 - alpha))-th smallest score
-        scores = sorted(aps(p, y) for p, t in zip(cal_probs, target, strict=True) if t == y)
-        q.append(scores[math.ceil((len(scores) + 1) * (1 - alpha)) - 1])
+    def quantile(scores: list[float], a: float) -> float:  # the ceil((n + 1)(1 - a))-th smallest
+        return sorted(scores)[math.ceil((len(scores) + 1) * (1 - a)) - 1]
+
     # the test's probabilities and the server's calibration come from forwards of other batch
     # compositions (float order: ~1e-8); a score that close to its quantile can fall either side
-    decided = 0
-    for p in out["predictions"]:
-        for y in range(2):
-            score = aps(p["probs"], y)
-            if abs(score - q[y]) > 1e-6:
-                assert (LABELS[y] in p["prediction_set"]) == (score <= q[y]), (p["probs"], q)
-                decided += 1
-    assert decided >= len(PROMPTS)  # most memberships are clear-cut
+    decided = discriminating = 0
+    for a, answer in by_alpha.items():
+        # Mondrian: each class's own quantile; shared: one over all classes (what Mondrian must not give)
+        q = [quantile([aps(p, y) for p, t in zip(cal_probs, target, strict=True) if t == y], a) for y in range(2)]
+        shared = quantile([aps(p, t) for p, t in zip(cal_probs, target, strict=True)], a)
+        for p in answer["predictions"]:
+            for y in range(2):
+                score = aps(p["probs"], y)
+                if abs(score - q[y]) > 1e-6:
+                    assert (LABELS[y] in p["prediction_set"]) == (score <= q[y]), (a, p["probs"], q)
+                    decided += 1
+                    discriminating += abs(score - shared) > 1e-6 and (score <= shared) != (score <= q[y])
+    assert decided >= len(PROMPTS) and discriminating >= 1  # clear-cut cases, some where Mondrian matters
+    assert [p["prediction_set"] for p in out["predictions"]] == [
+        p["prediction_set"] for p in by_alpha[alpha]["predictions"][:len(PROMPTS)]]
     th = out["abstention"]
     assert th["supported"], th
     conf = [max(p) for p in cal_probs]
