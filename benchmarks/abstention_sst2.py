@@ -42,6 +42,20 @@ def mean_probs(cfg: EngineConfig, records: list[dict]) -> tuple[torch.Tensor, fl
     return torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64), engine.sigma  # (n, C)
 
 
+def demo_probs(records: list[dict], cache: Path | None) -> tuple[dict[str, torch.Tensor], float]:
+    """Mean probabilities of ``records`` under TFB (the demo's sigma as served: from the cache or its
+    search) and the MLE adapter, and that sigma; read from / written to ``cache`` if given."""
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved["probs"].items()}, saved["sigma"]
+    tfb, sigma = mean_probs(EngineConfig(calibration=""), records)  # no calibration forward: not needed here
+    mle, _ = mean_probs(EngineConfig(sigma=0.0, calibration=""), records)
+    probs = {"tfb": tfb, "mle": mle}
+    if cache is not None:
+        cache.write_text(json.dumps({"sigma": sigma, "probs": {k: v.tolist() for k, v in probs.items()}}))
+    return probs, sigma
+
+
 def eight_starts(cal: Calibration, max_risk: float, delta: float) -> Threshold:
     """The procedure before the fallback: fixed-sequence runs from 8 evenly spaced grid points, delta / 8 each."""
     g = len(cal.grid)
@@ -73,17 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     anchor, test = load_records("sst2", "anchor"), load_records("sst2", "test")
     target = torch.tensor([int(r["label"]) for r in anchor + test])
-    cache = Path(args.probs) if args.probs else None
-    if cache is not None and cache.exists():
-        saved = json.loads(cache.read_text())
-        probs = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved["probs"].items()}
-        sigma = saved["sigma"]
-    else:
-        tfb, sigma = mean_probs(EngineConfig(calibration=""), anchor + test)  # the demo's sigma as served
-        mle, _ = mean_probs(EngineConfig(sigma=0.0, calibration=""), anchor + test)
-        probs = {"tfb": tfb, "mle": mle}
-        if cache is not None:
-            cache.write_text(json.dumps({"sigma": sigma, "probs": {k: v.tolist() for k, v in probs.items()}}))
+    probs, sigma = demo_probs(anchor + test, Path(args.probs) if args.probs else None)
     n_pool = len(target)
     procedures = {"fallback": lambda cal, r: cal.threshold(r, args.delta),
                   "eight_starts": lambda cal, r: eight_starts(cal, r, args.delta)}

@@ -1,11 +1,13 @@
 """Prediction sets and abstention on the demo (SST-2, the embedded SmolLM2 MLE adapter).
 
-Mean probabilities of the anchor and test inputs once under TFB (the published sigma, N = 10) and
+Mean probabilities of the anchor and test inputs once under TFB (the demo's sigma as served, N = 10) and
 the MLE adapter (sigma = 0); then 20 seeded random half/half calibration/test splits: coverage and
 mean set size at alpha = 0.1 (LAC, APS, Mondrian LAC), and abstention at max_risk = 0.05 (delta 0.1):
 whether a threshold is certified, the share answered and the selective error on the test half.
 
-    python benchmarks/conformal_sst2.py --out benchmarks/results/conformal-sst2.json
+    python benchmarks/conformal_sst2.py --probs probs.json --out benchmarks/results/conformal-sst2.json
+
+(``--probs``: the probabilities abstention_sst2.py computes, read from or written to that file.)
 """
 
 from __future__ import annotations
@@ -16,18 +18,12 @@ import statistics
 from pathlib import Path
 
 import torch
+from abstention_sst2 import demo_probs
 
 from tfb_core.data.datasets import load_records
 from tfb_core.decide.conformal import Calibration
-from tfb_core.engine import EngineConfig, TFBEngine
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def mean_probs(sigma: float, records: list[dict]) -> torch.Tensor:
-    engine = TFBEngine.load(EngineConfig(sigma=sigma, calibration_split=0.0), progress=False)
-    out = engine.predict(records)
-    return torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64)  # (n, C)
 
 
 def main() -> None:
@@ -36,13 +32,13 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--max-risk", type=float, default=0.05)
     ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--probs", default=None, help="read/write the probabilities here (abstention_sst2.py's file)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sigma = json.loads((RESULTS / "sst2_tfb.json").read_text())["sigma"]
     records = load_records("sst2", "anchor") + load_records("sst2", "test")
     target = torch.tensor([int(r["label"]) for r in records])
-    probs = {"tfb": mean_probs(sigma, records), "mle": mean_probs(0.0, records)}
+    probs, sigma = demo_probs(records, Path(args.probs) if args.probs else None)
     n = len(records)
     rows: list[dict] = []
     for s in range(args.splits):
