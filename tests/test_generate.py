@@ -265,3 +265,33 @@ def test_adapters_mixed_in_one_decode_equal_each_adapter_alone(tiny, tokens, sig
                                        torch.tensor([[t.logprob, t.mutual_information] for t in ref.tokens]), **TOL)
     with pytest.raises(ValueError, match="one sigma per forward"):
         many.generate([GenerationRequest(tokens[0], sigma=0.1), GenerationRequest(tokens[1], sigma=0.2)])
+
+
+def test_requests_join_a_running_decode_and_each_answer_is_its_own(gen, tokens):
+    """Continuous batching: requests join between steps (their prefill separate, their cache rows
+    appended with left padding), the longest prompt leaves early (its padding is cut off the cache),
+    and every answer equals the request decoded alone."""
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4, top_logprobs=2)
+    first = [GenerationRequest(tokens[0], max_tokens=2, **kw), GenerationRequest(tokens[3], max_tokens=7, **kw)]
+    later = [GenerationRequest(tokens[2], max_tokens=5, **kw),
+             GenerationRequest(tokens[1], max_tokens=4, mode="per_sample", **{**kw, "seed": 8})]
+    decoding = gen.start(first)
+    decoding.step()
+    assert decoding.join(later[:1]) == [2]
+    decoding.step()
+    with pytest.raises(ValueError, match="one sigma per forward"):  # refused, and nothing changed
+        decoding.join([GenerationRequest(tokens[1], n_samples=3, sigma=0.1)])
+    decoding.step()
+    assert decoding.join(later[1:]) == [3]
+    while not decoding.done:
+        decoding.step()
+        if not decoding.done:
+            assert bool(decoding.mask.any(0).all())  # no column that no row attends to
+    assert decoding.mask is None
+    for req, res in zip(first + later, decoding.results(), strict=True):
+        alone = gen.generate([req])[0]
+        assert _ids(res) == _ids(alone)
+        for got, ref in zip(res.completions, alone.completions, strict=True):
+            torch.testing.assert_close(_vals(got.tokens, "logprob"), _vals(ref.tokens, "logprob"), **TOL)
+            torch.testing.assert_close(_vals(got.tokens, "mutual_information"),
+                                       _vals(ref.tokens, "mutual_information"), **TOL)

@@ -73,6 +73,18 @@ def plan_rows(rows: Sequence[Row]) -> list[SegmentPlan]:
     return plans
 
 
+def layout(rows: Sequence[Row]) -> tuple[list[int], list[SegmentPlan]]:
+    """(order, plans): the forward order of ``rows`` (indices into them) and the segment plans over
+    the rows *in that order* (``[rows[i] for i in order]``)."""
+    plans = plan_rows(rows)
+    order = [i for plan in plans for i in plan.rows]
+    out, at = [], 0
+    for plan in plans:
+        out.append(SegmentPlan(plan.adapter, tuple(range(at, at + len(plan.rows))), plan.uniform, plan.group))
+        at += len(plan.rows)
+    return order, out
+
+
 def segment_noise(plan: SegmentPlan, rows: Sequence[Row], posterior: TFBPosterior) -> list[torch.Tensor] | None:
     """Per module of ``posterior`` the (rows / group, r, in) draws of a segment's rows (zeros for
     rows of the posterior mean among noisy ones); None when no row is noisy."""

@@ -23,7 +23,7 @@ from tfb_core.bayes.posterior import TFBPosterior
 from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
 from tfb_core.decide.generation import SequenceScores, mix_rows, sequence_scores
 from tfb_core.forward.completion import GenerationRequest, GenerationResult, TokenUncertainty
-from tfb_core.forward.decode_rows import Row, arm, build_segments, disarm, plan_rows
+from tfb_core.forward.decode_rows import Row, SegmentPlan, arm, build_segments, disarm, layout, plan_rows
 
 
 class BayesianGenerator:
@@ -84,18 +84,18 @@ class BayesianGenerator:
 
     def forward(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, cache: Any | None, sigmas: dict[int, float],
-                plans: Sequence | None = None, keep: int = 1) -> torch.Tensor:
+                plans: Sequence[SegmentPlan] | None = None, keep: int = 1) -> torch.Tensor:
         """Next-token logits of the last ``keep`` positions of each row, each row with its own sample
         and adapter: (R, keep, V) in the model's dtype. One forward of the base model.
 
-        ``rows`` are in forward order, as :func:`plan_rows` lays them out (its ``plans`` may be
-        passed in when already made); input_ids, attention_mask, position_ids: (R, T); attention
-        mask covers the cache too, (R, past + T). ``cache``: extended in place (None: no cache).
+        ``rows`` in forward order, with their ``plans`` (:func:`~tfb_core.forward.decode_rows.layout`;
+        None: rows already in the order :func:`plan_rows` gives). input_ids, position_ids: (R, T);
+        attention_mask covers the cache too, (R, past + T). ``cache``: extended in place (None: no cache).
         """
-        plans = plan_rows(rows) if plans is None else plans
-        order = [i for plan in plans for i in plan.rows]
-        if order != list(range(len(rows))):
-            raise ValueError("rows must be in the order of their plan (see plan_rows)")
+        if plans is None:
+            plans = plan_rows(rows)
+            if [i for plan in plans for i in plan.rows] != list(range(len(rows))):
+                raise ValueError("rows must be in the order of their plan (see decode_rows.layout)")
         segments = build_segments(plans, rows, self.posteriors, sigmas)
         arm(segments, self.posteriors, self.routing)
         try:
@@ -146,6 +146,7 @@ class BayesianGenerator:
         return draws[key]
 
     # --- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
     def start(self, requests: Sequence[GenerationRequest]) -> Any:
         """A :class:`~tfb_core.forward.decoding.Decoding` of ``requests``, prefilled: call its
         :meth:`~tfb_core.forward.decoding.Decoding.step` until it is done (one token per stream per step)."""
@@ -174,10 +175,9 @@ class BayesianGenerator:
         rows = [Row(0, request.adapter, n, noise) for n in samples]
         tokens = list(request.tokens) + list(continuation[:-1])
         ids, mask, positions = self.pad_left([tokens] * len(rows))
-        plans = plan_rows(rows)
-        order = [i for plan in plans for i in plan.rows]
+        order, plans = layout(rows)
         logits = self.forward([rows[i] for i in order], ids, mask, positions, None, self.sigmas_of([request]),
-                              keep=len(continuation))
+                              plans, keep=len(continuation))
         back = torch.empty_like(logits)
         back[torch.tensor(order, device=logits.device)] = logits  # rows back in sample order
         return back.float()
