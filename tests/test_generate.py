@@ -62,7 +62,8 @@ def test_sigma_zero_is_the_peft_models_greedy_generate_token_for_token(tiny, gen
     L = 12
     reqs = [GenerationRequest(t, n_samples=5, max_tokens=L) for t in tokens]  # one left-padded batch
     reqs += [GenerationRequest(t, n_samples=5, max_tokens=L, mode="per_sample") for t in tokens]
-    results = gen.generate(reqs)
+    # a noisy request in the same decode: the sigma = 0 rows ride in its noisy segment with zero noise
+    results = gen.generate(reqs + [GenerationRequest(tokens[0], n_samples=3, sigma=SIGMA, max_tokens=4)])
     differs_from_base = False
     for i, t in enumerate(tokens):
         enc = {"input_ids": torch.tensor([t], device=DEVICE)}
@@ -120,7 +121,15 @@ def test_kv_cache_decode_equals_a_full_recompute_at_every_step(gen, tokens):
     n = 3
     reqs = [GenerationRequest(tokens[i], n_samples=n, sigma=SIGMA, max_tokens=m, seed=seed, top_logprobs=2)
             for i, m, seed in ((0, 5, 4), (1, 3, 9), (3, 5, 4))]
-    for req, res in zip(reqs, gen.generate(reqs), strict=True):
+    rows = []
+    forward = gen.model.forward
+    gen.model.forward = lambda **kw: rows.append(kw["input_ids"].shape[0]) or forward(**kw)
+    try:
+        results = gen.generate(reqs)
+    finally:
+        del gen.model.forward
+    assert rows == [9, 9, 9, 6, 6]  # the prefill, then a step per token; the ended request's rows leave
+    for req, res in zip(reqs, results, strict=True):
         y = res.completion.token_ids
         assert len(y) == req.max_tokens
         for t, token in enumerate(res.completion.tokens):
