@@ -1,0 +1,198 @@
+"""The generator: a causal LM with Bayesianized LoRA that continues prompts, N posterior samples per
+sequence decoded together.
+
+Every forward here runs the rows of :mod:`~tfb_core.forward.decode_rows` (a row per sequence and
+posterior sample, each with its own sample of A' through :mod:`tfb_core.bayes`, rows of several
+adapters routed in one forward) and reads the full next-token logits at the last position only
+(``logits_to_keep``). :meth:`BayesianGenerator.generate` prefills the prompts into a key/value
+cache and then decodes one token per row per forward (:class:`~tfb_core.forward.decoding.Decoding`);
+:meth:`BayesianGenerator.score` reads a given continuation in one forward without a cache (the
+NLL and uncertainty of a reference answer, or of the sigma = 0 model's own answer under sigma).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tfb_core.bayes.posterior import TFBPosterior
+from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
+from tfb_core.decide.generation import SequenceScores, mix_rows, sequence_scores
+from tfb_core.forward.completion import GenerationRequest, GenerationResult, TokenUncertainty
+from tfb_core.forward.decode_rows import Row, SegmentPlan, arm, build_segments, disarm, layout, plan_rows
+
+
+class BayesianGenerator:
+    """A causal LM whose LoRA adapters are Bayesianized (one posterior per adapter), generating text."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, posteriors: Sequence[TFBPosterior],
+                 routing: Routing | None = None, eos_token_ids: Iterable[int] | None = None) -> None:
+        if not posteriors:
+            raise ValueError("no posterior: Bayesianize at least one adapter")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.posteriors = list(posteriors)
+        if routing is None:
+            routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
+        self.routing = routing
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
+        self.pad_id = int(pad)
+        #: tokens that end an answer unless a request names its own: the model's generation
+        #: config's end-of-sequence tokens (a chat model may have several) and the tokenizer's
+        if eos_token_ids is None:
+            found: list[int] = []
+            gen_cfg = getattr(model, "generation_config", None)
+            for value in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
+                found += [value] if isinstance(value, int) else list(value or [])
+            eos_token_ids = found
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_peft(cls, peft_model: nn.Module, tokenizer: Any, adapters: Sequence[str | None] = (None,),
+                  d_floor: float = 1e-6) -> BayesianGenerator:
+        """Bayesianize adapters of a peft model in place (B'A' = BA; adapter i = its position in
+        ``adapters``, None: the one active adapter) and wrap it."""
+        model, posteriors, _, routing = bayesianize_many(peft_model, list(adapters), d_floor=d_floor)
+        return cls(model, tokenizer, posteriors, routing)
+
+    @classmethod
+    def from_classifier(cls, classifier: Any) -> BayesianGenerator:
+        """The generator over a :class:`~tfb_core.forward.classifier.BayesianClassifier`'s model: the
+        same base model, posteriors (every adapter of it) and routing; nothing is copied."""
+        return cls(classifier.model, classifier.tokenizer, classifier.posteriors, classifier.routing)
+
+    @property
+    def device(self) -> torch.device:
+        return self.posteriors[0].device
+
+    # --- forwards ---------------------------------------------------------------------------------
+    def make_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, rows: Sequence[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, cache: Any | None, sigmas: dict[int, float],
+                plans: Sequence[SegmentPlan] | None = None, keep: int = 1) -> torch.Tensor:
+        """Next-token logits of the last ``keep`` positions of each row, each row with its own sample
+        and adapter: (R, keep, V) in the model's dtype. One forward of the base model.
+
+        ``rows`` in forward order, with their ``plans`` (:func:`~tfb_core.forward.decode_rows.layout`;
+        None: rows already in the order :func:`plan_rows` gives). input_ids, position_ids: (R, T);
+        attention_mask covers the cache too, (R, past + T). ``cache``: extended in place (None: no cache).
+        """
+        if plans is None:
+            plans = plan_rows(rows)
+            if [i for plan in plans for i in plan.rows] != list(range(len(rows))):
+                raise ValueError("rows must be in the order of their plan (see decode_rows.layout)")
+        segments = build_segments(plans, rows, self.posteriors, sigmas)
+        arm(segments, self.posteriors, self.routing)
+        try:
+            kwargs = {self._cache_kw: cache} if cache is not None else {}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=cache is not None, logits_to_keep=keep, **kwargs)
+        finally:
+            disarm(segments, self.posteriors, self.routing)
+        return out.logits  # (R, keep, V)
+
+    def pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids), each (R, T), of token lists padded on the left
+        (positions count real tokens only: left padding must not shift them)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def sigmas_of(self, requests: Sequence[GenerationRequest]) -> dict[int, float]:
+        """The one sigma of each adapter's noisy requests (sigma = 0 requests join as mean rows)."""
+        sigmas: dict[int, float] = {}
+        for i, req in enumerate(requests):
+            if not 0 <= req.adapter < len(self.posteriors):
+                raise ValueError(f"request {i}: adapter {req.adapter} is not one of the model's "
+                                 f"{len(self.posteriors)}")
+            if req.noisy and sigmas.setdefault(req.adapter, req.sigma) != req.sigma:
+                raise ValueError(f"adapter {req.adapter}: one sigma per forward, got {sigmas[req.adapter]} "
+                                 f"and {req.sigma}")
+        return sigmas
+
+    def noise_of(self, request: GenerationRequest, draws: dict | None = None) -> Any:
+        """The request's draw: its own ``noise``, else the posterior's draw of its seed (shared by
+        requests of one adapter and seed through ``draws``: one draw, sample-major rows)."""
+        if not request.noisy:
+            return None
+        if request.noise is not None:
+            return request.noise
+        key = (request.adapter, request.seed, request.n_samples)
+        if draws is None or key not in draws:
+            draw = self.posteriors[request.adapter].draw(request.seed, request.n_samples)
+            if draws is None:
+                return draw
+            draws[key] = draw
+        return draws[key]
+
+    # --- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, requests: Sequence[GenerationRequest]) -> Any:
+        """A :class:`~tfb_core.forward.decoding.Decoding` of ``requests``, prefilled: call its
+        :meth:`~tfb_core.forward.decoding.Decoding.step` until it is done (one token per stream per step)."""
+        from tfb_core.forward.decoding import Decoding
+
+        return Decoding(self, requests)
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode every request to its end, all in shared forwards; one result per request, in order."""
+        decoding = self.start(requests)
+        while not decoding.done:
+            decoding.step()
+        return decoding.results()
+
+    # --- scoring a given continuation -------------------------------------------------------------
+    @torch.inference_mode()
+    def continuation_logits(self, request: GenerationRequest, continuation: Sequence[int]) -> torch.Tensor:
+        """Per sample row the next-token logits before each token of ``continuation``: (rows, L, V)
+        float32, one forward of prompt + continuation without a cache. Rows as the request's mean
+        mode: its N samples, or one mean row at sigma = 0."""
+        if not continuation:
+            raise ValueError("nothing to score: the continuation is empty")
+        noise = self.noise_of(request)
+        samples = request.streams()[0] if request.mode == "mean" else [s[0] for s in request.streams()]
+        rows = [Row(0, request.adapter, n, noise) for n in samples]
+        tokens = list(request.tokens) + list(continuation[:-1])
+        ids, mask, positions = self.pad_left([tokens] * len(rows))
+        order, plans = layout(rows)
+        logits = self.forward([rows[i] for i in order], ids, mask, positions, None, self.sigmas_of([request]),
+                              plans, keep=len(continuation))
+        back = torch.empty_like(logits)
+        back[torch.tensor(order, device=logits.device)] = logits  # rows back in sample order
+        return back.float()
+
+    def score(self, request: GenerationRequest, continuation: Sequence[int]) -> tuple[list[TokenUncertainty],
+                                                                                      SequenceScores]:
+        """The uncertainty of each token of ``continuation`` after the request's prompt under p̄ of
+        its samples, and the answer's scores (e.g. the NLL of a reference answer)."""
+        logits = self.continuation_logits(request, continuation)  # (R, L, V)
+        R, L, V = logits.shape
+        per_pos = logits.transpose(0, 1).reshape(L * R, V)  # position-major: stream = position
+        mixed = mix_rows(per_pos, torch.arange(L, device=logits.device).repeat_interleave(R), L)
+        target = torch.tensor(list(continuation), device=logits.device)
+        logp = torch.log(mixed.probs.gather(1, target[:, None]).squeeze(1)).tolist()
+        h, eh, mi = (t.tolist() for t in (mixed.predictive_entropy, mixed.expected_entropy,
+                                          mixed.mutual_information))
+        tokens = [TokenUncertainty(int(t), logp[i], h[i], eh[i], mi[i]) for i, t in enumerate(continuation)]
+        return tokens, sequence_scores(logp, mi, h)
