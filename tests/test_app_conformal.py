@@ -219,7 +219,8 @@ def test_anchor_split_is_seeded_disjoint_and_held_out_of_the_search(tiny, tmp_pa
 
 
 def test_the_demo_calibrates_on_its_bundled_held_out_sentences():
-    from tfb_core.engine import DEMO_ANCHOR, DEMO_CALIBRATION, EngineConfig, read_jsonl
+    from tfb_core.data.jsonl import read_jsonl
+    from tfb_core.engine import DEMO_ANCHOR, DEMO_CALIBRATION, EngineConfig
 
     cfg = EngineConfig().with_defaults()
     assert cfg.calibration == str(DEMO_CALIBRATION) and cfg.anchor == str(DEMO_ANCHOR)

@@ -181,9 +181,10 @@ def _key_variants():
 def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp_path, name, change):
     from dataclasses import replace
 
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import load_classifier
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.engine import anchor_prompts
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
@@ -205,9 +206,10 @@ def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp
 
 
 def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import load_classifier
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.engine import anchor_prompts
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
@@ -222,9 +224,10 @@ def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
 def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
     """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
     (a new cache file, not the old result); an unchanged tree gives the same key again."""
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
     from tfb_core.decide import conformal
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.engine import anchor_prompts
 
     src = tmp_path / "src"
     src.mkdir()

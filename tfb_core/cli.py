@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, SearchConfig
+from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
-from tfb_core.engine import EngineConfig, TFBEngine, read_jsonl
+from tfb_core.engine import EngineConfig, TFBEngine
 from tfb_core.evaluate import EvalOptions, run_eval
 
 log = logging.getLogger("tfb")

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from tfb_core.batch import BatchRequest, ClassIds, ForwardHook, run_batch, warm_
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.calibrate import CalibrationData, CalibrationRun
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
+from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError, default_cache_dir, load_classifiers
 from tfb_core.data.published import PublishedError, reference_anchor, task_dataset
 from tfb_core.data.published import parse as parse_published
@@ -141,29 +141,6 @@ def local_adapter_folder(model: ModelConfig) -> Path | None:
         return None
     folder = Path(model.adapter).expanduser() / (model.adapter_subfolder or "")
     return folder if folder.is_dir() else None
-
-
-def read_jsonl(path: str | Path, what: str = "anchor file") -> list[Record]:
-    """Records of a JSON Lines file; a bad line is an error naming the file and line."""
-    p = Path(path)
-    if p.is_dir():
-        raise LoadError(f"{what} {str(p)!r} is a directory: give a JSON Lines file")
-    if not p.is_file():
-        raise LoadError(f"{what} {str(p)!r}: no such file")
-    records: list[Record] = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise LoadError(f"{p}:{i}: not valid JSON: {exc}") from exc
-        if not isinstance(rec, dict):
-            raise LoadError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
-        records.append(rec)
-    if not records:
-        raise LoadError(f"{what} {str(p)!r} holds no records")
-    return records
 
 
 def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") -> tuple[list[str], torch.Tensor | None]:

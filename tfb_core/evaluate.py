@@ -198,8 +198,8 @@ def _prompts(task: Task, records: Sequence[Record], what: str = "test") -> tuple
 
 def read_labelled(path: str | Path, task: Task, what: str = "test file") -> list[Record]:
     """Records of a JSON Lines file, each with the task's fields and a label; an error names the file and line."""
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import LoadError
-    from tfb_core.engine import read_jsonl
 
     records = read_jsonl(path, what)
     lines = [i for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
@@ -422,9 +422,9 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
     abstention are fitted on ``cfg.calibration`` if it was given (not the demo's default file), else
     on a seeded half of the test records. Prints the table to stderr.
     """
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import load_classifier
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import read_jsonl
 
     calibration_file = cfg.calibration  # before the demo's defaults fill it in: only a file the user named
     cfg = cfg.with_defaults()
