@@ -21,7 +21,9 @@ from app.metrics import Metrics
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
 from tfb_core.data.tasks import TaskError, generic_task
-from tfb_core.engine import AdapterPool, TFBEngine
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.pool import AdapterPool
+from tfb_core.serving.response import respond
 
 
 @dataclass
@@ -102,9 +104,9 @@ class Predictor:
         """The served adapters' names, the default first."""
         return self.adapters.names
 
-    def resolve(self, name: str | None) -> TFBEngine:
-        """The engine of adapter ``name`` (None: the default); unknown: a 404 naming the served ones."""
-        return self.adapters.get(name)
+    def resolve(self, name: str | None, base_model_alias: bool = False) -> TFBEngine:
+        """The engine of adapter ``name`` (:meth:`AdapterPool.get`); unknown: a 404 naming the served ones."""
+        return self.adapters.get(name, base_model_alias)
 
     @staticmethod
     def _labels(engine: TFBEngine, requested: list[str] | None) -> tuple[str, ...] | None:
@@ -134,13 +136,10 @@ class Predictor:
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         alpha, max_risk = req.alpha, req.max_risk
-        engine.check_conformal(alpha, max_risk, n, seed)
-        if labels is not None and (alpha is not None or max_risk is not None):
-            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
-                            f"got labels {list(labels)}", param="labels")
+        engine.check_conformal(alpha, max_risk, n, seed, labels)
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels, seed)
+            out = respond(engine, sample_probs, return_samples, alpha, max_risk, labels, seed)
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out

@@ -30,15 +30,17 @@ import torch
 
 from tfb_core.data.datasets import load_records
 from tfb_core.decide.conformal import Calibration, Threshold, binom_cdf
-from tfb_core.engine import EngineConfig, TFBEngine
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 SIZES = (100, 200, 272)
 MAX_RISKS = (0.1, 0.05)
 
 
 def mean_probs(cfg: EngineConfig, records: list[dict]) -> tuple[torch.Tensor, float]:
-    engine = TFBEngine.load(cfg, progress=False)
-    out = engine.predict(records)
+    engine = load_engine(cfg, progress=False)
+    out = predict(engine, records)
     return torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64), engine.sigma  # (n, C)
 
 

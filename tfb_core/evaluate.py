@@ -240,7 +240,7 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
 
     Prediction sets and abstention thresholds are fitted on ``calibration`` (labelled records) if
     given, else on a seeded half of ``test`` (``opts.split_seed``) and measured on the other half."""
-    from tfb_core.search import search_sigma
+    from tfb_core.serving.sigma import search_sigma
 
     start = time.perf_counter()
     test_prompts, y = _prompts(task, test, "test")
@@ -413,7 +413,7 @@ def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None)
 
 
 def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
-    """Load the model of ``cfg`` (an :class:`tfb_core.engine.EngineConfig`), evaluate, write outputs.
+    """Load the model of ``cfg`` (an :class:`tfb_core.serving.config.EngineConfig`), evaluate, write outputs.
 
     Test records come from ``opts.test_file`` (labelled JSON Lines: the task's fields, or
     ``prompt`` and ``label`` for the generic task) or else the data set's ``opts.test_split``
@@ -423,8 +423,8 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
     on a seeded half of the test records. Prints the table to stderr.
     """
     from tfb_core.data.jsonl import read_jsonl
-    from tfb_core.data.loading import load_classifier
     from tfb_core.data.tasks import get_task
+    from tfb_core.serving.startup import load_classifier
 
     calibration_file = cfg.calibration  # before the demo's defaults fill it in: only a file the user named
     cfg = cfg.with_defaults()
