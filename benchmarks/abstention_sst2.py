@@ -68,7 +68,7 @@ def eight_starts(cal: Calibration, max_risk: float, delta: float) -> Threshold:
             if binom_cdf(cal.errors[j], cal.answered[j], max_risk) > delta / len(starts):
                 break
             best = j if best is None else max(best, j)
-    return Threshold(math.inf, False, 0.0, None) if best is None else Threshold(cal.grid[best], True, 0.0, None)
+    return Threshold(math.inf, False, 0.0) if best is None else Threshold(cal.grid[best], True, 0.0)
 
 
 def measure(th: Threshold, probs: torch.Tensor, target: torch.Tensor) -> tuple[float, float | None]:
