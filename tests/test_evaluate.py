@@ -10,7 +10,7 @@ import torch
 
 from tfb_core.config import SearchConfig
 from tfb_core.data.tasks import get_task
-from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, summarize
+from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, reliability_bins, summarize
 from tfb_core.evaluate import (
     METHODS,
     METRICS,
@@ -19,7 +19,6 @@ from tfb_core.evaluate import (
     evaluate,
     format_table,
     ood_auroc,
-    reliability_bins,
 )
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",

@@ -45,6 +45,7 @@ from tfb_core.decide.uncertainty import (
     ece,
     fit_temperature,
     nll,
+    reliability_bins,
     summarize,
 )
 from tfb_core.forward.layout import rows_of
@@ -123,27 +124,11 @@ def bootstrap_differences(probs: dict[str, torch.Tensor], target: torch.Tensor, 
     return out
 
 
-def ood_auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """AUROC of a score (higher = more uncertain) separating OOD (positive) from in-distribution."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    scores = torch.cat([in_scores, out_scores]).double()
-    labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
-    return float(binary_auroc(scores, labels))
-
-
-def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
-    """Per equal-width confidence bin: mean confidence, accuracy and count (empty bins: NaN)."""
-    conf, pred = probs.max(1)
-    correct = (pred == target).double()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    # half-open bins [k/n, (k+1)/n), 1.0 in the last: the bins of torchmetrics' ECE and of the server's metrics
-    which = (torch.bucketize(conf.double(), edges.double(), right=True) - 1).clamp(0, n_bins - 1)  # (B,)
-    count = torch.bincount(which, minlength=n_bins).double()
-    mean_conf = torch.bincount(which, conf.double(), minlength=n_bins) / count
-    acc = torch.bincount(which, correct, minlength=n_bins) / count
-    return {"edges": edges.tolist(), "confidence": mean_conf.tolist(), "accuracy": acc.tolist(),
-            "count": count.tolist()}
+def ood_auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float | None:
+    """AUROC of a score (higher = more uncertain) separating OOD (positive) from in-distribution
+    (:func:`tfb_core.decide.selective.auroc`)."""
+    positive = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).bool()
+    return selective.auroc(torch.cat([in_scores, out_scores]), positive)
 
 
 def plot_reliability(probs: dict[str, torch.Tensor], target: torch.Tensor, path: str | Path,
