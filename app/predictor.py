@@ -27,7 +27,7 @@ from tfb_core.serving.response import respond
 
 
 @dataclass
-class Record:
+class FeedbackRecord:
     """What /feedback needs of one prediction."""
 
     labels: tuple[str, ...]
@@ -48,9 +48,9 @@ class LabelStore(Protocol):
 
     def __len__(self) -> int: ...
 
-    def add(self, pred_id: str, record: Record) -> None: ...
+    def add(self, pred_id: str, record: FeedbackRecord) -> None: ...
 
-    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]: ...
+    async def label(self, pred_id: str, target: Callable[[FeedbackRecord], int]) -> tuple[FeedbackRecord, int]: ...
 
 
 class FeedbackStore:
@@ -58,24 +58,24 @@ class FeedbackStore:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, Record] = OrderedDict()
+        self._items: OrderedDict[str, FeedbackRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, pred_id: str, record: Record) -> None:
+    def add(self, pred_id: str, record: FeedbackRecord) -> None:
         self._items[pred_id] = record
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, pred_id: str) -> Record:
+    def get(self, pred_id: str) -> FeedbackRecord:
         record = self._items.get(pred_id)
         if record is None:
             raise UnknownPredictionError(f"unknown or expired prediction id {pred_id!r} (the server keeps the last "
                                          f"{self.capacity} predictions, TFB_FEEDBACK_STORE_SIZE)")
         return record
 
-    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]:
+    async def label(self, pred_id: str, target: Callable[[FeedbackRecord], int]) -> tuple[FeedbackRecord, int]:
         """The prediction's record and its true class ``target(record)``, marked labelled only once
         ``target`` accepted the label: a mistyped label (422) leaves it open for the right one.
         Unknown id: 404; labelled before: 409."""
@@ -160,7 +160,7 @@ class Predictor:
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
-            self.store.add(pred_id, Record(labels, p["probs"], p["index"], adapter=engine.name,
+            self.store.add(pred_id, FeedbackRecord(labels, p["probs"], p["index"], adapter=engine.name,
                                            prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
                                            alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
             predictions.append({"id": pred_id, **p})
