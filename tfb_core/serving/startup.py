@@ -149,11 +149,7 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
         return engine
     if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
         cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(default_anchor(cfg, task))})
-    prompts, targets = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor)
-    try:
-        clf.tokenize(prompts)
-    except ValueError as exc:
-        raise LoadError(f"anchor file {cfg.anchor!r}: {exc}") from exc
+    prompts, targets = _read_prompts(task, clf, cfg.anchor, "anchor file")
     if cal is None and targets is not None and cfg.calibration_split > 0 and len(prompts) >= 4:
         # sigma is fitted on the anchor: the conformal step needs inputs the search did not see
         keep, held = split_anchor(len(prompts), cfg.calibration_split, cfg.seed)
@@ -193,6 +189,20 @@ def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") 
             raise LoadError(f"{path}: record {i}: {exc}") from exc
     labelled = all(t is not None for t in targets)
     return prompts, (torch.tensor(targets) if labelled else None)
+
+
+def _read_prompts(task: Task, clf: BayesianClassifier, path: str, what: str,
+                  labelled: bool = False) -> tuple[list[str], torch.Tensor | None]:
+    """:func:`anchor_prompts` of a JSON Lines file (``labelled``: every record must carry a label),
+    every prompt tokenized: an error names the file."""
+    prompts, targets = anchor_prompts(task, read_jsonl(path, what), path)
+    if labelled and targets is None:
+        raise LoadError(f"{what} {path!r}: every record needs a label")
+    try:
+        clf.tokenize(prompts)
+    except ValueError as exc:
+        raise LoadError(f"{what} {path!r}: {exc}") from exc
+    return prompts, targets
 
 
 def split_anchor(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -245,13 +255,7 @@ def _calibration_file(cfg: EngineConfig, task: Task, clf: BayesianClassifier) ->
     """(prompts, labels, source) of ``cfg.calibration``; every record must carry a label."""
     if not cfg.calibration:
         return None
-    prompts, targets = anchor_prompts(task, read_jsonl(cfg.calibration, what="calibration file"), cfg.calibration)
-    if targets is None:
-        raise LoadError(f"calibration file {cfg.calibration!r}: every record needs a label")
-    try:
-        clf.tokenize(prompts)
-    except ValueError as exc:
-        raise LoadError(f"calibration file {cfg.calibration!r}: {exc}") from exc
+    prompts, targets = _read_prompts(task, clf, cfg.calibration, "calibration file", labelled=True)
     return prompts, targets, f"file {cfg.calibration}"
 
 
