@@ -160,9 +160,10 @@ class Predictor:
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
-            self.store.add(pred_id, FeedbackRecord(labels, p["probs"], p["index"], adapter=engine.name,
-                                           prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
-                                           alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
+            self.store.add(pred_id, FeedbackRecord(
+                labels, p["probs"], p["index"], adapter=engine.name,
+                prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
+                alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
             predictions.append({"id": pred_id, **p})
         out["adapter"] = engine.name
         out["predictions"] = predictions
