@@ -1,0 +1,1 @@
+"""The web layer: FastAPI app, settings, the model worker, metrics and the CLI's ``tfb serve``."""

@@ -5,7 +5,7 @@
     submit(work) -> queue  --------->  wait for the first work, then up to max_wait_ms more
     await future  (timeout)            take whole works while rows <= max_batch_rows
                                        engine.run_batch(requests): tokens, label sets, one noise
-                                       draw per seed, forwards planned by length (tfb_core.batch)
+                                       draw per seed, forwards planned by length (tfb_core.serving.batch)
     future.set_result  <-------------  finish(probs) per work, resolved on the loop
 
 Rows of an input = N (1 at sigma = 0). Every request keeps its own noise, so its answer does not
@@ -31,8 +31,9 @@ import torch
 
 from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
 from app.metrics import Metrics
-from tfb_core.batch import BatchRequest
-from tfb_core.engine import AdapterPool, TFBEngine
+from tfb_core.serving.batch import BatchRequest
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.pool import AdapterPool
 
 log = logging.getLogger(__name__)
 

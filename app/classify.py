@@ -52,6 +52,7 @@ from app.middleware import server_timing
 from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import PredictOptions, PredictRequest
+from tfb_core.serving.pool import UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +246,13 @@ class OpenAIErrorRoute(APIRoute):
 
 # --- translation -------------------------------------------------------------------------------------
 def resolve_model(predictor: Predictor, model: str | None) -> str:
-    """The served adapter a request's ``model`` names: unset or empty is the default (the first),
-    the base model's id is an alias of it (vLLM serves the base model under its id), else one of
-    :attr:`Predictor.adapter_names`; anything else is vLLM's 404. The one place names resolve."""
-    names = predictor.adapter_names
-    if not model or model == predictor.engine.cfg.model.model:
-        return names[0]
-    if model in names:
-        return model
-    raise UnknownModelError(f"The model `{model}` does not exist.")
+    """The served adapter a request's ``model`` names: unset, empty or the base model's id is the
+    default (vLLM serves the base model under its id), else the adapter of that name
+    (:meth:`tfb_core.serving.pool.AdapterPool.get`, where names resolve); anything else is vLLM's 404."""
+    try:
+        return predictor.resolve(model, base_model_alias=True).name
+    except UnknownAdapterError:
+        raise UnknownModelError(f"The model `{model}` does not exist.") from None
 
 
 def predict_request(body: ClassifyRequest, adapter: str | None = None) -> PredictRequest:

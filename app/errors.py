@@ -17,11 +17,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tfb_core.calibrate import CalibrationPendingError
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
-from tfb_core.engine import UnknownAdapterError
 from tfb_core.forward.classifier import EmptyPromptError, PromptTooLongError
+from tfb_core.serving.calibrate import CalibrationPendingError
+from tfb_core.serving.pool import UnknownAdapterError
 
 log = logging.getLogger(__name__)
 

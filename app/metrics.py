@@ -2,8 +2,9 @@
 
 The names are an interface (alert rules and dashboards under deploy/ are built on them);
 prometheus-client appends ``_total`` to counters. Calibration from /feedback uses 15 equal-width
-confidence bins over [0, 1] (label ``bin`` = "0".."14"), the bins of the ECE in TFB.md section 5,
-so that windowed ECE is a PromQL expression over ``increase()`` of the bin counters.
+confidence bins over [0, 1] (label ``bin`` = "0".."14"), the bins of the ECE in TFB.md section 5
+(:func:`tfb_core.decide.uncertainty.confidence_bin`, as ``tfb eval``'s), so that windowed ECE is a
+PromQL expression over ``increase()`` of the bin counters. NLL and Brier are the core's too.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from collections.abc import Sequence
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, ece, nll
+from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, confidence_bin, ece, nll
 
-_EPS = 1e-12
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _POW2 = tuple(float(2**k) for k in range(11))  # 1 .. 1024
 _CONFIDENCE = tuple(round((k + 1) / ECE_BINS, 6) for k in range(ECE_BINS))
@@ -26,11 +26,6 @@ _MI = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 OTHER_LABEL = "_other"
 #: the label of every per-adapter metric
 A = ["adapter"]
-
-
-def confidence_bin(confidence: float) -> int:
-    """The calibration bin of a top-label confidence: min(floor(conf * 15), 14)."""
-    return min(max(int(math.floor(confidence * ECE_BINS)), 0), ECE_BINS - 1)
 
 
 class Metrics:
@@ -191,16 +186,16 @@ class Metrics:
         confidence = max(probs)
         predicted = max(range(len(probs)), key=probs.__getitem__)
         correct = predicted == target
-        b = str(confidence_bin(confidence))
+        b = str(int(confidence_bin(confidence)))
         self.bin_count.labels(adapter=adapter, bin=b).inc()
         self.bin_confidence.labels(adapter=adapter, bin=b).inc(confidence)
         if correct:
             self.bin_correct.labels(adapter=adapter, bin=b).inc()
             self.feedback_correct.labels(adapter=adapter).inc()
         self.feedback.labels(adapter=adapter).inc()
-        self.feedback_nll.labels(adapter=adapter).inc(-math.log(max(probs[target], _EPS)))
-        self.feedback_brier.labels(adapter=adapter).inc(
-            sum((p - (1.0 if c == target else 0.0)) ** 2 for c, p in enumerate(probs)))
+        one, y = torch.tensor([probs], dtype=torch.float64), torch.tensor([target])  # (1, C), (1,)
+        self.feedback_nll.labels(adapter=adapter).inc(nll(one, y))
+        self.feedback_brier.labels(adapter=adapter).inc(brier(one, y))
         self._recent.setdefault(adapter, deque(maxlen=self._window)).append((list(probs), target))
         self._recent_dirty.add(adapter)
 

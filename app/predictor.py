@@ -21,11 +21,13 @@ from app.metrics import Metrics
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
 from tfb_core.data.tasks import TaskError, generic_task
-from tfb_core.engine import AdapterPool, TFBEngine
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.pool import AdapterPool
+from tfb_core.serving.response import respond
 
 
 @dataclass
-class Record:
+class FeedbackRecord:
     """What /feedback needs of one prediction."""
 
     labels: tuple[str, ...]
@@ -46,9 +48,9 @@ class LabelStore(Protocol):
 
     def __len__(self) -> int: ...
 
-    def add(self, pred_id: str, record: Record) -> None: ...
+    def add(self, pred_id: str, record: FeedbackRecord) -> None: ...
 
-    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]: ...
+    async def label(self, pred_id: str, target: Callable[[FeedbackRecord], int]) -> tuple[FeedbackRecord, int]: ...
 
 
 class FeedbackStore:
@@ -56,24 +58,24 @@ class FeedbackStore:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[str, Record] = OrderedDict()
+        self._items: OrderedDict[str, FeedbackRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, pred_id: str, record: Record) -> None:
+    def add(self, pred_id: str, record: FeedbackRecord) -> None:
         self._items[pred_id] = record
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, pred_id: str) -> Record:
+    def get(self, pred_id: str) -> FeedbackRecord:
         record = self._items.get(pred_id)
         if record is None:
             raise UnknownPredictionError(f"unknown or expired prediction id {pred_id!r} (the server keeps the last "
                                          f"{self.capacity} predictions, TFB_FEEDBACK_STORE_SIZE)")
         return record
 
-    async def label(self, pred_id: str, target: Callable[[Record], int]) -> tuple[Record, int]:
+    async def label(self, pred_id: str, target: Callable[[FeedbackRecord], int]) -> tuple[FeedbackRecord, int]:
         """The prediction's record and its true class ``target(record)``, marked labelled only once
         ``target`` accepted the label: a mistyped label (422) leaves it open for the right one.
         Unknown id: 404; labelled before: 409."""
@@ -102,9 +104,9 @@ class Predictor:
         """The served adapters' names, the default first."""
         return self.adapters.names
 
-    def resolve(self, name: str | None) -> TFBEngine:
-        """The engine of adapter ``name`` (None: the default); unknown: a 404 naming the served ones."""
-        return self.adapters.get(name)
+    def resolve(self, name: str | None, base_model_alias: bool = False) -> TFBEngine:
+        """The engine of adapter ``name`` (:meth:`AdapterPool.get`); unknown: a 404 naming the served ones."""
+        return self.adapters.get(name, base_model_alias)
 
     @staticmethod
     def _labels(engine: TFBEngine, requested: list[str] | None) -> tuple[str, ...] | None:
@@ -134,13 +136,10 @@ class Predictor:
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         alpha, max_risk = req.alpha, req.max_risk
-        engine.check_conformal(alpha, max_risk, n, seed)
-        if labels is not None and (alpha is not None or max_risk is not None):
-            raise TaskError("alpha and max_risk need the configured labels (the calibration is for them), "
-                            f"got labels {list(labels)}", param="labels")
+        engine.check_conformal(alpha, max_risk, n, seed, labels)
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = engine.response(sample_probs, return_samples, alpha, max_risk, labels, seed)
+            out = respond(engine, sample_probs, return_samples, alpha, max_risk, labels, seed)
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
             return out
@@ -161,7 +160,7 @@ class Predictor:
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
-            self.store.add(pred_id, Record(labels, p["probs"], p["index"], adapter=engine.name,
+            self.store.add(pred_id, FeedbackRecord(labels, p["probs"], p["index"], adapter=engine.name,
                                            prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
                                            alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
             predictions.append({"id": pred_id, **p})

@@ -15,6 +15,7 @@ from app.middleware import server_timing
 from app.predictor import Predictor
 from app.schemas import ERRORS, ErrorBody, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
 from app.state import AppState
+from tfb_core.serving.response import pool_info
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, if the server has one (TFB_API_KEY)")
 
@@ -101,7 +102,7 @@ async def info(predictor: PredictorDep) -> dict[str, Any]:
     limits = {"max_inputs": s.max_inputs, "max_samples": s.max_samples, "max_length": s.max_length,
               "max_body_bytes": s.max_body_bytes, "max_batch_rows": s.max_batch_rows, "max_wait_ms": s.max_wait_ms,
               "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s}
-    return {**predictor.adapters.info(), "limits": limits}
+    return {**pool_info(predictor.adapters), "limits": limits}
 
 
 @router.get("/metrics", tags=["probes"], dependencies=[Depends(require_metrics_key)],

@@ -1,7 +1,7 @@
 """Server settings: environment variables with the ``TFB_`` prefix (or keyword arguments).
 
 No instance is created at import; :func:`app.main.create_app` builds one when none is given.
-``Settings.engine_config()`` maps the model side to :class:`tfb_core.engine.EngineConfig`, the
+``Settings.engine_config()`` maps the model side to :class:`tfb_core.serving.config.EngineConfig`, the
 one place where the algorithm's defaults live.
 """
 
@@ -18,7 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
-from tfb_core.engine import EngineConfig, check_names
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.pool import check_names
 
 if sys.version_info >= (3, 11):
     import tomllib

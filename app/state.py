@@ -17,7 +17,9 @@ from app.metrics import Metrics
 from app.middleware import Expiry
 from app.predictor import FeedbackStore, LabelStore, Predictor
 from app.settings import Settings
-from tfb_core.engine import AdapterPool, TFBEngine
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.pool import AdapterPool
+from tfb_core.serving.startup import load_engine
 
 log = logging.getLogger("app")
 
@@ -50,7 +52,7 @@ class AppState:
                      cfg.task or f"generic {list(cfg.labels or ())}")
         background = self.settings.calibrate_in_background
         if len(named) == 1:
-            engine = TFBEngine.load(named[0][1], background_calibration=background)
+            engine = load_engine(named[0][1], background_calibration=background)
             engine.name = named[0][0]
             return AdapterPool([engine])
         return AdapterPool.load(named, background_calibration=background)

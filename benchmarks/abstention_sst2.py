@@ -30,15 +30,17 @@ import torch
 
 from tfb_core.data.datasets import load_records
 from tfb_core.decide.conformal import Calibration, Threshold, binom_cdf
-from tfb_core.engine import EngineConfig, TFBEngine
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 SIZES = (100, 200, 272)
 MAX_RISKS = (0.1, 0.05)
 
 
 def mean_probs(cfg: EngineConfig, records: list[dict]) -> tuple[torch.Tensor, float]:
-    engine = TFBEngine.load(cfg, progress=False)
-    out = engine.predict(records)
+    engine = load_engine(cfg, progress=False)
+    out = predict(engine, records)
     return torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64), engine.sigma  # (n, C)
 
 
@@ -66,7 +68,7 @@ def eight_starts(cal: Calibration, max_risk: float, delta: float) -> Threshold:
             if binom_cdf(cal.errors[j], cal.answered[j], max_risk) > delta / len(starts):
                 break
             best = j if best is None else max(best, j)
-    return Threshold(math.inf, False, 0.0, None) if best is None else Threshold(cal.grid[best], True, 0.0, None)
+    return Threshold(math.inf, False, 0.0) if best is None else Threshold(cal.grid[best], True, 0.0)
 
 
 def measure(th: Threshold, probs: torch.Tensor, target: torch.Tensor) -> tuple[float, float | None]:

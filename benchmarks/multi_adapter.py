@@ -56,7 +56,7 @@ def build_adapters(root: Path, shape: str, count: int) -> tuple[str | None, list
     from transformers import AutoModelForCausalLM
 
     if shape == "demo":
-        from tfb_core.engine import DEMO_ADAPTER
+        from tfb_core.serving.config import DEMO_ADAPTER
 
         out = []
         for k in range(count):  # the bundled adapter, then copies with their own perturbation

@@ -26,12 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from tfb_core.config import ModelConfig, SearchConfig  # noqa: E402
 from tfb_core.data.datasets import load_records  # noqa: E402
-from tfb_core.data.loading import load_classifier  # noqa: E402
+from tfb_core.data.jsonl import read_jsonl  # noqa: E402
 from tfb_core.data.tasks import get_task  # noqa: E402
 from tfb_core.decide.uncertainty import classification_metrics, nll, summarize  # noqa: E402
-from tfb_core.engine import DEMO_ADAPTER, DEMO_ANCHOR, read_jsonl  # noqa: E402
-from tfb_core.evaluate import EvalOptions, evaluate, format_table  # noqa: E402
-from tfb_core.search import search_sigma  # noqa: E402
+from tfb_core.eval_report import format_table  # noqa: E402
+from tfb_core.evaluate import EvalOptions, evaluate  # noqa: E402
+from tfb_core.serving.config import DEMO_ADAPTER, DEMO_ANCHOR  # noqa: E402
+from tfb_core.serving.sigma import search_sigma  # noqa: E402
+from tfb_core.serving.startup import load_classifier  # noqa: E402
 
 log = logging.getLogger("evaluate_sst2")
 SWEEP = [("nll", 0.01), ("nll", 0.05), ("nll", 0.3), ("nll", 1.0), ("nll", 1.5), ("nll", 3.0),

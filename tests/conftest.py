@@ -104,7 +104,7 @@ def model_cfg(tiny):
 @pytest.fixture()
 def classifier(model_cfg):
     """A fresh Bayesianized classifier of the tiny model (function scope: tests may change sigma)."""
-    from tfb_core.data.loading import load_classifier
+    from tfb_core.serving.startup import load_classifier
 
     return load_classifier(model_cfg, LABELS)
 

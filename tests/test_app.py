@@ -23,7 +23,8 @@ from test_app_support import (
 )
 
 from tfb_core.decide.uncertainty import brier, nll
-from tfb_core.engine import TFBEngine
+from tfb_core.serving.response import predict as engine_predict
+from tfb_core.serving.startup import load_engine
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def client(settings):
 
 @pytest.fixture(scope="module")
 def engine(settings):
-    return TFBEngine.load(settings.engine_config(), progress=False)
+    return load_engine(settings.engine_config(), progress=False)
 
 
 def predict(client, **body):
@@ -52,7 +53,7 @@ def predict(client, **body):
 @pytest.mark.parametrize("n_samples,seed", [(None, None), (5, 3), (16, 0)])
 def test_predict_matches_engine(client, engine, n_samples, seed):
     out = predict(client, inputs=PROMPTS, n_samples=n_samples, seed=seed, return_samples=True)
-    expected = engine.predict(PROMPTS, n_samples=n_samples, seed=seed, return_samples=True)
+    expected = engine_predict(engine, PROMPTS, n_samples=n_samples, seed=seed, return_samples=True)
     assert_close(strip_ids(out), expected)
     assert out["labels"] == list(LABELS) and out["sigma"] == 0.05
     assert out["n_samples"] == (n_samples or 10)

@@ -27,8 +27,9 @@ from test_app_support import (
 from app.batching import BatchLimits, ModelWorker, Work
 from app.errors import NotReadyError
 from app.metrics import Metrics
-from tfb_core.batch import BatchRequest
-from tfb_core.engine import TFBEngine
+from tfb_core.serving.batch import BatchRequest
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 
 def _bodies(n: int) -> list[dict]:
@@ -82,7 +83,7 @@ def test_concurrent_requests_equal_one_at_a_time(tiny, task):
 # --- the worker on its own, with a gate in the forward ------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tiny):
-    return TFBEngine.load(make_settings(tiny).engine_config(), progress=False)
+    return load_engine(make_settings(tiny).engine_config(), progress=False)
 
 
 class Gate:
@@ -143,7 +144,7 @@ def test_queued_requests_share_one_forward(engine, monkeypatch):
     results = asyncio.run(scenario())
     assert gate.calls == [(1, 4), (4, 16)]  # the four queued requests: one forward of 4 inputs x 4 samples
     for (prompt, seed), got in zip(zip(PROMPTS, (0, 0, 1, 2), strict=True), results[1:], strict=True):
-        alone = engine.predict([prompt], n_samples=4, seed=seed, return_samples=True)
+        alone = predict(engine, [prompt], n_samples=4, seed=seed, return_samples=True)
         assert torch.allclose(got[0], torch.tensor(alone["predictions"][0]["samples"]), atol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_big_request_is_chunked(engine, monkeypatch):
 
     got = asyncio.run(scenario())
     assert len(gate.calls) == 4 and all(rows <= 32 for _, rows in gate.calls)
-    expected = engine.predict(prompts, n_samples=16, return_samples=True)
+    expected = predict(engine, prompts, n_samples=16, return_samples=True)
     assert torch.allclose(got, torch.tensor([p["samples"] for p in expected["predictions"]]), atol=1e-5)
 
 

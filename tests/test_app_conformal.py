@@ -15,7 +15,9 @@ from test_app_support import LABELS, PROMPTS, make_settings, ready_client, strip
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
 from tfb_core.decide.conformal import Calibration
-from tfb_core.engine import TFBEngine, split_anchor
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine, split_anchor
 
 WORDS = ["great", "dull", "superb", "tedious", "fine", "awful", "moving", "thin", "warm", "flat"]
 CAL = [{"prompt": f"a {w} film, {v} cast", "label": LABELS[(i + j) % 2]}
@@ -42,14 +44,14 @@ def client(settings):
 
 def oracle_calibration(engine: TFBEngine) -> Calibration:
     """The calibration recomputed from the records by the public predict path."""
-    out = engine.predict(CAL)
+    out = predict(engine, CAL)
     probs = torch.tensor([p["probs"] for p in out["predictions"]], dtype=torch.float64)
     target = torch.tensor([LABELS.index(r["label"]) for r in CAL])
     return Calibration.fit(probs, target)
 
 
 def test_sets_and_abstention_match_the_calibration(client, settings):
-    engine = TFBEngine.load(settings.engine_config(), progress=False)
+    engine = load_engine(settings.engine_config(), progress=False)
     cal = oracle_calibration(engine)
     assert engine.calibration is not None
     for score in ("lac", "aps"):
@@ -103,15 +105,15 @@ def test_the_calibrations_own_n_and_seed_are_accepted(client, settings):
 def test_engine_and_cli_refuse_alike_but_not_at_sigma_zero(settings, tiny, cal_file, tmp_path):
     """``tfb predict`` goes through the engine's check; at sigma = 0 every sample is the mean, so N
     and the seed do not change the score function and any is accepted."""
-    engine = TFBEngine.load(settings.engine_config(), progress=False)
+    engine = load_engine(settings.engine_config(), progress=False)
     assert (engine.calibration.n_samples, engine.calibration.seed) == (settings.n_samples, settings.seed)
     with pytest.raises(TaskError, match=r"^max_risk: the calibration was computed at n_samples=10, seed=0 .*"
                                         r"this request asks seed=1:") as e:
-        engine.predict(PROMPTS[:1], seed=1, max_risk=0.5)
+        predict(engine, PROMPTS[:1], seed=1, max_risk=0.5)
     assert e.value.param == "max_risk"
-    flat = TFBEngine.load(make_settings(tiny, sigma=0.0, calibration=str(cal_file),
+    flat = load_engine(make_settings(tiny, sigma=0.0, calibration=str(cal_file),
                                                  cache_dir=str(tmp_path)).engine_config(), progress=False)
-    assert flat.predict(PROMPTS[:1], n_samples=3, seed=5, alpha=0.2)["conformal"]["supported"]
+    assert predict(flat, PROMPTS[:1], n_samples=3, seed=5, alpha=0.2)["conformal"]["supported"]
 
 
 def test_fields_only_when_asked(client):
@@ -148,7 +150,7 @@ def test_drift_reference_is_the_calibration_sets_mean_uncertainty(client, settin
     """The calibration set's mean entropy and MI, by the public predict path, in /info and as gauges."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = TFBEngine.load(settings.engine_config(), progress=False).predict(CAL)
+    out = predict(load_engine(settings.engine_config(), progress=False), CAL)
     entropy = sum(p["predictive_entropy"] for p in out["predictions"]) / len(CAL)
     mi = sum(p["mutual_information"] for p in out["predictions"]) / len(CAL)
     assert mi > 0.0
@@ -175,28 +177,28 @@ def test_calibration_is_cached_atomically_and_reused(tiny, cal_file, tmp_path):
     # a cache of its own: a server of an earlier test may still finish a background calibration step
     settings = make_settings(tiny, calibration=str(cal_file), cache_dir=str(tmp_path / "cache"))
     cache_dir = Path(settings.cache_dir) / "calibration"
-    first = TFBEngine.load(settings.engine_config(), progress=False).calibration
+    first = load_engine(settings.engine_config(), progress=False).calibration
     files = list(cache_dir.glob("*.json"))
     assert files and not list(cache_dir.glob("*.tmp"))
     data = json.loads(files[0].read_text())
     data["result"]["n"] = 999  # a cached result is what the engine uses
     files[0].write_text(json.dumps(data))
-    assert TFBEngine.load(settings.engine_config(), progress=False).calibration.n == 999
+    assert load_engine(settings.engine_config(), progress=False).calibration.n == 999
     files[0].write_text("{half a file")  # corrupt: recomputed
-    again = TFBEngine.load(settings.engine_config(), progress=False).calibration
+    again = load_engine(settings.engine_config(), progress=False).calibration
     assert again == first
     data = json.loads(files[0].read_text())
     del data["result"]["n_samples"], data["result"]["seed"]  # a cache that does not say its N and seed
     data["result"]["n"] = 999
     files[0].write_text(json.dumps(data))
-    assert TFBEngine.load(settings.engine_config(), progress=False).calibration == first  # recomputed
+    assert load_engine(settings.engine_config(), progress=False).calibration == first  # recomputed
 
 
 def test_unlabelled_calibration_file_is_a_load_error(tiny, tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text(json.dumps({"prompt": "a film"}))
     with pytest.raises(LoadError, match="needs a label"):
-        TFBEngine.load(make_settings(tiny, calibration=str(bad)).engine_config(), progress=False)
+        load_engine(make_settings(tiny, calibration=str(bad)).engine_config(), progress=False)
 
 
 def test_anchor_split_is_seeded_disjoint_and_held_out_of_the_search(tiny, tmp_path):
@@ -207,19 +209,20 @@ def test_anchor_split_is_seeded_disjoint_and_held_out_of_the_search(tiny, tmp_pa
     anchor.write_text("\n".join(json.dumps(r) for r in CAL))
     s = make_settings(tiny, sigma=None, anchor=str(anchor), search_criterion="flip", search_iters=2,
                       search_samples=2, cache_dir=str(tmp_path / "cache"), calibration_split=0.5)
-    engine = TFBEngine.load(s.engine_config(), progress=False)
+    engine = load_engine(s.engine_config(), progress=False)
     assert engine.calibration.n == 10 and "held out" in engine.calibration.source
     assert engine.search_result is not None
     assert math.isfinite(engine.sigma)
     # by default sigma is searched on the whole anchor (as the reference does) and nothing calibrates
-    whole = TFBEngine.load(make_settings(tiny, sigma=None, anchor=str(anchor), search_criterion="flip",
+    whole = load_engine(make_settings(tiny, sigma=None, anchor=str(anchor), search_criterion="flip",
                                          search_iters=2, search_samples=2,
                                          cache_dir=str(tmp_path / "cache")).engine_config(), progress=False)
     assert whole.calibration is None and whole.search_result is not None
 
 
 def test_the_demo_calibrates_on_its_bundled_held_out_sentences():
-    from tfb_core.engine import DEMO_ANCHOR, DEMO_CALIBRATION, EngineConfig, read_jsonl
+    from tfb_core.data.jsonl import read_jsonl
+    from tfb_core.serving.config import DEMO_ANCHOR, DEMO_CALIBRATION, EngineConfig
 
     cfg = EngineConfig().with_defaults()
     assert cfg.calibration == str(DEMO_CALIBRATION) and cfg.anchor == str(DEMO_ANCHOR)
@@ -285,7 +288,7 @@ def gated_steps(monkeypatch):
     """Each calibration step waits for a permit of the returned semaphore (the worker blocks in it)."""
     import threading
 
-    from tfb_core.calibrate import CalibrationRun
+    from tfb_core.serving.calibrate import CalibrationRun
 
     permits = threading.Semaphore(0)
     step = CalibrationRun.step
@@ -343,13 +346,13 @@ def test_background_calibration_serves_requests_between_its_steps(tiny, cal_file
         answered = c.post("/predict", json={"inputs": PROMPTS, "alpha": 0.2, "max_risk": 0.3}).json()
     for _ in range(steps):  # the engine loaded with the calibration before start-up
         gated_steps.release()
-    sync = TFBEngine.load(make_settings(tiny, calibration=str(cal_file), cache_dir=str(tmp_path / "other"),
+    sync = load_engine(make_settings(tiny, calibration=str(cal_file), cache_dir=str(tmp_path / "other"),
                                         n_samples=8).engine_config(), progress=False)
     assert sync.calibration is not None and sync.calibration_run is None
     assert engine.calibration.n == sync.calibration.n == len(CAL)
     for score in ("lac", "aps"):
         assert list(engine.calibration.scores[score]) == pytest.approx(list(sync.calibration.scores[score]), abs=1e-6)
-    expected = sync.predict(PROMPTS, alpha=0.2, max_risk=0.3)
+    expected = predict(sync, PROMPTS, alpha=0.2, max_risk=0.3)
     assert [p["prediction_set"] for p in answered["predictions"]] == [p["prediction_set"] for p in expected["predictions"]]
     assert answered["abstention"]["threshold"] == expected["abstention"]["threshold"]
 
@@ -377,7 +380,7 @@ def test_calibration_before_ready_when_not_in_background(tiny, cal_file, tmp_pat
 def test_failed_background_calibration_says_why(tiny, cal_file, tmp_path, monkeypatch):
     """A calibration whose forward fails: served on without it; alpha answers 503 naming the cause
     (no Retry-After: retrying will not help), /info says failed."""
-    from tfb_core.calibrate import CalibrationRun
+    from tfb_core.serving.calibrate import CalibrationRun
 
     step = CalibrationRun.step
 
@@ -471,10 +474,10 @@ def test_the_configured_risk_delta_is_the_one_abstention_uses(tiny):
     probs = torch.stack([conf, 1 - conf], 1)
     thresholds = {}
     for delta in (0.05, 0.3):
-        engine = TFBEngine.load(make_settings(tiny, risk_delta=delta).engine_config(), progress=False)
+        engine = load_engine(make_settings(tiny, risk_delta=delta).engine_config(), progress=False)
         engine.calibration = Calibration.fit(probs, wrong.long(), "synthetic", n_samples=engine.cfg.n_samples,
                                              seed=engine.cfg.seed)
-        out = engine.predict(PROMPTS, max_risk=0.1)
+        out = predict(engine, PROMPTS, max_risk=0.1)
         assert out["abstention"]["delta"] == delta
         thresholds[delta] = out["abstention"]["threshold"]
         assert thresholds[delta] == engine.calibration.threshold(0.1, delta).threshold

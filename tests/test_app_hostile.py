@@ -41,9 +41,10 @@ from app.main import create_app
 from app.metrics import Metrics
 from app.server import DRAIN_GRACE_S, build_server
 from app.settings import Settings
-from tfb_core.engine import TFBEngine
 from tfb_core.forward.classifier import EmptyPromptError
 from tfb_core.forward.layout import Job
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def client(tiny):
 @pytest.fixture()
 def no_bos_engine(tiny):
     """The tiny engine with a tokenizer that adds no BOS (as SmolLM2's): an empty prompt has no tokens."""
-    engine = TFBEngine.load(make_settings(tiny).engine_config(), progress=False)
+    engine = load_engine(make_settings(tiny).engine_config(), progress=False)
     engine.classifier.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", special_tokens=[])
     assert engine.classifier.tokenizer([""], add_special_tokens=True)["input_ids"] == [[]]
     return engine
@@ -112,7 +113,7 @@ def test_worker_answers_others_when_one_work_has_no_tokens(no_bos_engine):
     good, bad, other = asyncio.run(scenario())
     assert isinstance(bad, EmptyPromptError) and "input 1" in str(bad)
     for prompts, got in ((PROMPTS[:2], good), (PROMPTS[2:3], other)):
-        alone = engine.predict(prompts, n_samples=4, seed=0, return_samples=True)
+        alone = predict(engine, prompts, n_samples=4, seed=0, return_samples=True)
         assert torch.allclose(got, torch.tensor([p["samples"] for p in alone["predictions"]]), atol=1e-5)
 
 

@@ -78,12 +78,11 @@ def test_500_closes_the_keep_alive_connection(live, monkeypatch, path, key):
     """An unexpected error is a 500 with ``Connection: close`` and the server closes the connection
     (a client reusing it is not left waiting for an answer that never comes)."""
     server, port = live
-    engine = server.config.app.state.tfb.predictor.engine
 
     def broken(*args, **kwargs):
         raise RuntimeError("forced")
 
-    monkeypatch.setattr(engine, "response", broken)
+    monkeypatch.setattr("app.predictor.respond", broken)  # the engine's answer as the response JSON
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(_http("POST", path, {key: PROMPTS[:1]}))
         reply = _read_all(s)  # ends when the server closes (the keep-alive timeout is 30 s: the socket's 20 s first)
@@ -119,15 +118,13 @@ def test_truncated_adapter_weights_name_the_adapter_and_file(tiny, tmp_path, cap
 def test_unexpected_startup_error_logs_its_own_traceback(tiny, monkeypatch, caplog):
     """A start-up failure that is not a LoadError is logged with its traceback, not ``NoneType: None``
     (the log call runs on the event loop, outside the worker's except block)."""
-    from tfb_core.engine import TFBEngine
-
     class Surprise(Exception):
         pass
 
     def load(*args, **kwargs):
         raise Surprise("a bug in loading")
 
-    monkeypatch.setattr(TFBEngine, "load", load)
+    monkeypatch.setattr("app.state.load_engine", load)
     caplog.set_level("INFO")
     assert "a bug in loading" in _failed_readyz(make_settings(tiny, warmup=False))
     failed = [r for r in caplog.records if "start-up failed" in r.getMessage()]
@@ -155,17 +152,18 @@ def skewed_cal(tmp_path_factory):
 
 
 def test_unsupported_alpha_detail_names_what_it_means(tiny, skewed_cal):
-    from tfb_core.engine import TFBEngine
+    from tfb_core.serving.response import predict
+    from tfb_core.serving.startup import load_engine
 
-    plain = TFBEngine.load(make_settings(tiny, calibration=str(skewed_cal)).engine_config(), progress=False)
-    out = plain.predict(PROMPTS[:2], alpha=0.01)  # 20 inputs: 1/21 > 0.01
+    plain = load_engine(make_settings(tiny, calibration=str(skewed_cal)).engine_config(), progress=False)
+    out = predict(plain, PROMPTS[:2], alpha=0.01)  # 20 inputs: 1/21 > 0.01
     detail = out["conformal"]["detail"]
     assert "Mondrian" not in detail and "every label" in detail, detail
     assert all(p["prediction_set"] == ["negative", "positive"] for p in out["predictions"])
 
-    mondrian = TFBEngine.load(make_settings(tiny, calibration=str(skewed_cal), conformal_mondrian=True
+    mondrian = load_engine(make_settings(tiny, calibration=str(skewed_cal), conformal_mondrian=True
                                             ).engine_config(), progress=False)
-    out = mondrian.predict(PROMPTS, alpha=0.1)
+    out = predict(mondrian, PROMPTS, alpha=0.1)
     detail = out["conformal"]["detail"]
     assert not out["conformal"]["supported"] and "['positive']" in detail and "every label" not in detail, detail
     assert "'negative'" not in detail
@@ -228,8 +226,8 @@ def _folder_with_sets(tiny, where) -> str:
 
 
 def test_adapter_folder_named_by_path_brings_its_anchor_and_calibration(tiny, tmp_path, monkeypatch):
-    from tfb_core import engine as engine_module
-    from tfb_core.engine import EngineConfig
+    from tfb_core.serving import config as engine_module
+    from tfb_core.serving.config import EngineConfig
 
     folder = _folder_with_sets(tiny, tmp_path / "mine")
     s = make_settings(tiny, adapter=None, sigma=None, cache_dir=str(tmp_path / "cache"),
@@ -246,21 +244,22 @@ def test_adapter_folder_named_by_path_brings_its_anchor_and_calibration(tiny, tm
 
 
 def test_same_calibration_under_another_path_reuses_the_cache(tiny, tmp_path, caplog):
-    from tfb_core.engine import TFBEngine
+    from tfb_core.serving.response import info
+    from tfb_core.serving.startup import load_engine
 
     cache_dir = str(tmp_path / "cache")
     caplog.set_level("INFO", logger="tfb_core")
-    first = TFBEngine.load(make_settings(tiny, adapter=_folder_with_sets(tiny, tmp_path / "a"), sigma=0.05,
+    first = load_engine(make_settings(tiny, adapter=_folder_with_sets(tiny, tmp_path / "a"), sigma=0.05,
                                          cache_dir=cache_dir).engine_config(), progress=False)
     computed = [r for r in caplog.records if r.getMessage().startswith("calibration on")]
     assert first.calibration is not None and len(computed) == 1
     caplog.clear()
     moved = _folder_with_sets(tiny, tmp_path / "b")
-    second = TFBEngine.load(make_settings(tiny, adapter=moved, sigma=0.05, cache_dir=cache_dir).engine_config(),
+    second = load_engine(make_settings(tiny, adapter=moved, sigma=0.05, cache_dir=cache_dir).engine_config(),
                             progress=False)
     assert not [r for r in caplog.records if r.getMessage().startswith("calibration on")]  # no second forward
     assert second.calibration is not None and second.calibration.scores == first.calibration.scores
-    assert second.info()["calibration"]["source"] == f"file {moved}/calibration.jsonl"  # shown: where it was read
+    assert info(second)["calibration"]["source"] == f"file {moved}/calibration.jsonl"  # shown: where it was read
 
 
 # --- a request on an open keep-alive connection during the drain ---------------------------------------------

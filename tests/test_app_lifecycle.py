@@ -25,18 +25,19 @@ import app.state
 from app.main import create_app
 from app.settings import Settings
 from tfb_core.config import DEFAULT_MODEL
-from tfb_core.engine import DEMO_ADAPTER, TFBEngine
+from tfb_core.serving.config import DEMO_ADAPTER
+from tfb_core.serving.startup import load_engine
 
 
 def test_503_until_ready_then_200(tiny, monkeypatch):
     release = threading.Event()
-    real_load = TFBEngine.load
+    real_load = load_engine
 
     def slow_load(cfg, progress=True, background_calibration=False):
         assert release.wait(60), "the test never released the load"
         return real_load(cfg, progress=False, background_calibration=background_calibration)
 
-    monkeypatch.setattr(app.state.TFBEngine, "load", staticmethod(slow_load))
+    monkeypatch.setattr(app.state, "load_engine", slow_load)
     gc.unfreeze()  # an earlier app in this process froze its objects
     with TestClient(create_app(make_settings(tiny))) as c:
         try:

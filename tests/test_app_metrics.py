@@ -7,7 +7,8 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry
 
-from app.metrics import Metrics, confidence_bin
+from app.metrics import Metrics
+from tfb_core.decide.uncertainty import confidence_bin
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:

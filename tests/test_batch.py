@@ -1,4 +1,4 @@
-"""tfb_core.batch: many callers' requests in shared forwards, each answered as if alone."""
+"""tfb_core.serving.batch: many callers' requests in shared forwards, each answered as if alone."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import LABELS
 
-from tfb_core.batch import BatchRequest
 from tfb_core.data.tasks import TaskError
-from tfb_core.engine import EngineConfig, TFBEngine
 from tfb_core.forward.classifier import PromptTooLongError
+from tfb_core.serving.batch import BatchRequest
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 PROMPTS = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
            "the plot is thin but the acting is superb", "I would not watch it again"]
@@ -19,7 +21,7 @@ PROMPTS = ["a great film with a wonderful cast", "a dull and tedious mess of a m
 def engine(model_cfg):
     from dataclasses import replace
 
-    return TFBEngine.load(EngineConfig(model=replace(model_cfg, max_length=24), labels=tuple(LABELS), sigma=0.2),
+    return load_engine(EngineConfig(model=replace(model_cfg, max_length=24), labels=tuple(LABELS), sigma=0.2),
                           progress=False)
 
 
@@ -37,8 +39,8 @@ def test_each_request_is_answered_as_if_alone_and_errors_stay_with_their_request
         alone = engine.run_batch([req], max_rows=32)[0]
         assert res.shape == (len(req.prompts), req.n_samples, 2)
         torch.testing.assert_close(res, alone, atol=1e-5, rtol=1e-4)
-        if req.labels is None:  # and as engine.predict answers it
-            want = engine.predict(list(req.prompts), n_samples=req.n_samples, seed=req.seed, return_samples=True)
+        if req.labels is None:  # and as response.predict answers it
+            want = predict(engine, list(req.prompts), n_samples=req.n_samples, seed=req.seed, return_samples=True)
             torch.testing.assert_close(res, torch.tensor([p["samples"] for p in want["predictions"]]),
                                        atol=1e-5, rtol=1e-4)
     # every input that could run ran once, in forwards within the row limit
@@ -47,12 +49,12 @@ def test_each_request_is_answered_as_if_alone_and_errors_stay_with_their_request
 
 def test_rows_are_n_per_input_or_one_at_sigma_zero(engine, model_cfg):
     assert engine.rows(3, 5) == 15
-    mean = TFBEngine.load(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.0), progress=False)
+    mean = load_engine(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.0), progress=False)
     assert mean.rows(3, 5) == 3
 
 
 def test_a_cancelled_request_is_skipped_before_its_next_forward_and_the_others_are_answered(engine):
-    from tfb_core.batch import RequestCancelled
+    from tfb_core.serving.batch import RequestCancelled
 
     forwards: list[int] = []
     gone = {"flag": False}

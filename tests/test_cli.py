@@ -9,7 +9,8 @@ import torch
 from conftest import LABELS
 
 from tfb_core.cli import main
-from tfb_core.engine import EngineConfig, TFBEngine
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.startup import load_engine
 
 PROMPTS = ["a great film", "a dull mess of a movie"]
 
@@ -39,7 +40,7 @@ def test_predict_json_matches_the_library(tiny, model_cfg, capsys):
         assert set(p) == {"label", "index", "probs", "confidence", "predictive_entropy", "expected_entropy",
                           "mutual_information"}
         assert p["label"] == LABELS[p["index"]] and abs(sum(p["probs"]) - 1) < 1e-5
-    engine = TFBEngine.load(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.3), progress=False)
+    engine = load_engine(EngineConfig(model=model_cfg, labels=tuple(LABELS), sigma=0.3), progress=False)
     direct = engine.classifier.sample_probs(PROMPTS, 5, seed=4, sigma=0.3).mean(1)
     torch.testing.assert_close(torch.tensor([p["probs"] for p in got["predictions"]]), direct, atol=1e-5, rtol=1e-4)
 
@@ -121,7 +122,7 @@ def test_blob_adapter_extra_keys_are_ignored_with_a_log_line(tiny, caplog):
     from dataclasses import replace
 
     from tfb_core.config import ModelConfig
-    from tfb_core.data.loading import load_classifier
+    from tfb_core.serving.startup import load_classifier
 
     cfg = ModelConfig(model=tiny["model"], adapter=tiny["adapter_blob"])
     with caplog.at_level(logging.INFO):

@@ -10,17 +10,9 @@ import torch
 
 from tfb_core.config import SearchConfig
 from tfb_core.data.tasks import get_task
-from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, summarize
-from tfb_core.evaluate import (
-    METHODS,
-    METRICS,
-    EvalOptions,
-    bootstrap_differences,
-    evaluate,
-    format_table,
-    ood_auroc,
-    reliability_bins,
-)
+from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, reliability_bins, summarize
+from tfb_core.eval_report import METHODS, METRICS, bootstrap_differences, format_table, ood_auroc
+from tfb_core.evaluate import EvalOptions, evaluate
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again", "a great film",

@@ -26,6 +26,7 @@ import yaml
 from transformers import AutoConfig
 
 from tfb_core.data.published import parse, reference_anchor
+from tfb_core.serving.response import predict
 from tfb_core.testing import build_llama31, build_published_lora, hub_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,26 +187,27 @@ def test_blob_adapter_equals_peft_at_sigma_zero(mini, caplog):
     with caplog.at_level("INFO", logger="tfb_core.data.loading"):
         engine = local_engine(mini, BLOB)
     assert "lora_A_rho" in caplog.text
-    ours = torch.tensor([p["probs"] for p in engine.predict(WINO[:3])["predictions"]])
+    ours = torch.tensor([p["probs"] for p in predict(engine, WINO[:3])["predictions"]])
     torch.testing.assert_close(ours, peft_probs(mini, BLOB, WINO[:3]), atol=1e-5, rtol=0)
 
 
 def local_engine(mini, spec: str, **model_kw):
     from tfb_core.config import ModelConfig
-    from tfb_core.engine import EngineConfig, TFBEngine
+    from tfb_core.serving.config import EngineConfig
+    from tfb_core.serving.startup import load_engine
 
     model = ModelConfig(model=str(mini["base"]), adapter=str(mini["adapters"] / parse(spec).subfolder),
                         cache_dir=str(mini["cache"]), **model_kw)
-    return TFBEngine.load(EngineConfig(model=model, task="winogrande", sigma=0.0), progress=False)
+    return load_engine(EngineConfig(model=model, task="winogrande", sigma=0.0), progress=False)
 
 
 def test_bfloat16_through_the_miniature(mini):
     engine = local_engine(mini, MLE, dtype="bfloat16")
     assert next(engine.classifier.model.parameters()).dtype == torch.bfloat16
-    ours = torch.tensor([p["probs"] for p in engine.predict(WINO[:4])["predictions"]])
+    ours = torch.tensor([p["probs"] for p in predict(engine, WINO[:4])["predictions"]])
     torch.testing.assert_close(ours, peft_probs(mini, MLE, WINO[:4], dtype=torch.bfloat16), atol=2e-2, rtol=0)
     engine.sigma = 0.05
-    noisy = engine.predict(WINO[:4], n_samples=4)["predictions"]
+    noisy = predict(engine, WINO[:4], n_samples=4)["predictions"]
     assert all(p["mutual_information"] > 0 for p in noisy)
 
 
@@ -220,7 +222,7 @@ def test_8bit_through_the_miniature(mini):
     engine = local_engine(mini, MLE, device=device, load_in_8bit=True)
     kinds = {type(m).__name__ for n, m in engine.classifier.model.named_modules() if n.endswith("q_proj.base_layer")}
     assert kinds == {"Linear8bitLt"}
-    ours = torch.tensor([p["probs"] for p in engine.predict(WINO[:4])["predictions"]])
+    ours = torch.tensor([p["probs"] for p in predict(engine, WINO[:4])["predictions"]])
     torch.testing.assert_close(ours, peft_probs(mini, MLE, WINO[:4]), atol=2e-3, rtol=0)  # int8 rounding
     engine.sigma = 0.05
-    assert all(p["mutual_information"] > 0 for p in engine.predict(WINO[:4], n_samples=4)["predictions"])
+    assert all(p["mutual_information"] > 0 for p in predict(engine, WINO[:4], n_samples=4)["predictions"])

@@ -9,9 +9,10 @@ from conftest import DEVICE, LABELS
 from test_posterior import peft_reference
 
 from tfb_core.config import ModelConfig
-from tfb_core.data.loading import LoadError, load_classifier, load_classifiers
+from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import get_task
 from tfb_core.forward.layout import Job
+from tfb_core.serving.startup import load_classifier, load_classifiers
 
 KEYS = ("adapter", "adapter_qv", "adapter_other")
 YES_NO = ["yes", "no"]
@@ -163,7 +164,7 @@ def test_each_adapters_posterior_has_only_its_own_layers(many):
 def _engine_cfgs(tiny, model_cfg):
     from dataclasses import replace
 
-    from tfb_core.engine import EngineConfig
+    from tfb_core.serving.config import EngineConfig
 
     base = dict(n_samples=4, seed=0, max_rows=64)
     return [("pos", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter"]), task="sst2", sigma=0.3, **base)),
@@ -174,11 +175,11 @@ def _engine_cfgs(tiny, model_cfg):
 
 
 def test_a_mixed_batch_of_three_adapters_answers_each_request_as_its_adapter_alone(tiny, model_cfg):
-    from tfb_core.batch import BatchRequest
-    from tfb_core.engine import TFBEngine
+    from tfb_core.serving.batch import BatchRequest
+    from tfb_core.serving.startup import load_engine, load_engines
 
     named = _engine_cfgs(tiny, model_cfg)
-    engines = TFBEngine.load_many(named, progress=False)
+    engines = load_engines(named, progress=False)
     assert [e.name for e in engines] == ["pos", "yn", "other"]
     assert len({id(e.classifier.model) for e in engines}) == 1  # one base model
     pos, yn, other = engines
@@ -190,7 +191,7 @@ def test_a_mixed_batch_of_three_adapters_answers_each_request_as_its_adapter_alo
     forwards = []
     got = pos.run_batch(requests, max_rows=64, on_forward=lambda i, r, s: forwards.append(i))
     assert sum(forwards) == 7
-    alone = {name: TFBEngine.load(cfg, progress=False) for name, cfg in named}  # each on its own base model
+    alone = {name: load_engine(cfg, progress=False) for name, cfg in named}  # each on its own base model
     for req, res in zip(requests, got, strict=True):
         assert isinstance(res, torch.Tensor), res
         own = alone[req.engine.name]
@@ -201,10 +202,10 @@ def test_a_mixed_batch_of_three_adapters_answers_each_request_as_its_adapter_alo
 
 def test_one_forward_holds_several_adapters_when_a_forward_is_expensive(tiny, model_cfg):
     """With a large fixed cost per forward (a GPU), the planner puts all adapters' rows in one forward."""
-    from tfb_core.batch import BatchRequest
-    from tfb_core.engine import TFBEngine
+    from tfb_core.serving.batch import BatchRequest
+    from tfb_core.serving.startup import load_engines
 
-    engines = TFBEngine.load_many(_engine_cfgs(tiny, model_cfg), progress=False)
+    engines = load_engines(_engine_cfgs(tiny, model_cfg), progress=False)
     for e in engines:
         e.classifier.forward_overhead_tokens = 10_000
     requests = [BatchRequest(["a great film"], 4, 1, engine=e) for e in engines]
@@ -218,16 +219,17 @@ def test_sigma_search_and_cache_entry_of_each_adapter_are_its_own(tiny, model_cf
     from dataclasses import replace
 
     from tfb_core.config import SearchConfig
-    from tfb_core.engine import DEMO_ANCHOR, EngineConfig, TFBEngine
+    from tfb_core.serving.config import DEMO_ANCHOR, EngineConfig
+    from tfb_core.serving.startup import load_engine, load_engines
 
     model = replace(model_cfg, cache_dir=str(tmp_path))
     search = SearchConfig(tolerance=0.05, n_samples=3, iters=3, low=1e-3, high=1.0)
     named = [(k, EngineConfig(model=replace(model, adapter=tiny[k]), task="sst2", anchor=str(DEMO_ANCHOR),
                               search=search, n_samples=3)) for k in ("adapter", "adapter_other")]
-    first, second = TFBEngine.load_many(named, progress=False)
+    first, second = load_engines(named, progress=False)
     assert first.sigma_source == second.sigma_source == "search"
     assert first.sigma != second.sigma
-    again = TFBEngine.load(named[1][1], progress=False)
+    again = load_engine(named[1][1], progress=False)
     assert again.sigma_source == "cache" and again.sigma == second.sigma
 
 
@@ -254,15 +256,16 @@ def test_adapters_taking_turns_keep_their_instruction_prefixes(tiny):
 def test_a_start_up_error_of_one_of_several_adapters_names_it(tiny, model_cfg, tmp_path):
     from dataclasses import replace
 
-    from tfb_core.engine import EngineConfig, TFBEngine
+    from tfb_core.serving.config import EngineConfig
+    from tfb_core.serving.startup import load_engines
 
     bad_anchor = tmp_path / "anchor.jsonl"
     bad_anchor.write_text('{"sentence": "fine", "label": "positive"}\nnot json\n')
     ok = ("ok", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter"]), task="sst2", sigma=0.1))
     no_task = ("no-task", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_qv"]), sigma=0.1))
     with pytest.raises(LoadError, match="^adapter 'no-task': give a task name or labels"):
-        TFBEngine.load_many([ok, no_task], progress=False)
+        load_engines([ok, no_task], progress=False)
     bad = ("bad-anchor", EngineConfig(model=replace(model_cfg, adapter=tiny["adapter_qv"]), task="sst2",
                                       anchor=str(bad_anchor)))
     with pytest.raises(LoadError, match="^adapter 'bad-anchor': .*anchor.jsonl"):
-        TFBEngine.load_many([ok, bad], progress=False)
+        load_engines([ok, bad], progress=False)

@@ -9,7 +9,8 @@ from conftest import DEVICE, LABELS
 from tfb_core.bayes.lora import find_lora_modules
 from tfb_core.bayes.posterior import sample_seed, svd_reparam
 from tfb_core.config import ModelConfig
-from tfb_core.data.loading import load_adapter, load_base_model, load_classifier
+from tfb_core.data.loading import load_adapter, load_base_model
+from tfb_core.serving.startup import load_classifier
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again Answer:"]
 

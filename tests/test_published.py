@@ -68,7 +68,7 @@ def test_cli_and_server_reject_an_unknown_name_at_start_up(monkeypatch, capsys):
 def test_published_fills_adapter_model_and_task():
     from app.settings import Settings
     from tfb_core.config import ModelConfig
-    from tfb_core.engine import EngineConfig
+    from tfb_core.serving.config import EngineConfig
 
     cfg = Settings(published="blob/obqa/3").engine_config().with_defaults()
     assert (cfg.model.model, cfg.model.adapter, cfg.task) == ("meta-llama/Meta-Llama-3.1-8B", "FlyLee/bayesian-peft",
@@ -174,7 +174,7 @@ def test_offline_start_up_without_the_anchor_stops_before_loading_the_model(tmp_
     from app.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("tfb_core.engine.load_classifiers", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr("tfb_core.serving.startup.load_classifiers", lambda *a, **k: pytest.fail("loaded the model first"))
     assert main(["search", "--published", "blob/ARC-Easy/3", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--anchor" in err and "ARC-Easy-train-shuffle42-500.jsonl" in err
@@ -198,15 +198,16 @@ def test_a_named_task_without_anchor_searches_on_the_reference_anchor(tiny, loca
     from tfb_core.config import ModelConfig
     from tfb_core.data.loading import LoadError
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import EngineConfig, TFBEngine
+    from tfb_core.serving.config import EngineConfig
+    from tfb_core.serving.startup import default_anchor
 
     cfg = EngineConfig(model=ModelConfig(model=tiny["model"], adapter=tiny["adapter"],
                                          cache_dir=str(local_hub["cache"])), task="arc_challenge")
-    assert TFBEngine.default_anchor(cfg, get_task("arc_challenge")) == \
+    assert default_anchor(cfg, get_task("arc_challenge")) == \
         published.anchor_cache_path("ARC-Challenge", local_hub["cache"])
     wino = EngineConfig(model=cfg.model, task="winogrande")
     with pytest.raises(LoadError, match="winogrande_s"):  # S and M differ: the task alone cannot say
-        TFBEngine.default_anchor(wino, get_task("winogrande"))
+        default_anchor(wino, get_task("winogrande"))
     pub = EngineConfig(model=ModelConfig(model=tiny["model"], cache_dir=str(local_hub["cache"])),
                        published="map/winogrande_s/2")
-    assert TFBEngine.default_anchor(pub, get_task("winogrande")).name.startswith("winogrande_s-train")
+    assert default_anchor(pub, get_task("winogrande")).name.startswith("winogrande_s-train")

@@ -218,7 +218,7 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
     finally:
         sys.path.remove(str(RAY_DIR))
     from app.errors import DuplicateFeedbackError, UnknownPredictionError
-    from app.predictor import FeedbackStore, Record
+    from app.predictor import FeedbackRecord, FeedbackStore
     from tfb_core.data.tasks import TaskError, generic_task
 
     actor = _FakeActor(serve_app.FeedbackStoreActor(100))
@@ -229,7 +229,7 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
         return lambda r: generic_task(r.labels).label_index(label)
 
     async def scenario():
-        here.add("p1", Record(tuple(LABELS), [0.2, 0.8], 1, prediction_set=("positive",), alpha=0.1,
+        here.add("p1", FeedbackRecord(tuple(LABELS), [0.2, 0.8], 1, prediction_set=("positive",), alpha=0.1,
                               abstain=False, max_risk=0.05))
         await asyncio.sleep(0.1)  # the fire-and-forget add reaches the actor
         ticks = 0
@@ -245,7 +245,7 @@ def test_shared_store_validates_before_claiming_and_never_blocks_the_loop():
             await there.label("p1", target("postive"))  # a typo, through the other replica
         assert ticks > 0, "the event loop was blocked while the actor answered"
         record, index = await there.label("p1", target("positive"))
-        assert index == 1 and record == Record(tuple(LABELS), [0.2, 0.8], 1, labelled=True,
+        assert index == 1 and record == FeedbackRecord(tuple(LABELS), [0.2, 0.8], 1, labelled=True,
                                                prediction_set=("positive",), alpha=0.1, abstain=False,
                                                max_risk=0.05)  # the whole prediction, conformal fields too
         with pytest.raises(DuplicateFeedbackError):

@@ -250,13 +250,14 @@ def test_shared_prefix_is_reused_by_later_forwards_with_the_same_samples(classif
 
 def test_engine_knows_its_tasks_instruction(tiny):
     from tfb_core.config import ModelConfig
-    from tfb_core.engine import EngineConfig, TFBEngine
+    from tfb_core.serving.config import EngineConfig
+    from tfb_core.serving.startup import load_engine
 
     model = ModelConfig(model=str(tiny["model"]), adapter=str(tiny["adapter"]))
-    sst2 = TFBEngine.load(EngineConfig(model=model, task="sst2", sigma=0.1))
+    sst2 = load_engine(EngineConfig(model=model, task="sst2", sigma=0.1))
     toks = sst2.classifier.tokenize(sst2.format_inputs(["a gripping story", "dull"]))
     assert sst2.prompt_prefix >= 8 and toks[0][:sst2.prompt_prefix] == toks[1][:sst2.prompt_prefix]
-    assert TFBEngine.load(EngineConfig(model=model, labels=("no", "yes"), sigma=0.1)).prompt_prefix == 0
+    assert load_engine(EngineConfig(model=model, labels=("no", "yes"), sigma=0.1)).prompt_prefix == 0
 
 
 def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(classifier, monkeypatch):

@@ -14,8 +14,10 @@ from conftest import LABELS
 
 from tfb_core import cache
 from tfb_core.config import SearchConfig
-from tfb_core.engine import EngineConfig, TFBEngine
-from tfb_core.search import anchor_objective, search, search_sigma
+from tfb_core.search import search
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.sigma import anchor_objective, search_sigma
+from tfb_core.serving.startup import cache_key, load_engine
 
 
 def monotone(root: float, calls: list[float] | None = None):
@@ -103,17 +105,17 @@ def engine_cfg(model_cfg, anchor, cache_dir, **search):
 
 def test_cache_is_reused_and_invalidated_by_any_key(model_cfg, anchor_file, tmp_path):
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
-    first = TFBEngine.load(cfg, progress=False)
+    first = load_engine(cfg, progress=False)
     assert first.sigma_source == "search"
-    again = TFBEngine.load(cfg, progress=False)
+    again = load_engine(cfg, progress=False)
     assert again.sigma_source == "cache" and again.sigma == first.sigma
     assert len(list((tmp_path / "sigma").glob("*.json"))) == 1
     # every key that the result depends on invalidates it
-    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, tolerance=0.31), False).sigma_source == "search"
-    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, seed=9), False).sigma_source == "search"
-    assert TFBEngine.load(engine_cfg(model_cfg, anchor_file, tmp_path, criterion="flip"), False).sigma_source == "search"
+    assert load_engine(engine_cfg(model_cfg, anchor_file, tmp_path, tolerance=0.31), False).sigma_source == "search"
+    assert load_engine(engine_cfg(model_cfg, anchor_file, tmp_path, seed=9), False).sigma_source == "search"
+    assert load_engine(engine_cfg(model_cfg, anchor_file, tmp_path, criterion="flip"), False).sigma_source == "search"
     anchor_file.write_text(anchor_file.read_text().replace("thin plot", "thin plot indeed"))
-    assert TFBEngine.load(cfg, progress=False).sigma_source == "search"
+    assert load_engine(cfg, progress=False).sigma_source == "search"
     assert len(list((tmp_path / "sigma").glob("*.json"))) == 5
     assert not list((tmp_path / "sigma").glob("*.tmp"))  # atomic writes leave no temporary files
 
@@ -126,10 +128,10 @@ def test_moved_adapter_reuses_the_search_and_changed_weights_at_the_same_path_do
     from safetensors.torch import load_file, save_file
 
     here = shutil.copytree(tiny["adapter"], tmp_path / "adapter")
-    first = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
+    first = load_engine(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
     assert first.sigma_source == "search"
     moved = shutil.copytree(here, tmp_path / "elsewhere" / "adapter")  # same weights, another path
-    again = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(moved)), anchor_file, tmp_path), progress=False)
+    again = load_engine(engine_cfg(replace(model_cfg, adapter=str(moved)), anchor_file, tmp_path), progress=False)
     assert again.sigma_source == "cache" and again.sigma == first.sigma
     f = here / "adapter_model.safetensors"  # the same path, one weight changed
     sd = load_file(f)
@@ -137,7 +139,7 @@ def test_moved_adapter_reuses_the_search_and_changed_weights_at_the_same_path_do
     sd[name] = sd[name].clone()
     sd[name].view(-1)[0] += 0.01
     save_file(sd, f)
-    changed = TFBEngine.load(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
+    changed = load_engine(engine_cfg(replace(model_cfg, adapter=str(here)), anchor_file, tmp_path), progress=False)
     assert changed.sigma_source == "search"
 
 
@@ -181,16 +183,16 @@ def _key_variants():
 def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp_path, name, change):
     from dataclasses import replace
 
-    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.serving.startup import anchor_prompts, load_classifier
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
     prompts, targets = anchor_prompts(get_task(None, LABELS), read_jsonl(anchor_file))
 
     def key(c, k):
-        return TFBEngine.cache_key(c, k, get_task(None, c.labels), prompts, targets)
+        return cache_key(c, k, get_task(None, c.labels), prompts, targets)
 
     base = key(cfg, clf)
     assert key(cfg, clf) == base  # deterministic
@@ -205,26 +207,27 @@ def test_the_cache_key_changes_with_each_thing_alone(model_cfg, anchor_file, tmp
 
 
 def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
-    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.serving.startup import anchor_prompts, load_classifier
 
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     clf = load_classifier(cfg.model, LABELS)
     task = get_task(None, LABELS)
     prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
-    base = TFBEngine.cache_key(cfg, clf, task, prompts, targets)
-    assert TFBEngine.cache_key(cfg, clf, task, prompts[:-1], targets[:-1]) != base
-    assert TFBEngine.cache_key(cfg, clf, task, prompts, 1 - targets) != base  # other labels
-    assert TFBEngine.cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
+    base = cache_key(cfg, clf, task, prompts, targets)
+    assert cache_key(cfg, clf, task, prompts[:-1], targets[:-1]) != base
+    assert cache_key(cfg, clf, task, prompts, 1 - targets) != base  # other labels
+    assert cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
 
 
 def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
     """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
     (a new cache file, not the old result); an unchanged tree gives the same key again."""
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
     from tfb_core.decide import conformal
-    from tfb_core.engine import anchor_prompts, read_jsonl
+    from tfb_core.serving.startup import anchor_prompts
 
     src = tmp_path / "src"
     src.mkdir()
@@ -235,19 +238,19 @@ def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file,
     cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path / "cache"), sigma=0.05, calibration=str(anchor_file))
     task = get_task(None, LABELS)
     prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
-    engine = TFBEngine.load(cfg, progress=False)
-    key = TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets)
+    engine = load_engine(cfg, progress=False)
+    key = cache_key(cfg, engine.classifier, task, prompts, targets)
     cache._sources_sha256.cache_clear()  # read the sources again: unchanged, the same key
-    assert TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets) == key
+    assert cache_key(cfg, engine.classifier, task, prompts, targets) == key
     calibrations = tmp_path / "cache" / "calibration"
     assert len(list(calibrations.glob("*.json"))) == 1
-    TFBEngine.load(cfg, progress=False)
+    load_engine(cfg, progress=False)
     assert len(list(calibrations.glob("*.json"))) == 1  # reused
 
     copy.write_text(copy.read_text() + "\nLTT_FALLBACK = (0.99, 0.9)  # an edit\n")
     cache._sources_sha256.cache_clear()  # a new process would read the edited source
-    assert TFBEngine.cache_key(cfg, engine.classifier, task, prompts, targets) != key
-    TFBEngine.load(cfg, progress=False)
+    assert cache_key(cfg, engine.classifier, task, prompts, targets) != key
+    load_engine(cfg, progress=False)
     assert len(list(calibrations.glob("*.json"))) == 2  # recomputed under a new key
 
 
@@ -275,7 +278,7 @@ def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
     try:
         # no held-out calibration: its forward would (rightly) cache the serving prefix
         cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path), calibration_split=0.0)
-        engine = TFBEngine.load(cfg, progress=False)
+        engine = load_engine(cfg, progress=False)
     finally:
         sampling.PrefixCache.put = put
     assert engine.sigma_source == "search" and kept  # the search did keep prefixes while it ran
@@ -288,11 +291,11 @@ def test_the_searchs_prefixes_are_freed_before_serving(model_cfg, tmp_path):
                                      json.dumps({"format": 99}), ""])
 def test_corrupt_or_mismatching_cache_is_ignored_with_a_warning(model_cfg, anchor_file, tmp_path, caplog, garbage):
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
-    first = TFBEngine.load(cfg, progress=False)
+    first = load_engine(cfg, progress=False)
     path = next((tmp_path / "sigma").glob("*.json"))
     path.write_text(garbage)
     with caplog.at_level(logging.WARNING):
-        again = TFBEngine.load(cfg, progress=False)
+        again = load_engine(cfg, progress=False)
     assert again.sigma_source == "search" and again.sigma == first.sigma
     assert "recomputing" in caplog.text
     assert cache.load(tmp_path, json.loads(path.read_text())["key"]) is not None  # rewritten, valid
@@ -333,14 +336,14 @@ def test_implausible_cache_entry_is_recomputed(model_cfg, anchor_file, tmp_path,
     """A cached result must be one the search could have produced (finite sigma >= 0 within the bracket
     it reaches, finite criterion): Infinity or 1e30 once made the server serve null or flat probabilities."""
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
-    first = TFBEngine.load(cfg, progress=False)
+    first = load_engine(cfg, progress=False)
     path = next((tmp_path / "sigma").glob("*.json"))
     data = json.loads(path.read_text())
     text = json.dumps({**data, "result": {**data["result"], field: 0.0}})
     path.write_text(text.replace(f'"{field}": 0.0', f'"{field}": {bad}' if not isinstance(bad, str) or bad in
                                  ("Infinity", "NaN") else f'"{field}": "{bad}"'))
     with caplog.at_level(logging.WARNING):
-        again = TFBEngine.load(cfg, progress=False)
+        again = load_engine(cfg, progress=False)
     assert again.sigma_source == "search" and again.sigma == first.sigma
     assert "implausible" in caplog.text and "recomputing" in caplog.text
 

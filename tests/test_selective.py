@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import require
 
-from tfb_core.decide.conformal import Calibration, _grid
+from tfb_core.decide.conformal import Calibration, confidence_grid
 from tfb_core.decide.selective import (
     abstention_report,
     aurc_optimal,
@@ -120,7 +120,7 @@ def test_abstention_report_by_hand_and_confidence_is_the_servers_rule():
     # the confidence threshold is Calibration.threshold's (what the server uses per request)
     y = torch.where(wrong, 1, 0)
     th = Calibration.fit(probs, y).threshold(0.1, 0.1)
-    assert certified_threshold(cal_scores["confidence"], wrong, 0.1, 0.1, _grid(2)) == th
+    assert certified_threshold(cal_scores["confidence"], wrong, 0.1, 0.1, confidence_grid(2)) == th
     # too strict for 100 inputs: nothing certified, nothing answered
     strict = abstention_report(cal_scores, wrong, cal_scores, wrong, n_classes=2, max_risks=(0.02,))
     assert strict["confidence"]["0.02"] == {"certified": False, "threshold": None, "coverage": 0.0,

@@ -30,7 +30,8 @@ CACHE_FORMAT = 1
 #: of the cache keys (:func:`code_sha256`), so a change to any of them recomputes, where the package
 #: version (unchanged across commits) would serve a result the new code would not give.
 COMPUTING_MODULES = (
-    "tfb_core.search",  # the sigma search: objective, bracket, bisection/grid, stopping rule
+    "tfb_core.search",  # the sigma search: bracket, bisection/grid, stopping rule
+    "tfb_core.serving.sigma",  # the search's objective on the anchor set: criterion, common random numbers
     "tfb_core.bayes.posterior",  # the SVD re-parameterisation, the noise draws and the sigma / d scaling
     "tfb_core.bayes.routing",  # how each adapter's rows get its own LoRA and noise in a shared forward
     "tfb_core.bayes.lora",  # which modules carry LoRA and how A, B and the scaling are read from peft
@@ -42,7 +43,7 @@ COMPUTING_MODULES = (
     "tfb_core.data.tasks",  # prompt formats, truncation and labels: what the forward reads
     "tfb_core.decide.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
     "tfb_core.decide.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
-    "tfb_core.calibrate",  # the calibration's forward in steps, and what it fits on
+    "tfb_core.serving.calibrate",  # the calibration's forward in steps, and what it fits on
 )
 
 

@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, SearchConfig
+from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
-from tfb_core.engine import EngineConfig, TFBEngine, read_jsonl
 from tfb_core.evaluate import EvalOptions, run_eval
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.response import predict
+from tfb_core.serving.startup import load_engine
 
 log = logging.getLogger("tfb")
 _SEARCH = SearchConfig()
@@ -103,9 +106,9 @@ def _load_inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    engine = TFBEngine.load(engine_config_from_args(args))
-    out = engine.predict(_load_inputs(args), n_samples=args.samples, seed=args.seed,
-                         return_samples=args.return_samples, alpha=args.alpha, max_risk=args.max_risk)
+    engine = load_engine(engine_config_from_args(args))
+    out = predict(engine, _load_inputs(args), n_samples=args.samples, seed=args.seed,
+                  return_samples=args.return_samples, alpha=args.alpha, max_risk=args.max_risk)
     if args.json:
         print(json.dumps(out))
     else:
@@ -122,7 +125,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = engine_config_from_args(args)
     if cfg.sigma is not None:
         raise LoadError("--sigma fixes sigma: there is nothing to search")
-    engine = TFBEngine.load(cfg)
+    engine = load_engine(cfg)
     result = engine.search_result
     assert result is not None
     out = {"sigma": engine.sigma, "source": engine.sigma_source, **result.to_dict()}

@@ -16,7 +16,8 @@ the share answered at each max_risk under Learn-then-Test (by confidence, entrop
 information) and the AUROC of each score for detecting errors; the sets and thresholds are fitted
 on a calibration file or, without one, on a seeded half of the test records and measured on the
 other half. ``tfb eval`` (:mod:`tfb_core.cli`) runs :func:`run_eval` on a data set's split or on
-the user's labelled JSON Lines (``--test-file``).
+the user's labelled JSON Lines (``--test-file``). This module runs the model and reads the data;
+the bootstrap, the AUROCs, the plot and the table are :mod:`tfb_core.eval_report`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,22 +41,14 @@ from tfb_core.decide.conformal import SCORES
 from tfb_core.decide.uncertainty import (
     Uncertainty,
     apply_temperature,
-    brier,
     classification_metrics,
-    ece,
     fit_temperature,
-    nll,
     summarize,
 )
+from tfb_core.eval_report import bootstrap_differences, format_table, ood_auroc, plot_reliability
 from tfb_core.forward.layout import rows_of
 
 log = logging.getLogger(__name__)
-
-METRICS = ("accuracy", "ece", "nll", "brier")
-METHODS = ("mle", "tfb", "temperature", "tfb+temperature")
-_METRIC_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
-    "accuracy": lambda p, y: float((p.argmax(1) == y).double().mean()), "ece": ece, "nll": nll, "brier": brier}
-
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -94,99 +87,6 @@ class EvalOptions:
             raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
 
 
-# --- pure functions -----------------------------------------------------------------------------
-def bootstrap_differences(probs: dict[str, torch.Tensor], target: torch.Tensor, baseline: str = "mle",
-                          n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap of metric(method) - metric(baseline) over test examples.
-
-    probs: method -> (B, C) mean probabilities on the same B examples. Returns, per method and
-    metric, the observed difference and the percentile interval of ``level``.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    n = target.shape[0]
-    idx = torch.randint(0, n, (n_boot, n), generator=gen)  # (n_boot, B)
-    alpha = (1.0 - level) / 2
-    out: dict[str, dict[str, Any]] = {}
-    for name, p in probs.items():
-        if name == baseline:
-            continue
-        rows: dict[str, Any] = {}
-        for metric, fn in _METRIC_FNS.items():
-            diff = fn(p, target) - fn(probs[baseline], target)
-            if n_boot:
-                d = torch.tensor([fn(p[i], target[i]) - fn(probs[baseline][i], target[i]) for i in idx])
-                lo, hi = torch.quantile(d.double(), torch.tensor([alpha, 1 - alpha], dtype=torch.double)).tolist()
-            else:
-                lo = hi = float("nan")
-            rows[metric] = {"diff": diff, "lo": lo, "hi": hi, "excludes_zero": bool(lo > 0 or hi < 0)}
-        out[f"{name}-{baseline}"] = rows
-    return out
-
-
-def ood_auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """AUROC of a score (higher = more uncertain) separating OOD (positive) from in-distribution."""
-    from torchmetrics.functional.classification import binary_auroc
-
-    scores = torch.cat([in_scores, out_scores]).double()
-    labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
-    return float(binary_auroc(scores, labels))
-
-
-def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, list[float]]:
-    """Per equal-width confidence bin: mean confidence, accuracy and count (empty bins: NaN)."""
-    conf, pred = probs.max(1)
-    correct = (pred == target).double()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    # half-open bins [k/n, (k+1)/n), 1.0 in the last: the bins of torchmetrics' ECE and of the server's metrics
-    which = (torch.bucketize(conf.double(), edges.double(), right=True) - 1).clamp(0, n_bins - 1)  # (B,)
-    count = torch.bincount(which, minlength=n_bins).double()
-    mean_conf = torch.bincount(which, conf.double(), minlength=n_bins) / count
-    acc = torch.bincount(which, correct, minlength=n_bins) / count
-    return {"edges": edges.tolist(), "confidence": mean_conf.tolist(), "accuracy": acc.tolist(),
-            "count": count.tolist()}
-
-
-def plot_reliability(probs: dict[str, torch.Tensor], target: torch.Tensor, path: str | Path,
-                     title: str = "", n_bins: int = 15) -> Path:
-    """Reliability diagrams (top) and confidence histograms (bottom), one column per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(probs)
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.0), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 1.3]}, squeeze=False)
-    width = 1.0 / n_bins
-    for j, name in enumerate(names):
-        bins = reliability_bins(probs[name], target, n_bins)
-        centers = [e + width / 2 for e in bins["edges"][:-1]]
-        acc = [a if a == a else 0.0 for a in bins["accuracy"]]
-        ax = axes[0][j]
-        ax.bar(centers, acc, width=width, edgecolor="black", color="#4C72B0", label="accuracy")
-        gap = [(c if c == c else 0.0) - a for c, a in zip(bins["confidence"], acc, strict=True)]
-        ax.bar(centers, gap, bottom=acc, width=width, edgecolor="#C44E52", color="#C44E52", alpha=0.35,
-               hatch="//", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        m = classification_metrics(probs[name], target)
-        ax.set_title(f"{name}\nACC {m['accuracy']:.3f}  ECE {m['ece']:.3f}  NLL {m['nll']:.3f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        if j == 0:
-            ax.set_ylabel("accuracy in bin")
-            ax.legend(loc="upper left", fontsize=7)
-        h = axes[1][j]
-        h.bar(centers, [c / max(1.0, float(target.shape[0])) for c in bins["count"]], width=width,
-              color="#55A868", edgecolor="black")
-        h.set_xlabel("confidence")
-        h.set_yscale("log")
-        h.set_ylim(1e-3, 1.0)
-        if j == 0:
-            h.set_ylabel("fraction of examples")
-    return selective.save_figure(fig, path, title)
-
-
-# --- on a model -----------------------------------------------------------------------------------
 def _prompts(task: Task, records: Sequence[Record], what: str = "test") -> tuple[list[str], torch.Tensor]:
     prompts = [task.format(r) for r in records]
     targets = [task.target(r) for r in records]
@@ -198,8 +98,8 @@ def _prompts(task: Task, records: Sequence[Record], what: str = "test") -> tuple
 
 def read_labelled(path: str | Path, task: Task, what: str = "test file") -> list[Record]:
     """Records of a JSON Lines file, each with the task's fields and a label; an error names the file and line."""
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import LoadError
-    from tfb_core.engine import read_jsonl
 
     records = read_jsonl(path, what)
     lines = [i for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
@@ -240,7 +140,7 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
 
     Prediction sets and abstention thresholds are fitted on ``calibration`` (labelled records) if
     given, else on a seeded half of ``test`` (``opts.split_seed``) and measured on the other half."""
-    from tfb_core.search import search_sigma
+    from tfb_core.serving.sigma import search_sigma
 
     start = time.perf_counter()
     test_prompts, y = _prompts(task, test, "test")
@@ -363,49 +263,6 @@ def selective_metrics(probs: dict[str, torch.Tensor], y: torch.Tensor, u_tfb: Un
     return out
 
 
-def format_selective(sel: dict[str, Any]) -> list[str]:
-    """Table lines of :func:`selective_metrics`."""
-    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = [f"acting on uncertainty: sets and thresholds fitted on {sel['calibration']}, measured on "
-             f"{sel['n_measured']} records ({sel['conformal_score']}{', Mondrian' if sel['mondrian'] else ''}, "
-             f"delta {sel['risk_delta']})"]
-    for name, m in sel["methods"].items():
-        lines.append(f"  {name:<16} AURC " + ", ".join(f"{s} {v:.4f}" for s, v in m["aurc"].items())
-                     + f" (optimal {m['aurc_optimal']:.4f}); error AUROC "
-                     + ", ".join(f"{s} {f(v)}" for s, v in m["error_auroc"].items()))
-        if "conformal" in m:
-            lines.append(f"  {'':<16} coverage/set size " + ", ".join(
-                f"alpha {a}: {r['coverage']:.3f}/{r['mean_set_size']:.2f}{'' if r['supported'] else ' (unsupported)'}"
-                for a, r in m["conformal"].items()))
-            for score, rows in m["abstention"].items():
-                lines.append(f"  {'':<16} answered by {score:<18} " + ", ".join(
-                    f"max_risk {r}: {f(v['coverage'])} (risk {f(v['selective_risk'])})" for r, v in rows.items()))
-    return lines
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of the methods and the bootstrap intervals of their differences to MLE."""
-    lines = [f"{result['task']}: n_test={result['n_test']} n_anchor={result['n_anchor']} sigma={result['sigma']:.5g} "
-             f"N={result['n_samples']}  T(mle)={result['temperature']['mle']:.3f} T(tfb)={result['temperature']['tfb']:.3f}",
-             f"{'method':<16}" + "".join(f"{m:>10}" for m in (*METRICS, "mean_mi"))]
-    for name, m in result["methods"].items():
-        lines.append(f"{name:<16}" + "".join(f"{m[k]:>10.4f}" for k in (*METRICS, "mean_mi")))
-    if result.get("n_boot"):
-        lines.append(f"differences to mle, {result['n_boot']} paired bootstrap resamples, 95% interval:")
-        for pair, rows in result["differences"].items():
-            lines.append(f"  {pair:<22}" + "  ".join(
-                f"{k} {r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{'*' if r['excludes_zero'] else ''}"
-                for k, r in rows.items()))
-    if "ood" in result:
-        o = result["ood"]
-        lines.append(f"OOD ({o['n_ood']}): AUROC confidence mle {o['auroc_confidence_mle']:.3f}, tfb "
-                     f"{o['auroc_confidence_tfb']:.3f}; entropy mle {o['auroc_entropy_mle']:.3f}, tfb "
-                     f"{o['auroc_entropy_tfb']:.3f}; MI tfb {o['auroc_mi_tfb']:.3f}")
-    if result.get("selective"):
-        lines += format_selective(result["selective"])
-    return "\n".join(lines)
-
-
 def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None) -> list[Record]:
     from tfb_core.data.datasets import load_records
 
@@ -413,7 +270,7 @@ def _load_split(task: str, split: str, limit: int | None, cache_dir: str | None)
 
 
 def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
-    """Load the model of ``cfg`` (an :class:`tfb_core.engine.EngineConfig`), evaluate, write outputs.
+    """Load the model of ``cfg`` (an :class:`tfb_core.serving.config.EngineConfig`), evaluate, write outputs.
 
     Test records come from ``opts.test_file`` (labelled JSON Lines: the task's fields, or
     ``prompt`` and ``label`` for the generic task) or else the data set's ``opts.test_split``
@@ -422,9 +279,9 @@ def run_eval(cfg: Any, opts: EvalOptions, progress: bool = True) -> dict[str, An
     abstention are fitted on ``cfg.calibration`` if it was given (not the demo's default file), else
     on a seeded half of the test records. Prints the table to stderr.
     """
-    from tfb_core.data.loading import load_classifier
+    from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
-    from tfb_core.engine import read_jsonl
+    from tfb_core.serving.startup import load_classifier
 
     calibration_file = cfg.calibration  # before the demo's defaults fill it in: only a file the user named
     cfg = cfg.with_defaults()

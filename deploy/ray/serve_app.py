@@ -117,7 +117,7 @@ class FeedbackStoreActor:
 
     One named, detached actor per Serve application namespace; bounded like the app's own store.
     An actor runs one method at a time: :meth:`claim` is atomic across replicas. A prediction is
-    kept whole, as the fields of the app's ``Record`` (labels, probabilities, index, and the
+    kept whole, as the fields of the app's ``FeedbackRecord`` (labels, probabilities, index, and the
     prediction set, alpha, abstain and max_risk it was made with): /feedback on another replica
     counts realised coverage and selective risk as the predicting replica would. Plain dicts, so
     the actor needs none of the app's code.
@@ -127,7 +127,7 @@ class FeedbackStoreActor:
         from collections import OrderedDict
 
         self.capacity = capacity
-        self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()  # id -> the Record's fields
+        self.items: OrderedDict[str, dict[str, Any]] = OrderedDict()  # id -> the FeedbackRecord's fields
 
     def add(self, pred_id: str, record: dict[str, Any]) -> None:
         known = self.items.get(pred_id)
@@ -137,7 +137,7 @@ class FeedbackStoreActor:
             self.items.popitem(last=False)
 
     def lookup(self, pred_id: str) -> dict[str, Any] | None:
-        """The Record's fields of a prediction, or None if unknown. Marks nothing."""
+        """The FeedbackRecord's fields of a prediction, or None if unknown. Marks nothing."""
         item = self.items.get(pred_id)
         return None if item is None or "labels" not in item else dict(item)
 
@@ -185,7 +185,7 @@ class SharedFeedbackStore:
 
     async def label(self, pred_id: str, target: Callable[[Any], int]) -> tuple[Any, int]:
         from app.errors import DuplicateFeedbackError, UnknownPredictionError
-        from app.predictor import Record
+        from app.predictor import FeedbackRecord
 
         try:
             record = self.local.get(pred_id)
@@ -201,7 +201,7 @@ class SharedFeedbackStore:
             if shared is None:
                 self.local.get(pred_id)  # raises the app's 404, with its message
             ps = shared.get("prediction_set")
-            record = Record(**{**shared, "labels": tuple(shared["labels"]), "probs": list(shared["probs"]),
+            record = FeedbackRecord(**{**shared, "labels": tuple(shared["labels"]), "probs": list(shared["probs"]),
                                "prediction_set": None if ps is None else tuple(ps)})
         if record.labelled:
             raise DuplicateFeedbackError(f"prediction {pred_id!r} already has a label")

@@ -121,13 +121,6 @@ class TFBLinear(nn.Module):
             return y2.addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.T, alpha=self.scaling).view(y.shape)
         return y + (self.scaling * (z @ self.lora_B.T)).to(y.dtype)  # (R, T, out)
 
-    def rows(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Only the output features ``ids`` of this layer: x (R, in) -> (R, len(ids)).
-
-        Used for ``lm_head``: the class-token rows of W and of B' are all a classifier needs.
-        """
-        return self.add_delta_rows(base_rows(self.base_layer, x, ids), x, ids)
-
     def add_delta_rows(self, y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """y (R, C) + the output features ``ids`` of this adapter's s * B' (A'_row x)."""
         z = self.shrink(x.to(self.lora_A.dtype).unsqueeze(1)).squeeze(1)  # (R, r)

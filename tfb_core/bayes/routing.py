@@ -79,6 +79,15 @@ class RoutedLinear(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def output_rows(layer: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Only the output features ``ids`` of a layer of a Bayesianized model, x (R, in) -> (R, len(ids)):
+    with each row's adapter's LoRA where the layer carries any (:meth:`RoutedLinear.rows`), else the
+    base layer's alone. For ``lm_head``: the class-token rows of W and of B' are all a classifier needs."""
+    if isinstance(layer, RoutedLinear):
+        return layer.rows(x, ids)
+    return base_rows(layer, x, ids)
+
+
 def bayesianize(model: nn.Module, d_floor: float = 1e-6) -> tuple[nn.Module, TFBPosterior, TFBLinear | None]:
     """Re-parameterise every LoRA module of a peft model (its one active adapter) in place and return
 

@@ -1,6 +1,7 @@
-"""Load a causal LM and a peft LoRA adapter (local folder or hub id) and Bayesianize it.
+"""Load a causal LM and peft LoRA adapters (local folder, hub id or PyPI wheel) onto it.
 
-Every failure becomes a :class:`LoadError` that names the path and the problem.
+Every failure becomes a :class:`LoadError` that names the path and the problem. Bayesianizing the
+loaded adapters into classifiers is start-up's (:func:`tfb_core.serving.startup.load_classifiers`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from typing import Any
 
 import torch
 
-from tfb_core.config import ModelConfig, PosteriorConfig
-from tfb_core.data.tasks import TaskError
+from tfb_core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +162,6 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "
     return peft_model
 
 
-def load_classifier(cfg: ModelConfig, labels: Sequence[str], posterior: PosteriorConfig | None = None):
-    """Base model + adapter, Bayesianized, ready to classify with ``labels``."""
-    return load_classifiers([cfg], [labels], posterior)[0]
-
-
 #: what every adapter served on one base model must agree on (the base model's own settings)
 BASE_FIELDS = ("model", "model_revision", "model_subfolder", "gguf_file", "dtype", "device", "load_in_8bit",
                "cache_dir", "max_length")
@@ -180,39 +175,3 @@ def base_mismatch(cfgs: Sequence[ModelConfig]) -> tuple[int, str] | None:
             if getattr(cfg, f) != getattr(cfgs[0], f):
                 return i, f
     return None
-
-
-def load_classifiers(cfgs: Sequence[ModelConfig], labels: Sequence[Sequence[str]],
-                     posterior: PosteriorConfig | None = None) -> list:
-    """One base model with every adapter of ``cfgs`` (which must agree on :data:`BASE_FIELDS`),
-    Bayesianized: a :class:`~tfb_core.forward.classifier.BayesianClassifier` per adapter, all sharing the base."""
-    from tfb_core.forward.classifier import BayesianClassifier
-
-    if not cfgs:
-        raise LoadError("no adapter to load")
-    first = cfgs[0]
-    if bad := base_mismatch(cfgs):
-        cfg, f = cfgs[bad[0]], bad[1]
-        raise LoadError(f"adapters on one base model must share its settings: {f} is {getattr(first, f)!r} "
-                        f"for adapter {first.adapter!r} and {getattr(cfg, f)!r} for adapter {cfg.adapter!r}")
-    from tfb_core.data.tasks import class_token_ids
-
-    posterior = posterior or PosteriorConfig()
-    tokenizer, model = load_base_model(first)
-    for these in labels:
-        try:
-            class_token_ids(tokenizer, these)
-        except TaskError as exc:  # the labels do not fit the tokenizer: not the adapter's fault
-            raise LoadError(f"labels {list(these)} with the tokenizer of {first.model!r}: {exc}") from exc
-    names = [f"tfb{i}" for i in range(len(cfgs))]  # peft's keys (module names: no dots)
-    for cfg, name in zip(cfgs, names, strict=True):
-        model = load_adapter(model, cfg, name)
-    try:
-        clfs = BayesianClassifier.from_peft_many(model, tokenizer, names, labels, d_floor=posterior.d_floor,
-                                                 max_length=first.max_length)
-    except ValueError as exc:
-        raise LoadError(f"adapter {', '.join(repr(c.adapter) for c in cfgs)}: {exc}") from exc
-    for cfg, clf in zip(cfgs, clfs, strict=True):
-        if all(float(m.d.max()) == 0.0 for m in clf.posterior.modules):
-            log.warning("adapter %s has B = 0 everywhere (untrained?): TFB adds no uncertainty to it", cfg.adapter)
-    return clfs

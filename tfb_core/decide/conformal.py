@@ -53,7 +53,7 @@ SCORES = ("lac", "aps")
 LTT_FALLBACK = (0.999, 0.99, 0.95, 0.8)
 
 
-def _grid(n_classes: int) -> tuple[float, ...]:
+def confidence_grid(n_classes: int) -> tuple[float, ...]:
     """Fixed confidence thresholds, high to low: fine near 1 (where LLM confidences crowd), then
     linear down to 1/C. Fixed before seeing data, as Learn-then-Test requires."""
     near_one = [1.0 - 10.0 ** (-e / 10) for e in range(60, 9, -1)]  # 1 - 1e-6 .. 0.9
@@ -114,7 +114,6 @@ class Threshold:
     threshold: float  # answer when confidence >= threshold (inf: abstain on everything)
     supported: bool  # False: no grid threshold was certified at this max_risk and delta
     answered_fraction: float  # of the calibration set, at this threshold
-    calibration_risk: float | None  # empirical selective error on the calibration set there
 
 
 @dataclass(frozen=True)
@@ -155,10 +154,8 @@ class Calibration:
             scores[s] = tuple(sorted(true.tolist()))
             class_scores[s] = tuple(tuple(sorted(true[t == y].tolist())) for y in range(c))
         conf, pred = probs.double().max(1)  # (n,), (n,)
-        wrong = pred != t
-        grid = _grid(c)
-        answered = tuple(int((conf >= g).sum()) for g in grid)
-        errors = tuple(int((wrong & (conf >= g)).sum()) for g in grid)
+        grid = confidence_grid(c)
+        answered, errors = grid_counts(conf, pred != t, grid)
         mi = float(mutual_information.double().mean()) if mutual_information is not None else None
         return cls(n, c, source, scores, class_scores, grid, answered, errors,
                    float(entropy(probs.double()).mean()), mi, n_samples, seed)
@@ -214,7 +211,7 @@ class Calibration:
             raise ValueError(f"max_risk must be in (0, 1), got {max_risk}")
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        return _ltt(self.grid, self.answered, self.errors, self.n, max_risk, delta)
+        return ltt_threshold(self.grid, self.answered, self.errors, self.n, max_risk, delta)
 
     def abstain(self, confidence: torch.Tensor, max_risk: float, delta: float = 0.1) -> tuple[list[bool], Threshold]:
         """Per input (confidences (B,)), whether to abstain; and the threshold used."""
@@ -222,10 +219,22 @@ class Calibration:
         return [not float(c) >= th.threshold for c in confidence], th
 
 
+def grid_counts(certainty: torch.Tensor, wrong: torch.Tensor, grid: tuple[float, ...]
+                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per threshold of ``grid``: the inputs answered (certainty (n,) >= it) and the wrong ones
+    (``wrong`` (n,)) among them: what Learn-then-Test tests (:func:`ltt_threshold`)."""
+    c, w = certainty.double(), wrong.bool()
+    answered = tuple(int((c >= g).sum()) for g in grid)
+    errors = tuple(int((w & (c >= g)).sum()) for g in grid)
+    return answered, errors
+
+
 @lru_cache(maxsize=256)
-def _ltt(grid: tuple[float, ...], answered: tuple[int, ...], errors: tuple[int, ...], n: int,
-         max_risk: float, delta: float) -> Threshold:
-    """The fallback procedure over the grid (high to low) with delta split over ``LTT_FALLBACK``."""
+def ltt_threshold(grid: tuple[float, ...], answered: tuple[int, ...], errors: tuple[int, ...], n: int,
+                  max_risk: float, delta: float) -> Threshold:
+    """The lowest threshold of ``grid`` (high to low) that Learn-then-Test certifies for selective
+    error <= max_risk w.p. >= 1 - delta, from the :func:`grid_counts` of n calibration inputs: the
+    fallback procedure with delta split over ``LTT_FALLBACK``."""
     level = fallback_levels(grid, delta)
     best: int | None = None  # lowest certified threshold = highest grid index
     carried = 0.0  # the level of the null just rejected, passed on to the next
@@ -236,9 +245,8 @@ def _ltt(grid: tuple[float, ...], answered: tuple[int, ...], errors: tuple[int, 
         else:
             carried = 0.0
     if best is None:
-        return Threshold(math.inf, False, 0.0, None)
-    a = answered[best]
-    return Threshold(grid[best], True, a / n, errors[best] / a if a else None)
+        return Threshold(math.inf, False, 0.0)
+    return Threshold(grid[best], True, answered[best] / n)
 
 
 def fallback_levels(grid: tuple[float, ...], delta: float) -> list[float]:

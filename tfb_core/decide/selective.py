@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tfb_core.decide.conformal import Calibration, Threshold, _grid, _ltt
+from tfb_core.decide.conformal import Calibration, Threshold, confidence_grid, grid_counts, ltt_threshold
 from tfb_core.decide.uncertainty import entropy
 
 ALPHAS = (0.05, 0.1, 0.2)
@@ -95,10 +95,8 @@ def certified_threshold(certainty: torch.Tensor, wrong: torch.Tensor, max_risk: 
                         grid: tuple[float, ...]) -> Threshold:
     """Learn-then-Test threshold on calibration ``certainty`` (n,) with errors ``wrong`` (n,):
     answer when certainty >= it, selective error <= max_risk with probability >= 1 - delta."""
-    c, w = certainty.double(), wrong.bool()
-    answered = tuple(int((c >= t).sum()) for t in grid)
-    errors = tuple(int((w & (c >= t)).sum()) for t in grid)
-    return _ltt(grid, answered, errors, int(c.shape[0]), max_risk, delta)
+    answered, errors = grid_counts(certainty, wrong, grid)
+    return ltt_threshold(grid, answered, errors, int(certainty.shape[0]), max_risk, delta)
 
 
 def conformal_report(cal_probs: torch.Tensor, cal_target: torch.Tensor, probs: torch.Tensor, target: torch.Tensor,
@@ -121,7 +119,7 @@ def abstention_report(cal: Mapping[str, torch.Tensor], cal_wrong: torch.Tensor, 
     """Per certainty score and max_risk: the Learn-then-Test threshold fitted on ``cal`` scores and
     what it does on ``test``: the fraction answered (coverage) and the error among those."""
     out: dict[str, Any] = {}
-    grid = _grid(n_classes)
+    grid = confidence_grid(n_classes)
     for name, cert in cal.items():
         rows: dict[str, Any] = {}
         for r in max_risks:

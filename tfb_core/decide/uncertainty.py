@@ -6,8 +6,10 @@ With p_n the class probabilities of sample n and p = mean_n p_n::
     expected entropy     mean_n H[p_n]            (aleatoric)
     mutual information   H[p] - mean_n H[p_n]     (epistemic, >= 0, 0 when all samples agree)
 
-Metrics follow the reference (torchmetrics): accuracy, ECE with 15 equal-width bins on the
-top-label confidence (L1), NLL = mean -log p[y], Brier = mean sum_c (p_c - 1[y=c])^2. Fractions.
+Metrics follow the reference: accuracy, ECE with 15 equal-width bins on the top-label confidence
+(L1), NLL = mean -log p[y], Brier = mean sum_c (p_c - 1[y=c])^2. Fractions. The bins are
+:func:`confidence_bin`'s, the one binning of the ECE, the reliability diagram (``tfb eval``) and the
+server's calibration metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+from torchmetrics.functional.classification import multiclass_accuracy
 
 ECE_BINS = 15
 _EPS = 1e-12
@@ -75,10 +77,34 @@ def brier(probs: torch.Tensor, target: torch.Tensor) -> float:
     return float(((probs.double() - onehot) ** 2).sum(1).mean())
 
 
+def confidence_bin(confidence: float | torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+    """The calibration bin of each top-label confidence: floor(confidence * n_bins), 1.0 in the last
+    (equal-width bins [k/n, (k+1)/n), the last closed), as a long tensor of ``confidence``'s shape."""
+    c = torch.as_tensor(confidence, dtype=torch.float64)
+    return torch.floor(c * n_bins).clamp_(0, n_bins - 1).long()
+
+
+def _bin_sums(probs: torch.Tensor, target: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, ...]:
+    """Per confidence bin: (inputs, sum of top-label confidences, correct predictions), float64 (n_bins,)."""
+    conf, pred = probs.double().max(1)  # (B,), (B,)
+    which = confidence_bin(conf, n_bins)  # (B,)
+    count = torch.bincount(which, minlength=n_bins).double()
+    return count, torch.bincount(which, conf, minlength=n_bins), torch.bincount(
+        which, (pred == target).double(), minlength=n_bins)
+
+
+def reliability_bins(probs: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Per confidence bin (:func:`confidence_bin`): mean confidence, accuracy and count (empty bins: NaN)."""
+    count, conf, correct = _bin_sums(probs, target, n_bins)
+    return {"edges": torch.linspace(0, 1, n_bins + 1).tolist(), "confidence": (conf / count).tolist(),
+            "accuracy": (correct / count).tolist(), "count": count.tolist()}
+
+
 def ece(probs: torch.Tensor, target: torch.Tensor, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error, equal-width bins on the top-label confidence (L1)."""
-    return float(multiclass_calibration_error(probs.float(), target.long(), num_classes=probs.shape[1],
-                                              n_bins=n_bins, norm="l1"))
+    """Expected calibration error (L1): sum over the confidence bins of the share of inputs in the bin
+    times |accuracy - mean confidence| there."""
+    count, conf, correct = _bin_sums(probs, target, n_bins)
+    return float((correct - conf).abs().sum() / count.sum())
 
 
 def accuracy(probs: torch.Tensor, target: torch.Tensor) -> float:

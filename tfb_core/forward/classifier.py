@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior, base_rows
-from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
+from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior
+from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many, output_rows
 from tfb_core.data.tasks import class_token_ids
 from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
 from tfb_core.forward.planning import (
@@ -165,8 +165,7 @@ class BayesianClassifier:
         return plan_chunks(token_lists, rows, max_rows, overhead, keys, cap)
 
     def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, sigma: float,
-                    class_ids: torch.Tensor | None = None, prefix: int | Mapping[int, int] | None = None,
-                    keys: Sequence[Any] | None = None,
+                    prefix: int | Mapping[int, int] | None = None, keys: Sequence[Any] | None = None,
                     on_chunk: Callable[[int, int], None] | None = None,
                     skip: Callable[[int], bool] | None = None) -> list[list[torch.Tensor]]:
         """Plan forwards by length (:meth:`plan`), run them, and return the results in input order.
@@ -188,7 +187,7 @@ class BayesianClassifier:
                 if not chunk:
                     continue
             jobs = [job for u in chunk for job in units[u]]
-            results = iter(self.run_jobs(jobs, sigma, class_ids, prefix))
+            results = iter(self.run_jobs(jobs, sigma, prefix=prefix))
             for u in chunk:
                 out[u] = [next(results) for _ in units[u]]
             if on_chunk is not None:
@@ -235,11 +234,7 @@ class BayesianClassifier:
         their own adapter, samples and sigma: (R, C) float32. One forward of the base model."""
         try:
             hidden = self._last_hidden(rows, segments, prefix, samples)  # (R, H)
-            head = self.output_embeddings
-            if isinstance(head, RoutedLinear):  # some adapter has LoRA on lm_head
-                logits = head.rows(hidden, class_ids)  # (R, C)
-            else:
-                logits = base_rows(head, hidden, class_ids)  # (R, C)
+            logits = output_rows(self.output_embeddings, hidden, class_ids)  # (R, C)
         finally:
             self._disarm(segments)
         return logits.float()
@@ -325,9 +320,10 @@ class BayesianClassifier:
         Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
         noise) each job needs one row whose result stands for all its samples (:func:`row_layout`).
         Jobs of other adapters (``Job.adapter``) get their own segment of rows, with their own sigma
-        and class ids: one forward of the base model for all. ``prefix``: the shared prefix of the
-        whole batch these jobs belong to (:meth:`shared_prefix`), or per adapter its instruction's
-        (a forward of several adapters shares the shortest).
+        and class ids: one forward of the base model for all. ``class_ids``: those of the jobs that
+        carry none (:attr:`Job.class_ids` None; default: this classifier's labels', :attr:`class_ids`).
+        ``prefix``: the shared prefix of the whole batch these jobs belong to (:meth:`shared_prefix`),
+        or per adapter its instruction's (a forward of several adapters shares the shortest).
         """
         default_ids = self.class_ids if class_ids is None else class_ids
         by_adapter: dict[int, list[int]] = {}
@@ -374,25 +370,28 @@ class BayesianClassifier:
                 out[j][n] = probs[r]
         return out
 
-    def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int = 0, *, sigma: float,
+    def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int | None = None, *, sigma: float,
                      noise: NoiseDraw | None = None, max_rows: int = 64, class_ids: torch.Tensor | None = None,
                      progress: Iterable[Any] | None = None, prefix: int | None = None) -> torch.Tensor:
         """Per-sample probabilities (B, N, C) of many prompts, in forwards of at most ``max_rows`` rows.
 
-        ``noise`` (a draw of at least N samples) fixes the randomness, e.g. common random numbers
-        across sigmas; otherwise it is drawn from ``seed``. ``prefix``: the prompts' shared
-        instruction in tokens, reused by all forwards (default: what the prompts share).
+        The randomness is ``noise`` (a draw of at least N samples: e.g. common random numbers across
+        sigmas) or the draw of ``seed`` (None: 0); both given is a ``ValueError``. ``class_ids``: the
+        classes read (None: this classifier's labels'). ``prefix``: the prompts' shared instruction
+        in tokens, reused by all forwards (default: what the prompts share).
         """
+        if noise is not None and seed is not None:
+            raise ValueError("give seed or noise, not both: noise fixes the samples, a seed draws them")
         tokens = self.tokenize(prompts)
         if sigma > 0.0 and noise is None:
-            noise = self.posterior.draw(seed, n_samples)
+            noise = self.posterior.draw(seed or 0, n_samples)
         prefix = self.shared_prefix(tokens) if prefix is None else prefix
         def update(units: int, rows: int) -> None:
             if progress is not None:
                 progress.update(units)  # type: ignore[attr-defined]
 
-        results = self.run_planned([[Job(t, n_samples, noise)] for t in tokens], max_rows, sigma, class_ids, prefix,
-                                   on_chunk=update)
+        results = self.run_planned([[Job(t, n_samples, noise, class_ids=class_ids)] for t in tokens], max_rows, sigma,
+                                   prefix, on_chunk=update)
         n_classes = len(self.labels if class_ids is None else class_ids)
         if not results:
             return torch.empty((0, n_samples, n_classes))

@@ -19,14 +19,16 @@ from tfb_core.bayes.posterior import NoiseDraw, TFBPosterior
 @dataclass
 class Job:
     """One input of a batched forward: its tokens, its N, and the noise its samples use; and, where a
-    forward mixes adapters, its adapter (index among the model's), sigma and class-token ids."""
+    forward mixes adapters or label sets, its adapter (index among the model's), sigma and class-token
+    ids. A None among those three is the forward's: the classifier that runs it (its adapter and labels'
+    ids, or the ids given to ``run_jobs``) and the sigma given to it."""
 
     tokens: list[int]
     n_samples: int
     noise: NoiseDraw | None  # None: the posterior mean (sigma = 0)
-    adapter: int | None = None  # None: the classifier's own adapter
-    sigma: float | None = None  # None: the forward's sigma
-    class_ids: torch.Tensor | None = None  # None: the forward's class ids
+    adapter: int | None = None  # None: the adapter of the classifier that runs the forward
+    sigma: float | None = None  # None: the sigma the forward is run at
+    class_ids: torch.Tensor | None = None  # None: run_jobs' class_ids, by default the classifier's own
 
 
 @dataclass

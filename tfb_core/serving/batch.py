@@ -1,34 +1,59 @@
-"""A batch of requests through one engine: what the server's worker (and any other caller) runs.
+"""A batch of requests through shared forwards: what the server's worker (and any other caller) runs.
 
     requests ──tokenize──▶ by label set ──one draw per seed──▶ units (one input's job each)
              ──plan by length, run, put back (BayesianClassifier.run_planned)──▶ (B_i, N, C) each
 
 Each request keeps its own seed's noise and N, so its answer does not depend on what shares its
 forwards. A request whose prompts or labels cannot be run (too long, labels that are not one token
-each) gets its own error; the others in the batch are answered.
+each) gets its own error; the others in the batch are answered. What a batch needs of an adapter is
+the small :class:`Adapter` protocol (:class:`tfb_core.serving.engine.TFBEngine` is one): this module
+does not import the engine.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from tfb_core.forward.layout import Job, rows_of
-
-if TYPE_CHECKING:
-    from tfb_core.engine import TFBEngine
+from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.forward.layout import Job
 
 log = logging.getLogger(__name__)
 
 Labels = tuple[str, ...]
 #: called after each forward with (inputs, rows, seconds)
 ForwardHook = Callable[[int, int, float], None]
+
+
+class Adapter(Protocol):
+    """One served adapter, as a batch uses it: its noise, tokens, class ids and prefix, and the
+    forwards of its base model (which other adapters of that model share)."""
+
+    name: str
+    sigma: float
+
+    @property
+    def adapter(self) -> int: ...  # its index among its base model's adapters
+
+    @property
+    def base_model(self) -> Any: ...  # adapters of one base model share forwards
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]: ...  # PromptTooLongError, EmptyPromptError
+
+    def class_ids_for(self, labels: Labels | None) -> torch.Tensor: ...  # TaskError: a label not one token
+
+    def noise(self, seed: int, n_samples: int) -> NoiseDraw | None: ...  # None: the posterior mean
+
+    def prefix_for(self, tokens: Sequence[list[int]]) -> int: ...  # what a forward of these tokens shares
+
+    def run_planned(self, units: Sequence[Sequence[Job]], max_rows: int, prefix: Mapping[int, int] | int | None,
+                    keys: Sequence[Hashable] | None = None, on_chunk: Callable[[int, int], None] | None = None,
+                    skip: Callable[[int], bool] | None = None) -> list[list[torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -43,42 +68,24 @@ class BatchRequest:
     #: True once nobody waits for the answer any more: the request's inputs are skipped before the
     #: next forward, and it is answered :class:`RequestCancelled`
     cancelled: Callable[[], bool] | None = None
-    #: the adapter served on the batch's base model that answers it (None: the batch's engine)
-    engine: TFBEngine | None = None
+    #: the adapter served on the batch's base model that answers it (None: the batch's own)
+    engine: Adapter | None = None
 
 
 class RequestCancelled(Exception):
     """The request was cancelled before all its inputs ran."""
 
 
-class ClassIds:
-    """Class-token ids per label set (the task's, or a request's own), the last ``size`` kept."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._ids: OrderedDict[Labels, torch.Tensor] = OrderedDict()
-
-    def get(self, engine: TFBEngine, labels: Labels) -> torch.Tensor:
-        ids = self._ids.get(labels)
-        if ids is None:
-            ids = engine.classifier.class_ids_for(labels)  # TaskError: a label that is not one token
-            self._ids[labels] = ids
-            while len(self._ids) > self.size:
-                self._ids.popitem(last=False)
-        self._ids.move_to_end(labels)
-        return ids
-
-
 @dataclass
 class _Input:
-    """One input of the batch: whose (request, position) it is, under which engine and class ids."""
+    """One input of the batch: whose (request, position) it is, under which adapter and class ids."""
 
     request: int
-    engine: TFBEngine
+    engine: Adapter
     class_ids: torch.Tensor
 
 
-def run_batch(engine: TFBEngine, requests: Sequence[BatchRequest], max_rows: int,
+def run_batch(engine: Adapter, requests: Sequence[BatchRequest], max_rows: int,
               on_forward: ForwardHook | None = None) -> list[torch.Tensor | Exception]:
     """Per request: its (B_i, N_i, C_i) per-sample probabilities, or the error it alone gets.
 
@@ -91,18 +98,16 @@ def run_batch(engine: TFBEngine, requests: Sequence[BatchRequest], max_rows: int
     inputs: list[_Input] = []
     for r, req in enumerate(requests):
         own = req.engine or engine
-        if own.classifier.model is not engine.classifier.model:
+        if own.base_model is not engine.base_model:
             out[r] = ValueError(f"adapter {own.name!r} is not on this batch's base model")
             continue
-        clf = own.classifier
         try:
-            tokens[r] = clf.tokenize(req.prompts)
+            tokens[r] = own.tokenize(req.prompts)
         except ValueError as exc:  # PromptTooLongError
             out[r] = exc
             continue
         try:
-            ids = (clf.class_ids if req.labels is None or list(req.labels) == clf.labels
-                   else own.class_ids.get(own, tuple(req.labels)))
+            ids = own.class_ids_for(req.labels)
         except ValueError as exc:  # TaskError
             out[r] = exc
             continue
@@ -116,7 +121,7 @@ def run_batch(engine: TFBEngine, requests: Sequence[BatchRequest], max_rows: int
     return out  # type: ignore[return-value]
 
 
-def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: dict[int, list[list[int]]],
+def _forward(engine: Adapter, requests: Sequence[BatchRequest], tokens: dict[int, list[list[int]]],
              inputs: Sequence[_Input], max_rows: int, on_forward: ForwardHook | None) -> dict[int, torch.Tensor | Exception]:
     """The batch's inputs in planned forwards; results per request (its position in ``requests``)."""
     need: dict[tuple[int, int], int] = {}  # (engine, seed) -> N: one draw per seed and adapter, big enough
@@ -133,15 +138,15 @@ def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: dict[i
         i = positions.get(x.request, 0)
         positions[x.request] = i + 1
         units.append([Job(tokens[x.request][i], req.n_samples, noise.get((id(own), req.seed)),
-                          adapter=own.classifier.adapter, sigma=own.sigma, class_ids=x.class_ids)])
+                          adapter=own.adapter, sigma=own.sigma, class_ids=x.class_ids)])
         # inputs of one adapter, draw and N together where that is cheaper: they share the prefix
-        keys.append((own.classifier.adapter, req.seed, req.n_samples) if own.sigma > 0.0 else (own.classifier.adapter,))
+        keys.append((own.adapter, req.seed, req.n_samples) if own.sigma > 0.0 else (own.adapter,))
     # per adapter its task's instruction (one prefix for every batch, computed once per draw), else
     # what its inputs in this batch share
     prefix = {}
     for own in engines.values():
         mine = [u[0].tokens for u, x in zip(units, inputs, strict=True) if x.engine is own]
-        prefix[own.classifier.adapter] = own.prompt_prefix or own.classifier.shared_prefix(mine)
+        prefix[own.adapter] = own.prefix_for(mine)
     hook = None
     if on_forward is not None:
         clock = [time.perf_counter()]
@@ -157,8 +162,7 @@ def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: dict[i
 
     members = sorted(positions)
     try:
-        results = engine.classifier.run_planned(units, max_rows, engine.sigma, prefix=prefix, keys=keys,
-                                                on_chunk=hook, skip=skip)
+        results = engine.run_planned(units, max_rows, prefix=prefix, keys=keys, on_chunk=hook, skip=skip)
     except Exception as exc:  # noqa: BLE001 -- a failed forward (e.g. out of memory) fails these requests only
         log.exception("forward of %d inputs failed", len(units))
         return dict.fromkeys(members, exc)
@@ -172,26 +176,3 @@ def _forward(engine: TFBEngine, requests: Sequence[BatchRequest], tokens: dict[i
     return {r: RequestCancelled("cancelled before all its inputs ran") if r in skipped else torch.stack(v)
             for r, v in per.items()}  # (B_r, N, C)
 
-
-def warm_up(engine: TFBEngine, max_rows: int) -> float | None:
-    """One forward of one input; on a GPU also one of a full batch (``max_rows`` rows), so that the
-    first real batch does not pay for loading kernels and growing the allocator's pool. Unless the
-    engine's config fixes it, the fixed cost of a forward is then measured (forwards of 1 and up to
-    8 inputs) for planning batches by length; returns it (None: not measured)."""
-    t0 = time.perf_counter()
-    clf = engine.classifier
-    tokens = clf.tokenize([engine.task.format(engine.task.placeholder("warm-up"))])[0]
-    n = engine.cfg.n_samples
-    job = Job(tokens, n, engine.noise(engine.cfg.seed, n))
-    prefix = engine.prompt_prefix or None
-    clf.run_jobs([job], engine.sigma, prefix=prefix)
-    inputs = max_rows // rows_of(n, engine.sigma)
-    if clf.device.type != "cpu" and inputs > 1:
-        clf.run_jobs([job] * inputs, engine.sigma, prefix=prefix)
-    overhead = None
-    if engine.cfg.forward_overhead_tokens is None:
-        overhead = clf.measure_forward_overhead(job, engine.sigma, max_rows, prefix)
-        if overhead is not None:
-            log.info("a forward's fixed cost: %.0f tokens (measured)", overhead)
-    log.info("warm-up forwards (N=%d) in %.2fs", n, time.perf_counter() - t0)
-    return overhead

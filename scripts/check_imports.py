@@ -1,0 +1,157 @@
+"""Check that imports between tfb_core's packages point one way, with no circle.
+
+    python scripts/check_imports.py          # prints the package graph; exit status 1 on a violation
+
+Every import statement counts, wherever it stands: at the top, inside a function, under
+``if TYPE_CHECKING:``. The rules (README, Architecture):
+
+* no circle between modules of ``tfb_core`` or ``app``;
+* ``tfb_core`` never imports ``app``;
+* ``serving`` → ``forward`` → ``bayes``; ``serving`` and ``forward`` → ``data``; ``serving`` → ``decide``;
+  ``decide``, ``data`` and ``bayes`` import none of the others (and no other package imports
+  ``serving`` but ``tfb_core.cli``, ``tfb_core.evaluate`` and ``app``).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("tfb_core", "app")
+#: which of tfb_core's sub-packages each one may import (besides itself and tfb_core's top-level modules)
+ALLOWED = {
+    "bayes": set(),
+    "data": set(),
+    "decide": set(),
+    "forward": {"bayes", "data"},
+    "serving": {"bayes", "data", "decide", "forward"},
+}
+#: top-level modules that may import ``serving`` (``app`` may too)
+SERVING_CLIENTS = {"tfb_core.cli", "tfb_core.evaluate"}
+
+
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Module name -> file of every module of :data:`PACKAGES` (a package's ``__init__`` as the package)."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imports(path: Path, name: str, known: dict[str, Path]) -> Iterator[str]:
+    """The modules of :data:`PACKAGES` that ``path`` (module ``name``) imports, anywhere in it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            # ``from pkg import mod`` imports the module pkg.mod; ``from mod import name`` the module mod
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # ``import a.b.c`` of a module: its longest known prefix
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                yield target
+
+
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    known = modules(root)
+    return {name: set(imports(path, name, known)) for name, path in known.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def sub_package(module: str) -> str | None:
+    """``bayes`` of ``tfb_core.bayes.posterior``; None for tfb_core's top-level modules and for app."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "tfb_core" and len(parts) > 2 or module in (
+        f"tfb_core.{p}" for p in ALLOWED) else None
+
+
+def violations(edges: dict[str, set[str]]) -> list[str]:
+    out = [f"import circle: {' <-> '.join(c)}" for c in cycles(edges)]
+    for src, targets in sorted(edges.items()):
+        for dst in sorted(targets):
+            if src.startswith("tfb_core") and dst.split(".")[0] == "app":
+                out.append(f"{src} imports {dst}: tfb_core never imports app")
+            a, b = sub_package(src), sub_package(dst)
+            if b == "serving" and a != "serving" and not src.startswith("app") and src not in SERVING_CLIENTS:
+                out.append(f"{src} imports {dst}: only {sorted(SERVING_CLIENTS)} and app import serving")
+            if a is not None and a in ALLOWED and b is not None and b != a and b not in ALLOWED[a]:
+                out.append(f"{src} imports {dst}: {a} may import {sorted(ALLOWED[a]) or 'none of the others'}")
+    return out
+
+
+def package_edges(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph folded onto sub-packages (tfb_core's top-level modules and app's by name)."""
+    def fold(m: str) -> str:
+        sub = sub_package(m)
+        return f"tfb_core.{sub}" if sub else ("app" if m.startswith("app") else m)
+
+    out: dict[str, set[str]] = {}
+    for src, targets in edges.items():
+        out.setdefault(fold(src), set()).update(fold(t) for t in targets if fold(t) != fold(src))
+    return out
+
+
+def main() -> int:
+    edges = graph()
+    for src, targets in sorted(package_edges(edges).items()):
+        print(f"{src:<22} -> {', '.join(sorted(targets)) or '-'}")
+    bad = violations(edges)
+    for line in bad:
+        print(f"VIOLATION: {line}")
+    print(f"{len(edges)} modules, {sum(map(len, edges.values()))} imports, "
+          f"{'no violations' if not bad else f'{len(bad)} violations'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""What an engine is configured with: :class:`EngineConfig`, its checks and its defaults.
+
+One frozen dataclass per served adapter (the model and adapter, task, sigma or how to search it,
+N, seed, the calibration's settings), validated in ``__post_init__``; :meth:`EngineConfig.with_defaults`
+fills in the embedded default (the small real model and the bundled SST-2 demo adapter) and what
+an adapter folder carries beside its weights (``anchor.jsonl``, ``calibration.jsonl``). The
+algorithm's own defaults (posterior, search) are :mod:`tfb_core.config`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
+from tfb_core.data.published import parse as parse_published
+from tfb_core.decide.conformal import SCORES
+
+#: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
+DEMO_ADAPTER = Path(__file__).parent.parent / "adapters" / "sst2-mle"
+#: what an adapter folder may carry beside its weights: its anchor set and its calibration set
+ANCHOR_FILE = "anchor.jsonl"
+CALIBRATION_FILE = "calibration.jsonl"
+DEMO_ANCHOR = DEMO_ADAPTER / ANCHOR_FILE
+#: the 272 labelled SST-2 sentences neither the adapter nor the sigma search saw (its held-out test
+#: part, scripts/demo_calibration.py): the demo's calibration set for prediction sets and abstention
+DEMO_CALIBRATION = DEMO_ADAPTER / CALIBRATION_FILE
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything :class:`~tfb_core.serving.engine.TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``.
+
+    ``published`` (``method/dataset/seed``) names one of the published TFB adapters: it sets the
+    adapter, the base model (unless another is given, e.g. a local copy) and the task, and without
+    ``anchor`` the search runs on the reference anchor set of its data set.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    published: str | None = None
+    task: str | None = None
+    labels: tuple[str, ...] | None = None
+    sigma: float | None = None
+    anchor: str | None = None
+    search: SearchConfig = field(default_factory=SearchConfig)
+    d_floor: float = 1e-6
+    n_samples: int = 10
+    seed: int = 0
+    max_rows: int = 64
+    #: fixed cost of a forward in prompt tokens, and most tokens per forward, for planning forwards
+    #: by length (None: by device)
+    forward_overhead_tokens: float | None = None
+    max_batch_tokens: float | None = None
+    #: labelled JSON Lines for conformal sets and abstention (None: a split of a labelled anchor)
+    calibration: str | None = None
+    #: fraction of a labelled anchor held out from the sigma search for calibration when no
+    #: calibration file is given and sigma is searched (0, the default: sigma is searched on all of
+    #: the anchor, as the reference does, and there is no calibration unless a file is given)
+    calibration_split: float = 0.0
+    conformal_score: str = "lac"
+    conformal_mondrian: bool = False
+    risk_delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.published is not None:
+            spec = parse_published(self.published)  # PublishedError (a ValueError) listing the valid names
+            if self.model.adapter is not None and (self.model.adapter, self.model.adapter_subfolder) != (
+                    spec.repo, spec.subfolder):
+                raise ValueError(f"published adapter {spec.name!r} and adapter {self.model.adapter!r} both given: "
+                                 "name one (--published, or --adapter with --adapter-subfolder)")
+            if self.task is not None and self.task.lower() not in (spec.task, spec.dataset.lower()):
+                raise ValueError(f"published adapter {spec.name!r} is for task {spec.task!r}, got task {self.task!r}")
+        if not 0.0 <= self.calibration_split < 1.0:
+            raise ValueError(f"calibration_split must be in [0, 1), got {self.calibration_split}")
+        if self.conformal_score not in SCORES:
+            raise ValueError(f"conformal_score must be one of {SCORES}, got {self.conformal_score!r}")
+        if not 0.0 < self.risk_delta < 1.0:
+            raise ValueError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
+        if self.sigma is not None:
+            PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+        if self.forward_overhead_tokens is not None and not self.forward_overhead_tokens >= 0:
+            raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
+        if self.max_batch_tokens is not None and not self.max_batch_tokens >= 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+
+    def with_defaults(self) -> EngineConfig:
+        """Fill in the embedded default: the small real model, the demo adapter, its task and anchor.
+
+        An adapter folder may carry its own ``anchor.jsonl`` and ``calibration.jsonl`` beside its
+        weights: they are the defaults of its anchor (when sigma is not fixed) and calibration,
+        wherever the folder is named from (the demo adapter's, by the default or by its path, also
+        set the task, sst2)."""
+        changes: dict[str, Any] = {}
+        model = self.model
+        if self.published is not None:
+            spec = parse_published(self.published)
+            base = spec.base_model if model.model == DEFAULT_MODEL else model.model
+            model = ModelConfig(**{**asdict(model), "model": base, "adapter": spec.repo,
+                                   "adapter_subfolder": spec.subfolder})
+            changes.update(model=model, task=spec.task)
+        if model.adapter is None and model.model == DEFAULT_MODEL:
+            model = ModelConfig(**{**asdict(model), "adapter": str(DEMO_ADAPTER)})
+            changes["model"] = model
+        folder = local_adapter_folder(model)
+        if folder is not None:
+            if folder.resolve() == DEMO_ADAPTER.resolve() and self.task is None and self.labels is None:
+                changes["task"] = "sst2"
+            if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
+                changes["anchor"] = str(folder / ANCHOR_FILE)
+            if self.calibration is None and self.calibration_split == 0.0 and (folder / CALIBRATION_FILE).is_file():
+                changes["calibration"] = str(folder / CALIBRATION_FILE)
+        return EngineConfig(**{**self.__dict__, **changes}) if changes else self
+
+
+def local_adapter_folder(model: ModelConfig) -> Path | None:
+    """The local folder of ``model``'s adapter (its subfolder), or None (a hub id, none)."""
+    if not model.adapter:
+        return None
+    folder = Path(model.adapter).expanduser() / (model.adapter_subfolder or "")
+    return folder if folder.is_dir() else None

@@ -1,0 +1,90 @@
+"""The adapters a server serves: named engines on one base model, the first the default.
+
+:class:`AdapterPool` is the one place an adapter's name resolves to its engine (``/predict``'s
+``adapter``, ``/classify``'s ``model``, ``/v1/models``); it runs every adapter's requests in shared
+forwards and warms them all up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from tfb_core.data.loading import LoadError
+from tfb_core.serving.batch import BatchRequest, ForwardHook, run_batch
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.startup import load_engines
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Adapter names must be unique: ``ValueError`` naming the repeated ones."""
+    dup = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dup:
+        raise ValueError(f"adapter names must be unique, repeated: {dup}")
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter that is not served."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0])
+
+
+class AdapterPool:
+    """Named engines (adapters) on one base model, the first the default: what a server serves.
+
+    Each engine is one adapter's whole state (weights, sigma, task, posterior, calibration); the
+    pool routes a request to its engine and runs every engine's requests in shared forwards.
+    """
+
+    def __init__(self, engines: Sequence[TFBEngine]) -> None:
+        if not engines:
+            raise ValueError("no adapter to serve")
+        check_names([e.name for e in engines])
+        self.engines: dict[str, TFBEngine] = {e.name: e for e in engines}
+        self.default = engines[0]
+
+    @classmethod
+    def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
+             background_calibration: bool = False) -> AdapterPool:
+        try:
+            check_names([n for n, _ in named])  # before loading anything
+        except ValueError as exc:
+            raise LoadError(str(exc)) from None
+        return cls(load_engines(named, progress, background_calibration))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.engines)
+
+    def get(self, name: str | None, base_model_alias: bool = False) -> TFBEngine:
+        """The engine of adapter ``name``; None is the default adapter, and with ``base_model_alias``
+        so are "" and the base model's id (vLLM serves the base model under its id). Another name:
+        :class:`UnknownAdapterError` naming the served ones."""
+        if name is None or (base_model_alias and name in ("", self.default.cfg.model.model)):
+            return self.default
+        engine = self.engines.get(name)
+        if engine is None:
+            raise UnknownAdapterError(f"unknown adapter {name!r}: this server serves {self.names}")
+        return engine
+
+    def rows(self, n_inputs: int, n_samples: int, name: str | None = None) -> int:
+        return self.get(name).rows(n_inputs, n_samples)
+
+    def run_batch(self, requests: Sequence[BatchRequest], max_rows: int,
+                  on_forward: ForwardHook | None = None) -> list[torch.Tensor | Exception]:
+        """Requests of any adapter (``BatchRequest.engine``, None: the default) in shared forwards."""
+        return run_batch(self.default, requests, max_rows, on_forward)
+
+    def warm_up(self, max_rows: int) -> float | None:
+        """The default adapter's warm-up (and measured forward cost: one base model, one cost for
+        all), then the first forward of each other adapter."""
+        overhead = self.default.warm_up(max_rows)
+        for engine in list(self.engines.values())[1:]:
+            if engine.cfg.forward_overhead_tokens is None:
+                engine.classifier.forward_overhead_tokens = self.default.classifier.forward_overhead_tokens
+            engine.first_forward()
+        return overhead
