@@ -11,10 +11,11 @@ from conftest import DEVICE, LABELS
 
 from tfb_core.bayes.posterior import NoiseDraw, sample_seed
 from tfb_core.config import ModelConfig
-from tfb_core.data.loading import load_adapter, load_base_model, load_classifier, load_classifiers
+from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.decide.generation import cluster_answers, mix_rows
 from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.generator import BayesianGenerator
+from tfb_core.serving.startup import load_classifier, load_classifiers
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 SIGMA = 0.3
