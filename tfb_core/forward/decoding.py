@@ -215,22 +215,51 @@ class Decoding:
         self.logits = self.gen.forward(self.rows, ids, self.mask, self.positions[:, None], self.cache, self.sigmas,
                                        self.plans)[:, -1]  # (R, V)
 
+    def _streams_of(self, request: int) -> list[_Stream]:
+        if not 0 <= request < len(self.requests):
+            raise IndexError(f"no request {request} in this decoding ({len(self.requests)})")
+        return [st for st in self.streams if st.request == request]
+
+    def finished(self, request: int) -> bool:
+        """Whether every stream of request ``request`` (an index :meth:`join` returned) has ended."""
+        return all(st.finish is not None for st in self._streams_of(request))
+
+    @torch.inference_mode()
+    def cancel(self, request: int) -> bool:
+        """Stop request ``request`` between steps (its client left): its rows leave the batch at once,
+        the other streams go on unchanged. Its streams end with finish reason "cancelled". Returns
+        whether it was still decoding."""
+        ended = {s for s in self.active if self.streams[s].request == request}
+        for st in self._streams_of(request):
+            if st.finish is None:
+                st.finish = ("cancelled", None, -1)
+        if not ended:
+            return False
+        kept = [r for r, row in enumerate(self.rows) if row.stream not in ended]
+        if not kept:
+            self.active, self.rows, self.logits, self.cache, self.mask, self.positions = [], [], None, None, None, None
+        else:
+            self._relayout(kept)
+        return True
+
+    def result(self, request: int) -> GenerationResult:
+        """Request ``request``'s result, once its streams have all ended (:meth:`finished`)."""
+        if not self.finished(request):
+            raise RuntimeError(f"request {request} is still decoding")
+        req = self.requests[request]
+        completions = [self._completion(st) for st in self._streams_of(request)]
+        answers = None
+        if req.mode == "per_sample":
+            if len(completions) == 1 < req.n_samples:  # sigma = 0, greedy: one answer N times
+                completions = completions * req.n_samples
+            answers = cluster_answers([c.text for c in completions])
+        return GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens))
+
     def results(self) -> list[GenerationResult]:
         """Every request's result, in the order they came (once :attr:`done`)."""
         if not self.done:
             raise RuntimeError("the decoding is still running")
-        per_request: list[list[Completion]] = [[] for _ in self.requests]
-        for st in self.streams:
-            per_request[st.request].append(self._completion(st))
-        out = []
-        for req, completions in zip(self.requests, per_request, strict=True):
-            answers = None
-            if req.mode == "per_sample":
-                if len(completions) == 1 < req.n_samples:  # sigma = 0, greedy: one answer N times
-                    completions = completions * req.n_samples
-                answers = cluster_answers([c.text for c in completions])
-            out.append(GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens)))
-        return out
+        return [self.result(i) for i in range(len(self.requests))]
 
     def _completion(self, st: _Stream) -> Completion:
         reason, stop_reason, cut = st.finish
