@@ -233,6 +233,17 @@ class ModelWorker:
         if fut is not None and fut.done() and not fut.cancelled():
             fut.exception()  # an error that arrived with the cancellation: read, so never "never retrieved"
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new work is taken (False once the drain began)."""
+        return self._accepting
+
+    @property
+    def generating(self) -> bool:
+        """Whether a generation is queued or decoding."""
+        with self._cond:
+            return bool(self._gen_queue) or self._gen_busy
+
     def submit_generation(self, work: GenWork) -> None:
         """Queue a generation; it joins the running decode at the next step, and its updates arrive
         on ``work.updates``. 429 past TFB_MAX_QUEUE waiting, 503 while shutting down."""
@@ -351,6 +362,7 @@ class ModelWorker:
                 if not work.abandoned:
                     new.append(work)
                     room -= 1
+            self._gen_busy = self._gen_busy or bool(new)  # never neither queued nor busy while it runs
         for work in [w for w in self._gen_running if w.abandoned]:
             gen.cancel(work)
         self._gen_running = [w for w in self._gen_running if not w.abandoned]

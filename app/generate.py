@@ -282,8 +282,11 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
     if body.stream:
         try:  # the first update: an error before any token is an ordinary error response
             first = await _next(work, timeout_s)
+        except RequestTimeoutError:
+            worker.abandon_generation(work, "timeout")
+            raise
         except BaseException:
-            worker.abandon_generation(work, "disconnect")
+            worker.abandon_generation(work, "disconnect" if worker.accepting else "shutdown")
             raise
         if first.error is not None:
             raise first.error
@@ -297,8 +300,8 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
                 raise update.error
             if update.result is not None:
                 break
-    except asyncio.CancelledError:
-        worker.abandon_generation(work, "disconnect")
+    except asyncio.CancelledError:  # the client went away, or the drain's deadline passed
+        worker.abandon_generation(work, "disconnect" if worker.accepting else "shutdown")
         raise
     except RequestTimeoutError:
         worker.abandon_generation(work, "timeout")

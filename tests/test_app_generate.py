@@ -250,7 +250,7 @@ def test_unknown_fields_are_ignored_and_info_lists_the_routes(client):
 
 
 def _running(client) -> bool:
-    return client.app.state.tfb.worker._gen_busy
+    return client.app.state.tfb.worker.generating
 
 
 def test_classification_is_served_while_a_generation_decodes(client):
