@@ -283,6 +283,7 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert _running(client)
+        decoding = client.app.state.tfb.worker._generation.decoding  # the running decode, kept to read after
     deadline = time.monotonic() + 30
     while _running(client) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -290,3 +291,5 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="disconnect") == before + 1
     assert metric(samples, "tfb_generation_rows") == 0
+    stream = decoding.streams[-1]  # the request's: cancelled, long before its 400 tokens
+    assert stream.finish[0] == "cancelled" and len(stream.token_ids) < 400
