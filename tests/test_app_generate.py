@@ -6,6 +6,7 @@ generation decodes; a client that leaves takes its rows out of the decode."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -293,3 +294,25 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
     assert metric(samples, "tfb_generation_rows") == 0
     stream = decoding.streams[-1]  # the request's: cancelled, long before its 400 tokens
     assert stream.finish[0] == "cancelled" and len(stream.token_ids) < 400
+
+
+def test_a_full_queue_is_429_and_a_timeout_503_in_openais_body_and_the_rows_are_freed(client, monkeypatch):
+    worker = client.app.state.tfb.worker
+    predictor = client.app.state.tfb.predictor
+    body = {"model": "bayes", "prompt": "x", "max_tokens": 400, "temperature": 0, "n_samples": 2,
+            "stop_token_ids": []}
+    monkeypatch.setattr(worker, "limits", dataclasses.replace(worker.limits, max_queue=0))
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert "TFB_MAX_QUEUE" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    before = metric(metric_samples(client.get("/metrics").text), "tfb_requests_aborted_total", reason="timeout")
+    monkeypatch.setattr(predictor, "settings", predictor.settings.model_copy(update={"request_timeout_s": 0.2}))
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 503 and "TFB_REQUEST_TIMEOUT_S" in r.json()["error"]["message"], r.text
+    deadline = time.monotonic() + 30
+    while _running(client) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not _running(client)
+    samples = metric_samples(client.get("/metrics").text)
+    assert metric(samples, "tfb_requests_aborted_total", reason="timeout") == before + 1
