@@ -336,3 +336,22 @@ def test_a_cancelled_request_leaves_the_decode_and_the_others_answers_do_not_cha
     decoding.step()
     decoding.cancel(0)
     assert decoding.done and decoding.cache is None
+
+
+def test_a_released_request_holds_nothing_and_the_decode_goes_on(gen, tokens):
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4)
+    reqs = [GenerationRequest(tokens[0], max_tokens=2, **kw), GenerationRequest(tokens[1], max_tokens=5, **kw)]
+    decoding = gen.start(reqs)
+    with pytest.raises(RuntimeError, match="still decoding"):
+        decoding.release(0)
+    decoding.step()
+    decoding.step()
+    first = decoding.result(0)
+    decoding.release(0)
+    assert decoding.requests[0].noise is None and all(not st.tokens for st in decoding.streams if st.request == 0)
+    with pytest.raises(RuntimeError, match="released"):
+        decoding.result(0)
+    while not decoding.done:
+        decoding.step()
+    assert _ids(first) == _ids(gen.generate([reqs[0]])[0])
+    assert _ids(decoding.result(1)) == _ids(gen.generate([reqs[1]])[0])

@@ -18,7 +18,7 @@ more (the padding of a long prompt that has left) are cut off the left of the ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,7 @@ class Decoding:
         self.mask = self.positions = self.logits = None
         self.steps = 0
         self._draws: dict = {}
+        self._released: set[int] = set()
         self.join(requests)
 
     @property
@@ -246,6 +247,8 @@ class Decoding:
         """Request ``request``'s result, once its streams have all ended (:meth:`finished`)."""
         if not self.finished(request):
             raise RuntimeError(f"request {request} is still decoding")
+        if request in self._released:
+            raise RuntimeError(f"request {request} was released: its result is gone")
         req = self.requests[request]
         completions = [self._completion(st) for st in self._streams_of(request)]
         answers = None
@@ -254,6 +257,17 @@ class Decoding:
                 completions = completions * req.n_samples
             answers = cluster_answers([c.text for c in completions])
         return GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens))
+
+    def release(self, request: int) -> None:
+        """Forget what an ended request holds (its tokens, its prompt, its noise draw: up to N x the
+        adapter's A' in size) once its result has been read: a decode that requests keep joining may
+        never end. Its :meth:`result` is gone afterwards."""
+        if not self.finished(request):
+            raise RuntimeError(f"request {request} is still decoding")
+        for st in self._streams_of(request):
+            st.token_ids, st.tokens, st.generator = [], [], None
+        self.requests[request] = replace(self.requests[request], tokens=[0], noise=None, stop=())
+        self._released.add(request)
 
     def results(self) -> list[GenerationResult]:
         """Every request's result, in the order they came (once :attr:`done`)."""

@@ -180,6 +180,7 @@ class _Entry:
     request: GenerationRequest
     stream: bool  # send token updates
     index: int = -1  # in the decoding
+    stream_index: int = -1  # its stream's in the decoding (mean mode), once looked up
     sent: str = ""  # text sent so far
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -219,6 +220,7 @@ class GenerationBatch:
                 del self._running[idx]
                 if self.decoding is not None:
                     self.decoding.cancel(idx)
+                    self.decoding.release(idx)
                 return True
         return False
 
@@ -272,6 +274,13 @@ class GenerationBatch:
         events = self.decoding.step()
         svc = self.service
         ended: list[int] = []
+        results: dict[int, Any] = {}
+
+        def result(idx: int) -> Any:
+            if idx not in results:
+                results[idx] = self.decoding.result(idx)
+            return results[idx]
+
         for ev in events:
             e = self._running.get(ev.request)
             if e is None:
@@ -280,10 +289,11 @@ class GenerationBatch:
                 ended.append(ev.request)
             if not e.stream or e.request.mode != "mean":
                 continue
-            st = self.decoding.streams[next(s for s, x in enumerate(self.decoding.streams)
-                                            if x.request == ev.request)]
+            if e.stream_index < 0:  # mean mode: the request's one stream
+                e.stream_index = next(s for s, x in enumerate(self.decoding.streams) if x.request == ev.request)
+            st = self.decoding.streams[e.stream_index]
             if ev.finish_reason is not None:
-                text = self.decoding.result(ev.request).completion.text
+                text = result(ev.request).completion.text
                 delta = text[len(e.sent):] if text.startswith(e.sent) else ""
             else:
                 text = svc.tokenizer.decode(st.token_ids, skip_special_tokens=True)
@@ -293,7 +303,8 @@ class GenerationBatch:
             out.append(GenerationUpdate(e.key, token=svc.token_info(ev.token), text=delta))
         for idx in dict.fromkeys(ended):
             e = self._running.pop(idx)
-            out.append(GenerationUpdate(e.key, result=svc.result_info(self.decoding.result(idx))))
+            out.append(GenerationUpdate(e.key, result=svc.result_info(result(idx))))
+            self.decoding.release(idx)  # a decode that requests keep joining may never end
         if self.decoding.done:
             self.decoding = None
         return out
