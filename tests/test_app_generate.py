@@ -6,6 +6,7 @@ generation decodes; a client that leaves takes its rows out of the decode."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -15,10 +16,16 @@ import time
 import pytest
 import torch
 from conftest import require
+from prometheus_client import CollectorRegistry
 from test_app_support import assert_close, make_settings, metric, metric_samples, ready_client
 
+from app.batching import BatchLimits, GenWork, ModelWorker
+from app.errors import NotReadyError
+from app.metrics import Metrics
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import load_adapter, load_base_model
+from tfb_core.serving.generation import GenerationSettings
+from tfb_core.serving.startup import load_engine
 
 PROMPTS = ["a great film with a wonderful cast", "I would not watch it again"]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -316,3 +323,34 @@ def test_a_full_queue_is_429_and_a_timeout_503_in_openais_body_and_the_rows_are_
     assert not _running(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="timeout") == before + 1
+
+
+def test_drain_finishes_the_running_generation_and_refuses_new_ones(tiny):
+    engine = load_engine(make_settings(tiny).engine_configs()[0][1].with_defaults(), progress=False)
+
+    def work() -> GenWork:
+        return GenWork(prepare=lambda svc: svc.request(engine, svc.encode_prompt("x"), GenerationSettings(
+            max_tokens=30, n_samples=2, stop_token_ids=())))
+
+    async def scenario():
+        ready = asyncio.Event()
+        worker = ModelWorker(lambda: engine, BatchLimits(), Metrics(CollectorRegistry()), lambda _: ready.set(),
+                             lambda exc: None, warmup=False)
+        worker.start(asyncio.get_running_loop())
+        await ready.wait()
+        running = work()
+        worker.submit_generation(running)
+        drain = asyncio.create_task(worker.drain(60))
+        await asyncio.sleep(0)
+        with pytest.raises(NotReadyError, match="shutting down"):
+            worker.submit_generation(work())
+        while True:
+            update = await running.updates.get()
+            if update.result is not None or update.error is not None:
+                break
+        await drain
+        return worker, update
+
+    worker, update = asyncio.run(scenario())
+    assert update.error is None and len(update.result["completion"]["token_ids"]) == 30
+    assert worker._thread is not None and not worker._thread.is_alive()
