@@ -354,3 +354,29 @@ def test_drain_finishes_the_running_generation_and_refuses_new_ones(tiny):
     worker, update = asyncio.run(scenario())
     assert update.error is None and len(update.result["completion"]["token_ids"]) == 30
     assert worker._thread is not None and not worker._thread.is_alive()
+
+
+def test_seeds_and_metrics(client):
+    """OpenAI's seed fixes the token draws at temperature 1; posterior_seed the posterior samples; each
+    answered generation counts its tokens and observes their MI, by adapter."""
+    body = {"model": "bayes", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "n_samples": 3,
+            "stop_token_ids": []}
+    before = metric_samples(client.get("/metrics").text)
+    a, b, c = (client.post("/v1/completions", json={**body, "seed": s}).json()["choices"][0] for s in (5, 5, 6))
+    assert _ids(a) == _ids(b) and _ids(a) != _ids(c)
+    greedy = {**body, "temperature": 0}
+    p1, p2 = (client.post("/v1/completions", json={**greedy, "posterior_seed": s}).json()["choices"][0]
+              for s in (1, 2))
+    assert [t["mutual_information"] for t in p1["uncertainty"]["tokens"]] != \
+        [t["mutual_information"] for t in p2["uncertainty"]["tokens"]]
+    after = metric_samples(client.get("/metrics").text)
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("tfb_generated_tokens_total", adapter="bayes") == 5 * 8
+    assert grew("tfb_generated_token_mutual_information_count", adapter="bayes") == 5 * 8
+    assert grew("tfb_generated_token_mutual_information_sum", adapter="bayes") == pytest.approx(
+        sum(t["mutual_information"] for ch in (a, b, c, p1, p2) for t in ch["uncertainty"]["tokens"]))
+    assert grew("tfb_generation_mean_mutual_information_count", adapter="bayes") == 5
+    assert grew("tfb_generations_total", adapter="bayes", finish_reason="length") == 5
