@@ -13,6 +13,14 @@ depend on which other requests shared its forward. The worker also loads the mod
 /healthz answers while it loads) and runs the engine's warm-up; and background work (a
 calibration forward) one step at a time whenever no request is queued, so that a request waits
 for at most one step.
+
+Generation (:class:`GenWork`, ``submit_generation``): the worker keeps one running decode
+(:class:`tfb_core.serving.generation.GenerationBatch`). Each turn of its loop serves the queued
+classification batch, if any (without waiting for company while a decode runs), then one decode step
+of every running generation: queued generations are prepared (tokenized) and join at that step,
+abandoned ones (client gone, timed out) leave it first, and each step's tokens and ended answers are
+posted to their requests' queues on the event loop. At most ``max_generations`` (TFB_MAX_BATCH_ROWS)
+decode at once; the drain waits for them as for queued requests.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ log = logging.getLogger(__name__)
 Labels = tuple[str, ...]
 #: what the worker loads and serves: one engine, or several adapters' on one base model
 Served = TFBEngine | AdapterPool
+#: while generations decode, a step of background work runs every this many decode steps
+BACKGROUND_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ class ModelWorker:
         self._gen_running: list[GenWork] = []
         self._gen_busy = False  # the running decode has work (read under the lock)
         self._generation: GenerationBatch | None = None
+        self._gen_steps = 0
         self._service: GenerationService | None = None
         #: how many generations a decode runs at once (past it, they wait in the queue: max_queue)
         self.max_generations = max(1, limits.max_rows)
@@ -340,8 +351,16 @@ class ModelWorker:
                         self._busy = False
             if self._has_generation():  # one decode step of every running generation, between batches
                 self._generation_step(engine)
+                self._gen_steps += 1
+                # background work (a calibration) is not starved by a decode that never empties
+                if not batch and self._gen_steps % BACKGROUND_EVERY == 0 and self._background_waiting():
+                    self._background_step()
             elif not batch:  # nothing queued: a step of background work
                 self._background_step()
+
+    def _background_waiting(self) -> bool:
+        with self._cond:
+            return bool(self._background) and self._accepting
 
     def _has_generation(self) -> bool:
         with self._cond:
