@@ -83,6 +83,7 @@ class Decoding:
         self.steps = 0
         self._draws: dict = {}
         self._released: set[int] = set()
+        self._by_request: list[list[int]] = []  # each request's streams
         self.join(requests)
 
     @property
@@ -96,7 +97,9 @@ class Decoding:
             self.requests.append(req)
             noise = self.gen.noise_of(req, self._draws)
             stop_ids = self.gen.eos_token_ids if req.stop_token_ids is None else frozenset(req.stop_token_ids)
+            self._by_request.append([])
             for i, samples in enumerate(req.streams()):
+                self._by_request[r].append(len(self.streams))
                 seed = req.sampling_seed if req.mode == "mean" else sample_seed(req.sampling_seed, i)
                 g = torch.Generator().manual_seed(seed) if req.temperature > 0.0 else None
                 s = len(self.streams)
@@ -219,7 +222,12 @@ class Decoding:
     def _streams_of(self, request: int) -> list[_Stream]:
         if not 0 <= request < len(self.requests):
             raise IndexError(f"no request {request} in this decoding ({len(self.requests)})")
-        return [st for st in self.streams if st.request == request]
+        return [self.streams[s] for s in self._by_request[request]]
+
+    def stream_ids(self, request: int) -> list[int]:
+        """Indices into :attr:`streams` of request ``request``'s streams."""
+        self._streams_of(request)  # IndexError for a request not in this decoding
+        return list(self._by_request[request])
 
     def finished(self, request: int) -> bool:
         """Whether every stream of request ``request`` (an index :meth:`join` returned) has ended."""

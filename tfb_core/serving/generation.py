@@ -180,7 +180,6 @@ class _Entry:
     request: GenerationRequest
     stream: bool  # send token updates
     index: int = -1  # in the decoding
-    stream_index: int = -1  # its stream's in the decoding (mean mode), once looked up
     sent: str = ""  # text sent so far
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -289,9 +288,7 @@ class GenerationBatch:
                 ended.append(ev.request)
             if not e.stream or e.request.mode != "mean":
                 continue
-            if e.stream_index < 0:  # mean mode: the request's one stream
-                e.stream_index = next(s for s, x in enumerate(self.decoding.streams) if x.request == ev.request)
-            st = self.decoding.streams[e.stream_index]
+            st = self.decoding.streams[self.decoding.stream_ids(ev.request)[0]]  # mean mode: its one stream
             if ev.finish_reason is not None:
                 text = result(ev.request).completion.text
                 delta = text[len(e.sent):] if text.startswith(e.sent) else ""
