@@ -269,13 +269,13 @@ class ModelWorker:
             self._gen_queue.append(work)
             self._cond.notify()
 
-    def abandon_generation(self, work: GenWork, reason: str) -> None:
+    def abandon_generation(self, work: GenWork, reason: str, count: bool = True) -> None:
         """Nobody reads ``work``'s updates any more: the worker takes its rows out of the decode
-        before the next step (or never starts it)."""
+        before the next step (or never starts it). ``count``: in tfb_requests_aborted_total{reason}."""
         if not work.abandoned:
             work.abandoned = True
             work.abort_reason = reason
-            if not work.ended:
+            if count and not work.ended:
                 self.metrics.aborted.labels(reason=reason).inc()
             with self._cond:
                 self._cond.notify()

@@ -97,7 +97,8 @@ class CompletionRequest(_Common):
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
         {"model": "default", "prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 8, "temperature": 0}]})
 
-    prompt: str | list[str] = Field(description="the text to continue (a list of one string is accepted)")
+    prompt: str | list[str] = Field(description="the text to continue, or a list of texts (one choice each, "
+                                               "at most TFB_MAX_INPUTS)")
     max_tokens: int | None = Field(16, ge=1, description="OpenAI's default 16; at most TFB_MAX_TOKENS")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="top-k log p̄ per token")
     echo: bool = Field(False, description="true is refused")
@@ -110,9 +111,9 @@ class CompletionRequest(_Common):
                 raise ValueError("an empty list: give one prompt")
             if any(isinstance(v, (int, list)) for v in value):
                 raise ValueError("token ids are not supported by this server: send text")
-            if len(value) > 1:
-                raise ValueError(f"one prompt per request (got {len(value)}): send them as separate requests "
-                                 "(they share forwards anyway)")
+            for i, v in enumerate(value):
+                if not isinstance(v, str) or not v:
+                    raise ValueError(f"prompt {i} must be a non-empty string")
         if isinstance(value, str) and not value:
             raise ValueError("an empty prompt: nothing to continue")
         return value
@@ -176,16 +177,17 @@ def _settings(body: CompletionRequest | ChatCompletionRequest, predictor: Predic
 
 
 def _prepare(engine: TFBEngine, settings: GenerationSettings, prompt: str | None,
-             messages: list[dict[str, Any]] | None):
-    """What the worker runs to build the request (tokenizing on its thread)."""
+             messages: list[dict[str, Any]] | None, which: str = ""):
+    """What the worker runs to build the request (tokenizing on its thread); ``which`` names the
+    prompt in an error ("prompt 2: ") where a request has several."""
     def prepare(service: GenerationService):
         try:
             tokens = service.encode_chat(messages) if messages is not None else service.encode_prompt(prompt or "")
             return service.request(engine, tokens, settings)
         except GenerationInputError as exc:
-            raise GenerationInputHTTPError(str(exc), param=exc.param) from None
+            raise GenerationInputHTTPError(which + str(exc), param=exc.param) from None
         except ValueError as exc:  # GenerationRequest's own check of a value
-            raise GenerationInputHTTPError(str(exc)) from None
+            raise GenerationInputHTTPError(which + str(exc)) from None
 
     return prepare
 
@@ -259,6 +261,26 @@ async def _next(work: GenWork, timeout_s: float) -> GenerationUpdate:
                                   "(TFB_REQUEST_TIMEOUT_S): the server is overloaded, retry later") from None
 
 
+async def _collect(worker: Any, work: GenWork, deadline: float) -> dict[str, Any]:
+    """The work's result (its tokens' updates skipped); abandoned if this is cancelled or times out."""
+    try:
+        while True:
+            update = await _next(work, max(0.0, deadline - time.monotonic()))
+            if update.error is not None:
+                raise update.error
+            if update.result is not None:
+                return update.result
+    except asyncio.CancelledError:  # the client went away, or the drain's deadline passed
+        worker.abandon_generation(work, "disconnect" if worker.accepting else "shutdown")
+        raise
+    except RequestTimeoutError:
+        worker.abandon_generation(work, "timeout")
+        raise
+    except BaseException:
+        worker.abandon_generation(work, "error", count=False)
+        raise
+
+
 async def _run(predictor: Predictor, request: Request, body: CompletionRequest | ChatCompletionRequest,
                chat: bool) -> Response:
     model = resolve_model(predictor, body.model)
@@ -267,19 +289,35 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         assert isinstance(body, ChatCompletionRequest)
         max_tokens = body.max_completion_tokens or body.max_tokens or predictor.settings.max_tokens
         k = (body.top_logprobs or 0) if body.logprobs else 0
-        prepare = _prepare(engine, _settings(body, predictor, max_tokens, k), None, body.messages)
+        settings = _settings(body, predictor, max_tokens, k)
+        prepares = [_prepare(engine, settings, None, body.messages)]
     else:
         assert isinstance(body, CompletionRequest)
         k = body.logprobs or 0
-        prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt
-        prepare = _prepare(engine, _settings(body, predictor, body.max_tokens or 16, k), prompt, None)
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if len(prompts) > predictor.settings.max_inputs:
+            raise LimitError(f"too many prompts: {len(prompts)}, the limit is {predictor.settings.max_inputs} per "
+                             "request (TFB_MAX_INPUTS)", param="prompt")
+        if body.stream and len(prompts) > 1:
+            raise LimitError("stream=true takes one prompt: send several prompts without stream, or one request "
+                             "per prompt", param="prompt")
+        settings = _settings(body, predictor, body.max_tokens or 16, k)
+        prepares = [_prepare(engine, settings, p, None, f"prompt {i}: " if len(prompts) > 1 else "")
+                    for i, p in enumerate(prompts)]
     worker = predictor.worker
-    work = GenWork(prepare=prepare, stream=body.stream)
-    worker.submit_generation(work)
+    works = [GenWork(prepare=prepare, stream=body.stream) for prepare in prepares]
+    try:
+        for work in works:
+            worker.submit_generation(work)
+    except BaseException:  # e.g. the queue is full: none of them runs
+        for work in works:
+            worker.abandon_generation(work, "error", count=False)
+        raise
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     timeout_s = predictor.settings.request_timeout_s
     if body.stream:
+        work = works[0]
         try:  # the first update: an error before any token is an ordinary error response
             first = await _next(work, timeout_s)
         except RequestTimeoutError:
@@ -293,34 +331,33 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         return StreamingResponse(_stream(predictor, work, first, body, chat, model, rid, created, timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     deadline = time.monotonic() + timeout_s
+    tasks = [asyncio.ensure_future(_collect(worker, work, deadline)) for work in works]
     try:
-        while True:
-            update = await _next(work, max(0.0, deadline - time.monotonic()))
-            if update.error is not None:
-                raise update.error
-            if update.result is not None:
-                break
-    except asyncio.CancelledError:  # the client went away, or the drain's deadline passed
-        worker.abandon_generation(work, "disconnect" if worker.accepting else "shutdown")
+        infos = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # one failed (or all were cancelled): the others' rows leave the decode
+            task.cancel()
+        for work in works:
+            worker.abandon_generation(work, "error", count=False)
         raise
-    except RequestTimeoutError:
-        worker.abandon_generation(work, "timeout")
-        raise
-    info = update.result
-    predictor.metrics.observe_generation(info, model)
-    c = info["completion"]
-    unc = _uncertainty(info)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": c["text"]},
-                  "logprobs": _chat_logprobs(c["tokens"], bool(body.logprobs)),
-                  "finish_reason": _finish(c["finish_reason"]), "stop_reason": c["stop_reason"], "uncertainty": unc}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": c["text"], "logprobs": _completion_logprobs(c["tokens"], body.logprobs),
-                  "finish_reason": _finish(c["finish_reason"]), "stop_reason": c["stop_reason"], "uncertainty": unc}
-        obj = "text_completion"
-    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                         "usage": _usage(info), "sigma": engine.sigma, "n_samples": info["n_samples"]})
+    choices = []
+    for i, info in enumerate(infos):
+        predictor.metrics.observe_generation(info, model)
+        c = info["completion"]
+        choice: dict[str, Any] = {"index": i}
+        if chat:
+            choice.update(message={"role": "assistant", "content": c["text"]},
+                          logprobs=_chat_logprobs(c["tokens"], bool(body.logprobs)))
+        else:
+            choice.update(text=c["text"], logprobs=_completion_logprobs(c["tokens"], body.logprobs))
+        choice.update(finish_reason=_finish(c["finish_reason"]), stop_reason=c["stop_reason"],
+                      uncertainty=_uncertainty(info))
+        choices.append(choice)
+    usages = [_usage(info) for info in infos]
+    usage = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                         "model": model, "choices": choices, "usage": usage, "sigma": engine.sigma,
+                         "n_samples": infos[0]["n_samples"]})
 
 
 def _sse(data: dict[str, Any]) -> bytes:

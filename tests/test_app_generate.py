@@ -202,6 +202,18 @@ def test_chat_stream_has_a_role_delta_then_one_chunk_per_token(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
 
 
+def test_several_prompts_are_one_choice_each_as_if_sent_alone(client):
+    body = {"model": "bayes", "max_tokens": 6, "temperature": 0, "n_samples": 3, "stop_token_ids": []}
+    many = client.post("/v1/completions", json={**body, "prompt": PROMPTS}).json()
+    alone = [client.post("/v1/completions", json={**body, "prompt": p}).json() for p in PROMPTS]
+    assert [c["index"] for c in many["choices"]] == [0, 1]
+    for got, one in zip(many["choices"], alone, strict=True):
+        assert got["text"] == one["choices"][0]["text"] and _ids(got) == _ids(one["choices"][0])
+        assert_close(got["uncertainty"], one["choices"][0]["uncertainty"])
+    assert many["usage"]["completion_tokens"] == 12
+    assert many["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+
+
 def test_per_sample_answers_their_clusters_and_semantic_entropy(client):
     body = {"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "n_samples": 4, "answers": "per_sample",
             "stop_token_ids": []}
@@ -224,7 +236,9 @@ def test_per_sample_answers_their_clusters_and_semantic_entropy(client):
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "text"), [
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "only n=1"),
-    ("/v1/completions", {"prompt": ["x", "y"]}, 400, "prompt", "one prompt per request"),
+    ("/v1/completions", {"prompt": ["x"] * 9}, 400, "prompt", "TFB_MAX_INPUTS"),
+    ("/v1/completions", {"prompt": ["x", "word " * 80]}, 400, "prompt", "prompt 1: the prompt has"),
+    ("/v1/completions", {"prompt": ["x", "y"], "stream": True}, 400, "prompt", "stream=true takes one prompt"),
     ("/v1/completions", {"prompt": [1, 2]}, 400, "prompt", "token ids"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 401}, 400, "max_tokens", "TFB_MAX_TOKENS"),
     ("/v1/completions", {"prompt": "x", "n_samples": 17}, 400, "n_samples", "TFB_MAX_SAMPLES"),
