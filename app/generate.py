@@ -313,7 +313,7 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         for work in works:
             worker.abandon_generation(work, "error", count=False)
         raise
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    rid = ("chatcmpl-" if chat else "cmpl-") + (request.headers.get("x-request-id") or uuid.uuid4().hex)
     created = int(time.time())
     timeout_s = predictor.settings.request_timeout_s
     if body.stream:

@@ -121,7 +121,7 @@ def test_the_openai_client_reads_completions_and_chat_completions(client, peft):
     assert all(t["mutual_information"] > 0.0 for t in resp.choices[0].model_extra["uncertainty"]["tokens"])
     with pytest.raises(openai.BadRequestError, match="chat template"):
         oa.chat.completions.create(model="zero", messages=[{"role": "user", "content": "hi"}])
-    tokenizer = client.app.state.tfb.worker._service.tokenizer
+    tokenizer = client.app.state.tfb.predictor.engine.classifier.tokenizer
     tokenizer.chat_template = TEMPLATE
     try:
         messages = [{"role": "user", "content": "a great film"}]
@@ -184,12 +184,17 @@ def test_streamed_chunks_reassemble_to_the_answer_with_the_same_token_uncertaint
 
 
 def test_chat_stream_has_a_role_delta_then_one_chunk_per_token(client):
-    tokenizer = client.app.state.tfb.worker._service.tokenizer
+    tokenizer = client.app.state.tfb.predictor.engine.classifier.tokenizer
     tokenizer.chat_template = TEMPLATE
     try:
         body = {"model": "bayes", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
                 "n_samples": 3}
         whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        parts = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "h"},
+                                                                    {"type": "text", "text": "i"}]}]}
+        r = client.post("/v1/chat/completions", json=parts, headers={"x-request-id": "abc"})
+        assert r.json()["choices"][0]["message"] == whole["message"]  # OpenAI's text parts, joined
+        assert r.json()["id"] == "chatcmpl-abc"
         r = client.post("/v1/chat/completions", json={**body, "stream": True})
         chunks = _events(r.text)
     finally:
