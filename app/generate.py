@@ -380,7 +380,11 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
         update: GenerationUpdate | None = first
         while True:
             if update is None:
-                update = await _next(work, timeout_s)
+                try:
+                    update = await _next(work, timeout_s)
+                except RequestTimeoutError as exc:
+                    predictor.worker.abandon_generation(work, "timeout")
+                    update = GenerationUpdate(work, error=exc)
             if update.error is not None:  # after the stream began: an error event, then the end
                 status, message, _ = status_of(update.error)
                 yield _sse(openai_error_body(status, message))
