@@ -19,8 +19,9 @@ Generation (:class:`GenWork`, ``submit_generation``): the worker keeps one runni
 classification batch, if any (without waiting for company while a decode runs), then one decode step
 of every running generation: queued generations are prepared (tokenized) and join at that step,
 abandoned ones (client gone, timed out) leave it first, and each step's tokens and ended answers are
-posted to their requests' queues on the event loop. At most ``max_generations`` (TFB_MAX_BATCH_ROWS)
-decode at once; the drain waits for them as for queued requests.
+posted to their requests' queues on the event loop. Generations join while the decode's rows stay
+within TFB_MAX_BATCH_ROWS (one bigger request decodes alone), first come first served; the drain
+waits for them as for queued requests.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class GenWork:
 
     prepare: Callable[[GenerationService], Any]
     stream: bool = False
+    request: Any = None  # its GenerationRequest, once prepared on the worker thread
+    rows: int = 0  # rows of the decode forward it takes (N, or 1 at sigma = 0 in mean mode)
     updates: asyncio.Queue | None = None
     enqueued: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # nobody reads its updates (client gone, timed out): its rows leave the decode
@@ -367,32 +370,40 @@ class ModelWorker:
             return bool(self._gen_queue) or self._gen_busy
 
     def _generation_step(self, engine: Served) -> None:
-        """Admit queued generations (up to max_generations running), drop abandoned ones, run one step."""
+        """Drop abandoned generations, admit queued ones while their rows fit (TFB_MAX_BATCH_ROWS rows
+        per decode forward; one bigger request runs alone), run one step, post the updates."""
         if self._generation is None:
             self._service = GenerationService(engine)
             self._generation = GenerationBatch(self._service)
         gen, service = self._generation, self._service
         assert service is not None
-        with self._cond:
-            room = self.max_generations - len(self._gen_running)
-            new = []
-            while self._gen_queue and room > 0:
-                work = self._gen_queue.popleft()
-                if not work.abandoned:
-                    new.append(work)
-                    room -= 1
-            self._gen_busy = self._gen_busy or bool(new)  # never neither queued nor busy while it runs
         for work in [w for w in self._gen_running if w.abandoned]:
             gen.cancel(work)
         self._gen_running = [w for w in self._gen_running if not w.abandoned]
-        for work in new:
-            try:
-                request = work.prepare(service)
-            except Exception as exc:  # noqa: BLE001 -- the request's own error (a 4xx), answered
-                self._post(work, GenerationUpdate(work, error=exc))
-                continue
-            gen.submit(work, request, stream=work.stream)
+        with self._cond:
+            queued = [w for w in self._gen_queue if not w.abandoned]
+            self._gen_queue.clear()
+            self._gen_busy = self._gen_busy or bool(queued)  # never neither queued nor busy while it runs
+        rows = sum(w.rows for w in self._gen_running)
+        left: list[GenWork] = []
+        for i, work in enumerate(queued):
+            if work.request is None:  # prepared once (tokenized), even if it has to wait for room
+                try:
+                    work.request = work.prepare(service)
+                except Exception as exc:  # noqa: BLE001 -- the request's own error (a 4xx), answered
+                    self._post(work, GenerationUpdate(work, error=exc))
+                    continue
+                work.rows = sum(len(stream) for stream in work.request.streams())
+            if self._gen_running and (rows + work.rows > self.limits.max_rows
+                                      or len(self._gen_running) >= self.max_generations):
+                left = queued[i:]  # first come, first served: the rest wait for room
+                break
+            gen.submit(work, work.request, stream=work.stream)
             self._gen_running.append(work)
+            rows += work.rows
+        if left:
+            with self._cond:
+                self._gen_queue.extendleft(reversed(left))
         try:
             updates = gen.step() if gen.busy else []
         except Exception as exc:  # noqa: BLE001 -- a failed forward fails the decode's requests, not the worker
@@ -405,7 +416,7 @@ class ModelWorker:
             if not work.abandoned:
                 self._post(work, update)
         with self._cond:
-            self._gen_busy = gen.busy
+            self._gen_busy = gen.busy or bool(self._gen_queue)
         self.metrics.generation_rows.set(gen.rows)
 
     def _background_step(self) -> None:

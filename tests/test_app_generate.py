@@ -12,6 +12,7 @@ import json
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from app.errors import NotReadyError
 from app.metrics import Metrics
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import load_adapter, load_base_model
+from tfb_core.forward.decoding import Decoding
 from tfb_core.serving.generation import GenerationSettings
 from tfb_core.serving.startup import load_engine
 
@@ -278,6 +280,29 @@ def test_unknown_fields_are_ignored_and_info_lists_the_routes(client):
 
 def _running(client) -> bool:
     return client.app.state.tfb.worker.generating
+
+
+def test_generations_join_while_their_rows_fit_and_the_rest_wait(client, monkeypatch):
+    """TFB_MAX_BATCH_ROWS = 32 here: three requests of N = 16 rows each; two decode together, the third
+    waits for room, and each answer equals the request sent alone."""
+    rows: list[int] = []
+    step = Decoding.step
+
+    def counted(self):
+        rows.append(len(self.rows))
+        return step(self)
+
+    monkeypatch.setattr(Decoding, "step", counted)
+    body = {"model": "bayes", "max_tokens": 30, "temperature": 0, "n_samples": 16, "stop_token_ids": []}
+    alone = [client.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0] for p in PROMPTS + ["x"]]
+    rows.clear()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(lambda p: client.post("/v1/completions", json={**body, "prompt": p}),
+                            PROMPTS + ["x"]))
+    assert all(r.status_code == 200 for r in got)
+    assert max(rows) == 32 and all(n <= 32 for n in rows)
+    for r, one in zip(got, alone, strict=True):
+        assert _ids(r.json()["choices"][0]) == _ids(one)
 
 
 def test_classification_is_served_while_a_generation_decodes(client):
