@@ -154,7 +154,7 @@ class ChatCompletionRequest(_Common):
 
 # --- translation ---------------------------------------------------------------------------------
 def _settings(body: CompletionRequest | ChatCompletionRequest, predictor: Predictor, max_tokens: int,
-              top_logprobs: int) -> GenerationSettings:
+              top_logprobs: int, fit_context: bool = False) -> GenerationSettings:
     s = predictor.settings
     if max_tokens > s.max_tokens:
         raise LimitError(f"max_tokens {max_tokens} is over the limit of {s.max_tokens} (TFB_MAX_TOKENS)",
@@ -173,7 +173,8 @@ def _settings(body: CompletionRequest | ChatCompletionRequest, predictor: Predic
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         sampling_seed=body.seed if body.seed is not None else secrets.randbits(31), stop=tuple(body.stop or ()),
         stop_token_ids=None if body.stop_token_ids is None else tuple(body.stop_token_ids),
-        top_logprobs=top_logprobs, n_samples=body.n_samples, posterior_seed=body.posterior_seed, mode=body.answers)
+        top_logprobs=top_logprobs, n_samples=body.n_samples, posterior_seed=body.posterior_seed, mode=body.answers,
+        fit_context=fit_context)
 
 
 def _prepare(engine: TFBEngine, settings: GenerationSettings, prompt: str | None,
@@ -289,7 +290,8 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         assert isinstance(body, ChatCompletionRequest)
         max_tokens = body.max_completion_tokens or body.max_tokens or predictor.settings.max_tokens
         k = (body.top_logprobs or 0) if body.logprobs else 0
-        settings = _settings(body, predictor, max_tokens, k)
+        settings = _settings(body, predictor, max_tokens, k,
+                             fit_context=body.max_completion_tokens is None and body.max_tokens is None)
         prepares = [_prepare(engine, settings, None, body.messages)]
     else:
         assert isinstance(body, CompletionRequest)

@@ -77,3 +77,14 @@ def test_held_back_is_the_tail_a_stop_string_may_still_complete():
     assert held_back("the answer\n", ["\n\n"]) == 1
     assert held_back("say STO", ["STOP", "x"]) == 3
     assert held_back("ab\ufffd", []) == 1  # the bytes of a character still to come
+
+
+def test_a_default_max_tokens_fits_the_context_a_clients_is_refused_over_it(service):
+    engine = service.adapters.default
+    tokens = service.encode_prompt("a great film")
+    room = service.context - len(tokens)
+    fitted = service.request(engine, tokens, GenerationSettings(max_tokens=room + 50, fit_context=True))
+    assert fitted.max_tokens == room
+    with pytest.raises(ValueError, match="over the model's context") as err:
+        service.request(engine, tokens, GenerationSettings(max_tokens=room + 1))
+    assert err.value.param == "max_tokens"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, Mode, TokenUncertainty
@@ -55,6 +55,8 @@ class GenerationSettings:
     n_samples: int | None = None  # None: the adapter's configured N
     posterior_seed: int | None = None  # None: the adapter's configured seed
     mode: Mode = "mean"
+    #: ``max_tokens`` is a default, not the client's: shortened to what the model's context leaves
+    fit_context: bool = False
 
 
 class GenerationService:
@@ -99,6 +101,8 @@ class GenerationService:
         """The decode of ``tokens`` for adapter ``engine``: its sigma, its N and seed unless asked."""
         n = engine.cfg.n_samples if settings.n_samples is None else settings.n_samples
         seed = engine.cfg.seed if settings.posterior_seed is None else settings.posterior_seed
+        if self.context is not None and settings.fit_context and len(tokens) < self.context:
+            settings = replace(settings, max_tokens=min(settings.max_tokens, self.context - len(tokens)))
         if self.context is not None and len(tokens) + settings.max_tokens > self.context:
             raise GenerationInputError(f"the prompt's {len(tokens)} tokens and max_tokens {settings.max_tokens} are "
                                        f"over the model's context of {self.context} tokens", param="max_tokens")
