@@ -228,15 +228,11 @@ def _top_dict(top: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _bytes(s: str) -> list[int]:
-    return list(s.encode("utf-8"))
-
-
 def _chat_logprobs(tokens: list[dict[str, Any]], on: bool) -> dict[str, Any] | None:
     if not on:
         return None
-    return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": _bytes(t["token"]),
-                         "top_logprobs": [{"token": x["token"], "logprob": x["logprob"], "bytes": _bytes(x["token"])}
+    return {"content": [{"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"],
+                         "top_logprobs": [{"token": x["token"], "logprob": x["logprob"], "bytes": x["bytes"]}
                                           for x in t["top_logprobs"]]} for t in tokens]}
 
 

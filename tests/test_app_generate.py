@@ -135,6 +135,10 @@ def test_the_openai_client_reads_completions_and_chat_completions(client, peft):
         assert chat.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
         assert [c.token for c in chat.choices[0].logprobs.content] == [tok.decode([i]) for i in expected]
         assert all(len(c.top_logprobs) == 2 for c in chat.choices[0].logprobs.content)
+        # OpenAI's bytes are each token's own: a character split over tokens is whole in their concatenation
+        raw = b"".join(bytes(c.bytes) for c, i in zip(chat.choices[0].logprobs.content, expected, strict=True)
+                       if i != tok.eos_token_id)
+        assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
         assert chat.choices[0].model_extra["uncertainty"]["sequence"]["max_mutual_information"] == 0.0
     finally:
         tokenizer.chat_template = None

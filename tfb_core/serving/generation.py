@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -68,6 +69,7 @@ class GenerationService:
         self.tokenizer = self.generator.tokenizer
         #: the longest prompt in tokens (None: the classifier's max_length)
         self.max_length = max_length or self.adapters.default.classifier.max_length
+        self._byte_decoder: dict[str, int] | None = None
         cfg = getattr(self.generator.model, "config", None)
         #: the model's context (prompt + answer), where its config says
         self.context = getattr(cfg, "max_position_embeddings", None)
@@ -116,13 +118,27 @@ class GenerationService:
     def piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (OpenAI's ``bytes``: a character split over tokens is whole only in
+        their concatenation): byte-level BPE's and byte-fallback's exactly; else its text's UTF-8."""
+        if self._byte_decoder is None:
+            self._byte_decoder = _byte_decoder(self.tokenizer)
+        raw = self.tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(raw, str):
+            if _BYTE_FALLBACK.fullmatch(raw):
+                return [int(raw[3:5], 16)]
+            if self._byte_decoder and all(ch in self._byte_decoder for ch in raw):
+                return [self._byte_decoder[ch] for ch in raw]
+        return list(self.piece(token_id).encode("utf-8"))
+
     def token_info(self, t: TokenUncertainty) -> dict[str, Any]:
         """One token: its text, id, p̄ and log p̄, entropies and MI (nats), p̄'s top tokens."""
         return {"token": self.piece(t.token_id), "token_id": t.token_id, "logprob": _finite(t.logprob),
                 "prob": math.exp(t.logprob), "predictive_entropy": t.predictive_entropy,
                 "expected_entropy": t.expected_entropy, "mutual_information": t.mutual_information,
-                "top_logprobs": [{"token": self.piece(i), "token_id": i, "logprob": _finite(lp)}
-                                 for i, lp in t.top_logprobs]}
+                "bytes": self.token_bytes(t.token_id),
+                "top_logprobs": [{"token": self.piece(i), "token_id": i, "logprob": _finite(lp),
+                                  "bytes": self.token_bytes(i)} for i, lp in t.top_logprobs]}
 
     def completion_info(self, c: Completion) -> dict[str, Any]:
         return {"text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
@@ -145,6 +161,27 @@ class GenerationService:
             "clusters": [{"key": cl.key, "members": list(cl.members), "share": cl.share} for cl in a.clusters],
             "majority": a.majority, "majority_share": a.majority_share, "semantic_entropy": a.semantic_entropy}
         return out
+
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_decoder(tokenizer: Any) -> dict[str, int]:
+    """GPT-2's byte-to-character table reversed, where the tokenizer decodes byte-level (else empty)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None or "ByteLevel" not in type(decoder).__name__:
+        return {}
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
 
 
 def _finite(logprob: float) -> float:
