@@ -88,3 +88,10 @@ def test_a_default_max_tokens_fits_the_context_a_clients_is_refused_over_it(serv
     with pytest.raises(ValueError, match="over the model's context") as err:
         service.request(engine, tokens, GenerationSettings(max_tokens=room + 1))
     assert err.value.param == "max_tokens"
+
+
+def test_token_bytes_are_the_tokens_own_bytes(service):
+    text = "naïve 日本語 — ok"
+    ids = service.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(bytes(service.token_bytes(i)) for i in ids) == text.encode("utf-8")
+    assert any("\ufffd" in service.piece(i) for i in ids)  # some token holds part of a character only
