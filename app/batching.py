@@ -13,6 +13,15 @@ depend on which other requests shared its forward. The worker also loads the mod
 /healthz answers while it loads) and runs the engine's warm-up; and background work (a
 calibration forward) one step at a time whenever no request is queued, so that a request waits
 for at most one step.
+
+Generation (:class:`GenWork`, ``submit_generation``): the worker keeps one running decode
+(:class:`tfb_core.serving.generation.GenerationBatch`). Each turn of its loop serves the queued
+classification batch, if any (without waiting for company while a decode runs), then one decode step
+of every running generation: queued generations are prepared (tokenized) and join at that step,
+abandoned ones (client gone, timed out) leave it first, and each step's tokens and ended answers are
+posted to their requests' queues on the event loop. Generations join while the decode's rows stay
+within TFB_MAX_BATCH_ROWS (one bigger request decodes alone), first come first served; the drain
+waits for them as for queued requests.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
 from app.metrics import Metrics
 from tfb_core.serving.batch import BatchRequest
 from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.generation import GenerationBatch, GenerationService, GenerationUpdate
 from tfb_core.serving.pool import AdapterPool
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,8 @@ log = logging.getLogger(__name__)
 Labels = tuple[str, ...]
 #: what the worker loads and serves: one engine, or several adapters' on one base model
 Served = TFBEngine | AdapterPool
+#: while generations decode, a step of background work runs every this many decode steps
+BACKGROUND_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,25 @@ class Work:
         return {"queue": self.started - self.enqueued, "batch": self.finished - self.started}
 
 
+@dataclass(eq=False)
+class GenWork:
+    """One generation request's share of the worker: ``prepare(service)`` builds its
+    :class:`~tfb_core.forward.completion.GenerationRequest` on the worker thread (tokenizing; its
+    error is the request's), then it decodes in the running batch; every update it gets
+    (:class:`~tfb_core.serving.generation.GenerationUpdate`: tokens if ``stream``, then its result
+    or error) is put on ``updates`` on the event loop."""
+
+    prepare: Callable[[GenerationService], Any]
+    stream: bool = False
+    request: Any = None  # its GenerationRequest, once prepared on the worker thread
+    rows: int = 0  # rows of the decode forward it takes (N, or 1 at sigma = 0 in mean mode)
+    updates: asyncio.Queue | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # nobody reads its updates (client gone, timed out): its rows leave the decode
+    abort_reason: str = ""
+    ended: bool = False  # its result or error was posted
+
+
 class ModelWorker:
     """Loads the engine on its own thread, then serves batches; futures resolve on ``loop``."""
 
@@ -105,6 +136,15 @@ class ModelWorker:
         #: (step, on_done): ``step()`` does a little work and returns True once finished; run only when
         #: no request is queued; ``on_done()`` runs on the event loop afterwards
         self._background: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
+        #: generation: requests waiting for the next step, and the running decode (worker thread's)
+        self._gen_queue: deque[GenWork] = deque()
+        self._gen_running: list[GenWork] = []
+        self._gen_busy = False  # the running decode has work (read under the lock)
+        self._generation: GenerationBatch | None = None
+        self._gen_steps = 0
+        self._service: GenerationService | None = None
+        #: how many generations a decode runs at once (past it, they wait in the queue: max_queue)
+        self.max_generations = max(1, limits.max_rows)
         metrics.queue_capacity.set(limits.max_queue)
 
     # --- lifecycle (event loop side) -------------------------------------------------------------
@@ -132,18 +172,23 @@ class ModelWorker:
         deadline = self._deadline
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._queue and not self._busy:
+                if not self._queue and not self._busy and not self._gen_queue and not self._gen_busy:
                     break
             await asyncio.sleep(0.01)
         with self._cond:
             left = list(self._queue)
             self._queue.clear()
+            left_gen = list(self._gen_queue) + list(self._gen_running)
+            self._gen_queue.clear()
             self._queued_rows = 0
             self._stopping = True
             self._cond.notify_all()
         self.metrics.queue_depth.set(0)
         for work in left:
             self._resolve(work, NotReadyError("the server is shutting down"))
+        for gen in left_gen:
+            gen.abandoned = True
+            self._post(gen, GenerationUpdate(gen, error=NotReadyError("the server is shutting down")))
         if left:
             log.warning("shutdown: %d queued requests not answered within %.0fs", len(left), timeout_s)
         thread = self._thread
@@ -202,6 +247,54 @@ class ModelWorker:
         if fut is not None and fut.done() and not fut.cancelled():
             fut.exception()  # an error that arrived with the cancellation: read, so never "never retrieved"
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new work is taken (False once the drain began)."""
+        return self._accepting
+
+    @property
+    def generating(self) -> bool:
+        """Whether a generation is queued or decoding."""
+        with self._cond:
+            return bool(self._gen_queue) or self._gen_busy
+
+    def submit_generation(self, work: GenWork) -> None:
+        """Queue a generation; it joins the running decode at the next step, and its updates arrive
+        on ``work.updates``. 429 past TFB_MAX_QUEUE waiting, 503 while shutting down."""
+        work.updates = asyncio.Queue()
+        with self._cond:
+            if not self._accepting:
+                raise NotReadyError("the server is shutting down")
+            if len(self._gen_queue) >= self.limits.max_queue:
+                raise QueueFullError(f"the generation queue is full ({self.limits.max_queue} requests, "
+                                     "TFB_MAX_QUEUE): retry later")
+            work.enqueued = time.monotonic()
+            self._gen_queue.append(work)
+            self._cond.notify()
+
+    def abandon_generation(self, work: GenWork, reason: str, count: bool = True) -> None:
+        """Nobody reads ``work``'s updates any more: the worker takes its rows out of the decode
+        before the next step (or never starts it). ``count``: in tfb_requests_aborted_total{reason}."""
+        if not work.abandoned:
+            work.abandoned = True
+            work.abort_reason = reason
+            if count and not work.ended:
+                self.metrics.aborted.labels(reason=reason).inc()
+            with self._cond:
+                self._cond.notify()
+
+    def _post(self, work: GenWork, update: GenerationUpdate) -> None:
+        """Put an update on the work's queue, on the event loop (from any thread)."""
+        q, loop = work.updates, self._loop
+        if update.result is not None or update.error is not None:
+            work.ended = True
+        if q is None or loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, update)
+        except RuntimeError:  # the loop is closed
+            pass
+
     def _drop(self, work: Work) -> None:
         """Count an abandoned work the worker skipped before (the rest of) its forward; on the worker thread."""
         if not work.dropped:
@@ -249,18 +342,82 @@ class ModelWorker:
             batch = self._next_batch()
             if batch is None:
                 return
-            if not batch:  # nothing queued: a step of background work
+            if batch:
+                try:
+                    self._process(engine, batch)
+                except BaseException as exc:  # noqa: BLE001 -- a bug must fail its requests, not the worker
+                    log.exception("batch of %d requests failed", len(batch))
+                    for work in batch:
+                        self._resolve(work, exc)
+                finally:
+                    with self._cond:
+                        self._busy = False
+            if self._has_generation():  # one decode step of every running generation, between batches
+                self._generation_step(engine)
+                self._gen_steps += 1
+                # background work (a calibration) is not starved by a decode that never empties
+                if not batch and self._gen_steps % BACKGROUND_EVERY == 0 and self._background_waiting():
+                    self._background_step()
+            elif not batch:  # nothing queued: a step of background work
                 self._background_step()
-                continue
-            try:
-                self._process(engine, batch)
-            except BaseException as exc:  # noqa: BLE001 -- a bug must fail its requests, not the worker
-                log.exception("batch of %d requests failed", len(batch))
-                for work in batch:
-                    self._resolve(work, exc)
-            finally:
-                with self._cond:
-                    self._busy = False
+
+    def _background_waiting(self) -> bool:
+        with self._cond:
+            return bool(self._background) and self._accepting
+
+    def _has_generation(self) -> bool:
+        with self._cond:
+            return bool(self._gen_queue) or self._gen_busy
+
+    def _generation_step(self, engine: Served) -> None:
+        """Drop abandoned generations, admit queued ones while their rows fit (TFB_MAX_BATCH_ROWS rows
+        per decode forward; one bigger request runs alone), run one step, post the updates."""
+        if self._generation is None:
+            self._service = GenerationService(engine)
+            self._generation = GenerationBatch(self._service)
+        gen, service = self._generation, self._service
+        assert service is not None
+        for work in [w for w in self._gen_running if w.abandoned]:
+            gen.cancel(work)
+        self._gen_running = [w for w in self._gen_running if not w.abandoned]
+        with self._cond:
+            queued = [w for w in self._gen_queue if not w.abandoned]
+            self._gen_queue.clear()
+            self._gen_busy = self._gen_busy or bool(queued)  # never neither queued nor busy while it runs
+        rows = sum(w.rows for w in self._gen_running)
+        left: list[GenWork] = []
+        for i, work in enumerate(queued):
+            if work.request is None:  # prepared once (tokenized), even if it has to wait for room
+                try:
+                    work.request = work.prepare(service)
+                except Exception as exc:  # noqa: BLE001 -- the request's own error (a 4xx), answered
+                    self._post(work, GenerationUpdate(work, error=exc))
+                    continue
+                work.rows = sum(len(stream) for stream in work.request.streams())
+            if self._gen_running and (rows + work.rows > self.limits.max_rows
+                                      or len(self._gen_running) >= self.max_generations):
+                left = queued[i:]  # first come, first served: the rest wait for room
+                break
+            gen.submit(work, work.request, stream=work.stream)
+            self._gen_running.append(work)
+            rows += work.rows
+        if left:
+            with self._cond:
+                self._gen_queue.extendleft(reversed(left))
+        try:
+            updates = gen.step() if gen.busy else []
+        except Exception as exc:  # noqa: BLE001 -- a failed forward fails the decode's requests, not the worker
+            log.exception("a generation step failed")
+            updates = gen.fail_all(exc)
+        for update in updates:
+            work = update.key
+            if update.result is not None or update.error is not None:
+                self._gen_running = [w for w in self._gen_running if w is not work]
+            if not work.abandoned:
+                self._post(work, update)
+        with self._cond:
+            self._gen_busy = gen.busy or bool(self._gen_queue)
+        self.metrics.generation_rows.set(gen.rows)
 
     def _background_step(self) -> None:
         step, on_done = self._background[0]
@@ -294,11 +451,14 @@ class ModelWorker:
                     break
                 if self._stopping:
                     return None
+                if self._gen_queue or self._gen_busy:  # a decode step to run: no waiting
+                    return []
                 if self._background and self._accepting:
                     return []
                 self._cond.wait()
             deadline = self._queue[0].enqueued + lim.max_wait_s
-            while self._queued_rows < lim.max_rows and not self._stopping:
+            # while generations decode, a batch does not wait for company: it would stall their steps
+            while self._queued_rows < lim.max_rows and not self._stopping and not self._gen_busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -22,6 +22,8 @@ from fastapi import FastAPI
 from app.classify import OPENAI_PATHS
 from app.classify import router as classify_router
 from app.errors import install_error_handlers
+from app.generate import GENERATION_PATHS
+from app.generate import router as generate_router
 from app.middleware import ServingMiddleware
 from app.predictor import LabelStore
 from app.routes import router
@@ -60,9 +62,11 @@ def create_app(settings: Settings | None = None, feedback_store: LabelStore | No
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(classify_router)  # vLLM's classify API, errors in vLLM's body
+    app.include_router(generate_router)  # OpenAI's completions and chat completions, errors in its body
+    openai_paths = OPENAI_PATHS | GENERATION_PATHS
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
-                                                                                  app.redoc_url} | OPENAI_PATHS,
+                                                                                  app.redoc_url} | openai_paths,
                        body_timeout_s=settings.body_timeout_s, expiry=state.expiry,
-                       max_header_bytes=settings.max_header_bytes, openai_paths=OPENAI_PATHS)
+                       max_header_bytes=settings.max_header_bytes, openai_paths=openai_paths)
     return app

@@ -117,6 +117,17 @@ class Metrics:
         self.fb_risk_target = Counter("tfb_feedback_max_risk_sum", "sum of max_risk over labelled answered "
                                       "predictions", A, registry=r)
         self._recent_conf: dict[str, deque[float]] = {}
+        # generation (/v1/completions, /v1/chat/completions)
+        self.generated_tokens = Counter("tfb_generated_tokens", "tokens generated for answered generation requests",
+                                        A, registry=r)
+        self.generations = Counter("tfb_generations", "generation requests answered, by finish reason",
+                                   [*A, "finish_reason"], registry=r)
+        self.token_mi = Histogram("tfb_generated_token_mutual_information", "mutual information of each "
+                                  "generated token under p-bar (nats, epistemic)", A, buckets=_MI, registry=r)
+        self.sequence_mi = Histogram("tfb_generation_mean_mutual_information", "mean token mutual information "
+                                     "of each generated answer (nats)", A, buckets=_MI, registry=r)
+        self.generation_rows = Gauge("tfb_generation_rows", "rows (sequences x posterior samples) of the running "
+                                     "decode's forwards", registry=r)
         # uncertainty drift: the calibration set's values, the reference for tfb:*_drift:30m (NaN: none)
         self.cal_entropy = Gauge("tfb_calibration_predictive_entropy", "mean predictive entropy (nats) of the "
                                  "calibration set at the default N and seed", A, registry=r)
@@ -134,7 +145,8 @@ class Metrics:
         for m in (self.confidence, self.predictive_entropy, self.mutual_information, self.feedback,
                   self.feedback_correct, self.feedback_nll, self.feedback_brier, self.with_set, self.set_size,
                   self.with_risk, self.abstentions, self.confidence_sum, self.fb_with_set, self.fb_covered,
-                  self.fb_target, self.fb_answered, self.fb_answered_wrong, self.fb_risk_target):
+                  self.fb_target, self.fb_answered, self.fb_answered_wrong, self.fb_risk_target,
+                  self.generated_tokens, self.token_mi, self.sequence_mi):
             m.labels(adapter=adapter)
 
     # --- uncertainty ----------------------------------------------------------------------------
@@ -160,6 +172,16 @@ class Metrics:
                     self.abstentions.labels(adapter=adapter).inc()
         if recent:
             self.estimated_accuracy.labels(adapter=adapter).set(math.fsum(recent) / len(recent))
+
+    def observe_generation(self, info: dict, adapter: str = "default") -> None:
+        """One answered generation (:meth:`tfb_core.serving.generation.GenerationService.result_info`)."""
+        c = info["completion"]
+        self.generated_tokens.labels(adapter=adapter).inc(len(c["tokens"]))
+        self.generations.labels(adapter=adapter, finish_reason=c["finish_reason"]).inc()
+        mi = self.token_mi.labels(adapter=adapter)
+        for t in c["tokens"]:
+            mi.observe(t["mutual_information"])
+        self.sequence_mi.labels(adapter=adapter).observe(c["sequence"]["mean_mutual_information"])
 
     def set_calibration_reference(self, adapter: str, entropy: float | None, mutual_information: float | None) -> None:
         """An adapter's calibration set's mean predictive entropy and MI (None: no calibration data)."""

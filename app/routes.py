@@ -15,6 +15,7 @@ from app.middleware import server_timing
 from app.predictor import Predictor
 from app.schemas import ERRORS, ErrorBody, FeedbackRequest, FeedbackResponse, Health, PredictRequest, PredictResponse, Ready
 from app.state import AppState
+from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.response import pool_info
 
 _bearer = HTTPBearer(auto_error=False, description="the API key, if the server has one (TFB_API_KEY)")
@@ -96,13 +97,26 @@ async def readyz(state: StateDep) -> Response:
 
 @router.get("/info", tags=["inference"], responses=ERRORS)
 async def info(predictor: PredictorDep) -> dict[str, Any]:
-    """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the limits:
+    """Model, adapter, task, labels, sigma and how it was obtained, N, the search result, the routes that
+    answer for it, the limits:
     the default adapter's at the top level, every served adapter's under ``adapters``."""
     s = predictor.settings
     limits = {"max_inputs": s.max_inputs, "max_samples": s.max_samples, "max_length": s.max_length,
               "max_body_bytes": s.max_body_bytes, "max_batch_rows": s.max_batch_rows, "max_wait_ms": s.max_wait_ms,
-              "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s}
-    return {**pool_info(predictor.adapters), "limits": limits}
+              "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s, "max_tokens": s.max_tokens}
+    out = {**pool_info(predictor.adapters), "limits": limits}
+    for entry in [out, *out["adapters"]]:
+        entry["routes"] = served_routes(predictor.resolve(entry.get("name") or out["default_adapter"]))
+    return out
+
+
+def served_routes(engine: TFBEngine) -> list[str]:
+    """The routes that answer for ``engine``'s adapter: classification, and generation (chat only
+    with a chat template in the tokenizer)."""
+    routes = ["/predict", "/classify", "/v1/classify", "/v1/completions"]
+    if getattr(engine.classifier.tokenizer, "chat_template", None):
+        routes.append("/v1/chat/completions")
+    return routes
 
 
 @router.get("/metrics", tags=["probes"], dependencies=[Depends(require_metrics_key)],

@@ -185,6 +185,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, le=100_000, description="queued requests; past it 429 with Retry-After")
     request_timeout_s: float = Field(60.0, gt=0.0, le=3600.0)
     max_inputs: int = Field(64, ge=1, le=4096, description="inputs per request")
+    max_tokens: int = Field(512, ge=1, le=131_072, description="most tokens a generation request may ask for "
+                                                              "(max_tokens, max_completion_tokens)")
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     drain_timeout_s: float = Field(30.0, ge=0.0, le=3600.0,
                                    description="graceful shutdown: wait this long for accepted work, then 503")

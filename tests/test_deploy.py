@@ -30,14 +30,15 @@ COUNTERS = ("tfb_requests", "tfb_requests_aborted", "tfb_predictions", "tfb_cali
             "tfb_feedback_brier_sum", "tfb_predictions_with_set", "tfb_prediction_set_size_sum",
             "tfb_predictions_with_max_risk", "tfb_abstentions", "tfb_confidence_sum", "tfb_feedback_with_set",
             "tfb_feedback_set_covered", "tfb_feedback_set_target_sum", "tfb_feedback_answered",
-            "tfb_feedback_answered_wrong", "tfb_feedback_max_risk_sum")
+            "tfb_feedback_answered_wrong", "tfb_feedback_max_risk_sum", "tfb_generated_tokens", "tfb_generations")
 HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_forward_duration_seconds",
               "tfb_batch_requests", "tfb_batch_inputs", "tfb_batch_rows", "tfb_prediction_confidence",
-              "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information")
+              "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information",
+              "tfb_generated_token_mutual_information", "tfb_generation_mean_mutual_information")
 GAUGES = ("tfb_queue_depth", "tfb_queue_capacity", "tfb_inflight_requests", "tfb_ready", "tfb_sigma",
           "tfb_default_samples", "tfb_recent_accuracy", "tfb_recent_ece", "tfb_recent_nll", "tfb_recent_brier",
           "tfb_recent_count", "tfb_estimated_accuracy", "tfb_calibration_predictive_entropy",
-          "tfb_calibration_mutual_information")
+          "tfb_calibration_mutual_information", "tfb_generation_rows")
 
 
 def exported_series_names() -> set[str]:

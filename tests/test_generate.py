@@ -305,3 +305,53 @@ def test_requests_join_a_running_decode_and_each_answer_is_its_own(gen, tokens):
             torch.testing.assert_close(_vals(got.tokens, "logprob"), _vals(ref.tokens, "logprob"), **TOL)
             torch.testing.assert_close(_vals(got.tokens, "mutual_information"),
                                        _vals(ref.tokens, "mutual_information"), **TOL)
+
+
+def test_a_cancelled_request_leaves_the_decode_and_the_others_answers_do_not_change(gen, tokens):
+    """Decoding.cancel between steps: the request's rows leave the forwards at once (rows counted),
+    its streams end "cancelled", and every other request's answer equals its decode alone."""
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4)
+    reqs = [GenerationRequest(tokens[0], max_tokens=6, **kw), GenerationRequest(tokens[3], max_tokens=6, **kw),
+            GenerationRequest(tokens[2], max_tokens=6, mode="per_sample", **kw)]
+    decoding = gen.start(reqs)
+    decoding.step()
+    assert len(decoding.rows) == 9
+    assert decoding.cancel(1) is True
+    assert len(decoding.rows) == 6 and decoding.finished(1) and not decoding.finished(0)
+    assert decoding.cancel(1) is False  # already out
+    decoding.step()
+    assert decoding.cancel(2) is True
+    assert len(decoding.rows) == 3
+    while not decoding.done:
+        decoding.step()
+    res = decoding.results()
+    assert res[1].completion.finish_reason == "cancelled" and len(res[1].completion.token_ids) == 1
+    assert {c.finish_reason for c in res[2].completions} == {"cancelled"}
+    alone = gen.generate([reqs[0]])[0]
+    assert _ids(res[0]) == _ids(alone)
+    torch.testing.assert_close(_vals(res[0].completion.tokens, "mutual_information"),
+                               _vals(alone.completion.tokens, "mutual_information"), **TOL)
+    # cancelling the last request ends the decoding
+    decoding = gen.start(reqs[:1])
+    decoding.step()
+    decoding.cancel(0)
+    assert decoding.done and decoding.cache is None
+
+
+def test_a_released_request_holds_nothing_and_the_decode_goes_on(gen, tokens):
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4)
+    reqs = [GenerationRequest(tokens[0], max_tokens=2, **kw), GenerationRequest(tokens[1], max_tokens=5, **kw)]
+    decoding = gen.start(reqs)
+    with pytest.raises(RuntimeError, match="still decoding"):
+        decoding.release(0)
+    decoding.step()
+    decoding.step()
+    first = decoding.result(0)
+    decoding.release(0)
+    assert decoding.requests[0].noise is None and all(not st.tokens for st in decoding.streams if st.request == 0)
+    with pytest.raises(RuntimeError, match="released"):
+        decoding.result(0)
+    while not decoding.done:
+        decoding.step()
+    assert _ids(first) == _ids(gen.generate([reqs[0]])[0])
+    assert _ids(decoding.result(1)) == _ids(gen.generate([reqs[1]])[0])

@@ -110,7 +110,7 @@ class Completion:
 
     token_ids: list[int]
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "cancelled"]  # cancelled: Decoding.cancel
     stop_reason: int | str | None
     tokens: list[TokenUncertainty]
     sequence: SequenceScores

@@ -18,7 +18,7 @@ more (the padding of a long prompt that has left) are cut off the left of the ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,8 @@ class Decoding:
         self.mask = self.positions = self.logits = None
         self.steps = 0
         self._draws: dict = {}
+        self._released: set[int] = set()
+        self._by_request: list[list[int]] = []  # each request's streams
         self.join(requests)
 
     @property
@@ -95,7 +97,9 @@ class Decoding:
             self.requests.append(req)
             noise = self.gen.noise_of(req, self._draws)
             stop_ids = self.gen.eos_token_ids if req.stop_token_ids is None else frozenset(req.stop_token_ids)
+            self._by_request.append([])
             for i, samples in enumerate(req.streams()):
+                self._by_request[r].append(len(self.streams))
                 seed = req.sampling_seed if req.mode == "mean" else sample_seed(req.sampling_seed, i)
                 g = torch.Generator().manual_seed(seed) if req.temperature > 0.0 else None
                 s = len(self.streams)
@@ -215,22 +219,69 @@ class Decoding:
         self.logits = self.gen.forward(self.rows, ids, self.mask, self.positions[:, None], self.cache, self.sigmas,
                                        self.plans)[:, -1]  # (R, V)
 
+    def _streams_of(self, request: int) -> list[_Stream]:
+        if not 0 <= request < len(self.requests):
+            raise IndexError(f"no request {request} in this decoding ({len(self.requests)})")
+        return [self.streams[s] for s in self._by_request[request]]
+
+    def stream_ids(self, request: int) -> list[int]:
+        """Indices into :attr:`streams` of request ``request``'s streams."""
+        self._streams_of(request)  # IndexError for a request not in this decoding
+        return list(self._by_request[request])
+
+    def finished(self, request: int) -> bool:
+        """Whether every stream of request ``request`` (an index :meth:`join` returned) has ended."""
+        return all(st.finish is not None for st in self._streams_of(request))
+
+    @torch.inference_mode()
+    def cancel(self, request: int) -> bool:
+        """Stop request ``request`` between steps (its client left): its rows leave the batch at once,
+        the other streams go on unchanged. Its streams end with finish reason "cancelled". Returns
+        whether it was still decoding."""
+        ended = {s for s in self.active if self.streams[s].request == request}
+        for st in self._streams_of(request):
+            if st.finish is None:
+                st.finish = ("cancelled", None, -1)
+        if not ended:
+            return False
+        kept = [r for r, row in enumerate(self.rows) if row.stream not in ended]
+        if not kept:
+            self.active, self.rows, self.logits, self.cache, self.mask, self.positions = [], [], None, None, None, None
+        else:
+            self._relayout(kept)
+        return True
+
+    def result(self, request: int) -> GenerationResult:
+        """Request ``request``'s result, once its streams have all ended (:meth:`finished`)."""
+        if not self.finished(request):
+            raise RuntimeError(f"request {request} is still decoding")
+        if request in self._released:
+            raise RuntimeError(f"request {request} was released: its result is gone")
+        req = self.requests[request]
+        completions = [self._completion(st) for st in self._streams_of(request)]
+        answers = None
+        if req.mode == "per_sample":
+            if len(completions) == 1 < req.n_samples:  # sigma = 0, greedy: one answer N times
+                completions = completions * req.n_samples
+            answers = cluster_answers([c.text for c in completions])
+        return GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens))
+
+    def release(self, request: int) -> None:
+        """Forget what an ended request holds (its tokens, its prompt, its noise draw: up to N x the
+        adapter's A' in size) once its result has been read: a decode that requests keep joining may
+        never end. Its :meth:`result` is gone afterwards."""
+        if not self.finished(request):
+            raise RuntimeError(f"request {request} is still decoding")
+        for st in self._streams_of(request):
+            st.token_ids, st.tokens, st.generator = [], [], None
+        self.requests[request] = replace(self.requests[request], tokens=[0], noise=None, stop=())
+        self._released.add(request)
+
     def results(self) -> list[GenerationResult]:
         """Every request's result, in the order they came (once :attr:`done`)."""
         if not self.done:
             raise RuntimeError("the decoding is still running")
-        per_request: list[list[Completion]] = [[] for _ in self.requests]
-        for st in self.streams:
-            per_request[st.request].append(self._completion(st))
-        out = []
-        for req, completions in zip(self.requests, per_request, strict=True):
-            answers = None
-            if req.mode == "per_sample":
-                if len(completions) == 1 < req.n_samples:  # sigma = 0, greedy: one answer N times
-                    completions = completions * req.n_samples
-                answers = cluster_answers([c.text for c in completions])
-            out.append(GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens)))
-        return out
+        return [self.result(i) for i in range(len(self.requests))]
 
     def _completion(self, st: _Stream) -> Completion:
         reason, stop_reason, cut = st.finish
