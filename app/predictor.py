@@ -7,6 +7,7 @@ length, labels that are not one token) is checked on the worker and comes back a
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -99,6 +100,16 @@ class Predictor:
         self.settings = settings
         self.metrics = metrics
         self.store = store
+        self._loop_tokenizers: dict[int, Any] = {}
+
+    def loop_tokenizer(self, engine: TFBEngine) -> Any:
+        """A copy of ``engine``'s tokenizer for the event loop's own use (/tokenize): the model
+        worker's is not safe to share across threads. One per tokenizer, made on first use."""
+        tok = engine.classifier.tokenizer
+        own = self._loop_tokenizers.get(id(tok))
+        if own is None:
+            own = self._loop_tokenizers[id(tok)] = copy.deepcopy(tok)
+        return own
 
     @property
     def adapter_names(self) -> list[str]:
