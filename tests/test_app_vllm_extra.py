@@ -123,6 +123,10 @@ def test_invocations_answers_completion_bodies(client, templated):
     assert chat["object"] == "chat.completion"  # a messages body is a chat completion, first in vLLM's order
 
 
+def test_info_lists_the_routes(client):
+    assert {"/invocations", "/tokenize", "/detokenize", "/classify"} <= set(client.get("/info").json()["routes"])
+
+
 def test_invocations_errors(client):
     err = check_vllm_error(client.post("/invocations", json={"foo": 1}), 400, "Cannot find suitable handler")
     assert "ClassifyRequest" in err.message and "CompletionRequest" in err.message
