@@ -23,13 +23,31 @@ What vLLM defines (vllm-project/vllm; file @ commit of the version read):
   an unknown model 404 NotFoundError "The model `x` does not exist.", param "model"; a missing or
   empty model is the default (``vllm/entrypoints/openai/engine/serving.py`` @ 619e4b31).
 
+- ``truncate_prompt_tokens``: ``_validate_truncation_size`` in ``vllm/entrypoints/utils.py`` @ 97c10e44:
+  -1 (or less) is ``max_model_len``, a K over it an error ("truncate_prompt_tokens value (K) is
+  greater than max_model_len"), else the prompt is tokenized with ``truncation=True, max_length=K``
+  by vLLM's tokenizer, which truncates from the left: the last K tokens are kept (token ids too),
+  and ``usage.prompt_tokens`` counts them.
+- chat: ``ChatRequestMixin`` (the same pooling/base/protocol.py): ``messages``, ``add_generation_prompt``
+  false, ``continue_final_message`` false, ``add_special_tokens`` false (the template adds its own);
+  "Cannot set both `continue_final_message` and `add_generation_prompt` to True." is a 400.
+
 Here: our 422s (validation, limits, task errors) are vLLM's 400; the other statuses (401, 408, 413,
-415, 429, 431, 503) keep their code and headers with vLLM's body. Token ids, chat ``messages`` and
-``use_activation: false`` (raw logits) are refused with a 400 saying so; ``truncate_prompt_tokens``,
-``add_special_tokens``, ``priority``, ``request_id`` and ``user`` are accepted and ignored. Our
-extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``, ``alpha``,
-``max_risk``, ``return_samples``; an input may also be an object with the task's fields (the
-multi-field tasks need it).
+415, 429, 431, 503) keep their code and headers with vLLM's body. As vLLM: ``input`` may be token ids
+(``list[int]`` or ``list[list[int]]``), the prompt as given, for the generic task (a named task needs
+text and says so; an id outside the vocabulary is a 400 naming ``input``); ``truncate_prompt_tokens``
+keeps the last K tokens (-1: TFB_MAX_LENGTH, over it a 400 naming it); chat ``messages`` are rendered
+with the base model's chat template (:func:`tfb_core.serving.generation.render_chat`, shared with
+/v1/chat/completions; no template: a 400 saying so), generic task only; ``add_special_tokens`` is
+honoured (default true for ``input``, false for ``messages``). ``use_activation: false`` (and the
+deprecated ``softmax``/``activation: false``) answers log p̄ in ``probs``, so that softmax of it is
+the probabilities averaged over the posterior samples: there are no single logits of a Bayesian
+average, and log p̄ is the logits whose softmax it is (up to a constant); a p̄ of 0 is the least
+finite float, JSON having no -inf. ``priority``, ``request_id`` and ``user`` are accepted and
+ignored. Our extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``,
+``alpha``, ``max_risk``, ``return_samples``; an input may also be an object with the task's fields
+(the multi-field tasks need it). ``POST /invocations``, ``/tokenize`` and ``/detokenize``:
+:mod:`app.vllm_extra`.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ def test_tokenize_a_prompt(client, tokenizer):
     given = post(client, "/classify", input=out["tokens"], seed=1)
     assert_close(text["data"][0]["probs"], given["data"][0]["probs"])
     assert text["usage"]["prompt_tokens"] == out["count"]
+    # the loop's own copy of the tokenizer, not the worker's (a fast tokenizer is not shared across threads)
+    engine = client.app.state.tfb.predictor.engine
+    assert client.app.state.tfb.predictor.loop_tokenizer(engine) is not engine.classifier.tokenizer
 
 
 def test_tokenize_a_chat(client, templated, tokenizer):
