@@ -43,7 +43,8 @@ honoured (default true for ``input``, false for ``messages``). ``use_activation:
 deprecated ``softmax``/``activation: false``) answers log p̄ in ``probs``, so that softmax of it is
 the probabilities averaged over the posterior samples: there are no single logits of a Bayesian
 average, and log p̄ is the logits whose softmax it is (up to a constant); a p̄ of 0 is the least
-finite float, JSON having no -inf. ``priority``, ``request_id`` and ``user`` are accepted and
+finite float, JSON having no -inf; ``label``, ``confidence``, the entropies, the prediction set and
+``samples`` (per-sample probabilities) are as with the activation. ``priority``, ``request_id`` and ``user`` are accepted and
 ignored. Our extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``,
 ``alpha``, ``max_risk``, ``return_samples``; an input may also be an object with the task's fields
 (the multi-field tasks need it). ``POST /invocations``, ``/tokenize`` and ``/detokenize``:
