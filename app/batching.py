@@ -40,6 +40,7 @@ import torch
 
 from app.errors import NotReadyError, QueueFullError, RequestTimeoutError
 from app.metrics import Metrics
+from tfb_core.forward.classifier import Prompt
 from tfb_core.serving.batch import BatchRequest
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationBatch, GenerationService, GenerationUpdate
@@ -70,12 +71,13 @@ class Work:
     what the request's future resolves to (so that no torch work is left for the event loop).
     """
 
-    prompts: list[str]
+    prompts: list[Prompt]  # texts, or token ids taken as they are
     n_samples: int
     seed: int
     labels: Labels | None  # None: the configured labels
     finish: Callable[[torch.Tensor], Any]
     engine: TFBEngine | None = None  # the adapter that answers it (None: the default)
+    keep_last: int | None = None  # only the last K tokens of each prompt (vLLM's truncate_prompt_tokens)
     rows: int = 0
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # its batch was taken from the queue (time.monotonic)
@@ -486,7 +488,7 @@ class ModelWorker:
             self.metrics.queue_wait.observe(now - work.enqueued)
         # a work whose client left (or whose drain deadline passed) is skipped before its next forward
         requests = [BatchRequest(w.prompts, w.n_samples, w.seed, w.labels, cancelled=lambda w=w: w.abandoned,
-                                 engine=w.engine)
+                                 engine=w.engine, keep_last=w.keep_last)
                     for w in batch]
         results = engine.run_batch(requests, self.limits.max_rows, on_forward=self._observe_forward)
         for work, res in zip(batch, results, strict=True):

@@ -23,18 +23,39 @@ What vLLM defines (vllm-project/vllm; file @ commit of the version read):
   an unknown model 404 NotFoundError "The model `x` does not exist.", param "model"; a missing or
   empty model is the default (``vllm/entrypoints/openai/engine/serving.py`` @ 619e4b31).
 
+- ``truncate_prompt_tokens``: ``_validate_truncation_size`` in ``vllm/entrypoints/utils.py`` @ 97c10e44:
+  -1 (or less) is ``max_model_len``, a K over it an error ("truncate_prompt_tokens value (K) is
+  greater than max_model_len"), else the prompt is tokenized with ``truncation=True, max_length=K``
+  by vLLM's tokenizer, which truncates from the left: the last K tokens are kept (token ids too),
+  and ``usage.prompt_tokens`` counts them.
+- chat: ``ChatRequestMixin`` (the same pooling/base/protocol.py): ``messages``, ``add_generation_prompt``
+  false, ``continue_final_message`` false, ``add_special_tokens`` false (the template adds its own);
+  "Cannot set both `continue_final_message` and `add_generation_prompt` to True." is a 400.
+
 Here: our 422s (validation, limits, task errors) are vLLM's 400; the other statuses (401, 408, 413,
-415, 429, 431, 503) keep their code and headers with vLLM's body. Token ids, chat ``messages`` and
-``use_activation: false`` (raw logits) are refused with a 400 saying so; ``truncate_prompt_tokens``,
-``add_special_tokens``, ``priority``, ``request_id`` and ``user`` are accepted and ignored. Our
-extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``, ``alpha``,
-``max_risk``, ``return_samples``; an input may also be an object with the task's fields (the
-multi-field tasks need it).
+415, 429, 431, 503) keep their code and headers with vLLM's body. As vLLM: ``input`` may be token ids
+(``list[int]`` or ``list[list[int]]``), the prompt as given, for the generic task (a named task needs
+text and says so; an id outside the vocabulary is a 400 naming ``input``); ``truncate_prompt_tokens``
+keeps the last K tokens (-1: TFB_MAX_LENGTH, over it a 400 naming it); chat ``messages`` are rendered
+with the base model's chat template (:func:`tfb_core.serving.generation.render_chat`, shared with
+/v1/chat/completions; no template: a 400 saying so), generic task only; ``add_special_tokens`` is
+honoured (default true for ``input``, false for ``messages``). ``use_activation: false`` (and the
+deprecated ``softmax``/``activation: false``) answers log p̄ in ``probs``, so that softmax of it is
+the probabilities averaged over the posterior samples: there are no single logits of a Bayesian
+average, and log p̄ is the logits whose softmax it is (up to a constant); a p̄ of 0 is the least
+finite float, JSON having no -inf; ``label``, ``confidence``, the entropies, the prediction set and
+``samples`` (per-sample probabilities) are as with the activation. ``priority``, ``request_id`` and ``user`` are accepted and
+ignored. Our extensions (``extra_body`` in the OpenAI client): ``n_samples``, ``seed``, ``labels``,
+``alpha``, ``max_risk``, ``return_samples``; an input may also be an object with the task's fields
+(the multi-field tasks need it). ``POST /invocations``, ``/tokenize`` and ``/detokenize``:
+:mod:`app.vllm_extra`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -47,11 +68,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ServingError, openai_error_response, status_of
+from app.errors import LimitError, ServingError, openai_error_response, status_of
 from app.middleware import server_timing
 from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import PredictOptions, PredictRequest
+from tfb_core.data.tasks import TaskError
+from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.generation import GenerationInputError, render_chat
 from tfb_core.serving.pool import UnknownAdapterError
 
 log = logging.getLogger(__name__)
@@ -71,34 +95,66 @@ class ClassifyRequest(PredictOptions):
         {"input": "a gripping, beautifully acted film", "n_samples": 16, "seed": 7, "alpha": 0.1}]})
 
     model: str | None = Field(None, description="the adapter's name (GET /v1/models); unset: the default adapter")
-    input: str | list[str | dict[str, Any]] | dict[str, Any] = Field(
-        description="a text or a list of texts; tfb extension: objects with the configured task's fields")
+    input: str | list[str | dict[str, Any]] | list[int] | list[list[int]] | dict[str, Any] | None = Field(
+        None, description="a text, a list of texts, token ids (a list of ints, or a list of such lists: "
+                          "the generic task's prompts as given); tfb extension: objects with the configured "
+                          "task's fields")
+    messages: list[dict[str, Any]] | None = Field(
+        None, description="vLLM's chat form (instead of input): rendered with the base model's chat template, "
+                          "one input; the generic task only")
+    add_generation_prompt: bool = Field(False, description="vLLM (chat): end the rendering with the assistant's "
+                                                           "turn header")
+    continue_final_message: bool = Field(False, description="vLLM (chat): leave the last message open")
     user: str | None = Field(None, description="accepted and ignored (vLLM)")
-    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="accepted and ignored (vLLM)")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="vLLM: read only the last K tokens of each "
+                                               "prompt; -1: the model's limit (TFB_MAX_LENGTH)")
     request_id: str | None = Field(None, description="accepted and ignored (vLLM)")
     priority: int = Field(0, description="accepted and ignored (vLLM)")
-    add_special_tokens: bool = Field(True, description="accepted and ignored (vLLM): the tokenizer's own are added")
-    softmax: bool | None = Field(None, description="vLLM (deprecated): false is refused")
-    activation: bool | None = Field(None, description="vLLM (deprecated): false is refused")
-    use_activation: bool | None = Field(None, description="vLLM: false (raw logits) is refused: answers are "
-                                                          "probabilities averaged over posterior samples")
-    @model_validator(mode="before")
+    add_special_tokens: bool | None = Field(None, description="vLLM: add the tokenizer's special tokens to texts "
+                                            "(default: true for input, false for messages, whose template "
+                                            "has its own)")
+    softmax: bool | None = Field(None, description="vLLM (deprecated): use_activation")
+    activation: bool | None = Field(None, description="vLLM (deprecated): use_activation")
+    use_activation: bool | None = Field(None, description="vLLM: false answers log p̄ in probs (softmax of it is "
+                                                          "the probabilities averaged over posterior samples)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ClassifyRequest:
+        if self.input is None and self.messages is None:
+            raise ValueError("give `input` (text or token ids) or chat `messages`")
+        if self.input is not None and self.messages is not None:
+            raise ValueError("give either `input` or `messages`, not both")
+        if self.add_generation_prompt and self.continue_final_message:  # vLLM's words
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return self
+
+    @field_validator("messages", mode="after")
     @classmethod
-    def _no_chat(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "messages" in data and "input" not in data:
-            raise ValueError("chat-style `messages` are not supported by this server: send `input` (text)")
-        return data
+    def _messages(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        from app.generate import check_messages  # app.generate imports this module
+
+        if value is not None:
+            if not value:
+                raise ValueError("an empty list: give at least one message")
+            check_messages(value)
+        return value
 
     @field_validator("input", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        """Refuse what vLLM takes and this server cannot (token ids), and empty texts, by name."""
+        """Refuse empty texts and empty lists, by name; token ids are ints (not bools)."""
         def is_id(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if isinstance(value, list) and value and all(is_id(v) or (isinstance(v, list) and all(map(is_id, v)))
-                                                     for v in value):
-            raise ValueError("token ids are not supported by this server: send text (a string or a list of strings)")
+        if isinstance(value, list) and value and all(is_id(v) for v in value):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            for i, v in enumerate(value):
+                if not v:
+                    raise ValueError(f"item {i} is an empty list of token ids: nothing to classify")
+                if not all(map(is_id, v)):
+                    raise ValueError(f"item {i} must be a list of token ids (integers)")
+            return value
         if isinstance(value, str) and not value.strip():
             raise ValueError("an empty text: nothing to classify")
         if isinstance(value, list) and not value:  # vLLM: "please provide at least one prompt" (400)
@@ -110,17 +166,23 @@ class ClassifyRequest(PredictOptions):
                 if not isinstance(v, (str, dict)):
                     raise ValueError(f"item {i} must be a string (or an object with the task's fields), "
                                      f"got {type(v).__name__}")
-        elif not isinstance(value, (str, dict)):
-            raise ValueError(f"must be a string or a list of strings, got {type(value).__name__}")
+        elif value is not None and not isinstance(value, (str, dict)):
+            raise ValueError(f"must be a string, a list of strings or token ids, got {type(value).__name__}")
         return value
 
-    @model_validator(mode="after")
-    def _activation(self) -> ClassifyRequest:
-        for name in ("use_activation", "softmax", "activation"):
-            if getattr(self, name) is False:
-                raise ValueError(f"{name}=false (raw logits) is not supported: this server answers probabilities "
-                                 "averaged over posterior samples")
-        return self
+    @property
+    def activation_on(self) -> bool:
+        """False when any of vLLM's three names of it is false: probs are then log p̄."""
+        return not any(getattr(self, name) is False for name in ("use_activation", "softmax", "activation"))
+
+    def token_ids(self) -> list[list[int]] | None:
+        """The inputs as token ids, if they are."""
+        x = self.input
+        if isinstance(x, list) and x and all(isinstance(v, int) for v in x):
+            return [list(x)]  # type: ignore[arg-type]
+        if isinstance(x, list) and x and all(isinstance(v, list) for v in x):
+            return [list(v) for v in x]  # type: ignore[misc]
+        return None
 
 
 class ClassifyData(BaseModel):
@@ -256,10 +318,54 @@ def resolve_model(predictor: Predictor, model: str | None) -> str:
 
 
 def predict_request(body: ClassifyRequest, adapter: str | None = None) -> PredictRequest:
-    """The /predict request of a classify request for ``adapter`` (a pydantic error here is a 400)."""
-    inputs = body.input if isinstance(body.input, list) else [body.input]
+    """The /predict request of a classify request for ``adapter`` (a pydantic error here is a 400);
+    token ids and chat messages, whose prompts are given (:func:`given_prompts`), stand in as
+    placeholders that the task never formats."""
+    if body.messages is not None or body.token_ids() is not None:
+        n = 1 if body.messages is not None else len(body.token_ids() or ())
+        inputs: list[Any] = ["(given prompt)"] * n
+    else:
+        inputs = body.input if isinstance(body.input, list) else [body.input]
     return PredictRequest(inputs=inputs, adapter=adapter, labels=body.labels, n_samples=body.n_samples, seed=body.seed,
                           return_samples=body.return_samples, alpha=body.alpha, max_risk=body.max_risk)
+
+
+def given_prompts(body: ClassifyRequest, engine: TFBEngine, max_length: int) -> dict[str, Any]:
+    """What :meth:`Predictor.prepare` takes besides the request: the prompts as given (token ids, or
+    the chat rendered with the base model's template), ``keep_last`` (vLLM's truncate_prompt_tokens,
+    -1 being the model's limit) and whether texts get the tokenizer's special tokens."""
+    out: dict[str, Any] = {}
+    k = body.truncate_prompt_tokens
+    if k is not None:  # vLLM: _validate_truncation_size (see the module's docstring)
+        k = max_length if k <= -1 else k
+        if k > max_length:
+            raise LimitError(f"truncate_prompt_tokens value ({k}) is greater than the model's limit of {max_length} "
+                             "tokens (TFB_MAX_LENGTH): select a smaller truncation size", param="truncate_prompt_tokens")
+        out["keep_last"] = k
+    ids = body.token_ids()
+    if ids is not None:
+        out["prompts"] = ids
+    elif body.messages is not None:
+        if engine.task.formatter is not None:
+            raise TaskError(f"task {engine.task.name!r} formats its prompts from text: send `input` (text or objects "
+                            "with its fields), not chat messages", param="messages")
+        try:
+            text = render_chat(engine.classifier.tokenizer, body.messages, "send `input` (text or token ids)",
+                               body.add_generation_prompt, body.continue_final_message)
+        except GenerationInputError as exc:
+            raise LimitError(str(exc), param=exc.param) from None
+        out["prompts"] = [text]
+    special = body.add_special_tokens if body.add_special_tokens is not None else body.messages is None
+    if not special:
+        out["special_tokens"] = False
+    return out
+
+
+def log_mean(out: dict[str, Any]) -> None:
+    """probs -> log p̄ in place (vLLM's use_activation=false: softmax of it is p̄); -inf, not JSON,
+    is the least finite float."""
+    for p in out["predictions"]:
+        p["probs"] = [math.log(x) if x > 0.0 else -sys.float_info.max for x in p["probs"]]
 
 
 def _client_loc(loc: tuple[Any, ...], listed: bool) -> tuple[Any, ...]:
@@ -309,8 +415,11 @@ async def _classify(body: ClassifyRequest, request: Request, predictor: Predicto
     except ValidationError as exc:  # e.g. an empty text: named as the client sent it
         errors = [{**e, "loc": _client_loc(e.get("loc", ()), isinstance(body.input, list))} for e in exc.errors()]
         raise RequestValidationError(errors) from exc
+    given = given_prompts(body, predictor.resolve(model), predictor.settings.max_length)
     timing: dict[str, float] = {}
-    out = await predictor.predict(req, timing, count_tokens=True)
+    out = await predictor.predict(req, timing, count_tokens=True, **given)
+    if not body.activation_on:
+        log_mean(out)
     headers = {"Server-Timing": server_timing(timing)} if timing else None
     return JSONResponse(classify_response(out, model, request_id), headers=headers)
 

@@ -29,6 +29,8 @@ from app.predictor import LabelStore
 from app.routes import router
 from app.settings import Settings
 from app.state import AppState
+from app.vllm_extra import PATHS as VLLM_EXTRA_PATHS
+from app.vllm_extra import router as vllm_extra_router
 from tfb_core import __version__
 
 
@@ -63,7 +65,8 @@ def create_app(settings: Settings | None = None, feedback_store: LabelStore | No
     app.include_router(router)
     app.include_router(classify_router)  # vLLM's classify API, errors in vLLM's body
     app.include_router(generate_router)  # OpenAI's completions and chat completions, errors in its body
-    openai_paths = OPENAI_PATHS | GENERATION_PATHS
+    app.include_router(vllm_extra_router)  # vLLM's /invocations, /tokenize, /detokenize
+    openai_paths = OPENAI_PATHS | GENERATION_PATHS | VLLM_EXTRA_PATHS
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
                                                                                   app.redoc_url} | openai_paths,

@@ -7,6 +7,7 @@ length, labels that are not one token) is checked on the worker and comes back a
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from app.metrics import Metrics
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
 from tfb_core.data.tasks import TaskError, generic_task
+from tfb_core.forward.classifier import Prompt, RawText
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.pool import AdapterPool
 from tfb_core.serving.response import respond
@@ -98,6 +100,16 @@ class Predictor:
         self.settings = settings
         self.metrics = metrics
         self.store = store
+        self._loop_tokenizers: dict[int, Any] = {}
+
+    def loop_tokenizer(self, engine: TFBEngine) -> Any:
+        """A copy of ``engine``'s tokenizer for the event loop's own use (/tokenize): the model
+        worker's is not safe to share across threads. One per tokenizer, made on first use."""
+        tok = engine.classifier.tokenizer
+        own = self._loop_tokenizers.get(id(tok))
+        if own is None:
+            own = self._loop_tokenizers[id(tok)] = copy.deepcopy(tok)
+        return own
 
     @property
     def adapter_names(self) -> list[str]:
@@ -119,10 +131,14 @@ class Predictor:
                             param="labels")
         return generic_task(requested).labels  # >= 2, distinct, non-empty (one token each: on the worker)
 
-    def prepare(self, req: PredictRequest, count_tokens: bool = False) -> Work:
+    def prepare(self, req: PredictRequest, count_tokens: bool = False, prompts: list[Prompt] | None = None,
+                keep_last: int | None = None, special_tokens: bool = True) -> Work:
         """The worker's share of a request; raises a 4xx error naming the problem. ``count_tokens``:
         the result also has ``prompt_tokens``, each input's prompt length in tokens (counted on the
-        worker thread: the tokenizer is not safe to share across threads)."""
+        worker thread: the tokenizer is not safe to share across threads). ``prompts``: the prompts
+        as given, in place of the task's of ``req.inputs`` (token ids, a rendered chat), only for
+        the generic task; ``keep_last``: only the last K tokens of each prompt are read;
+        ``special_tokens=False``: texts are tokenized without the tokenizer's special tokens."""
         s = self.settings
         engine = self.resolve(req.adapter)
         if len(req.inputs) > s.max_inputs:
@@ -132,7 +148,12 @@ class Predictor:
         if n > s.max_samples:
             raise LimitError(f"n_samples {n} is over the limit of {s.max_samples} (TFB_MAX_SAMPLES)", param="n_samples")
         labels = self._labels(engine, req.labels)
-        prompts = engine.format_inputs(req.inputs)
+        if prompts is None:
+            prompts = list(engine.format_inputs(req.inputs))
+        else:
+            self._check_given(engine, prompts)
+        if not special_tokens:
+            prompts = [RawText(p) if isinstance(p, str) else p for p in prompts]
         seed = engine.cfg.seed if req.seed is None else req.seed
         return_samples = req.return_samples
         alpha, max_risk = req.alpha, req.max_risk
@@ -141,16 +162,33 @@ class Predictor:
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
             out = respond(engine, sample_probs, return_samples, alpha, max_risk, labels, seed)
             if count_tokens:
-                out["prompt_tokens"] = [len(t) for t in engine.classifier.tokenize(prompts)]
+                out["prompt_tokens"] = [len(t) for t in engine.tokenize(prompts, keep_last)]
             return out
 
-        return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish, engine=engine)
+        return Work(prompts=prompts, n_samples=n, seed=seed, labels=labels, finish=finish, engine=engine,
+                    keep_last=keep_last)
+
+    @staticmethod
+    def _check_given(engine: TFBEngine, prompts: list[Prompt]) -> None:
+        """Prompts as given (not the task's): the generic task's only, token ids within the vocabulary."""
+        if engine.task.formatter is not None:
+            raise TaskError(f"task {engine.task.name!r} formats its prompts from text: send its inputs as text "
+                            "(or objects with its fields), not token ids or chat messages", param="inputs")
+        vocab = len(engine.classifier.tokenizer)
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise TaskError(f"input {i}: token id {bad[0]} is out of the vocabulary [0, {vocab})", param="inputs")
+            if not p:
+                raise TaskError(f"input {i} has no token ids: nothing to classify", param="inputs")
 
     async def predict(self, req: PredictRequest, timing: dict[str, float] | None = None,
-                      count_tokens: bool = False) -> dict[str, Any]:
+                      count_tokens: bool = False, **given: Any) -> dict[str, Any]:
         """The response body; ``timing`` (if given) receives the request's queue and batch seconds;
-        ``count_tokens``: see :meth:`prepare`."""
-        work = self.prepare(req, count_tokens)
+        ``count_tokens`` and ``given`` (prompts, keep_last, special_tokens): see :meth:`prepare`."""
+        work = self.prepare(req, count_tokens, **given)
         engine = work.engine
         assert engine is not None
         out = await self.worker.submit(work)

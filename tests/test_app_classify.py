@@ -200,10 +200,11 @@ BAD = [
     ("empty list", {"json": {"input": []}}, "at least one"),  # as vLLM's "please provide at least one prompt"
     ("blank item", {"json": {"input": ["fine", "  "]}}, "item 1"),
     ("number", {"json": {"input": 5}}, "string"),
-    ("token ids", {"json": {"input": [1, 2, 3]}}, "token ids"),
-    ("token id lists", {"json": {"input": [[1, 2], [3]]}}, "token ids"),
-    ("chat messages", {"json": {"messages": [{"role": "user", "content": "hi"}]}}, "messages"),
-    ("raw logits", {"json": {"input": "x", "use_activation": False}}, "use_activation"),
+    ("token id out of the vocabulary", {"json": {"input": [1, 10**9]}}, "vocabulary"),
+    ("empty token id list", {"json": {"input": [[1, 2], []]}}, "item 1"),
+    ("bools are not token ids", {"json": {"input": [True, 1]}}, "item 0"),
+    ("truncation over the limit", {"json": {"input": "x", "truncate_prompt_tokens": 65}}, "truncate_prompt_tokens"),
+    ("input and messages", {"json": {"input": "x", "messages": [{"role": "user", "content": "hi"}]}}, "either"),
     ("too many samples", {"json": {"input": "x", "n_samples": 999}}, "TFB_MAX_SAMPLES"),
     ("too many inputs", {"json": {"input": ["x"] * 9}}, "TFB_MAX_INPUTS"),
     ("too long", {"json": {"input": "word " * 200}}, "TFB_MAX_LENGTH"),
@@ -283,5 +284,5 @@ def test_openai_client(client):
     assert e.value.body["message"] == "The model `nope` does not exist." and e.value.param == "model"
     assert e.value.type == "NotFoundError" and str(e.value.code) == "404"
     with pytest.raises(openai.BadRequestError) as e:
-        oai.post("/classify", cast_to=object, body={"model": ADAPTER, "input": [1, 2]})
-    assert "token ids" in e.value.body["message"]
+        oai.post("/classify", cast_to=object, body={"model": ADAPTER, "input": [1, 10**9]})
+    assert "vocabulary" in e.value.body["message"] and e.value.param == "input"

@@ -69,3 +69,27 @@ def test_a_cancelled_request_is_skipped_before_its_next_forward_and_the_others_a
     torch.testing.assert_close(got[1], engine.run_batch([requests[1]], max_rows=4)[0], atol=1e-5, rtol=1e-4)
     assert isinstance(got[0], RequestCancelled)
     assert sum(forwards) < 3  # at least one of request 0's inputs never ran
+
+
+def test_token_ids_raw_texts_and_keep_last_share_a_batch(engine):
+    """Prompts as token ids answer as the texts they tokenize; a RawText is tokenized without the
+    special tokens; keep_last reads only each prompt's last K tokens (a long prompt then fits), and
+    they all share forwards with plain texts, each as if alone."""
+    from tfb_core.forward.classifier import RawText
+
+    ids = engine.tokenize(PROMPTS[:2])
+    bare = [t for t in engine.classifier.tokenizer(PROMPTS[:2], add_special_tokens=False)["input_ids"]]
+    assert engine.tokenize([RawText(p) for p in PROMPTS[:2]]) == bare
+    assert engine.tokenize([PROMPTS[0], ids[1]], keep_last=3) == [ids[0][-3:], ids[1][-3:]]
+    long_prompt = " ".join(["word"] * 40)
+    assert len(engine.tokenize([long_prompt], keep_last=24)[0]) == 24
+    requests = [BatchRequest(PROMPTS[:2], 4, 0), BatchRequest(ids, 4, 0),
+                BatchRequest([ids[0][-3:], PROMPTS[1]], 4, 0), BatchRequest(PROMPTS[:2], 4, 0, keep_last=3),
+                BatchRequest([long_prompt], 4, 0, keep_last=24)]
+    got = engine.run_batch(requests, max_rows=64)
+    assert not any(isinstance(g, Exception) for g in got), got
+    torch.testing.assert_close(got[1], got[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[3][0], got[2][0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[3][0], got[0][0], atol=1e-4)
+    for req, res in zip(requests, got, strict=True):
+        torch.testing.assert_close(res, engine.run_batch([req], max_rows=64)[0], atol=1e-5, rtol=1e-4)

@@ -47,6 +47,15 @@ class EmptyPromptError(ValueError):
 
 
 
+class RawText(str):
+    """A prompt text tokenized without the tokenizer's special tokens (a rendered chat template
+    holds its own; vLLM's ``add_special_tokens: false``)."""
+
+
+#: a prompt: a text (special tokens added), a :class:`RawText`, or token ids taken as they are
+Prompt = str | Sequence[int]
+
+
 class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
@@ -128,15 +137,30 @@ class BayesianClassifier:
         return torch.tensor(class_token_ids(self.tokenizer, labels), device=self.device)
 
     # --- tokens -------------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt (with the tokenizer's special tokens). Too long is an error, or,
-        with :attr:`truncate`, cut from the right at ``max_length`` by the tokenizer as the
-        reference code did (the paper's tasks: the adapters were trained and evaluated so)."""
-        if self.truncate:
-            out = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True,
-                                 max_length=self.max_length)["input_ids"]
-        else:
-            out = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    def tokenize(self, prompts: Sequence[Prompt], keep_last: int | None = None) -> list[list[int]]:
+        """Token ids of each prompt (with the tokenizer's special tokens, except a :class:`RawText`;
+        token ids as given). Too long is an error, or, with :attr:`truncate`, cut from the right at
+        ``max_length`` by the tokenizer as the reference code did (the paper's tasks: the adapters
+        were trained and evaluated so). ``keep_last``: only the last K tokens of each prompt are
+        kept (vLLM's ``truncate_prompt_tokens``), before the length check."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for special in (True, False):
+            idx = [i for i, p in enumerate(prompts) if isinstance(p, str) and isinstance(p, RawText) != special]
+            if not idx:
+                continue
+            texts = [str(prompts[i]) for i in idx]
+            if self.truncate and keep_last is None:
+                toks = self.tokenizer(texts, add_special_tokens=special, truncation=True,
+                                      max_length=self.max_length)["input_ids"]
+            else:
+                toks = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+            for i, t in zip(idx, toks, strict=True):
+                out[i] = list(t)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                out[i] = [int(t) for t in p]
+        if keep_last is not None:
+            out = [t[-keep_last:] if keep_last > 0 else [] for t in out]
         for i, toks in enumerate(out):
             if not toks:
                 raise EmptyPromptError(f"input {i} has no tokens: nothing to classify")

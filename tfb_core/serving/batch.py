@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.forward.classifier import Prompt
 from tfb_core.forward.layout import Job
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Adapter(Protocol):
     @property
     def base_model(self) -> Any: ...  # adapters of one base model share forwards
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]: ...  # PromptTooLongError, EmptyPromptError
+    def tokenize(self, prompts: Sequence[Prompt], keep_last: int | None = None) -> list[list[int]]: ...
+    # ^ PromptTooLongError, EmptyPromptError; keep_last: the last K tokens of each
 
     def class_ids_for(self, labels: Labels | None) -> torch.Tensor: ...  # TaskError: a label not one token
 
@@ -61,7 +63,7 @@ class BatchRequest:
     """One caller's inputs: prompts, N, the seed of its posterior samples, its label set, and the
     adapter (engine) that answers it."""
 
-    prompts: Sequence[str]
+    prompts: Sequence[Prompt]  # texts, or token ids taken as they are
     n_samples: int
     seed: int
     labels: Labels | None = None  # None: the engine's task labels
@@ -70,6 +72,8 @@ class BatchRequest:
     cancelled: Callable[[], bool] | None = None
     #: the adapter served on the batch's base model that answers it (None: the batch's own)
     engine: Adapter | None = None
+    #: keep only the last K tokens of each prompt (vLLM's ``truncate_prompt_tokens``; None: all)
+    keep_last: int | None = None
 
 
 class RequestCancelled(Exception):
@@ -102,7 +106,7 @@ def run_batch(engine: Adapter, requests: Sequence[BatchRequest], max_rows: int,
             out[r] = ValueError(f"adapter {own.name!r} is not on this batch's base model")
             continue
         try:
-            tokens[r] = own.tokenize(req.prompts)
+            tokens[r] = own.tokenize(req.prompts, req.keep_last)
         except ValueError as exc:  # PromptTooLongError
             out[r] = exc
             continue

@@ -23,7 +23,7 @@ from torch import nn
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.data.tasks import Record, Task, TaskError
 from tfb_core.decide.conformal import Calibration
-from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.classifier import BayesianClassifier, Prompt
 from tfb_core.forward.layout import Job, rows_of
 from tfb_core.search import SearchResult
 from tfb_core.serving.batch import BatchRequest, ForwardHook, Labels, run_batch
@@ -115,8 +115,8 @@ class TFBEngine:
     def base_model(self) -> nn.Module:
         return self.classifier.model
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        return self.classifier.tokenize(prompts)
+    def tokenize(self, prompts: Sequence[Prompt], keep_last: int | None = None) -> list[list[int]]:
+        return self.classifier.tokenize(prompts, keep_last)
 
     def class_ids_for(self, labels: Labels | None) -> torch.Tensor:
         """Class-token ids of ``labels`` (None or the task's: the classifier's own); ``TaskError``

@@ -42,6 +42,20 @@ class GenerationInputError(ValueError):
         self.param = param
 
 
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], instead: str, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> str:
+    """The text of ``messages`` rendered with ``tokenizer``'s chat template (its special tokens
+    included: tokenize it without adding them); ``GenerationInputError`` naming ``messages`` when the
+    model has no template (``instead``: what to send then) or the template refuses them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError(f"this model's tokenizer has no chat template: {instead}", param="messages")
+    try:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 -- a template error is the request's (e.g. roles out of order)
+        raise GenerationInputError(f"the chat template refused the messages: {exc}"[:500], param="messages") from None
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What a request asks of the decode (the API's fields, already checked against the limits)."""
@@ -81,13 +95,7 @@ class GenerationService:
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """The chat template's rendering of ``messages`` with the generation prompt, tokenized."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise GenerationInputError("this model's tokenizer has no chat template: use /v1/completions with a "
-                                       "prompt", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001 -- a template error is the request's (e.g. roles out of order)
-            raise GenerationInputError(f"the chat template refused the messages: {exc}"[:500], param="messages") from None
+        text = render_chat(self.tokenizer, messages, "use /v1/completions with a prompt")
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return self._check_length(ids, "messages")
 
