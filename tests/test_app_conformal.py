@@ -339,7 +339,7 @@ def test_background_calibration_serves_requests_between_its_steps(tiny, cal_file
         assert r.status_code == 503 and "Retry-After" in r.headers and "still running" in r.json()["error"]["message"]
         info = c.get("/info").json()["calibration"]
         assert info["state"] == "running" and info["done"] == run.done and info["eta_s"] >= 0
-        for _ in range(steps):
+        for _ in range(len(CAL)):  # at least one input a step (the first steps are smaller: timed)
             gated_steps.release()
         wait_ready(c)
         assert c.get("/info").json()["calibration"]["state"] == "ready"
@@ -482,3 +482,45 @@ def test_the_configured_risk_delta_is_the_one_abstention_uses(tiny):
         thresholds[delta] = out["abstention"]["threshold"]
         assert thresholds[delta] == engine.calibration.threshold(0.1, delta).threshold
     assert thresholds[0.3] < thresholds[0.05]  # a looser delta certifies a lower threshold here
+
+
+def test_background_calibration_steps_are_sized_by_their_time(monkeypatch, tmp_path):
+    """A step is what a request arriving during it waits for: the first takes one input, then as
+    many as fit in step_s at the measured pace (one forward of 64 rows takes tens of seconds on a
+    loaded CPU); run() takes full chunks; the calibration does not depend on the chunking."""
+    from tfb_core.serving import calibrate
+    from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
+
+    clock = [0.0]
+    monkeypatch.setattr(calibrate.time, "monotonic", lambda: clock[0])
+    gen = torch.Generator().manual_seed(0)
+    table = torch.softmax(torch.randn(40, 3, 2, generator=gen), -1)  # (inputs, N, C)
+    prompts = [str(i) for i in range(40)]
+    targets = torch.randint(0, 2, (40,), generator=gen)
+
+    def run_with(per_input_s: float, background: bool) -> tuple[list[int], dict]:
+        sizes: list[int] = []
+        out: dict = {}
+
+        def forward(chunk: list[str]) -> torch.Tensor:
+            sizes.append(len(chunk))
+            clock[0] += per_input_s * len(chunk)
+            return table[[int(p) for p in chunk]]
+
+        data = CalibrationData(prompts, targets, "synthetic", 3, 0)
+        run = CalibrationRun(data, forward, lambda cal: out.update(cal.to_dict()), {"k": per_input_s},
+                             tmp_path / str(background), chunk_inputs=8, step_s=0.5)
+        if background:
+            while not run.step():
+                pass
+        else:
+            run.run()
+        return sizes, out
+
+    slow, cal_slow = run_with(0.2, True)  # 0.2 s an input: 2 inputs fit in 0.5 s
+    assert slow[:3] == [1, 2, 2] and max(slow) == 2 and sum(slow) == 40
+    fast, cal_fast = run_with(0.01, True)  # 50 fit: capped at the chunk of one forward
+    assert fast[:2] == [1, 8] and sum(fast) == 40
+    full, cal_full = run_with(0.2, False)  # the CLI's run: nothing waits, full chunks
+    assert full == [8] * 5
+    assert cal_slow == cal_fast == cal_full

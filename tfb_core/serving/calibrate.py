@@ -57,17 +57,25 @@ class CalibrationRun:
     ``forward(prompts)`` gives the (k, N, C) per-sample probabilities of k prompts at the engine's
     sigma, default N and seed; ``on_done(calibration)`` receives the result, which is also cached
     under ``key``.
+
+    A step is what a request arriving during it waits for, so its size follows its measured time:
+    the first step takes one input, each next one as many as fit in ``step_s`` at the pace so far
+    (at most ``chunk_inputs``, one forward of the batch limit). On a GPU that is a full forward; on
+    a loaded CPU, where one forward of 64 rows takes tens of seconds, one input. :meth:`run` (no
+    requests to wait) always takes ``chunk_inputs``.
     """
 
     def __init__(self, data: CalibrationData, forward: Callable[[list[str]], torch.Tensor],
                  on_done: Callable[[Calibration], None], key: dict[str, Any], cache_dir: Path,
-                 chunk_inputs: int) -> None:
+                 chunk_inputs: int, step_s: float = 0.5) -> None:
         self.data = data
         self.forward = forward
         self.on_done = on_done
         self.key = key
         self.cache_dir = cache_dir
         self.chunk_inputs = max(1, chunk_inputs)
+        self.step_s = step_s
+        self._next = 1 if math.isfinite(step_s) else self.chunk_inputs  # inputs of the next step
         self.state: State = "running"
         self.error: str | None = None
         self._parts: list[torch.Tensor] = []  # (k, N, C) per step
@@ -86,7 +94,7 @@ class CalibrationRun:
         if self.state != "running":
             return True
         start = time.monotonic()
-        chunk = list(self.data.prompts[self.done:self.done + self.chunk_inputs])
+        chunk = list(self.data.prompts[self.done:self.done + self._next])
         try:
             probs = self.forward(chunk)  # (k, N, C)
         except Exception as exc:
@@ -94,13 +102,17 @@ class CalibrationRun:
             raise LoadError(self.error) from exc
         self._parts.append(probs)
         self._seconds += time.monotonic() - start
+        per_input = self._seconds / self.done
+        fit = self.step_s / per_input if per_input > 0 else math.inf
+        self._next = max(1, min(self.chunk_inputs, int(fit) if math.isfinite(fit) else self.chunk_inputs))
         if self.done < self.total:
             return False
         self._finish()
         return True
 
     def run(self) -> None:
-        """Every remaining step, now (the CLI's way)."""
+        """Every remaining step, now (the CLI's way): full chunks, nothing waits between them."""
+        self.step_s, self._next = math.inf, self.chunk_inputs
         while not self.step():
             pass
 
