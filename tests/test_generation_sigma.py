@@ -17,6 +17,7 @@ from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.generation_sigma import (
     answer_logprobs,
+    common_prefix,
     generation_objective,
     greedy_answers,
     make_anchors,
@@ -61,18 +62,25 @@ def test_pseudo_answers_are_the_peft_models_greedy_generate(tiny, gen, anchors):
     assert ref["answers"] == [c.token_ids for c in got] and ref["nll_pseudo"] > 0
 
 
-def test_teacher_forced_pbar_is_the_generators_own_scoring_and_batching_changes_nothing(gen, anchors):
-    prompts = [a.tokens for a in anchors]
+@pytest.mark.parametrize("shared", ["", "the film review reads as follows: "])
+@pytest.mark.parametrize("sigma", [0.0, 0.2])
+def test_teacher_forced_pbar_is_the_generators_own_scoring_and_batching_changes_nothing(gen, shared, sigma):
+    prompts = [gen.tokenizer(shared + p)["input_ids"] for p in PROMPTS]
+    assert common_prefix(prompts) >= (5 if shared else 1)  # the cached prefix is used
     answers = [c.token_ids for c in greedy_answers(gen, prompts, L)]
-    draw = scaled(gen.posteriors[0].draw(7, 4), 0.2)
-    one = answer_logprobs(gen, prompts, answers, draw, 4, max_rows=4)  # a prompt per forward
-    many = answer_logprobs(gen, prompts, answers, draw, 4, max_rows=64)  # all in one forward
+    draw = scaled(gen.posteriors[0].draw(7, 4), sigma) if sigma else None
+    n = 4 if sigma else 1
+    one = answer_logprobs(gen, prompts, answers, draw, n, max_rows=4)  # a prompt per forward
+    many = answer_logprobs(gen, prompts, answers, draw, n, max_rows=64)  # all in one forward
+    full = answer_logprobs(gen, prompts, answers, draw, n, max_rows=8, share_prefix=False)  # no prefix cache
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        tokens, _ = gen.score(GenerationRequest(p, n_samples=4, sigma=1.0, noise=draw), a)
+        tokens, _ = gen.score(GenerationRequest(p, n_samples=4, sigma=1.0 if sigma else 0.0, noise=draw), a)
         expected = torch.tensor([t.logprob for t in tokens], dtype=torch.float64)
-        torch.testing.assert_close(one[i][0], expected, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(many[i][0], expected, atol=2e-5, rtol=1e-4)
-        assert one[i][1] == many[i][1]
+        for got in (one, many, full):
+            torch.testing.assert_close(got[i][0], expected, atol=2e-5, rtol=1e-4)
+            assert got[i][1] == one[i][1]
+        if not sigma:
+            assert one[i][1]  # the sigma = 0 answer is its own greedy decode
 
 
 @pytest.mark.parametrize("criterion", ["nll", "flip"])

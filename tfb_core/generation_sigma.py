@@ -39,6 +39,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -117,16 +118,29 @@ def greedy_answers(gen: Any, prompts: Sequence[Sequence[int]], max_tokens: int, 
     return out
 
 
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """The length of the token prefix every sequence shares."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
+
+
 @torch.inference_mode()
 def answer_logprobs(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                    noise: NoiseDraw | None, n_samples: int, adapter: int = 0,
-                    max_rows: int = 64) -> list[tuple[torch.Tensor, bool]]:
+                    noise: NoiseDraw | None, n_samples: int, adapter: int = 0, max_rows: int = 64,
+                    share_prefix: bool = True) -> list[tuple[torch.Tensor, bool]]:
     """Per prompt, (log p̄(y_t) for each token y_t of its answer (L,) float64, whether argmax p̄ is
     y_t at every position), teacher-forced.
 
     p̄ is the mean of the ``n_samples`` rows of ``noise`` (already scaled by sigma), or the one mean
     row at sigma = 0 (``noise`` None: p̄ is that row's softmax). Several prompts share a forward:
     up to ``max_rows`` rows (a prompt's samples are never split), left-padded, the last positions kept.
+    ``share_prefix``: the tokens every prompt starts with (a chat template's system line) are computed
+    once per sample into a key/value cache, repeated over each forward's prompts; the rest of each
+    prompt, left-padded, attends to it (the same numbers as the full forward, up to float rounding).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts and {len(answers)} answers")
@@ -135,17 +149,37 @@ def answer_logprobs(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequenc
     samples = list(range(n_samples)) if noise is not None else [-1]
     per_chunk = max(1, max_rows // len(samples))
     sigmas = {adapter: 1.0 if noise is not None else 0.0}
+    seqs_all = [list(p) + list(a[:-1]) for p, a in zip(prompts, answers, strict=True)]
+    # every suffix keeps >= 1 token (the answer's first is predicted from the prompt's last)
+    P = min(common_prefix(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
+    prefix_cache = None
+    if P > 0:
+        rows = [Row(0, adapter, n, noise) for n in samples]
+        order, plans = layout(rows)
+        ids, mask, positions = gen.pad_left([seqs_all[0][:P]] * len(rows))
+        prefix_cache = gen.make_cache()
+        gen.forward([rows[i] for i in order], ids, mask, positions, prefix_cache, sigmas, plans, keep=1)
+        if order != list(range(len(rows))):  # pragma: no cover - one row per sample is already in order
+            prefix_cache.batch_select_indices(torch.tensor(sorted(range(len(order)), key=order.__getitem__)))
     out: list[tuple[torch.Tensor, bool]] = []
     for c0 in range(0, len(prompts), per_chunk):
         chunk = range(c0, min(len(prompts), c0 + per_chunk))
-        seqs = [list(prompts[i]) + list(answers[i][:-1]) for i in chunk]
+        seqs = [seqs_all[i][P:] for i in chunk]
         lengths = [len(answers[i]) for i in chunk]
         keep = max(lengths)
         rows = [Row(j, adapter, n, noise) for n in samples for j in range(len(seqs))]  # sample-major
         order, plans = layout(rows)
         ordered = [rows[i] for i in order]
         ids, mask, positions = gen.pad_left([seqs[row.stream] for row in ordered])
-        logits = gen.forward(ordered, ids, mask, positions, None, sigmas, plans, keep=keep)  # (R, keep, V)
+        cache = None
+        if prefix_cache is not None:
+            if order != list(range(len(rows))):  # pragma: no cover - sample-major rows keep their order
+                raise RuntimeError("rows out of sample-major order: the prefix cache would not match")
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(seqs))  # row n * B + j: sample n's prefix
+            mask = torch.cat([mask.new_ones((len(rows), P)), mask], dim=1)
+            positions = positions + P
+        logits = gen.forward(ordered, ids, mask, positions, cache, sigmas, plans, keep=keep)  # (R, keep, V)
         logp = torch.empty_like(logits, dtype=torch.float32)
         logp[torch.tensor(order, device=logits.device)] = torch.log_softmax(logits.float(), dim=-1)
         logp = logp.view(len(samples), len(seqs), keep, -1)  # (S, B, keep, V) back in sample-major order
