@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only merge the 'sets' of these result files (runs of one adapter and sigma) into --out")
     ap.add_argument("--criterion", default="nll")
     ap.add_argument("--tolerance", type=float, default=None, help="default: SearchConfig's")
+    ap.add_argument("--low", type=float, default=None, help="the search's bracket (default: SearchConfig's)")
+    ap.add_argument("--high", type=float, default=None)
     ap.add_argument("--n-test", type=int, default=150)
     ap.add_argument("--n-shifted", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=8)
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["search"] = saved.get("search", saved)
         sigma = float(out["search"]["sigma"])
     elif args.sigma is None:
-        search_cfg = SearchConfig(criterion=args.criterion, n_samples=args.n_samples,
-                                  **({} if args.tolerance is None else {"tolerance": args.tolerance}))
+        given = {k: getattr(args, k) for k in ("tolerance", "low", "high") if getattr(args, k) is not None}
+        search_cfg = SearchConfig(criterion=args.criterion, n_samples=args.n_samples, **given)
         res = search_generation_sigma(gen, read_anchor(anchor), search_cfg, chat=True, max_tokens=args.max_tokens)
         out["search"] = {"config": asdict(search_cfg), **res.to_dict()}
         sigma = res.sigma
