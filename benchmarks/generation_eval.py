@@ -122,8 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         records = load_generation(task, split, limit=n)
         t = time.perf_counter()
-        result = evaluate_generation(gen, records, sigma, opts,
+        partial = args.out.with_suffix(f".{name}.partial.json")
+
+        def checkpoint(rows, costs, partial=partial, t=t):
+            partial.write_text(json.dumps({"sigma": sigma, "seconds": time.perf_counter() - t, "rows": rows,
+                                           "costs": costs, "options": asdict(opts)}) + "\n")
+
+        result = evaluate_generation(gen, records, sigma, opts, checkpoint=checkpoint,
                                      progress=lambda done, total, name=name: log.info("%s %d/%d", name, done, total))
+        partial.unlink(missing_ok=True)
         result["seconds"] = time.perf_counter() - t
         result["split"] = split
         out["sets"][name] = result

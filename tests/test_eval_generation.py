@@ -19,6 +19,7 @@ from tfb_core.eval_generation import (
     evaluate_generation,
     format_generation_table,
     rank_scores,
+    shift_auroc,
 )
 from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult
 from tfb_core.forward.generator import BayesianGenerator
@@ -57,6 +58,12 @@ def test_auroc_and_aurc_by_hand():
     assert d["diff"] == pytest.approx(0.25) and d["lo"] >= 0.0
 
 
+def test_shift_auroc_by_hand():
+    row = lambda v: {"scores": {k: v for k in SCORES}}  # noqa: E731
+    out = shift_auroc([row(0.1), row(0.4)], [row(0.3), row(0.9)])  # shifted above 0.1 both, above 0.4 once: 3/4
+    assert set(out) == set(SCORES) and out["tfb_mean_mi"] == pytest.approx(0.75)
+
+
 def test_auroc_is_none_without_wrong_answers():
     out = rank_scores({"s": _t(0.1, 0.2)}, {"s": _t(True, True, dtype=torch.bool)}, n_boot=10)
     assert out["s"]["auroc"] is None and math.isnan(out["s"]["auroc_lo"]) and out["s"]["n_wrong"] == 0
@@ -92,7 +99,10 @@ def test_evaluate_generation_end_to_end_on_the_tiny_model(gen):
     records = [{"id": str(i), "prompt": p, "answers": [greedy[i].completion.text if i % 2 == 0 else "zzz qqq"]}
                for i, p in enumerate(PROMPTS)]
     opts = GenEvalOptions(n_samples=N, k_samples=K, max_tokens=L, chat=False, batch=3, n_boot=50)
-    res = evaluate_generation(gen, records, sigma, opts)
+    seen = []
+    res = evaluate_generation(gen, records, sigma, opts, checkpoint=lambda rows, costs: seen.append(
+        (len(rows), costs["tfb"]["rows"])))
+    assert seen == [(3, 3 * N), (6, 6 * N), (8, 8 * N)]  # after each batch: the rows and costs so far
     assert res["n"] == len(PROMPTS) and res["accuracy"]["mle"] == 0.5
     assert set(res["scores"]) == set(SCORES)
     for i, row in enumerate(res["rows"]):

@@ -116,9 +116,13 @@ def _decode(gen: Any, requests: list[GenerationRequest], cost: dict[str, float],
 
 
 def evaluate_generation(gen: Any, records: Sequence[Mapping[str, Any]], sigma: float,
-                        opts: GenEvalOptions = GenEvalOptions(), progress: Any = None) -> dict[str, Any]:
+                        opts: GenEvalOptions = GenEvalOptions(), progress: Any = None,
+                        checkpoint: Any = None) -> dict[str, Any]:
     """Decode ``records`` four ways (see the module doc) and score them: :func:`summarize`'s dict,
-    plus ``rows`` (per question: the answers, their correctness and every score)."""
+    plus ``rows`` (per question: the answers, their correctness and every score).
+
+    ``progress(done, total)`` and ``checkpoint(rows, costs)`` are called after each batch (the rows
+    and costs so far: :func:`summarize` makes a partial run's table from them)."""
     if not records:
         raise ValueError("no records to evaluate")
     if not sigma > 0:
@@ -141,6 +145,8 @@ def evaluate_generation(gen: Any, records: Sequence[Mapping[str, Any]], sigma: f
             rows.append(question_row(records[i], mle[j], mle_s[j], tfb[j], tfb_s[j]))
         if progress is not None:
             progress(len(rows), len(records))
+        if checkpoint is not None:
+            checkpoint(rows, costs)
     out = summarize(rows, costs, opts)
     out["sigma"] = sigma
     out["rows"] = rows
@@ -246,6 +252,17 @@ def summarize(rows: Sequence[Mapping[str, Any]], costs: Mapping[str, Mapping[str
             "differences": {p: own[p] for p in own if p not in SCORES},
             "differences_on_mle_answers": {p: on_mle[p] for p in on_mle if p not in SCORES},
             "cost_per_question": per_q}
+
+
+def shift_auroc(in_rows: Sequence[Mapping[str, Any]], out_rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Per score, the AUROC of telling shifted questions (positive) from in-domain ones
+    (:func:`tfb_core.eval_report.ood_auroc`): where the shifted set is nearly all wrong, the
+    wrong-answer AUROC has nothing to rank, and this is what is left to measure."""
+    from tfb_core.eval_report import ood_auroc
+
+    return {k: ood_auroc(torch.tensor([float(r["scores"][k]) for r in in_rows], dtype=torch.float64),
+                         torch.tensor([float(r["scores"][k]) for r in out_rows], dtype=torch.float64))
+            for k in SCORES}
 
 
 def format_generation_table(name: str, result: Mapping[str, Any]) -> str:
