@@ -1,0 +1,258 @@
+"""Sigma for a generative adapter: the anchor objective that :mod:`tfb_core.search` runs on.
+
+The classification criterion (:mod:`tfb_core.serving.sigma`) compares the sigma = 0 model's own
+predictions on the anchor prompts with the mean of N posterior samples at sigma. For generation the
+sigma = 0 model's own *greedy answers* play the pseudo-labels' part:
+
+1. every anchor prompt is decoded greedily at sigma = 0 (the posterior mean, which is the plain peft
+   adapter: :meth:`~tfb_core.forward.generator.BayesianGenerator.generate` with one mean row; the
+   answer's tokens include the end-of-sequence token that ended it, if one did: whether to stop
+   is part of the answer);
+2. at each sigma, every answer is read under p̄ = mean of the N samples' next-token distributions,
+   teacher-forced in one forward per chunk of anchors (prompt + answer, left-padded, N sample rows
+   per anchor, ``logits_to_keep`` = the longest answer): NLL_sigma = mean over anchors of
+   -sum_t log p̄(y_t | prompt, y_<t).
+
+Criteria (:class:`~tfb_core.config.SearchConfig`'s ``criterion``, ``tolerance``):
+
+- ``nll``: |NLL_sigma - NLL_0| / NLL_0, the relative change of the answers' NLL (the mean over
+  anchors, the sum over tokens, or the mean per token: the same ratio). Exactly 0 at sigma = 0.
+- ``flip``: the fraction of anchors whose Bayesian-model-averaging greedy answer at sigma differs
+  from the sigma = 0 answer. Read from the same teacher-forced forward, and exact: greedy decoding
+  from p̄ reproduces the answer token for token iff argmax p̄ is the answer's token at every one of
+  its positions (ties aside), so no decoding is needed.
+- ``accuracy`` (anchor lines with a reference ``answer``): the drop of exact-match accuracy
+  (:func:`tfb_core.data.generation.exact_match`) of the BMA greedy answers against the references,
+  accuracy_0 - accuracy_sigma; this one decodes the anchors at each sigma.
+
+Common random numbers: one standard-normal draw Z (``cfg.seed``, ``cfg.n_samples``), scaled by each
+sigma (the draw carries sigma, the forward runs at sigma 1, as the classifier's objective does), so
+the criterion is a smooth, deterministic function of sigma and bisection is well posed. An anchor
+line is ``{"prompt": ...}`` with an optional reference ``"answer"`` (a string or a list of aliases);
+``chat=True`` reads each prompt as one user message through the tokenizer's chat template
+(:func:`tfb_core.data.generation.chat_prompt`), as the generative demo adapter was trained.
+
+Usage::
+
+    result = search_generation_sigma(generator, read_anchor(path), SearchConfig(), chat=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.config import SearchConfig
+from tfb_core.forward.completion import GenerationRequest
+from tfb_core.forward.decode_rows import Row, layout
+from tfb_core.search import Objective, SearchResult, search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One anchor prompt (as the model reads it, tokenized) and its optional reference answers."""
+
+    prompt: str
+    tokens: list[int]
+    answers: tuple[str, ...] = ()
+
+
+def read_anchor(path: str | Path) -> list[dict[str, Any]]:
+    """Anchor lines ``{"prompt": str, "answer": str | [str, ...] (optional)}`` of a JSON Lines file."""
+    from tfb_core.data.jsonl import read_jsonl
+    from tfb_core.data.loading import LoadError
+
+    records = read_jsonl(path)
+    for i, r in enumerate(records, 1):
+        if not isinstance(r.get("prompt"), str) or not r["prompt"]:
+            raise LoadError(f"{path}: record {i} has no non-empty string 'prompt'")
+    return records
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """The token ids the model reads for ``prompt``: through the chat template (its special tokens
+    are in the text, none added) or as plain text (the tokenizer's own special tokens added)."""
+    if chat:
+        from tfb_core.data.generation import chat_prompt
+
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def make_anchors(tokenizer: Any, records: Sequence[dict[str, Any]], chat: bool = False) -> list[Anchor]:
+    """:class:`Anchor` s of anchor records (``answer``: a string or a list of aliases, optional)."""
+    out = []
+    for r in records:
+        answer = r.get("answer", r.get("answers"))
+        answers = () if answer is None else (answer,) if isinstance(answer, str) else tuple(answer)
+        out.append(Anchor(r["prompt"], encode_prompt(tokenizer, r["prompt"], chat), answers))
+    return out
+
+
+def scaled(draw: NoiseDraw, sigma: float) -> NoiseDraw:
+    """The draw times sigma (common random numbers: every sigma scales the same Z)."""
+    return NoiseDraw(draw.seed, [z * sigma for z in draw.z])
+
+
+def greedy_answers(gen: Any, prompts: Sequence[Sequence[int]], max_tokens: int, adapter: int = 0,
+                   noise: NoiseDraw | None = None, n_samples: int = 1, batch: int = 32) -> list[Any]:
+    """Greedy completions of ``prompts``: at sigma = 0 (``noise`` None: one mean row each, the plain
+    adapter's greedy decode), else Bayesian-model-averaging greedy under the rows of ``noise``
+    (already scaled by sigma), ``n_samples`` rows each. ``batch`` prompts share one decode."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        reqs = [GenerationRequest(list(t), n_samples=n_samples, sigma=0.0 if noise is None else 1.0,
+                                  max_tokens=max_tokens, adapter=adapter, noise=noise)
+                for t in prompts[i:i + batch]]
+        out += [r.completion for r in gen.generate(reqs)]
+    return out
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """The length of the token prefix every sequence shares."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for k in range(n):
+        if any(s[k] != first[k] for s in seqs):
+            return k
+    return n
+
+
+@torch.inference_mode()
+def answer_logprobs(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                    noise: NoiseDraw | None, n_samples: int, adapter: int = 0, max_rows: int = 64,
+                    share_prefix: bool = True) -> list[tuple[torch.Tensor, bool]]:
+    """Per prompt, (log p̄(y_t) for each token y_t of its answer (L,) float64, whether argmax p̄ is
+    y_t at every position), teacher-forced.
+
+    p̄ is the mean of the ``n_samples`` rows of ``noise`` (already scaled by sigma), or the one mean
+    row at sigma = 0 (``noise`` None: p̄ is that row's softmax). Several prompts share a forward:
+    up to ``max_rows`` rows (a prompt's samples are never split), left-padded, the last positions kept.
+    ``share_prefix``: the tokens every prompt starts with (a chat template's system line) are computed
+    once per sample into a key/value cache, repeated over each forward's prompts; the rest of each
+    prompt, left-padded, attends to it (the same numbers as the full forward, up to float rounding).
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts and {len(answers)} answers")
+    if any(not a for a in answers):
+        raise ValueError("an answer is empty: nothing to score")
+    samples = list(range(n_samples)) if noise is not None else [-1]
+    per_chunk = max(1, max_rows // len(samples))
+    sigmas = {adapter: 1.0 if noise is not None else 0.0}
+    seqs_all = [list(p) + list(a[:-1]) for p, a in zip(prompts, answers, strict=True)]
+    # every suffix keeps >= 1 token (the answer's first is predicted from the prompt's last)
+    P = min(common_prefix(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
+    prefix_cache = None
+    if P > 0:
+        rows = [Row(0, adapter, n, noise) for n in samples]
+        order, plans = layout(rows)
+        ids, mask, positions = gen.pad_left([seqs_all[0][:P]] * len(rows))
+        prefix_cache = gen.make_cache()
+        gen.forward([rows[i] for i in order], ids, mask, positions, prefix_cache, sigmas, plans, keep=1)
+        if order != list(range(len(rows))):  # pragma: no cover - one row per sample is already in order
+            prefix_cache.batch_select_indices(torch.tensor(sorted(range(len(order)), key=order.__getitem__)))
+    out: list[tuple[torch.Tensor, bool]] = []
+    for c0 in range(0, len(prompts), per_chunk):
+        chunk = range(c0, min(len(prompts), c0 + per_chunk))
+        seqs = [seqs_all[i][P:] for i in chunk]
+        lengths = [len(answers[i]) for i in chunk]
+        keep = max(lengths)
+        rows = [Row(j, adapter, n, noise) for n in samples for j in range(len(seqs))]  # sample-major
+        order, plans = layout(rows)
+        ordered = [rows[i] for i in order]
+        ids, mask, positions = gen.pad_left([seqs[row.stream] for row in ordered])
+        cache = None
+        if prefix_cache is not None:
+            if order != list(range(len(rows))):  # pragma: no cover - sample-major rows keep their order
+                raise RuntimeError("rows out of sample-major order: the prefix cache would not match")
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(seqs))  # row n * B + j: sample n's prefix
+            mask = torch.cat([mask.new_ones((len(rows), P)), mask], dim=1)
+            positions = positions + P
+        logits = gen.forward(ordered, ids, mask, positions, cache, sigmas, plans, keep=keep)  # (R, keep, V)
+        logp = torch.empty_like(logits, dtype=torch.float32)
+        logp[torch.tensor(order, device=logits.device)] = torch.log_softmax(logits.float(), dim=-1)
+        logp = logp.view(len(samples), len(seqs), keep, -1)  # (S, B, keep, V) back in sample-major order
+        for j, i in enumerate(chunk):
+            lp = logp[:, j, keep - lengths[j]:]  # (S, L, V): the positions before each answer token
+            # log of the mean of the samples' probabilities; one row: that row exactly
+            lbar = lp[0] if len(samples) == 1 else torch.logsumexp(lp, dim=0) - math.log(len(samples))
+            target = torch.tensor(list(answers[i]), device=lbar.device)
+            out.append((lbar.gather(1, target[:, None]).squeeze(1).double().cpu(),
+                        bool((lbar.argmax(-1) == target).all())))
+    return out
+
+
+def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig, max_tokens: int = 16,
+                         adapter: int = 0, max_rows: int = 64) -> tuple[Objective, dict[str, Any]]:
+    """(objective over sigmas, reference figures of the sigma = 0 model) on generative anchors.
+
+    The reference: ``nll_pseudo`` (the mean over anchors of the sigma = 0 answers' NLL),
+    ``mean_answer_tokens``, ``n_anchor`` and, with reference answers, the sigma = 0 greedy answers'
+    exact-match ``accuracy``. Also ``answers``: the sigma = 0 answers' token ids (the pseudo-answers).
+    """
+    from tfb_core.data.generation import exact_match
+
+    if not anchors:
+        raise ValueError("the anchor set is empty")
+    labelled = all(a.answers for a in anchors)
+    if cfg.criterion == "accuracy" and not labelled:
+        raise ValueError("criterion 'accuracy' needs a reference 'answer' on every anchor line")
+    prompts = [a.tokens for a in anchors]
+    completions = greedy_answers(gen, prompts, max_tokens, adapter)
+    pseudo = [c.token_ids for c in completions]
+    ref = answer_logprobs(gen, prompts, pseudo, None, 1, adapter, max_rows)
+    nll0 = _mean_nll(ref)
+    acc0 = (sum(exact_match(c.text, list(a.answers)) for c, a in zip(completions, anchors, strict=True))
+            / len(anchors)) if labelled else float("nan")
+    reference: dict[str, Any] = {"nll_pseudo": nll0, "n_anchor": float(len(anchors)), "accuracy": acc0,
+                                 "mean_answer_tokens": sum(map(len, pseudo)) / len(pseudo)}
+    draw = gen.posteriors[adapter].draw(cfg.seed, cfg.n_samples)
+
+    def value(sigma: float) -> float:
+        noise = scaled(draw, sigma) if sigma > 0.0 else None
+        if cfg.criterion == "accuracy":
+            if noise is None:
+                return 0.0
+            answers = greedy_answers(gen, prompts, max_tokens, adapter, noise, cfg.n_samples)
+            acc = sum(exact_match(c.text, list(a.answers)) for c, a in zip(answers, anchors, strict=True)) / len(anchors)
+            return acc0 - acc
+        scored = answer_logprobs(gen, prompts, pseudo, noise, cfg.n_samples if noise is not None else 1, adapter,
+                                 max_rows)
+        if cfg.criterion == "flip":
+            return sum(not same for _, same in scored) / len(scored)
+        return abs(_mean_nll(scored) - nll0) / max(nll0, 1e-12)
+
+    def objective(sigmas: Sequence[float]) -> list[float]:
+        return [value(float(s)) for s in sigmas]
+
+    reference["answers"] = pseudo
+    return objective, reference
+
+
+def _mean_nll(scored: Sequence[tuple[torch.Tensor, bool]]) -> float:
+    return math.fsum(-float(lp.sum()) for lp, _ in scored) / len(scored)
+
+
+def search_generation_sigma(gen: Any, records: Sequence[dict[str, Any]], cfg: SearchConfig, chat: bool = False,
+                            max_tokens: int = 16, adapter: int = 0, max_rows: int = 64) -> SearchResult:
+    """Run the search of ``cfg`` (:func:`tfb_core.search.search`, unchanged) on a generator's anchor
+    records; ``result.reference`` holds the sigma = 0 figures (without the pseudo-answers' ids)."""
+    anchors = make_anchors(gen.tokenizer, records, chat)
+    objective, reference = generation_objective(gen, anchors, cfg, max_tokens, adapter, max_rows)
+    result = search(objective, cfg)
+    reference.pop("answers")
+    result.reference = reference
+    log.info("generative sigma search (%s, %s <= %g): sigma=%.6g in %.1fs, %d evaluations", cfg.method,
+             cfg.criterion, cfg.tolerance, result.sigma, result.seconds, result.n_evaluations)
+    return result
