@@ -72,7 +72,7 @@ from app.errors import LimitError, ServingError, openai_error_response, status_o
 from app.middleware import server_timing
 from app.predictor import Predictor
 from app.routes import PredictorDep
-from app.schemas import PredictOptions, PredictRequest
+from app.schemas import PredictOptions, PredictRequest, check_messages
 from tfb_core.data.tasks import TaskError
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, render_chat
@@ -131,8 +131,6 @@ class ClassifyRequest(PredictOptions):
     @field_validator("messages", mode="after")
     @classmethod
     def _messages(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        from app.generate import check_messages  # app.generate imports this module
-
         if value is not None:
             if not value:
                 raise ValueError("an empty list: give at least one message")

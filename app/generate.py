@@ -40,6 +40,7 @@ from app.classify import _ERRORS, OpenAIErrorRoute, resolve_model
 from app.errors import LimitError, RequestTimeoutError, openai_error_body, status_of
 from app.predictor import Predictor
 from app.routes import PredictorDep
+from app.schemas import check_messages
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, GenerationService, GenerationSettings, GenerationUpdate
 
@@ -54,22 +55,6 @@ class GenerationInputHTTPError(LimitError):
 
 
 # --- requests ------------------------------------------------------------------------------------
-def check_messages(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages as a chat template reads them: each with a role, text content (OpenAI's text
-    parts joined); a ValueError names the message (also /classify's ``messages``)."""
-    for i, m in enumerate(value):
-        if not isinstance(m.get("role"), str):
-            raise ValueError(f"message {i} has no role")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: text only
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise ValueError(f"message {i}: only text content parts are supported")
-            m["content"] = "".join(str(p.get("text", "")) for p in content)
-        elif content is not None and not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string or a list of text parts")
-    return value
-
-
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 

@@ -117,3 +117,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorBody, "description": "queue full (Retry-After)"},
     503: {"model": ErrorBody, "description": "not ready, shutting down, or timed out (Retry-After)"},
 }
+
+
+def check_messages(value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages as a chat template reads them: each with a role, text content (OpenAI's text
+    parts joined); a ValueError names the message (also /classify's ``messages``)."""
+    for i, m in enumerate(value):
+        if not isinstance(m.get("role"), str):
+            raise ValueError(f"message {i} has no role")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: text only
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise ValueError(f"message {i}: only text content parts are supported")
+            m["content"] = "".join(str(p.get("text", "")) for p in content)
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of text parts")
+    return value

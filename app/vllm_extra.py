@@ -35,9 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.classify import _ERRORS, ClassifyRequest, OpenAIErrorRoute, _classify, resolve_model
 from app.errors import LimitError, openai_error_response
-from app.generate import ChatCompletionRequest, CompletionRequest, _run, check_messages
+from app.generate import ChatCompletionRequest, CompletionRequest, _run
 from app.predictor import Predictor
 from app.routes import PredictorDep
+from app.schemas import check_messages
 from tfb_core.serving.generation import GenerationInputError, render_chat
 
 log = logging.getLogger(__name__)
