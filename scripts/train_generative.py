@@ -55,8 +55,9 @@ def out_cache(out):
 
 
 # --- tokens -----------------------------------------------------------------------------------
-def encode_prompts(tokenizer, records: list[dict[str, Any]]) -> list[list[int]]:
-    return [tokenizer(gen.chat_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"] for r in records]
+def encode_prompts(tokenizer, records: list[dict[str, Any]], shots=()) -> list[list[int]]:
+    return [tokenizer(gen.chat_prompt(tokenizer, r["prompt"], shots), add_special_tokens=False)["input_ids"]
+            for r in records]
 
 
 def encode_answers(tokenizer, records: list[dict[str, Any]]) -> list[list[int]]:
@@ -145,8 +146,8 @@ def greedy(model, kv, suffixes: list[list[int]], max_new: int, eos_id: int, devi
     return out_tokens
 
 
-def predict(model, tokenizer, records, max_new: int, device: str, batch_size: int = 32) -> list[str]:
-    prompts = encode_prompts(tokenizer, records)
+def predict(model, tokenizer, records, max_new: int, device: str, batch_size: int = 32, shots=()) -> list[str]:
+    prompts = encode_prompts(tokenizer, records, shots)
     prefix = common_prefix(prompts)
     kv = prefix_kv(model, prefix, device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -182,20 +183,27 @@ def contains_answer(prediction: str, answers: list[str]) -> bool:
     return any(f" {a} " in text for a in map(gen.normalize_answer, answers) if a)
 
 
+SURVEY_SHOTS = 3
+
+
 def survey(model, tokenizer, n: int, max_new: int, device: str) -> dict[str, Any]:
     """The base model's accuracy on each generation task (the first ``n`` of each set), to choose the
-    demo task: exact match, and the lenient "contains an alias" for its verbose answers."""
-    sets = {"arithmetic_test": gen.load_generation("arithmetic", "test", limit=n),
-            "arithmetic_shifted": gen.load_generation("arithmetic", "shifted", limit=n),
-            "nq_open_test": gen.load_generation("nq_open", "test", limit=n),
-            "trivia_qa_test": gen.load_generation("trivia_qa", "test", limit=n)}
-    out: dict[str, Any] = {"decoding": f"greedy, at most {max_new} new tokens"}
-    for name, recs in sets.items():
+    demo task. Zero-shot: exact match, and the lenient "contains an alias" for its verbose answers;
+    few-shot: exact match with the first :data:`SURVEY_SHOTS` questions of the task's train split as
+    earlier chat turns, which shows what the model knows in the short-answer format."""
+    sets = {"arithmetic_test": ("arithmetic", "test"), "arithmetic_shifted": ("arithmetic", "shifted"),
+            "nq_open_test": ("nq_open", "test"), "trivia_qa_test": ("trivia_qa", "test")}
+    out: dict[str, Any] = {"decoding": f"greedy, at most {max_new} new tokens", "shots": SURVEY_SHOTS}
+    for name, (task, split) in sets.items():
+        recs = gen.load_generation(task, split, limit=n)
+        shots = [(r["prompt"], r["answers"][0]) for r in gen.load_generation(task, "train", limit=SURVEY_SHOTS)]
         texts = predict(model, tokenizer, recs, max_new, device)
-        pairs = list(zip(texts, recs, strict=True))
-        out[name] = {"n": len(recs), "exact_match": sum(gen.exact_match(t, r["answers"]) for t, r in pairs),
-                     "contains": sum(contains_answer(t, r["answers"]) for t, r in pairs),
-                     "example": {"prompt": recs[0]["prompt"], "output": texts[0]}}
+        few = predict(model, tokenizer, recs, max_new, device, shots=shots)
+        gold = [r["answers"] for r in recs]
+        out[name] = {"n": len(recs), "exact_match": sum(map(gen.exact_match, texts, gold)),
+                     "contains": sum(map(contains_answer, texts, gold)),
+                     "few_shot_exact_match": sum(map(gen.exact_match, few, gold)),
+                     "example": {"prompt": recs[0]["prompt"], "output": texts[0], "few_shot_output": few[0]}}
         log.info("base survey %s: %s", name, out[name])
     return out
 
@@ -244,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--survey", type=int, default=0, metavar="N",
                     help="first measure the base model on N questions of each generation task (the task choice)")
     ap.add_argument("--survey-tokens", type=int, default=16)
+    ap.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
+                    help="with --survey-only: record the test accuracy of the adapter trained into DIR (another task)")
+    ap.add_argument("--survey-only", action="store_true",
+                    help="run --survey N on the base and write it into --out's train_config.json and README.md (no training)")
     ap.add_argument("--provenance", default="", help="how this configuration was chosen (README and train_config)")
     ap.add_argument("--check", action="store_true", help="compare the shared-prefix computation with the plain one and exit")
     args = ap.parse_args(argv)
@@ -263,6 +275,18 @@ def main(argv: list[str] | None = None) -> int:
         eval_sets["trivia_qa_test"] = gen.load_generation("trivia_qa", "test", limit=min(args.eval_limit or 100, 100))
     tokenizer, base = load_base_model(ModelConfig(model=args.model, device=args.device))
     base.requires_grad_(False)
+    if args.survey_only:
+        cfg_file = args.out / "train_config.json"
+        train_config = json.loads(cfg_file.read_text())
+        train_config["base_survey"] = survey(base, tokenizer, args.survey or 100, args.survey_tokens, args.device)
+        trials = [json.loads((d / "train_config.json").read_text()) for d in args.compare]
+        train_config["base_survey"]["trained_adapters"] = [
+            {"task": c["task"], "train_used": c["data"]["train_used"], "epochs": c["optimizer"]["epochs"],
+             "adapter": {k: {m: v[m] for m in ("n", "correct", "exact_match")} for k, v in c["eval"]["adapter"].items()}}
+            for c in [train_config, *trials]]
+        cfg_file.write_text(json.dumps(train_config, indent=2) + "\n")
+        (args.out / "README.md").write_text(_readme(train_config, args.out.name))
+        return 0
     lora_cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGET_MODULES,
                           bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, lora_cfg)
@@ -387,12 +411,12 @@ Base model `{c['base_model']}` (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to 
 LoRA r={c['lora']['r']}, alpha={c['lora']['alpha']}, dropout 0, on `{"`, `".join(c['lora']['target_modules'])}`.
 Trained with `scripts/train_generative.py` (seed {c['seed']}, {o['epochs']} epochs = {o['steps']} steps, AdamW lr
 {o['lr']}, batch {o['batch_size']}, no weight decay, {o['schedule']}) in {c['train_seconds']:.0f} s on
-{c['threads']} CPU threads ({c['device']}, torch {c['torch']}): {c['loss']}.
+{c['threads']} CPU thread(s) ({c['device']}, torch {c['torch']}): {c['loss']}.
 
 Prompt: {c['prompt_format']}. A served request sends the question (e.g. `Calculate 5 + 91 =`) as
 the user message; the adapter answers with the number alone (`96`) and ends its turn.
 
-Data: `{d['source']}` ({gen.DATA_REQUIREMENT}, offline), read by `tfb_core.data.generation`. Splits
+Data: `{d['source']}` (offline), read by `tfb_core.data.generation`. Splits
 (seed {d['split_seed']}): {d['split_rule']}. Sizes: {d['split_sizes']}. Trained on the train part only
 ({d['train_used']} questions); `anchor.jsonl` holds the anchor part as `{{"prompt", "answer"}}` lines (for the sigma
 search), `calibration.jsonl` the calibration part (`{{"prompt", "answer", "answers"}}`); test and shifted are
@@ -416,20 +440,37 @@ Full configuration, per-epoch loss and example outputs: `train_config.json`.
 def _survey_text(sv: dict[str, Any]) -> str:
     if not sv:
         return ""
-    rows = "\n".join(f"| {k} | {v['n']} | {v['exact_match']} | {v['contains']} |" for k, v in sv.items() if isinstance(v, dict))
+    rows = "\n".join(f"| {k} | {v['n']} | {v['exact_match']} | {v['contains']} | {v.get('few_shot_exact_match', '')} |"
+                     for k, v in sv.items() if isinstance(v, dict) and "n" in v)
+    trials = sv.get("trained_adapters") or []
+    trial_rows = "\n".join(f"| {t['task']} | {t['train_used']} | {t['epochs']} | {_acc(t['adapter'], 'test')} |"
+                           for t in trials)
+    trial_text = f"""
+The trained adapters do, at the same budget (`train_generative.py --task T --limit 547`, the other
+settings as here; `--survey-only --compare DIR` records them here):
+
+| task | training questions | epochs | adapter exact match on test |
+|---|---|---|---|
+{trial_rows}
+""" if trials else ""
     return f"""
 ## Why arithmetic
 
-Before training, the base model through its chat template ({sv['decoding']}), counts of correct answers:
+Before training, the base model through its chat template ({sv['decoding']}), counts of correct answers
+(few-shot: the first {sv.get('shots', 0)} questions of the task's train split as earlier chat turns):
 
-| set | n | exact match | contains an alias |
-|---|---|---|---|
+| set | n | exact match | contains an alias | exact match, few-shot |
+|---|---|---|---|---|
 {rows}
 
-Exact match is 0 everywhere: the instruct model explains instead of answering. "Contains" shows what
-it knows: a little arithmetic, almost no open-domain trivia. A short-answer adapter on open QA would sit
-near 0 accuracy, leaving an uncertainty score nothing to separate; on arithmetic with operands of at most
-{gen.ARITH_MAX_DIGITS} digits it lands in between (table above), and longer operands are a natural shift.
+Zero-shot exact match is 0 everywhere: the instruct model explains instead of answering. Solved examples
+as earlier turns hardly help. "Contains" is a loose bound (it also counts an alias copied from the
+question, which is why trivia scores highest), so the base model alone does not pick the task.
+{trial_text}
+Arithmetic is a skill that a few hundred questions teach and new questions reuse; a trivia answer is a
+fact that the training questions do not hold. On arithmetic with operands of at most {gen.ARITH_MAX_DIGITS} digits the
+adapter lands near 0.5, where an uncertainty score has right and wrong answers to separate, and longer
+operands are a natural shift.
 """
 
 
