@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         trials = [json.loads((d / "train_config.json").read_text()) for d in args.compare]
         train_config["base_survey"]["trained_adapters"] = [
             {"task": c["task"], "train_used": c["data"]["train_used"], "epochs": c["optimizer"]["epochs"],
+             "decoding": c["eval"]["decoding"].split(",")[1].strip(),
              "adapter": {k: {m: v[m] for m in ("n", "correct", "exact_match")} for k, v in c["eval"]["adapter"].items()}}
             for c in [train_config, *trials]]
         cfg_file.write_text(json.dumps(train_config, indent=2) + "\n")
@@ -443,14 +444,14 @@ def _survey_text(sv: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v['n']} | {v['exact_match']} | {v['contains']} | {v.get('few_shot_exact_match', '')} |"
                      for k, v in sv.items() if isinstance(v, dict) and "n" in v)
     trials = sv.get("trained_adapters") or []
-    trial_rows = "\n".join(f"| {t['task']} | {t['train_used']} | {t['epochs']} | {_acc(t['adapter'], 'test')} |"
-                           for t in trials)
+    trial_rows = "\n".join(f"| {t['task']} | {t['train_used']} | {t['epochs']} | {t.get('decoding', '')} | "
+                           f"{_acc(t['adapter'], 'test')} |" for t in trials)
     trial_text = f"""
-The trained adapters do, at the same budget (`train_generative.py --task T --limit 547`, the other
-settings as here; `--survey-only --compare DIR` records them here):
+The trained adapters do, at the same training budget (`train_generative.py --task T --limit 547`,
+the optimiser settings as here; `--survey-only --compare DIR` records them here):
 
-| task | training questions | epochs | adapter exact match on test |
-|---|---|---|---|
+| task | training questions | epochs | decoding | adapter exact match on test |
+|---|---|---|---|---|
 {trial_rows}
 """ if trials else ""
     return f"""
@@ -464,8 +465,8 @@ Before training, the base model through its chat template ({sv['decoding']}), co
 {rows}
 
 Zero-shot exact match is 0 everywhere: the instruct model explains instead of answering. Solved examples
-as earlier turns hardly help. "Contains" is a loose bound (it also counts an alias copied from the
-question, which is why trivia scores highest), so the base model alone does not pick the task.
+as earlier turns hardly help. "Contains" is a loose bound (it also counts an alias that the model
+repeats from the question), so the base model alone does not pick the task.
 {trial_text}
 Arithmetic is a skill that a few hundred questions teach and new questions reuse; a trivia answer is a
 fact that the training questions do not hold. On arithmetic with operands of at most {gen.ARITH_MAX_DIGITS} digits the
