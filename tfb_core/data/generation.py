@@ -30,6 +30,7 @@ import random
 import re
 import string
 import unicodedata
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,12 @@ def load_generation(task: str, split: str, limit: int | None = None, cache_dir: 
     return records
 
 
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
+def chat_prompt(tokenizer: Any, prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:
     """The text a chat model reads for ``prompt``: one user message through the tokenizer's chat
-    template, with the assistant's turn opened (SmolLM2's template adds its default system line)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    template, with the assistant's turn opened (SmolLM2's template adds its default system line).
+    ``shots`` (question, answer) pairs go before it as earlier turns (a few-shot prompt)."""
+    turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return tokenizer.apply_chat_template([*turns, {"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
 
 
@@ -173,10 +176,7 @@ def _number(token: str) -> str | None:
         value = Decimal(core.replace(",", ""))
     except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
         return None
-    if value == 0:
-        return "0"
-    text = format(value.normalize(), "f")
-    return text
+    return "0" if value == 0 else format(value.normalize(), "f")  # "1E+3" -> "1000"
 
 
 def normalize_answer(text: str) -> str:
