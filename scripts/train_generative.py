@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
 from tfb_core.data import generation as gen  # noqa: E402
-from tfb_core.data.loading import load_base_model  # noqa: E402
+from tfb_core.data.loading import load_base_model, save_adapter  # noqa: E402
 
 log = logging.getLogger("train_generative")
 TARGET_MODULES = ["q_proj", "v_proj"]
@@ -349,12 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter_eval[name] = evaluate(model, tokenizer, recs, args.max_new_tokens, args.device)
             log.info("adapter %s: %s", name, adapter_eval[name])
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    cfg_path = args.out / "adapter_config.json"
-    adapter_cfg = json.loads(cfg_path.read_text())
-    adapter_cfg["base_model_name_or_path"] = args.model  # not the local cache path
-    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
+    save_adapter(model, args.out, args.model)
     with open(args.out / "anchor.jsonl", "w") as f:
         for r in anchor:
             f.write(json.dumps({"prompt": r["prompt"], "answer": r["answers"][0]}) + "\n")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
 from tfb_core.data.datasets import SST2_SEED, SST2_SPLITS, load_records  # noqa: E402
-from tfb_core.data.loading import load_base_model  # noqa: E402
+from tfb_core.data.loading import load_base_model, save_adapter  # noqa: E402
 from tfb_core.data.tasks import class_token_ids, get_task  # noqa: E402
 
 log = logging.getLogger("train_lora")
@@ -139,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("anchor %s", anchor_metrics)
     log.info("held-out test %s", test_metrics)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out)
-    cfg_path = args.out / "adapter_config.json"
-    adapter_cfg = json.loads(cfg_path.read_text())
-    adapter_cfg["base_model_name_or_path"] = args.model  # not the local cache path
-    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
+    save_adapter(model, args.out, args.model)
     with open(args.out / "anchor.jsonl", "w") as f:
         for r in anchor:
             f.write(json.dumps({"sentence": r["sentence"], "label": r["label"]}) + "\n")

@@ -130,3 +130,11 @@ def llama3_tokenizer(llama3_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    """The tiny model's tokenizer, a fresh copy per test module (tests set its chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny["model"])

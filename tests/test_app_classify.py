@@ -91,13 +91,6 @@ def client(settings):
         yield c
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny["model"])
-
-
 def classify(client, path="/classify", status=200, **body):
     r = client.post(path, json=body)
     assert r.status_code == status, r.text

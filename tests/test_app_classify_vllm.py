@@ -14,10 +14,8 @@ import math
 
 import pytest
 from test_app_classify import check_vllm_error, check_vllm_response, classify
-from test_app_support import PROMPTS, assert_close, make_settings, ready_client
+from test_app_support import PROMPTS, assert_close, chat_templated, make_settings, ready_client
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 MESSAGES = [{"role": "user", "content": "a great film with a wonderful cast"}]
 
 
@@ -25,13 +23,6 @@ MESSAGES = [{"role": "user", "content": "a great film with a wonderful cast"}]
 def client(tiny):
     with ready_client(make_settings(tiny)) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny["model"])
 
 
 def _ids(tokenizer, text: str, special: bool = True) -> list[int]:
@@ -111,12 +102,8 @@ def test_truncation_makes_a_long_prompt_fit(client, tokenizer):
 # --- chat messages -----------------------------------------------------------------------------------------
 @pytest.fixture()
 def templated(client):
-    tok = client.app.state.tfb.predictor.engine.classifier.tokenizer
-    tok.chat_template = TEMPLATE
-    try:
+    with chat_templated(client) as tok:
         yield tok
-    finally:
-        tok.chat_template = None
 
 
 def test_messages_without_a_template_say_so(client):

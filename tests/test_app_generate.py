@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import require
 from prometheus_client import CollectorRegistry
-from test_app_support import assert_close, make_settings, metric, metric_samples, ready_client
+from test_app_support import CHAT_TEMPLATE, assert_close, make_settings, metric, metric_samples, ready_client
 
 from app.batching import BatchLimits, GenWork, ModelWorker
 from app.errors import NotReadyError
@@ -30,8 +30,6 @@ from tfb_core.serving.generation import GenerationSettings
 from tfb_core.serving.startup import load_engine
 
 PROMPTS = ["a great film with a wonderful cast", "I would not watch it again"]
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def _adapters(tiny):
@@ -124,7 +122,7 @@ def test_the_openai_client_reads_completions_and_chat_completions(client, peft):
     with pytest.raises(openai.BadRequestError, match="chat template"):
         oa.chat.completions.create(model="zero", messages=[{"role": "user", "content": "hi"}])
     tokenizer = client.app.state.tfb.predictor.engine.classifier.tokenizer
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     try:
         messages = [{"role": "user", "content": "a great film"}]
         chat = oa.chat.completions.create(model="zero", messages=messages, max_completion_tokens=5, temperature=0,
@@ -191,7 +189,7 @@ def test_streamed_chunks_reassemble_to_the_answer_with_the_same_token_uncertaint
 
 def test_chat_stream_has_a_role_delta_then_one_chunk_per_token(client):
     tokenizer = client.app.state.tfb.predictor.engine.classifier.tokenizer
-    tokenizer.chat_template = TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     try:
         body = {"model": "bayes", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
                 "n_samples": 3}

@@ -109,3 +109,19 @@ def assert_close(a: Any, b: Any, tol: float = 1e-5, path: str = "") -> None:
             assert_close(x, y, tol, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+#: a minimal chat template for the tiny tokenizer (which has none): role: content lines
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@contextmanager
+def chat_templated(client):
+    """The served tokenizer with :data:`CHAT_TEMPLATE` for the duration (the tiny one has none)."""
+    tok = client.app.state.tfb.predictor.engine.classifier.tokenizer
+    tok.chat_template = CHAT_TEMPLATE
+    try:
+        yield tok
+    finally:
+        tok.chat_template = None

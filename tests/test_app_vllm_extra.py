@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import pytest
 from test_app_classify import ADAPTER, check_vllm_error, check_vllm_response
-from test_app_support import PROMPTS, assert_close, make_settings, ready_client
+from test_app_support import PROMPTS, assert_close, chat_templated, make_settings, ready_client
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 MESSAGES = [{"role": "user", "content": "a great film"}]
 
 
@@ -24,21 +22,10 @@ def client(tiny):
         yield c
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny["model"])
-
-
 @pytest.fixture()
 def templated(client):
-    tok = client.app.state.tfb.predictor.engine.classifier.tokenizer
-    tok.chat_template = TEMPLATE
-    try:
+    with chat_templated(client) as tok:
         yield tok
-    finally:
-        tok.chat_template = None
 
 
 def post(client, path, status=200, **body):

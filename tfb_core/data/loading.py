@@ -6,6 +6,7 @@ loaded adapters into classifiers is start-up's (:func:`tfb_core.serving.startup.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -175,3 +176,25 @@ def base_mismatch(cfgs: Sequence[ModelConfig]) -> tuple[int, str] | None:
             if getattr(cfg, f) != getattr(cfgs[0], f):
                 return i, f
     return None
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to left-pad prompts with: the tokenizer's pad token, else its bos, else its eos (the
+    padded positions are masked out, so any id the model knows will do)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
+    return int(pad)
+
+
+def save_adapter(model: torch.nn.Module, out: Path, base_model: str) -> None:
+    """``model``'s LoRA adapter saved with peft into ``out``, its config naming ``base_model`` (the
+    name a user loads it with, not the local cache path it was trained from)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    adapter_cfg = json.loads(cfg_path.read_text())
+    adapter_cfg["base_model_name_or_path"] = base_model
+    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")

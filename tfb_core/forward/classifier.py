@@ -23,6 +23,7 @@ from torch import nn
 
 from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior
 from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many, output_rows
+from tfb_core.data.loading import pad_token_id
 from tfb_core.data.tasks import class_token_ids
 from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
 from tfb_core.forward.planning import (
@@ -75,12 +76,7 @@ class BayesianClassifier:
         self.max_length = max_length
         self.truncate = False  # set by the engine from its task
         self.set_labels(labels)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
-        self.pad_id = int(pad)
+        self.pad_id = pad_token_id(tokenizer)
         #: run a prefix shared by all rows once per posterior sample (see :meth:`_last_hidden`)
         self.share_prefix = True
         #: fixed cost of a forward in prompt tokens, and most tokens per forward, for :meth:`plan`

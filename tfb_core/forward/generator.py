@@ -21,6 +21,7 @@ from torch import nn
 
 from tfb_core.bayes.posterior import TFBPosterior
 from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many
+from tfb_core.data.loading import pad_token_id
 from tfb_core.decide.generation import SequenceScores, mix_rows, sequence_scores
 from tfb_core.forward.completion import GenerationRequest, GenerationResult, TokenUncertainty
 from tfb_core.forward.decode_rows import Row, SegmentPlan, arm, build_segments, disarm, layout, plan_rows
@@ -39,12 +40,7 @@ class BayesianGenerator:
         if routing is None:
             routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.routing = routing
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.bos_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has no pad, bos or eos token to pad with")
-        self.pad_id = int(pad)
+        self.pad_id = pad_token_id(tokenizer)
         #: tokens that end an answer unless a request names its own: the model's generation
         #: config's end-of-sequence tokens (a chat model may have several) and the tokenizer's
         if eos_token_ids is None:
