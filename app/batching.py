@@ -422,7 +422,10 @@ class ModelWorker:
         self.metrics.generation_rows.set(gen.rows)
 
     def _background_step(self) -> None:
-        step, on_done = self._background[0]
+        with self._cond:  # none, or draining: e.g. the drain took the generation that made the loop turn
+            if not self._background or not self._accepting:
+                return
+            step, on_done = self._background[0]
         try:
             finished = step()
         except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it

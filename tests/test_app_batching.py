@@ -297,3 +297,18 @@ def test_the_worker_coalesces_and_routes_each_answer_and_error_with_a_fake_engin
     assert isinstance(results[2], ValueError) and "bad one" in str(results[2])  # its own error only
     assert registry.get_sample_value("tfb_batch_requests_sum") == 4
     assert registry.get_sample_value("tfb_batch_rows_sum") == 8
+
+
+def test_background_step_with_none_left_or_while_draining_does_nothing():
+    """The loop may turn for a generation the drain then takes away: a background step with no work
+    left must not fail the worker thread, and while draining no calibration step runs."""
+    worker = ModelWorker(lambda: None, BatchLimits(), Metrics(CollectorRegistry()), lambda e: None,
+                         lambda exc: None, warmup=False)
+    worker._background_step()  # nothing queued: no IndexError
+    steps = []
+    worker.add_background(lambda: steps.append(1) or False, lambda: None)
+    worker._background_step()
+    assert steps == [1]
+    worker.begin_drain(1.0)
+    worker._background_step()
+    assert steps == [1]
