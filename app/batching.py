@@ -217,11 +217,7 @@ class ModelWorker:
         work.future = loop.create_future()
         work.rows = self.rows_of(len(work.prompts), work.n_samples, work.engine)
         with self._cond:
-            if not self._accepting:
-                raise NotReadyError("the server is shutting down")
-            if len(self._queue) >= self.limits.max_queue:
-                raise QueueFullError(f"the request queue is full ({self.limits.max_queue} requests, "
-                                     "TFB_MAX_QUEUE): retry later")
+            self._admit(self._queue, "request")
             work.enqueued = time.monotonic()
             self._queue.append(work)
             self._queued_rows += work.rows
@@ -260,16 +256,20 @@ class ModelWorker:
         with self._cond:
             return bool(self._gen_queue) or self._gen_busy
 
+    def _admit(self, queue: deque, kind: str) -> None:
+        """503 while shutting down, 429 when ``queue`` holds TFB_MAX_QUEUE works (under the lock)."""
+        if not self._accepting:
+            raise NotReadyError("the server is shutting down")
+        if len(queue) >= self.limits.max_queue:
+            raise QueueFullError(f"the {kind} queue is full ({self.limits.max_queue} requests, "
+                                 "TFB_MAX_QUEUE): retry later")
+
     def submit_generation(self, work: GenWork) -> None:
         """Queue a generation; it joins the running decode at the next step, and its updates arrive
         on ``work.updates``. 429 past TFB_MAX_QUEUE waiting, 503 while shutting down."""
         work.updates = asyncio.Queue()
         with self._cond:
-            if not self._accepting:
-                raise NotReadyError("the server is shutting down")
-            if len(self._gen_queue) >= self.limits.max_queue:
-                raise QueueFullError(f"the generation queue is full ({self.limits.max_queue} requests, "
-                                     "TFB_MAX_QUEUE): retry later")
+            self._admit(self._gen_queue, "generation")
             work.enqueued = time.monotonic()
             self._gen_queue.append(work)
             self._cond.notify()

@@ -284,6 +284,14 @@ def _running(client) -> bool:
     return client.app.state.tfb.worker.generating
 
 
+def _wait_idle(client, timeout_s: float = 30) -> None:
+    """Until the worker runs no generation (fails after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while _running(client) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not _running(client)
+
+
 def test_generations_join_while_their_rows_fit_and_the_rest_wait(client, monkeypatch):
     """TFB_MAX_BATCH_ROWS = 32 here: three requests of N = 16 rows each; two decode together, the third
     waits for room, and each answer equals the request sent alone."""
@@ -338,10 +346,7 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
         assert next(lines).startswith("data: ")
         assert _running(client)
         decoding = client.app.state.tfb.worker._generation.decoding  # the running decode, kept to read after
-    deadline = time.monotonic() + 30
-    while _running(client) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not _running(client)
+    _wait_idle(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="disconnect") == before + 1
     assert metric(samples, "tfb_generation_rows") == 0
@@ -363,10 +368,7 @@ def test_a_full_queue_is_429_and_a_timeout_503_in_openais_body_and_the_rows_are_
     monkeypatch.setattr(predictor, "settings", predictor.settings.model_copy(update={"request_timeout_s": 0.2}))
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 503 and "TFB_REQUEST_TIMEOUT_S" in r.json()["error"]["message"], r.text
-    deadline = time.monotonic() + 30
-    while _running(client) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not _running(client)
+    _wait_idle(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="timeout") == before + 1
 
