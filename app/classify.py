@@ -284,7 +284,7 @@ def openai_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     if status == 422:  # param: the field in the client's terms (/classify's ``input`` is /predict's ``inputs``)
         param = getattr(exc, "param", None)
-        return openai_error_response(400, message, headers, param="input" if param == "inputs" else param)
+        return openai_error_response(400, message, headers, param={"inputs": "input", "adapter": "model"}.get(param, param))
     return openai_error_response(status, message, headers)
 
 

@@ -141,6 +141,9 @@ class Predictor:
         ``special_tokens=False``: texts are tokenized without the tokenizer's special tokens."""
         s = self.settings
         engine = self.resolve(req.adapter)
+        if engine.task.generative:
+            raise TaskError(f"adapter {engine.name!r} is a generative adapter (it has no labels to classify into): "
+                            "send its prompts to /v1/completions or /v1/chat/completions", param="adapter")
         if len(req.inputs) > s.max_inputs:
             raise LimitError(f"too many inputs: {len(req.inputs)}, the limit is {s.max_inputs} per request "
                              "(TFB_MAX_INPUTS)", param="inputs")

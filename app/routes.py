@@ -111,9 +111,10 @@ async def info(predictor: PredictorDep) -> dict[str, Any]:
 
 
 def served_routes(engine: TFBEngine) -> list[str]:
-    """The routes that answer for ``engine``'s adapter: classification, and generation (chat only
-    with a chat template in the tokenizer)."""
-    routes = ["/predict", "/classify", "/v1/classify", "/v1/completions", "/invocations", "/tokenize", "/detokenize"]
+    """The routes that answer for ``engine``'s adapter: classification (not a generative adapter's),
+    and generation (chat only with a chat template in the tokenizer)."""
+    classify = [] if engine.task.generative else ["/predict", "/classify", "/v1/classify"]
+    routes = [*classify, "/v1/completions", "/invocations", "/tokenize", "/detokenize"]
     if getattr(engine.classifier.tokenizer, "chat_template", None):
         routes.append("/v1/chat/completions")
     return routes

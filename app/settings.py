@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
-from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, GENERATION_SEARCH, EngineConfig
 from tfb_core.serving.pool import check_names
 
 if sys.version_info >= (3, 11):
@@ -140,7 +140,9 @@ class Settings(BaseSettings):
     sigma: float | None = Field(None, ge=0.0, description="fixed sigma; unset: cache or search on the anchor")
     anchor: str | None = Field(None, description="JSON Lines anchor file for the sigma search")
     search_criterion: Literal["nll", "flip", "accuracy"] = _SEARCH.criterion
-    search_tolerance: float = _SEARCH.tolerance
+    search_tolerance: float | None = Field(
+        None, gt=0.0, description=f"the search's bound on its criterion (unset: {_SEARCH.tolerance:g} for a classifier, the "
+                                  f"reference's; {GENERATION_SEARCH.tolerance:g} for a generative adapter)")
     search_low: float = _SEARCH.low
     search_high: float = _SEARCH.high
     search_iters: int = _SEARCH.iters
@@ -149,6 +151,12 @@ class Settings(BaseSettings):
     search_seed: int | None = Field(None, description="seed of the search's fixed noise (default: seed, as --seed)")
     search_method: Literal["bisect", "grid"] = _SEARCH.method
     d_floor: float = _ENGINE.d_floor
+    anchor_max_tokens: int = Field(_ENGINE.anchor_max_tokens, ge=1, le=4096,
+                                   description="a generative adapter's sigma search reads the sigma = 0 model's "
+                                               "greedy answers to its anchor prompts, of at most this many tokens")
+    generation_demo: bool = Field(True, description="with the embedded default (no adapter, task, labels, sigma, "
+                                                    "anchor or calibration set), also serve the bundled generative "
+                                                    "demo adapter as 'arith-mle'")
 
     # --- prediction sets and abstention (tfb_core.decide.conformal) ------------------------------------
     calibration: str | None = Field(None, description="labelled JSON Lines for prediction sets and abstention "
@@ -271,7 +279,11 @@ class Settings(BaseSettings):
         naming a bad value or a repeated name)."""
         if self.adapters is None:
             name = self.adapter_name or default_adapter_name(self.published, self.adapter, self.adapter_subfolder)
-            return [(name, self.engine_config())]
+            out = [(name, self.engine_config())]
+            if self._embedded_default():
+                demo = self.model_copy(update={"adapter": str(DEMO_GENERATIVE_ADAPTER)})
+                out.append((DEMO_GENERATIVE_ADAPTER.name, demo.engine_config()))
+            return out
         out = []
         for spec in self.adapters:
             own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
@@ -287,18 +299,30 @@ class Settings(BaseSettings):
                              f"{getattr(models[i], f)!r}, adapter {out[0][0]!r} {getattr(models[0], f)!r}")
         return out
 
+    def _embedded_default(self) -> bool:
+        """The embedded default is served, as it comes (then the generative demo joins it, if on)."""
+        return (self.generation_demo and self.model == DEFAULT_MODEL and self.published is None
+                and self.adapter is None and self.gguf_file is None and self.model_subfolder is None
+                and all(v is None for v in (self.task, self.labels, self.sigma, self.anchor, self.calibration)))
+
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` of the single adapter these settings describe (``ValueError``
         naming a bad value); with ``adapters``, the first's."""
         if self.adapters is not None:
             return self.engine_configs()[0][1]
-        search = SearchConfig(criterion=self.search_criterion, tolerance=self.search_tolerance, low=self.search_low,
+        cfg = EngineConfig(model=self.model_settings(), published=self.published, task=self.task,
+                           labels=self.labels, sigma=self.sigma, anchor=self.anchor, search=None,
+                           anchor_max_tokens=self.anchor_max_tokens)
+        kind = cfg.with_defaults().search  # the default search of the adapter's kind (tolerance, criterion)
+        assert kind is not None
+        search = SearchConfig(criterion=self.search_criterion, low=self.search_low,
+                              tolerance=kind.tolerance if self.search_tolerance is None else self.search_tolerance,
                               high=self.search_high, iters=self.search_iters, rtol=self.search_rtol,
                               n_samples=self.search_samples,
                               seed=self.seed if self.search_seed is None else self.search_seed,
                               method=self.search_method)
         return EngineConfig(model=self.model_settings(), published=self.published, task=self.task,
-                            labels=self.labels, sigma=self.sigma,
+                            labels=self.labels, sigma=self.sigma, anchor_max_tokens=self.anchor_max_tokens,
                             anchor=self.anchor, search=search, d_floor=self.d_floor, n_samples=self.n_samples,
                             seed=self.seed, max_rows=self.max_batch_rows,
                             forward_overhead_tokens=self.forward_overhead_tokens,

@@ -37,6 +37,7 @@ from tfb_core.data.loading import load_adapter, load_base_model  # noqa: E402
 from tfb_core.eval_generation import GenEvalOptions, evaluate_generation, format_generation_table  # noqa: E402
 from tfb_core.forward.generator import BayesianGenerator  # noqa: E402
 from tfb_core.generation_sigma import read_anchor, search_generation_sigma  # noqa: E402
+from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig  # noqa: E402
 
 log = logging.getLogger("generation_eval")
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge the 'sets' of these result files (runs of one adapter and sigma) into --out")
     ap.add_argument("--criterion", default="nll")
-    ap.add_argument("--tolerance", type=float, default=None, help="default: SearchConfig's")
+    ap.add_argument("--tolerance", type=float, default=None, help="default: the server's for a generative adapter")
     ap.add_argument("--low", type=float, default=None, help="the search's bracket (default: SearchConfig's)")
     ap.add_argument("--high", type=float, default=None)
     ap.add_argument("--n-test", type=int, default=150)
@@ -102,8 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
         sigma = float(out["search"]["sigma"])
     elif args.sigma is None:
         given = {k: getattr(args, k) for k in ("tolerance", "low", "high") if getattr(args, k) is not None}
-        search_cfg = SearchConfig(criterion=args.criterion, n_samples=args.n_samples, **given)
-        res = search_generation_sigma(gen, read_anchor(anchor), search_cfg, chat=True, max_tokens=args.max_tokens)
+        # the server's default search for a generative adapter, unless told otherwise
+        search_cfg = SearchConfig(**{**asdict(GENERATION_SEARCH), "criterion": args.criterion,
+                                     "n_samples": args.n_samples, **given})
+        # as the server searches it (tfb_core.serving.startup): its anchor answers of up to anchor_max_tokens
+        res = search_generation_sigma(gen, read_anchor(anchor), search_cfg, chat=True,
+                                      max_tokens=EngineConfig().anchor_max_tokens)
         out["search"] = {"config": asdict(search_cfg), **res.to_dict()}
         sigma = res.sigma
         log.info("sigma %.5g (%s %.4g <= %g) in %.1fs", sigma, res.criterion, res.value, res.tolerance, res.seconds)

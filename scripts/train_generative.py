@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     save_adapter(model, args.out, args.model)
     with open(args.out / "anchor.jsonl", "w") as f:
         for r in anchor:
-            f.write(json.dumps({"prompt": r["prompt"], "answer": r["answers"][0]}) + "\n")
+            # as a client asks it (one user message through the chat template, as the adapter was trained)
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0]}) + "\n")
     with open(args.out / "calibration.jsonl", "w") as f:
         for r in calibration:
             f.write(json.dumps({"prompt": r["prompt"], "answer": r["answers"][0], "answers": r["answers"]}) + "\n")
@@ -414,8 +415,9 @@ the user message; the adapter answers with the number alone (`96`) and ends its 
 
 Data: `{d['source']}` (offline), read by `tfb_core.data.generation`. Splits
 (seed {d['split_seed']}): {d['split_rule']}. Sizes: {d['split_sizes']}. Trained on the train part only
-({d['train_used']} questions); `anchor.jsonl` holds the anchor part as `{{"prompt", "answer"}}` lines (for the sigma
-search), `calibration.jsonl` the calibration part (`{{"prompt", "answer", "answers"}}`); test and shifted are
+({d['train_used']} questions); `anchor.jsonl` holds the anchor part as `{{"messages", "answer"}}` lines
+(the question as one user message, as a client sends it: the server's sigma search reads them),
+`calibration.jsonl` the calibration part (`{{"prompt", "answer", "answers"}}`); test and shifted are
 held out. `shifted` = the questions whose operands have more digits than any trained on.
 
 Exact match (`tfb_core.data.generation.exact_match`: SQuAD normalisation, numbers as numbers), greedy

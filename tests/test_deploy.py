@@ -388,7 +388,9 @@ def test_ray_serve_configs_validate():
 
         settings = Settings(**{k: v for k, v in args.items() if k != "device"})
         assert settings.published == "mle/winogrande_s/1" and settings.anchor is None
-        assert settings.search_tolerance == Settings.model_fields["search_tolerance"].default
+        from tfb_core.config import SearchConfig
+
+        assert settings.engine_config().search.tolerance == SearchConfig().tolerance  # a classifier's default
 
 
 def test_compose_many_adapters_serves_the_six_published_mle_adapters():

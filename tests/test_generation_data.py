@@ -208,7 +208,7 @@ def test_adapter_files_ship_in_the_package():
 
 def test_anchor_and_calibration_come_from_their_splits(wheel):
     anchor, calibration = read_jsonl(ADAPTER / "anchor.jsonl"), read_jsonl(ADAPTER / "calibration.jsonl")
-    assert anchor == [{"prompt": r["prompt"], "answer": r["answers"][0]}
+    assert anchor == [{"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0]}
                       for r in gen.load_generation("arithmetic", "anchor", wheel=wheel)]
     assert calibration == [{"prompt": r["prompt"], "answer": r["answers"][0], "answers": r["answers"]}
                            for r in gen.load_generation("arithmetic", "calibration", wheel=wheel)]

@@ -44,6 +44,12 @@ COMPUTING_MODULES = (
     "tfb_core.decide.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
     "tfb_core.decide.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
     "tfb_core.serving.calibrate",  # the calibration's forward in steps, and what it fits on
+    "tfb_core.generation_sigma",  # a generative adapter's search objective: its greedy anchor answers, teacher-forced
+    "tfb_core.forward.generator",  # the N-sample decode forward, its key/value cache
+    "tfb_core.forward.decoding",  # greedy decoding from p-bar: the anchor answers
+    "tfb_core.forward.decode_rows",  # which rows and noise each stream gets in a decode forward
+    "tfb_core.forward.completion",  # a generation request: end of an answer (stop tokens)
+    "tfb_core.data.generation",  # the chat rendering of anchor prompts, exact match (criterion 'accuracy')
 )
 
 

@@ -87,13 +87,15 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     """An :class:`EngineConfig` from the flags given, on top of ``base`` (e.g. environment settings)."""
     base = base or EngineConfig()
     model = ModelConfig(**{**base.model.__dict__, **_given(args, MODEL_FLAGS)})
-    search = SearchConfig(**{**base.search.__dict__, **_given(args, SEARCH_FLAGS)})
     top = _given(args, {"published": "published", "task": "task", "sigma": "sigma", "anchor": "anchor",
                         "calibration": "calibration",
                         "samples": "n_samples", "seed": "seed"})
     if getattr(args, "labels", None):
         top["labels"] = tuple(args.labels)
-    return EngineConfig(**{**base.__dict__, "model": model, "search": search, **top})
+    cfg = EngineConfig(**{**base.__dict__, "model": model, **top})
+    kind = base.search or cfg.with_defaults().search  # unset: the default search of the adapter's kind
+    assert kind is not None
+    return EngineConfig(**{**cfg.__dict__, "search": SearchConfig(**{**kind.__dict__, **_given(args, SEARCH_FLAGS)})})
 
 
 def _load_inputs(args: argparse.Namespace) -> list[Any]:

@@ -28,9 +28,11 @@ Criteria (:class:`~tfb_core.config.SearchConfig`'s ``criterion``, ``tolerance``)
 Common random numbers: one standard-normal draw Z (``cfg.seed``, ``cfg.n_samples``), scaled by each
 sigma (the draw carries sigma, the forward runs at sigma 1, as the classifier's objective does), so
 the criterion is a smooth, deterministic function of sigma and bisection is well posed. An anchor
-line is ``{"prompt": ...}`` with an optional reference ``"answer"`` (a string or a list of aliases);
-``chat=True`` reads each prompt as one user message through the tokenizer's chat template
-(:func:`tfb_core.data.generation.chat_prompt`), as the generative demo adapter was trained.
+line is what a client sends: ``{"prompt": ...}`` (plain text, as /v1/completions reads it) or
+``{"messages": [...]}`` (chat messages through the tokenizer's chat template, as
+/v1/chat/completions renders them: :func:`tfb_core.data.generation.chat_prompt`), with an optional
+reference ``"answer"`` (a string or a list of aliases). ``chat=True`` reads a ``prompt`` as one user
+message through the chat template (how the generative demo's evaluation reads its questions).
 
 Usage::
 
@@ -68,21 +70,42 @@ class Anchor:
 
 
 def read_anchor(path: str | Path) -> list[dict[str, Any]]:
-    """Anchor lines ``{"prompt": str, "answer": str | [str, ...] (optional)}`` of a JSON Lines file."""
+    """Anchor lines of a JSON Lines file: ``{"prompt": str}`` or ``{"messages": [{"role", "content"},
+    ...]}``, each with an optional ``"answer"`` (a string or a list of aliases); ``LoadError`` naming
+    the file and line of one that is neither."""
     from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.loading import LoadError
 
     records = read_jsonl(path)
     for i, r in enumerate(records, 1):
-        if not isinstance(r.get("prompt"), str) or not r["prompt"]:
-            raise LoadError(f"{path}: record {i} has no non-empty string 'prompt'")
+        if why := _bad_record(r):
+            raise LoadError(f"{path}: record {i}: {why}")
     return records
 
 
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+def _bad_record(r: dict[str, Any]) -> str | None:
+    """Why an anchor record is not one (None: it is)."""
+    prompt, messages = r.get("prompt"), r.get("messages")
+    if (prompt is None) == (messages is None):
+        return "give one of 'prompt' (a string) or 'messages' (a list of chat messages)"
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        return "'prompt' must be a non-empty string"
+    if messages is not None and (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        return "'messages' must be a non-empty list of {\"role\": str, \"content\": str}"
+    answer = r.get("answer", r.get("answers"))
+    if answer is not None and not (isinstance(answer, str) or (
+            isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))):
+        return "'answer' must be a string or a non-empty list of strings"
+    return None
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], chat: bool) -> list[int]:
     """The token ids the model reads for ``prompt``: through the chat template (its special tokens
-    are in the text, none added) or as plain text (the tokenizer's own special tokens added)."""
-    if chat:
+    are in the text, none added; chat messages always) or as plain text (the tokenizer's own special
+    tokens added)."""
+    if chat or not isinstance(prompt, str):
         from tfb_core.data.generation import chat_prompt
 
         return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
@@ -95,7 +118,9 @@ def make_anchors(tokenizer: Any, records: Sequence[dict[str, Any]], chat: bool =
     for r in records:
         answer = r.get("answer", r.get("answers"))
         answers = () if answer is None else (answer,) if isinstance(answer, str) else tuple(answer)
-        out.append(Anchor(r["prompt"], encode_prompt(tokenizer, r["prompt"], chat), answers))
+        prompt = r["prompt"] if "prompt" in r else r["messages"]
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        out.append(Anchor(shown, encode_prompt(tokenizer, prompt, chat), answers))
     return out
 
 
@@ -244,11 +269,12 @@ def _mean_nll(scored: Sequence[tuple[torch.Tensor, bool]]) -> float:
     return math.fsum(-float(lp.sum()) for lp, _ in scored) / len(scored)
 
 
-def search_generation_sigma(gen: Any, records: Sequence[dict[str, Any]], cfg: SearchConfig, chat: bool = False,
-                            max_tokens: int = 16, adapter: int = 0, max_rows: int = 64) -> SearchResult:
+def search_generation_sigma(gen: Any, records: Sequence[dict[str, Any]] | Sequence[Anchor], cfg: SearchConfig,
+                            chat: bool = False, max_tokens: int = 16, adapter: int = 0, max_rows: int = 64) -> SearchResult:
     """Run the search of ``cfg`` (:func:`tfb_core.search.search`, unchanged) on a generator's anchor
-    records; ``result.reference`` holds the sigma = 0 figures (without the pseudo-answers' ids)."""
-    anchors = make_anchors(gen.tokenizer, records, chat)
+    records (or :class:`Anchor` s, already tokenized); ``result.reference`` holds the sigma = 0
+    figures (without the pseudo-answers' ids)."""
+    anchors = [r if isinstance(r, Anchor) else make_anchors(gen.tokenizer, [r], chat)[0] for r in records]
     objective, reference = generation_objective(gen, anchors, cfg, max_tokens, adapter, max_rows)
     result = search(objective, cfg)
     reference.pop("answers")

@@ -30,7 +30,7 @@ import random
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -149,13 +149,14 @@ def load_generation(task: str, split: str, limit: int | None = None, cache_dir: 
     return records
 
 
-def chat_prompt(tokenizer: Any, prompt: str, shots: Sequence[tuple[str, str]] = ()) -> str:
-    """The text a chat model reads for ``prompt``: one user message through the tokenizer's chat
-    template, with the assistant's turn opened (SmolLM2's template adds its default system line).
-    ``shots`` (question, answer) pairs go before it as earlier turns (a few-shot prompt)."""
+def chat_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], shots: Sequence[tuple[str, str]] = ()) -> str:
+    """The text a chat model reads for ``prompt``: one user message (or the chat ``messages`` given)
+    through the tokenizer's chat template, with the assistant's turn opened (SmolLM2's template adds
+    its default system line), as /v1/chat/completions renders them. ``shots`` (question, answer) pairs
+    go before it as earlier turns (a few-shot prompt)."""
     turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
-    return tokenizer.apply_chat_template([*turns, {"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    return tokenizer.apply_chat_template([*turns, *messages], add_generation_prompt=True, tokenize=False)
 
 
 # --- exact match ------------------------------------------------------------------------------

@@ -151,6 +151,11 @@ class Task:
     #: paper's tasks (the adapters were trained and evaluated so); other tasks reject them
     truncate: bool = False
 
+    @property
+    def generative(self) -> bool:
+        """The task of a generative adapter (:data:`GENERATION`): no labels, no classification."""
+        return self.name == GENERATION.name
+
     def format(self, record: str | Record) -> str:
         """The prompt of one input: a string (generic task), or a record with the task's fields."""
         if self.formatter is None:
@@ -219,9 +224,12 @@ TASKS: dict[str, Task] = {
     "boolq": Task("boolq", ("True", "False"), ("passage", "question"), _format_boolq, _target_boolq, truncate=True),
     "sst2": Task("sst2", ("negative", "positive"), ("sentence",), _format_sst2, _target_int("label", 2)),
 }
+#: the task of a generative adapter: no labels; it answers /v1/completions and /v1/chat/completions,
+#: its sigma is searched on its own greedy answers (:mod:`tfb_core.generation_sigma`)
+GENERATION = Task("generation", (), ("prompt",))
 # WG-S and WG-M of the paper are WinoGrande sizes, not formats.
 ALIASES = {"wg_s": "winogrande", "wg_m": "winogrande", "arc-c": "arc_challenge", "arc-e": "arc_easy",
-           "obqa": "openbookqa"}
+           "obqa": "openbookqa", "generate": "generation"}
 
 
 def get_task(name: str | None = None, labels: Sequence[str] | None = None) -> Task:
@@ -231,8 +239,13 @@ def get_task(name: str | None = None, labels: Sequence[str] | None = None) -> Ta
             raise TaskError("give a task name or labels")
         return generic_task(labels)
     key = ALIASES.get(name.lower(), name.lower())
+    if key == GENERATION.name:
+        if labels is not None:
+            raise TaskError(f"task 'generation' has no labels, got {list(labels)}")
+        return GENERATION
     if key not in TASKS:
-        raise TaskError(f"unknown task {name!r}; known tasks: {sorted(TASKS)} or 'generic' with labels")
+        raise TaskError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}, 'generation' (a generative "
+                        "adapter), or 'generic' with labels")
     task = TASKS[key]
     if labels is not None and tuple(labels) != task.labels:
         raise TaskError(f"task {key!r} has fixed labels {list(task.labels)}, got {list(labels)}")

@@ -125,7 +125,7 @@ class BayesianClassifier:
 
     def set_labels(self, labels: Sequence[str]) -> None:
         self.labels = list(labels)
-        self.class_ids = torch.tensor(class_token_ids(self.tokenizer, self.labels), device=self.device)
+        self.class_ids = torch.tensor(class_token_ids(self.tokenizer, self.labels), dtype=torch.long, device=self.device)
 
     def class_ids_for(self, labels: Sequence[str] | None) -> torch.Tensor:
         if labels is None or list(labels) == self.labels:

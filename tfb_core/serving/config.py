@@ -9,6 +9,7 @@ algorithm's own defaults (posterior, search) are :mod:`tfb_core.config`'s.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,27 @@ DEMO_ANCHOR = DEMO_ADAPTER / ANCHOR_FILE
 #: the 272 labelled SST-2 sentences neither the adapter nor the sigma search saw (its held-out test
 #: part, scripts/demo_calibration.py): the demo's calibration set for prediction sets and abstention
 DEMO_CALIBRATION = DEMO_ADAPTER / CALIBRATION_FILE
+#: the bundled generative demo adapter (an MLE LoRA for two-digit arithmetic on the embedded default
+#: model, scripts/train_generative.py): served as "arith-mle" beside the SST-2 demo by default
+DEMO_GENERATIVE_ADAPTER = Path(__file__).parent.parent / "adapters" / "arith-mle"
+#: what an adapter folder's own training record may say (``"kind": "generation"``: a generative adapter)
+TRAIN_CONFIG_FILE = "train_config.json"
+GENERATION_TASK = "generation"
+#: the sigma search of a generative adapter unless one is configured: the relative NLL change of the
+#: sigma = 0 model's own greedy answers to the anchor prompts within 10 %. The classification default
+#: (1.5, the reference's) flips a third of the demo's greedy answers and halves its accuracy; see
+#: docs/results-generation.md for the measurement behind 0.1
+GENERATION_SEARCH = SearchConfig(criterion="nll", tolerance=0.1)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything :class:`~tfb_core.serving.engine.TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``.
+
+    ``task="generation"`` is a generative adapter (no labels: it answers the completion routes; its
+    sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.generation_sigma`).
+    ``search=None``: the default search of the adapter's kind (:class:`~tfb_core.config.SearchConfig`'s
+    for classification, :data:`GENERATION_SEARCH` for generation), set by :meth:`with_defaults`.
 
     ``published`` (``method/dataset/seed``) names one of the published TFB adapters: it sets the
     adapter, the base model (unless another is given, e.g. a local copy) and the task, and without
@@ -43,7 +60,7 @@ class EngineConfig:
     labels: tuple[str, ...] | None = None
     sigma: float | None = None
     anchor: str | None = None
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: SearchConfig | None = None
     d_floor: float = 1e-6
     n_samples: int = 10
     seed: int = 0
@@ -61,6 +78,13 @@ class EngineConfig:
     conformal_score: str = "lac"
     conformal_mondrian: bool = False
     risk_delta: float = 0.1
+    #: a generative adapter's anchor answers: the sigma = 0 model's greedy answers of at most this many tokens
+    anchor_max_tokens: int = 32
+
+    @property
+    def generative(self) -> bool:
+        """A generative adapter (``task="generation"``, or its folder's train_config.json says so)."""
+        return generation_task(self.task)
 
     def __post_init__(self) -> None:
         if self.published is not None:
@@ -87,6 +111,10 @@ class EngineConfig:
             raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
         if self.max_batch_tokens is not None and not self.max_batch_tokens >= 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.anchor_max_tokens < 1:
+            raise ValueError(f"anchor_max_tokens must be >= 1, got {self.anchor_max_tokens}")
+        if self.generative and self.labels is not None:
+            raise ValueError(f"a generative adapter (task 'generation') has no labels, got {list(self.labels)}")
 
     def with_defaults(self) -> EngineConfig:
         """Fill in the embedded default: the small real model, the demo adapter, its task and anchor.
@@ -94,7 +122,8 @@ class EngineConfig:
         An adapter folder may carry its own ``anchor.jsonl`` and ``calibration.jsonl`` beside its
         weights: they are the defaults of its anchor (when sigma is not fixed) and calibration,
         wherever the folder is named from (the demo adapter's, by the default or by its path, also
-        set the task, sst2)."""
+        set the task, sst2); a folder whose ``train_config.json`` says ``"kind": "generation"`` is a
+        generative adapter unless a task is given. The search, unless given, is the kind's default."""
         changes: dict[str, Any] = {}
         model = self.model
         if self.published is not None:
@@ -110,11 +139,17 @@ class EngineConfig:
         if folder is not None:
             if folder.resolve() == DEMO_ADAPTER.resolve() and self.task is None and self.labels is None:
                 changes["task"] = "sst2"
+            elif self.task is None and self.labels is None and adapter_kind(folder) == GENERATION_TASK:
+                changes["task"] = GENERATION_TASK
             if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
                 changes["anchor"] = str(folder / ANCHOR_FILE)
-            if self.calibration is None and self.calibration_split == 0.0 and (folder / CALIBRATION_FILE).is_file():
+            if (self.calibration is None and self.calibration_split == 0.0 and not generation_task(changes.get("task", self.task))
+                    and (folder / CALIBRATION_FILE).is_file()):  # a generative adapter's: not a classifier's
                 changes["calibration"] = str(folder / CALIBRATION_FILE)
-        return EngineConfig(**{**self.__dict__, **changes}) if changes else self
+        cfg = EngineConfig(**{**self.__dict__, **changes}) if changes else self
+        if cfg.search is None:
+            cfg = EngineConfig(**{**cfg.__dict__, "search": GENERATION_SEARCH if cfg.generative else SearchConfig()})
+        return cfg
 
 
 def local_adapter_folder(model: ModelConfig) -> Path | None:
@@ -123,3 +158,18 @@ def local_adapter_folder(model: ModelConfig) -> Path | None:
         return None
     folder = Path(model.adapter).expanduser() / (model.adapter_subfolder or "")
     return folder if folder.is_dir() else None
+
+
+def generation_task(task: str | None) -> bool:
+    """Whether a task name names a generative adapter's task (``generation``, or ``generate``)."""
+    return (task or "").lower() in (GENERATION_TASK, "generate")
+
+
+def adapter_kind(folder: Path) -> str | None:
+    """What an adapter folder's ``train_config.json`` says it is (``"kind"``), or None (no such file,
+    not JSON, no kind: a folder from elsewhere is described by its settings, not guessed at)."""
+    try:
+        kind = json.loads((folder / TRAIN_CONFIG_FILE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None

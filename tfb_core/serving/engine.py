@@ -162,12 +162,20 @@ class TFBEngine:
 
     def first_forward(self) -> tuple[Job, int | None]:
         """One forward of one placeholder input at the configured N and seed (the first forward of
-        an adapter pays for kernels and its prefix); returns its job and prefix."""
+        an adapter pays for kernels and its prefix); returns its job and prefix. A generative
+        adapter's is a one-token generation (it has no classes to read)."""
         tokens = self.tokenize([self.task.format(self.task.placeholder("warm-up"))])[0]
         n = self.cfg.n_samples
         job = Job(tokens, n, self.noise(self.cfg.seed, n))
         prefix = self.prompt_prefix or None
-        self.classifier.run_jobs([job], self.sigma, prefix=prefix)
+        if self.task.generative:
+            from tfb_core.forward.completion import GenerationRequest
+            from tfb_core.forward.generator import BayesianGenerator
+
+            BayesianGenerator.from_classifier(self.classifier).generate([GenerationRequest(
+                tokens, n_samples=n, sigma=self.sigma, max_tokens=1, adapter=self.adapter, noise=job.noise)])
+        else:
+            self.classifier.run_jobs([job], self.sigma, prefix=prefix)
         return job, prefix
 
     def warm_up(self, max_rows: int) -> float | None:
@@ -178,6 +186,8 @@ class TFBEngine:
         t0 = time.perf_counter()
         clf = self.classifier
         job, prefix = self.first_forward()
+        if self.task.generative:  # the classification forwards' planning is not a generative adapter's
+            return None
         inputs = max_rows // rows_of(job.n_samples, self.sigma)
         if clf.device.type != "cpu" and inputs > 1:
             clf.run_jobs([job] * inputs, self.sigma, prefix=prefix)

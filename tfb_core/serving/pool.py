@@ -80,11 +80,16 @@ class AdapterPool:
         return run_batch(self.default, requests, max_rows, on_forward)
 
     def warm_up(self, max_rows: int) -> float | None:
-        """The default adapter's warm-up (and measured forward cost: one base model, one cost for
-        all), then the first forward of each other adapter."""
-        overhead = self.default.warm_up(max_rows)
-        for engine in list(self.engines.values())[1:]:
+        """The first classifying adapter's warm-up (and measured forward cost: one base model, one
+        cost for all), then the first forward of each other adapter."""
+        engines = list(self.engines.values())
+        # the one measurement is a classifying adapter's (a generative one's forwards are not planned so)
+        first = next((e for e in engines if not e.task.generative), engines[0])
+        overhead = first.warm_up(max_rows)
+        for engine in engines:
+            if engine is first:
+                continue
             if engine.cfg.forward_overhead_tokens is None:
-                engine.classifier.forward_overhead_tokens = self.default.classifier.forward_overhead_tokens
+                engine.classifier.forward_overhead_tokens = first.classifier.forward_overhead_tokens
             engine.first_forward()
         return overhead

@@ -102,6 +102,7 @@ def info(engine: TFBEngine) -> dict[str, Any]:
     return {
         "published": cfg.published, "model": m.model, "model_revision": m.model_revision, "adapter": m.adapter,
         "adapter_subfolder": m.adapter_subfolder, "dtype": m.dtype, "device": m.device,
+        "kind": "generation" if engine.task.generative else "classification",
         "task": engine.task.name, "labels": list(engine.task.labels), "input_fields": list(engine.task.fields),
         "sigma": engine.sigma, "sigma_source": engine.sigma_source, "anchor": cfg.anchor,
         "n_samples": cfg.n_samples,
@@ -118,6 +119,9 @@ def calibration_info(engine: TFBEngine) -> dict[str, Any]:
     if cal is None:
         if engine.calibration_run is not None:
             return engine.calibration_run.info()
+        if engine.task.generative:
+            return {"state": "off", "n": 0, "detail": "a generative adapter has no prediction sets or abstention "
+                                                       "thresholds: its answers carry their uncertainty"}
         return {"state": "off", "n": 0, "detail": NO_CALIBRATION}
     return {"state": "ready", "n": cal.n, "source": cal.source, "score": cfg.conformal_score,
             "mondrian": cfg.conformal_mondrian, "risk_delta": cfg.risk_delta,

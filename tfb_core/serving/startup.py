@@ -30,7 +30,9 @@ from tfb_core.data.published import parse as parse_published
 from tfb_core.data.tasks import Record, Task, TaskError, class_token_ids, get_task
 from tfb_core.decide.conformal import Calibration
 from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.layout import rows_of
+from tfb_core.generation_sigma import Anchor, make_anchors, read_anchor, search_generation_sigma
 from tfb_core.search import check_result
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
@@ -137,6 +139,8 @@ def _prepare(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
 def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool,
             background: bool = False) -> TFBEngine:
     """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
+    if task.generative:
+        return _finish_generation(cfg, task, clf)
     clf.forward_overhead_tokens = cfg.forward_overhead_tokens
     clf.truncate = task.truncate  # before the anchor is tokenized
     clf.max_batch_tokens = cfg.max_batch_tokens
@@ -176,6 +180,51 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
         engine = TFBEngine(cfg, clf, task, result.sigma, "search", result)
     calibrate(engine, cal, key, background)
     return engine
+
+
+def _finish_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> TFBEngine:
+    """The engine of a generative adapter: sigma fixed, from the cache, or searched on the sigma = 0
+    model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`). No calibration."""
+    if cfg.sigma is not None:
+        return TFBEngine(cfg, clf, task, cfg.sigma, "fixed")
+    if not cfg.anchor:
+        raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on (JSON Lines of "
+                        '{"prompt": ...} or {"messages": [...]}, as the completion routes take them)')
+    assert cfg.search is not None  # with_defaults
+    anchors = generation_anchors(clf, cfg.anchor)
+    key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
+    key["anchor_max_tokens"] = cfg.anchor_max_tokens
+    cache_dir = default_cache_dir(cfg.model.cache_dir)
+    result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
+    if result is not None:
+        log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
+        return TFBEngine(cfg, clf, task, result.sigma, "cache", result)
+    log.info("searching sigma on the greedy answers to %d anchor prompts (%s <= %g, N=%d)", len(anchors),
+             cfg.search.criterion, cfg.search.tolerance, cfg.search.n_samples)
+    result = search_generation_sigma(BayesianGenerator.from_classifier(clf), anchors, cfg.search,
+                                     max_tokens=cfg.anchor_max_tokens, adapter=clf.adapter, max_rows=cfg.max_rows)
+    path = cache.save(cache_dir, key, result)
+    log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
+    return TFBEngine(cfg, clf, task, result.sigma, "search", result)
+
+
+def generation_anchors(clf: BayesianClassifier, path: str) -> list[Anchor]:
+    """The anchor prompts of a generative adapter (``{"prompt"}`` or ``{"messages"}`` lines),
+    tokenized as the completion routes read them; an error names the file and line."""
+    records = read_anchor(path)
+    out = []
+    for i, record in enumerate(records, 1):
+        try:
+            anchor = make_anchors(clf.tokenizer, [record])[0]
+        except Exception as exc:  # noqa: BLE001 -- the chat template's own error: the file's
+            raise LoadError(f"{path}: record {i}: the chat template refused its messages: {exc}"[:500]) from None
+        if not anchor.tokens or len(anchor.tokens) > clf.max_length:
+            raise LoadError(f"{path}: record {i}: the prompt has {len(anchor.tokens)} tokens, not within 1 to "
+                            f"{clf.max_length} (TFB_MAX_LENGTH)")
+        out.append(anchor)
+    if not out:
+        raise LoadError(f"{path}: the anchor set is empty")
+    return out
 
 
 def anchor_prompts(task: Task, records: Sequence[Record], path: str = "anchor") -> tuple[list[str], torch.Tensor | None]:
