@@ -111,6 +111,7 @@ class GenWork:
     abandoned: bool = False  # nobody reads its updates (client gone, timed out): its rows leave the decode
     abort_reason: str = ""
     ended: bool = False  # its result or error was posted
+    counted: bool = False  # in tfb_inflight_requests (from its admission to its end or abandonment)
 
 
 class ModelWorker:
@@ -272,6 +273,8 @@ class ModelWorker:
             self._admit(self._gen_queue, "generation")
             work.enqueued = time.monotonic()
             self._gen_queue.append(work)
+            work.counted = True
+            self.metrics.inflight.inc()
             self._cond.notify()
 
     def abandon_generation(self, work: GenWork, reason: str, count: bool = True) -> None:
@@ -283,13 +286,22 @@ class ModelWorker:
             if count and not work.ended:
                 self.metrics.aborted.labels(reason=reason).inc()
             with self._cond:
+                self._uncount(work)
                 self._cond.notify()
+
+    def _uncount(self, work: GenWork) -> None:
+        """Out of tfb_inflight_requests, once (its end or its abandonment, whichever comes first; under the lock)."""
+        if work.counted:
+            work.counted = False
+            self.metrics.inflight.dec()
 
     def _post(self, work: GenWork, update: GenerationUpdate) -> None:
         """Put an update on the work's queue, on the event loop (from any thread)."""
         q, loop = work.updates, self._loop
         if update.result is not None or update.error is not None:
             work.ended = True
+            with self._cond:
+                self._uncount(work)
         if q is None or loop is None:
             return
         try:

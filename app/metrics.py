@@ -49,7 +49,8 @@ class Metrics:
                                     buckets=_POW2, registry=r)
         self.queue_depth = Gauge("tfb_queue_depth", "requests waiting for a forward", registry=r)
         self.queue_capacity = Gauge("tfb_queue_capacity", "most requests the queue holds", registry=r)
-        self.inflight = Gauge("tfb_inflight_requests", "/predict requests accepted and not yet answered",
+        self.inflight = Gauge("tfb_inflight_requests", "requests accepted and not yet answered (classification, and "
+                              "generations until their last token or their client leaves)",
                               registry=r)
         self.ready = Gauge("tfb_ready", "1 once the model is loaded and warmed up", registry=r)
         self.aborted = Counter("tfb_requests_aborted", "accepted /predict requests skipped before (the rest of) "

@@ -345,11 +345,14 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert _running(client)
+        # the generation is in flight while it decodes
+        assert metric(metric_samples(client.get("/metrics").text), "tfb_inflight_requests") == 1
         decoding = client.app.state.tfb.worker._generation.decoding  # the running decode, kept to read after
     _wait_idle(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="disconnect") == before + 1
     assert metric(samples, "tfb_generation_rows") == 0
+    assert metric(samples, "tfb_inflight_requests") == 0  # and out of flight once its client left
     stream = decoding.streams[-1]  # the request's: cancelled, long before its 400 tokens
     assert stream.finish[0] == "cancelled" and len(stream.token_ids) < 400
 
@@ -428,3 +431,4 @@ def test_seeds_and_metrics(client):
         sum(t["mutual_information"] for ch in (a, b, c, p1, p2) for t in ch["uncertainty"]["tokens"]))
     assert grew("tfb_generation_mean_mutual_information_count", adapter="bayes") == 5
     assert grew("tfb_generations_total", adapter="bayes", finish_reason="length") == 5
+    assert metric(after, "tfb_inflight_requests") == 0  # each left the count when it was answered
