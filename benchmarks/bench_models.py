@@ -61,6 +61,10 @@ class StubTokenizer:
         body = [3 + len(self.label_ids) + b % (self.vocab_size - 3 - len(self.label_ids)) for b in text.encode()]
         return ([self.bos_token_id] if special else []) + body
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The ids as text (the benchmarks read no text; a generation's completion has one)."""
+        return " ".join(str(i) for i in ids)
+
     def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
         if isinstance(texts, str):
             return {"input_ids": self._encode(texts, add_special_tokens)}

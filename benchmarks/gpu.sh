@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in one command (about 6 minutes on one H200, 6.5 at most):
+# The GPU benchmark suite in one command (about 9 minutes on one H200, 11 at most):
 #
 #     OUT=/some/folder bash benchmarks/gpu.sh            # from the repository root
 #
@@ -9,7 +9,8 @@
 # starting new configurations and a hard timeout.
 #
 # Dry run on a CPU machine:  OUT=/tmp/gpu-dry DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh
-# env: MODELS="tiny smollm2 llama8b-shape" (add "server": the app under load on the GPU), DTYPE for the
+# env: MODELS="tiny smollm2 llama8b-shape" (add "server": the app under load on the GPU; "generate": Bayesian
+# decoding, benchmarks/generate_core.py, on by default on a GPU), DTYPE for the
 # two larger models, PYTHON, QUICK, SERVER_SECONDS; PLAN="model:dtype:budget:timeout:sections[:grid] ..."
 # runs just those entries (sections joined by '+', dtype BIG = DTYPE), e.g.
 #   PLAN="llama8b-shape:BIG:60:150:overhead+memory smollm2:BIG:60:110:forward:b8" MODELS=server
@@ -54,9 +55,21 @@ server() {
   echo "== server exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
+# Bayesian decoding (benchmarks/generate_core.py): N = 10 posterior samples as rows of one decode
+# against N sequential decodes and against plain peft greedy (N = 1), in answer tokens per second
+generate() {
+  local shape=$1 dtype=$2 tokens=$3 prompts=$4 hard=$5
+  echo "== generate ($shape, $dtype): $prompts prompts of 64 random tokens, $tokens tokens each, timeout ${hard}s" | tee -a "$LOG"
+  timeout -k 10 "$hard" "$PY" benchmarks/generate_core.py --shape "$shape" --device "$DEVICE" --dtype "$dtype" \
+      --tokens "$tokens" --prompts "$prompts" --prompt-tokens 64 --repeats 2 2>&1 \
+      | grep --line-buffered -v -E "Warning|warnings.warn|Loading weights" | tee -a "$LOG" \
+      | grep '^{' > "$OUT/generate-$shape.jsonl"
+  echo "== generate $shape exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
 # On a CPU (the dry run) bfloat16 matmuls crawl and the 8B shape needs 16 GB: float32, no 8B.
 if [ "$DEVICE" = cpu ]; then BIG="${DTYPE:-float32}"; MODELS="${MODELS:-tiny smollm2}"
-else BIG="${DTYPE:-bfloat16}"; MODELS="${MODELS:-tiny smollm2 llama8b-shape server}"; fi
+else BIG="${DTYPE:-bfloat16}"; MODELS="${MODELS:-tiny smollm2 llama8b-shape server generate}"; fi
 ALL=equiv,peak,forward,overhead,memory,profile
 
 # PLAN: "model:dtype:budget:timeout:sections[:grid]" entries; default, the whole suite for MODELS
@@ -67,7 +80,7 @@ if [ -z "${PLAN:-}" ]; then
       tiny)          PLAN+=" tiny:float32:35:70:$ALL,search" ;;
       smollm2)       PLAN+=" smollm2:$BIG:60:110:$ALL,search" ;;
       llama8b-shape) PLAN+=" llama8b-shape:$BIG:120:200:$ALL" ;;
-      server)        ;;
+      server|generate) ;;
       *) echo "== unknown model $m" | tee -a "$LOG" ;;
     esac
   done
@@ -80,6 +93,11 @@ for entry in $PLAN; do
   run "$model" "$dtype" "$budget" "$hard" "${sections//+/,}" "$grid"
 done
 if [[ " $MODELS " == *" server "* ]]; then server "$BIG" "${SERVER_SECONDS:-30}" "${SERVER_TIMEOUT:-200}"; fi
+if [[ " $MODELS " == *" generate "* ]]; then
+  # the sequential reference is N x prompts one-row decodes: on the 8B shape about 40 s per repeat
+  if [ "$DEVICE" = cpu ]; then generate smollm2 "$BIG" 4 2 300
+  else generate llama8b-shape "$BIG" 64 2 200; generate smollm2 "$BIG" 64 4 120; fi
+fi
 echo "== all done in $((SECONDS - T0))s" | tee -a "$LOG"
 
 for f in "$OUT"/*.json; do
