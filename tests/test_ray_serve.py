@@ -302,3 +302,38 @@ def test_feedback_on_another_replica_keeps_the_conformal_fields(cluster, labelle
     assert total(text, "tfb_feedback_set_target_sum_total") == pytest.approx(0.8 * made)
     assert total(text, "tfb_feedback_answered_total") == answered
     assert total(text, "tfb_feedback_answered_wrong_total") == wrong
+
+
+GEN_BODY = {"prompt": "a great film", "max_tokens": 6, "temperature": 0, "n_samples": 3, "stop_token_ids": []}
+
+
+def test_generation_and_its_stream_go_through_rays_proxy_as_in_one_process(cluster, tiny):
+    """/v1/completions through Ray's proxy: the same tokens and uncertainty as the single-process app,
+    and a stream arrives as server-sent events, chunk by chunk, ending with [DONE]."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with TestClient(create_app(Settings(**tiny_settings(tiny)))) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        alone = client.post("/v1/completions", json=GEN_BODY).json()["choices"][0]
+    r = httpx.post(f"{cluster['base']}/v1/completions", json=GEN_BODY, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]
+    assert got["text"] == alone["text"]
+    for a, b in zip(got["uncertainty"]["tokens"], alone["uncertainty"]["tokens"], strict=True):
+        assert a["token_id"] == b["token_id"]
+        assert a["mutual_information"] == pytest.approx(b["mutual_information"], abs=1e-5)
+    with httpx.stream("POST", f"{cluster['base']}/v1/completions", json={**GEN_BODY, "stream": True},
+                      timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == alone["text"]
+    assert [c["choices"][0]["uncertainty"]["token"]["token_id"] for c in chunks[:-1]] == \
+        [t["token_id"] for t in alone["uncertainty"]["tokens"]]
