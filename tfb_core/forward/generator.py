@@ -36,7 +36,8 @@ class BayesianGenerator:
             raise ValueError("no posterior: Bayesianize at least one adapter")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.posteriors = list(posteriors)
+        # the classifier's own list (not a copy): adapters loaded at run time join it
+        self.posteriors = posteriors if isinstance(posteriors, list) else list(posteriors)
         if routing is None:
             routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.routing = routing

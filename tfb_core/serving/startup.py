@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from tfb_core.data.tasks import Record, Task, TaskError, class_token_ids, get_ta
 from tfb_core.decide.conformal import Calibration
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.layout import rows_of
-from tfb_core.search import check_result
+from tfb_core.search import SearchResult, check_result
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
@@ -97,7 +97,7 @@ def load_engines(named: Sequence[tuple[str, EngineConfig]], progress: bool = Tru
     must agree on the base model's settings (:data:`tfb_core.data.loading.BASE_FIELDS`)."""
     if not named:
         raise LoadError("no adapter to serve")
-    prepared = [_named(name, len(named), _prepare, cfg) for name, cfg in named]
+    prepared = [_named(name, len(named), prepare_config, cfg) for name, cfg in named]
     floors = {cfg.d_floor for cfg, _ in prepared}
     if len(floors) > 1:
         raise LoadError(f"adapters on one base model must share d_floor, got {sorted(floors)}")
@@ -121,7 +121,7 @@ def _named(name: str, count: int, fn: Callable[..., T], *args: Any) -> T:
         raise LoadError(f"adapter {name!r}: {exc}") from exc
 
 
-def _prepare(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
+def prepare_config(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
     """The config with its defaults and the task; the reference anchor fetched before any model."""
     cfg = cfg.with_defaults()
     try:
@@ -134,9 +134,44 @@ def _prepare(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
     return cfg, task
 
 
+@dataclass
+class SigmaPlan:
+    """What an adapter's sigma and calibration need, read before any forward (:func:`plan_sigma`):
+    the config (its anchor filled in), the calibration set, the anchor prompts the search runs on
+    and their cache key, and the result if sigma is fixed (None) or cached."""
+
+    cfg: EngineConfig
+    task: Task
+    cal: CalibrationSet | None
+    prompts: list[str] = field(default_factory=list)
+    targets: torch.Tensor | None = None
+    key: dict[str, Any] | None = None
+    result: SearchResult | None = None
+    searched: bool = False  # the result is this process's search's (not the cache's)
+
+    @property
+    def source(self) -> str:
+        """Where sigma comes from: "fixed", "cache", or "search" (done, or still to run)."""
+        if self.cfg.sigma is not None:
+            return "fixed"
+        return "cache" if self.result is not None and not self.searched else "search"
+
+
 def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool,
             background: bool = False) -> TFBEngine:
     """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
+    plan = plan_sigma(cfg, task, clf)
+    if plan.source == "search":
+        run_search(plan, clf, progress)
+        # the search's prefixes were computed with its own draws and sigmas, none of which serving
+        # uses: free them now (GPU memory on a large model), not when traffic evicts them
+        clf.prefix_cache.clear()
+    return make_engine(plan, clf, background)
+
+
+def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
+    """Read what sigma and the calibration need (files, the cache); no forward. ``LoadError`` (or
+    a ``ValueError``) naming a file that cannot be read."""
     clf.forward_overhead_tokens = cfg.forward_overhead_tokens
     clf.truncate = task.truncate  # before the anchor is tokenized
     clf.max_batch_tokens = cfg.max_batch_tokens
@@ -144,9 +179,7 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
     if cfg.sigma is not None:
         if cal is None and cfg.anchor:  # the anchor was not used to fit sigma: all of it calibrates
             cal = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor) + (f"anchor {cfg.anchor}",)
-        engine = TFBEngine(cfg, clf, task, cfg.sigma, "fixed")
-        calibrate(engine, cal, background=background)
-        return engine
+        return SigmaPlan(cfg, task, cal)
     if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
         cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(default_anchor(cfg, task))})
     prompts, targets = _read_prompts(task, clf, cfg.anchor, "anchor file")
@@ -163,18 +196,35 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
         log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-        engine = TFBEngine(cfg, clf, task, result.sigma, "cache", result)
-    else:
-        log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
-                 cfg.search.tolerance, cfg.search.n_samples)
-        result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
-        # the search's prefixes were computed with its own draws and sigmas, none of which serving
-        # uses: free them now (GPU memory on a large model), not when traffic evicts them
-        clf.prefix_cache.clear()
-        path = cache.save(cache_dir, key, result)
-        log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
-        engine = TFBEngine(cfg, clf, task, result.sigma, "search", result)
-    calibrate(engine, cal, key, background)
+    return SigmaPlan(cfg, task, cal, prompts, targets, key, result)
+
+
+def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
+               observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
+    """The sigma search of ``plan`` on ``clf`` (its forwards wherever ``clf.forward_runner`` runs
+    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.serving.sigma.search_sigma`."""
+    cfg = plan.cfg
+    assert plan.key is not None
+    log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(plan.prompts), cfg.search.criterion,
+             cfg.search.tolerance, cfg.search.n_samples)
+    result = search_sigma(clf, plan.prompts, cfg.search, plan.targets, progress=progress, max_rows=cfg.max_rows,
+                          observe=observe)
+    path = cache.save(default_cache_dir(cfg.model.cache_dir), plan.key, result)
+    log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
+    plan.result, plan.searched = result, True
+    return result
+
+
+def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = False) -> TFBEngine:
+    """The engine of a planned adapter whose sigma is known, and its calibration (``background``:
+    left to run later, :func:`calibrate`). On the thread that owns the model (it tokenizes)."""
+    if plan.cfg.sigma is not None:
+        engine = TFBEngine(plan.cfg, clf, plan.task, plan.cfg.sigma, "fixed")
+        calibrate(engine, plan.cal, background=background)
+        return engine
+    assert plan.result is not None, "sigma is neither fixed nor searched"
+    engine = TFBEngine(plan.cfg, clf, plan.task, plan.result.sigma, plan.source, plan.result)
+    calibrate(engine, plan.cal, plan.key, background)
     return engine
 
 
