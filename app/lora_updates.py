@@ -114,7 +114,11 @@ class RuntimeLoras:
         try:
             spec = body.spec()
             cfg = settings.adapter_config(spec)
-        except (ValueError, ValidationError) as exc:
+        except ValidationError as exc:  # a field of the entry (e.g. search_criterion)
+            loc = next((e["loc"][0] for e in exc.errors() if e.get("loc")), "lora_path")
+            raise LoraRequestError(f"adapter {body.lora_name!r}: {exc}"[:1000],
+                                   param="lora_path" if loc == "adapter" else str(loc)) from None
+        except ValueError as exc:
             text = str(exc)
             raise LoraRequestError(f"adapter {body.lora_name!r}: {text}"[:1000],
                                    param="published" if "published" in text else "lora_path") from None
