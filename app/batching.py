@@ -53,6 +53,8 @@ Labels = tuple[str, ...]
 Served = TFBEngine | AdapterPool
 #: while generations decode, a step of background work runs every this many decode steps
 BACKGROUND_EVERY = 16
+#: background work: (step, on_done, ready), see :meth:`ModelWorker.add_background`
+Background = tuple[Callable[[], bool], Callable[[], None], "Callable[[], bool] | None"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class GenWork:
 
     prepare: Callable[[GenerationService], Any]
     stream: bool = False
+    engine: TFBEngine | None = None  # the adapter it decodes with (an unload waits for it)
     request: Any = None  # its GenerationRequest, once prepared on the worker thread
     rows: int = 0  # rows of the decode forward it takes (N, or 1 at sigma = 0 in mean mode)
     updates: asyncio.Queue | None = None
@@ -136,9 +139,10 @@ class ModelWorker:
         self._deadline: float | None = None  # the drain's deadline (time.monotonic), once it began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        #: (step, on_done): ``step()`` does a little work and returns True once finished; run only when
-        #: no request is queued; ``on_done()`` runs on the event loop afterwards
-        self._background: deque[tuple[Callable[[], bool], Callable[[], None]]] = deque()
+        #: (step, on_done, ready): ``step()`` does a little work and returns True once finished; run only
+        #: when no request is queued and ``ready()`` (None: always) says it has work; ``on_done()`` runs
+        #: on the event loop afterwards
+        self._background: deque[Background] = deque()
         #: generation: requests waiting for the next step, and the running decode (worker thread's)
         self._gen_queue: deque[GenWork] = deque()
         self._gen_running: list[GenWork] = []
@@ -200,12 +204,53 @@ class ModelWorker:
             # thread is a daemon: the process does not wait for it past a short grace
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 1.0)
 
-    def add_background(self, step: Callable[[], bool], on_done: Callable[[], None]) -> None:
+    def add_background(self, step: Callable[[], bool], on_done: Callable[[], None],
+                       ready: Callable[[], bool] | None = None) -> None:
         """Run ``step()`` on the worker thread between batches, whenever no request waits, until it
-        returns True (or raises: logged); then ``on_done()`` on the event loop. Dropped at shutdown."""
+        returns True (or raises: logged); then ``on_done()`` on the event loop. Dropped at shutdown.
+        ``ready()`` (called under the worker's lock: it must not take it): whether ``step`` has work
+        now (None: always); the worker sleeps while no background work is ready (:meth:`wake`)."""
         with self._cond:
-            self._background.append((step, on_done))
+            self._background.append((step, on_done, ready))
             self._cond.notify()
+
+    def wake(self) -> None:
+        """Background work may have become ready (from any thread)."""
+        with self._cond:
+            self._cond.notify()
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on the worker thread between batches (the model's owner); its result, or its error."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        outcome: list[Any] = []
+
+        def step() -> bool:
+            try:
+                outcome.append((True, fn()))
+            except Exception as exc:  # noqa: BLE001 -- raised to the caller
+                outcome.append((False, exc))
+            return True
+
+        def on_done() -> None:
+            if future.done():
+                return
+            if not outcome:
+                future.set_exception(NotReadyError("the server is shutting down"))
+            elif outcome[0][0]:
+                future.set_result(outcome[0][1])
+            else:
+                future.set_exception(outcome[0][1])
+
+        self.add_background(step, on_done)
+        return await future
+
+    def holds(self, engine: TFBEngine) -> bool:
+        """Whether a queued or decoding request uses ``engine`` (under the worker's lock, as a
+        background ``ready`` is called; or on the worker thread)."""
+        return (any(w.engine is engine and not w.abandoned for w in self._queue)
+                or any(g.engine is engine for g in self._gen_queue)
+                or any(g.engine is engine for g in self._gen_running))
 
     # --- requests (event loop side) --------------------------------------------------------------
     def rows_of(self, n_inputs: int, n_samples: int, engine: TFBEngine | None = None) -> int:
@@ -377,7 +422,11 @@ class ModelWorker:
 
     def _background_waiting(self) -> bool:
         with self._cond:
-            return bool(self._background) and self._accepting
+            return self._accepting and self._ready_background() is not None
+
+    def _ready_background(self) -> Background | None:
+        """The first background work with something to do now (under the lock)."""
+        return next((b for b in self._background if b[2] is None or b[2]()), None)
 
     def _has_generation(self) -> bool:
         with self._cond:
@@ -435,9 +484,10 @@ class ModelWorker:
 
     def _background_step(self) -> None:
         with self._cond:  # none, or draining: e.g. the drain took the generation that made the loop turn
-            if not self._background or not self._accepting:
+            work = self._ready_background() if self._accepting else None
+            if work is None:
                 return
-            step, on_done = self._background[0]
+            step, on_done, _ = work
         try:
             finished = step()
         except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it
@@ -445,7 +495,7 @@ class ModelWorker:
             finished = True
         if finished:
             with self._cond:
-                self._background.popleft()
+                self._background.remove(work)
             self._call_on_loop(lambda _: on_done(), None)
 
     def _call_on_loop(self, fn: Callable[[Any], None], arg: Any) -> None:
@@ -470,7 +520,7 @@ class ModelWorker:
                     return None
                 if self._gen_queue or self._gen_busy:  # a decode step to run: no waiting
                     return []
-                if self._background and self._accepting:
+                if self._background and self._accepting and self._ready_background() is not None:
                     return []
                 self._cond.wait()
             deadline = self._queue[0].enqueued + lim.max_wait_s

@@ -242,6 +242,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[dict[str, Any]] = []
+    state: str = Field("ready", description="tfb: ready, or (loaded at run time) loading, searching, calibrating")
 
 
 class ModelList(BaseModel):
@@ -285,7 +286,7 @@ def openai_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 422:  # param: the field in the client's terms (/classify's ``input`` is /predict's ``inputs``)
         param = getattr(exc, "param", None)
         return openai_error_response(400, message, headers, param={"inputs": "input", "adapter": "model"}.get(param, param))
-    return openai_error_response(status, message, headers)
+    return openai_error_response(status, message, headers, param=getattr(exc, "param", None) if status < 500 else None)
 
 
 class OpenAIErrorRoute(APIRoute):
@@ -440,8 +441,13 @@ async def models(predictor: PredictorDep) -> dict[str, Any]:
     """The served adapters, as vLLM lists its LoRA adapters (``parent``: the base model); the first
     is the default. The base model's id is accepted as ``model`` too, meaning the default adapter."""
     created = int(time.time())
+    pool = predictor.adapters
+
+    def cfg(name: str) -> Any:
+        return (pool.engines[name] if name in pool.engines else pool.pending[name]).cfg.model
+
     return {"object": "list", "data": [
         {"id": name, "object": "model", "created": created, "owned_by": "tfb-serve",
          "root": model.adapter, "parent": model.model, "max_model_len": predictor.settings.max_length,
-         "permission": []}
-        for name in predictor.adapter_names for model in (predictor.resolve(name).cfg.model,)]}
+         "permission": [], "state": pool.state(name)}
+        for name in pool.listed() for model in (cfg(name),)]}

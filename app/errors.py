@@ -21,7 +21,8 @@ from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
 from tfb_core.forward.classifier import EmptyPromptError, PromptTooLongError
 from tfb_core.serving.calibrate import CalibrationPendingError
-from tfb_core.serving.pool import UnknownAdapterError
+from tfb_core.serving.pool import AdapterNotReadyError, UnknownAdapterError
+from tfb_core.serving.runtime import AdapterLoadError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,10 @@ def status_of(exc: BaseException) -> tuple[int, str, dict[str, str] | None]:
         return 503, str(exc), None if retry is None else {"Retry-After": str(max(1, math.ceil(retry)))}
     if isinstance(exc, UnknownAdapterError):  # as vLLM and OpenAI answer an unknown model
         return 404, str(exc), None
+    if isinstance(exc, AdapterNotReadyError):  # loaded at run time, its sigma search still running
+        return 503, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, AdapterLoadError):  # a load request's own problem (a path, a file, a shape)
+        return 400, str(exc), None
     if isinstance(exc, LoadError):  # e.g. a search or load problem surfacing late
         return 503, str(exc), {"Retry-After": "5"}
     # the connection's state after an unexpected error is unknown: close it, so that a client reusing
@@ -155,7 +160,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     for cls in (ServingError, PromptTooLongError, EmptyPromptError, TaskError, LoadError, UnknownAdapterError,
-                CalibrationPendingError):
+                CalibrationPendingError, AdapterNotReadyError):
         app.add_exception_handler(cls, known)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -294,7 +294,7 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         prepares = [_prepare(engine, settings, p, None, f"prompt {i}: " if len(prompts) > 1 else "")
                     for i, p in enumerate(prompts)]
     worker = predictor.worker
-    works = [GenWork(prepare=prepare, stream=body.stream) for prepare in prepares]
+    works = [GenWork(prepare=prepare, stream=body.stream, engine=engine) for prepare in prepares]
     try:
         for work in works:
             worker.submit_generation(work)
@@ -331,7 +331,8 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         raise
     choices = []
     for i, info in enumerate(infos):
-        predictor.metrics.observe_generation(info, model)
+        if predictor.adapters.engines.get(model) is engine:  # not while it is unloaded: its series go
+            predictor.metrics.observe_generation(info, model)
         c = info["completion"]
         choice: dict[str, Any] = {"index": i}
         if chat:
@@ -392,7 +393,8 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
                 yield _sse({**head, "choices": [choice]})
             if update.result is not None:
                 info = update.result
-                predictor.metrics.observe_generation(info, model)
+                if predictor.adapters.engines.get(model) is work.engine:  # not while it is unloaded
+                    predictor.metrics.observe_generation(info, model)
                 c = info["completion"]
                 end = {"index": 0, "finish_reason": _finish(c["finish_reason"]), "stop_reason": c["stop_reason"],
                        "uncertainty": {"sequence": c["sequence"], "n_samples": info["n_samples"], "mode": info["mode"]}}

@@ -24,6 +24,9 @@ from app.classify import router as classify_router
 from app.errors import install_error_handlers
 from app.generate import GENERATION_PATHS
 from app.generate import router as generate_router
+from app.lora_updates import PATHS as LORA_PATHS
+from app.lora_updates import RuntimeLoras
+from app.lora_updates import router as lora_router
 from app.middleware import ServingMiddleware
 from app.predictor import LabelStore
 from app.routes import router
@@ -61,12 +64,14 @@ def create_app(settings: Settings | None = None, feedback_store: LabelStore | No
                               "adapter. Predictions carry predictive entropy and mutual information; "
                               "POST /feedback feeds the calibration metrics.")
     app.state.tfb = state
+    state.runtime_loras = RuntimeLoras(state)  # type: ignore[attr-defined]
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(classify_router)  # vLLM's classify API, errors in vLLM's body
     app.include_router(generate_router)  # OpenAI's completions and chat completions, errors in its body
     app.include_router(vllm_extra_router)  # vLLM's /invocations, /tokenize, /detokenize
-    openai_paths = OPENAI_PATHS | GENERATION_PATHS | VLLM_EXTRA_PATHS
+    app.include_router(lora_router)  # vLLM's runtime LoRA updating (TFB_ALLOW_RUNTIME_LORA_UPDATING)
+    openai_paths = OPENAI_PATHS | GENERATION_PATHS | VLLM_EXTRA_PATHS | LORA_PATHS
     app.add_middleware(ServingMiddleware, metrics=state.metrics, max_body_bytes=settings.max_body_bytes,
                        routes={getattr(r, "path", "") for r in router.routes} | {app.docs_url, app.openapi_url,
                                                                                   app.redoc_url} | openai_paths,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, confidence_bin, ece, nll
 
@@ -149,6 +150,18 @@ class Metrics:
                   self.fb_target, self.fb_answered, self.fb_answered_wrong, self.fb_risk_target,
                   self.generated_tokens, self.token_mi, self.sequence_mi):
             m.labels(adapter=adapter)
+
+    def remove_adapter(self, adapter: str) -> None:
+        """Forget an unloaded adapter: every series labelled with it, and its recent windows."""
+        for metric in vars(self).values():
+            if isinstance(metric, MetricWrapperBase):
+                try:
+                    metric.remove_by_labels({"adapter": adapter})
+                except ValueError:  # a metric without the adapter label
+                    continue
+        for windows in (self._recent, self._recent_conf):
+            windows.pop(adapter, None)
+        self._recent_dirty.discard(adapter)
 
     # --- uncertainty ----------------------------------------------------------------------------
     def observe_predictions(self, predictions: Sequence[dict], configured_labels: Sequence[str],

@@ -208,15 +208,22 @@ class Predictor:
             predictions.append({"id": pred_id, **p})
         out["adapter"] = engine.name
         out["predictions"] = predictions
-        self.metrics.observe_predictions(predictions, tuple(engine.task.labels), engine.name)
+        if self.adapters.engines.get(engine.name) is engine:  # not while it is unloaded: its series go
+            self.metrics.observe_predictions(predictions, tuple(engine.task.labels), engine.name)
         return out
 
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         record, target = await self.store.label(req.id, lambda r: generic_task(r.labels).label_index(req.label))
+        if record.adapter not in self.adapters.engines:  # unloaded since: its metric series are gone
+            return self._feedback_answer(req, record, target)
         self.metrics.observe_feedback(record.probs, target, record.adapter)
         covered = None if record.prediction_set is None else record.labels[target] in record.prediction_set
         answered = None if record.abstain is None else not record.abstain
         self.metrics.observe_feedback_conformal(covered, record.alpha, answered, record.index == target, record.max_risk,
                                                 record.adapter)
+        return self._feedback_answer(req, record, target)
+
+    @staticmethod
+    def _feedback_answer(req: FeedbackRequest, record: FeedbackRecord, target: int) -> dict[str, Any]:
         return {"id": req.id, "label": record.labels[target], "index": target, "correct": record.index == target,
                 "confidence": max(record.probs)}

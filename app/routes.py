@@ -104,9 +104,13 @@ async def info(predictor: PredictorDep) -> dict[str, Any]:
     limits = {"max_inputs": s.max_inputs, "max_samples": s.max_samples, "max_length": s.max_length,
               "max_body_bytes": s.max_body_bytes, "max_batch_rows": s.max_batch_rows, "max_wait_ms": s.max_wait_ms,
               "max_queue": s.max_queue, "request_timeout_s": s.request_timeout_s, "max_tokens": s.max_tokens}
-    out = {**pool_info(predictor.adapters), "limits": limits}
+    limits["max_loras"] = s.max_loras
+    out = {**pool_info(predictor.adapters), "limits": limits,
+           "runtime_lora_updating": s.allow_runtime_lora_updating}
     for entry in [out, *out["adapters"]]:
-        entry["routes"] = served_routes(predictor.resolve(entry.get("name") or out["default_adapter"]))
+        name = entry.get("name") or out["default_adapter"]
+        if name in predictor.adapters.engines:
+            entry["routes"] = served_routes(predictor.resolve(name))
     return out
 
 

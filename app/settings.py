@@ -201,6 +201,13 @@ class Settings(BaseSettings):
     warmup: bool = True
     exit_on_startup_failure: bool = Field(True, description="exit the process (code 1) if loading fails")
 
+    # --- adapters loaded at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter) ------------
+    allow_runtime_lora_updating: bool = Field(
+        False, description="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING); off: both answer 404 naming this setting")
+    max_loras: int = Field(8, ge=1, le=1024, description="most adapters served at once, those of start-up "
+                                                        "included (vLLM's --max-loras): a load past it is a 400")
+
     # --- feedback and calibration ---------------------------------------------------------------
     feedback_store_size: int = Field(100_000, ge=1, le=10_000_000, description="predictions kept for /feedback")
     recent_window: int = Field(1000, ge=1, le=1_000_000, description="K of the tfb_recent_* gauges")
@@ -286,9 +293,8 @@ class Settings(BaseSettings):
             return out
         out = []
         for spec in self.adapters:
-            own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
             try:
-                out.append((spec.name, self.model_copy(update={"adapters": None, **own}).engine_config()))
+                out.append((spec.name, self.adapter_config(spec)))
             except ValueError as exc:
                 raise ValueError(f"adapter {spec.name!r}: {exc}") from exc
         check_names([n for n, _ in out])
@@ -304,6 +310,13 @@ class Settings(BaseSettings):
         return (self.generation_demo and self.model == DEFAULT_MODEL and self.published is None
                 and self.adapter is None and self.gguf_file is None and self.model_subfolder is None
                 and all(v is None for v in (self.task, self.labels, self.sigma, self.anchor, self.calibration)))
+
+    def adapter_config(self, spec: AdapterSpec) -> EngineConfig:
+        """The :class:`EngineConfig` of one named adapter (of ``TFB_ADAPTERS``, or loaded at run time):
+        its own fields, the server's settings for the rest (``ValueError`` naming a bad value)."""
+        own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
+        base = {f: None for f in ("published", "adapter", "adapter_revision", "adapter_subfolder", "adapter_name")}
+        return self.model_copy(update={"adapters": None, **base, **own}).engine_config()
 
     def engine_config(self) -> EngineConfig:
         """The :class:`EngineConfig` of the single adapter these settings describe (``ValueError``

@@ -60,10 +60,7 @@ class AppState:
     def _ready(self, adapters: AdapterPool) -> None:
         self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
         for engine in adapters.engines.values():
-            self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
-            self._calibrated(engine)
-            if (run := engine.calibration_run) is not None and run.state == "running":
-                self.worker.add_background(run.step, lambda engine=engine: self._calibrated(engine))
+            self.serve_engine(engine)
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)
@@ -72,8 +69,17 @@ class AppState:
                      time.monotonic() - self.started, engine.name, engine.sigma, engine.sigma_source,
                      engine.cfg.n_samples, len(engine.classifier.posterior.modules))
 
+    def serve_engine(self, engine: TFBEngine) -> None:
+        """An adapter answers: its metric series, and its calibration left to run between batches."""
+        self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
+        self._calibrated(engine)
+        if (run := engine.calibration_run) is not None and run.state == "running":
+            self.worker.add_background(run.step, lambda engine=engine: self._calibrated(engine))
+
     def _calibrated(self, engine: TFBEngine) -> None:
         """The calibration's drift reference as gauges (none while it is still running, or without one)."""
+        if self.predictor is not None and self.predictor.adapters.engines.get(engine.name) is not engine:
+            return  # unloaded meanwhile: its series are gone
         cal = engine.calibration
         self.metrics.set_calibration_reference(engine.name, cal and cal.mean_predictive_entropy,
                                                cal and cal.mean_mutual_information)
@@ -112,4 +118,8 @@ class AppState:
     async def shutdown(self) -> None:
         """The lifespan's end: drain (from :meth:`begin_drain`'s deadline if it ran), stop the worker."""
         self.begin_drain()  # under Ray Serve or plain uvicorn, the drain's clock starts here
+        if self.predictor is not None:  # sigma searches of adapters loaded at run time stop
+            for record in list(self.predictor.adapters.pending.values()):
+                if record.cancel is not None:
+                    record.cancel("the server is shutting down")
         await self.worker.drain(self.settings.drain_timeout_s)

@@ -18,8 +18,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tfb_core.search import SearchResult
 
 log = logging.getLogger(__name__)
@@ -80,16 +78,6 @@ def _sources_sha256(modules: tuple[str, ...]) -> str:
         if spec is None or spec.origin is None:
             raise ValueError(f"cache key: no source for module {name!r}")
         h.update(name.encode() + b"\x00" + Path(spec.origin).read_bytes() + b"\x00")
-    return h.hexdigest()
-
-
-def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
-    """Hash of tensor contents (shape, dtype and bytes): identifies an adapter however it was loaded."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,13 +270,14 @@ def _mean_nll(scored: Sequence[tuple[torch.Tensor, bool]]) -> float:
 
 
 def search_generation_sigma(gen: Any, records: Sequence[dict[str, Any]] | Sequence[Anchor], cfg: SearchConfig,
-                            chat: bool = False, max_tokens: int = 16, adapter: int = 0, max_rows: int = 64) -> SearchResult:
+                            chat: bool = False, max_tokens: int = 16, adapter: int = 0, max_rows: int = 64,
+                            observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
     """Run the search of ``cfg`` (:func:`tfb_core.search.search`, unchanged) on a generator's anchor
     records (or :class:`Anchor` s, already tokenized); ``result.reference`` holds the sigma = 0
-    figures (without the pseudo-answers' ids)."""
+    figures (without the pseudo-answers' ids). ``observe(sigmas, values)`` after each evaluation."""
     anchors = [r if isinstance(r, Anchor) else make_anchors(gen.tokenizer, [r], chat)[0] for r in records]
     objective, reference = generation_objective(gen, anchors, cfg, max_tokens, adapter, max_rows)
-    result = search(objective, cfg)
+    result = search(objective, cfg, observe)
     reference.pop("answers")
     result.reference = reference
     log.info("generative sigma search (%s, %s <= %g): sigma=%.6g in %.1fs, %d evaluations", cfg.method,

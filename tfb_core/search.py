@@ -217,8 +217,19 @@ def _result(rec: _Recorder, ok: SearchPoint | None, cfg: SearchConfig, method: s
                         n_evaluations=len(rec.history), note=note)
 
 
-def search(objective: Objective, cfg: SearchConfig) -> SearchResult:
+def search(objective: Objective, cfg: SearchConfig,
+           observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
+    """The search of ``cfg`` on ``objective``; ``observe(sigmas, values)`` after each evaluation
+    (progress: a background search shows it in /info)."""
     start = time.perf_counter()
+    if observe is not None:
+        inner = objective
+
+        def objective(sigmas: Sequence[float]) -> list[float]:
+            values = inner(sigmas)
+            observe(sigmas, values)
+            return values
+
     result = (grid if cfg.method == "grid" else bisect)(objective, cfg)
     result.seconds = time.perf_counter() - start
     return result

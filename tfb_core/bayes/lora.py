@@ -7,7 +7,9 @@ peft keeps, per LoRA-wrapped ``nn.Linear``, ``lora_A[name]`` (r x in), ``lora_B[
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +97,52 @@ def replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def read_lora(skeleton: nn.Module, folder: str, adapter_name: str, device: torch.device | str = "cpu"
+              ) -> list[LoRAWeights]:
+    """The LoRA modules of the peft adapter in ``folder``, read by peft onto ``skeleton``: the base
+    model's structure on the meta device (no weights), so that an adapter can be read while the
+    served model, whose LoRA layers are Bayesianized already, keeps serving.
+
+    peft wraps the skeleton's target layers; only the LoRA tensors are made real (on ``device``)
+    before the state dict is copied in, so nothing of the base model is allocated. Each result's
+    ``base_layer`` is the skeleton's (meta): map it to the served model's by ``name``. Raises
+    ``ValueError`` naming the problem: a config peft cannot read, a module the base model does not
+    have, a tensor of the wrong shape, a LoRA tensor missing from the weights file."""
+    from peft import PeftConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(folder)
+    config.inference_mode = True
+    try:
+        peft_model = get_peft_model(skeleton, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    except ValueError as exc:  # e.g. target modules the base model does not have
+        raise ValueError(f"the adapter does not fit the base model: {exc}") from exc
+    lora_layer = _lora_layer_type()
+    for module in peft_model.modules():
+        if isinstance(module, lora_layer) and adapter_name in module.lora_A:
+            module.lora_A[adapter_name].to_empty(device=device)  # uninitialised until the copy below
+            module.lora_B[adapter_name].to_empty(device=device)
+    state = load_peft_weights(folder, device=str(device))
+    try:
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
+    except RuntimeError as exc:  # size mismatch: made for another base model
+        raise ValueError(f"the adapter's tensors do not fit the base model: {exc}"[:800]) from exc
+    missing = [k for k in result.missing_keys if ".lora_A." in k or ".lora_B." in k]
+    if missing:
+        raise ValueError(f"the weights file lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+    return find_lora_modules(peft_model, adapter_name)
+
+
+def lora_sha256(loras: Sequence[LoRAWeights]) -> str:
+    """SHA-256 of an adapter as peft holds it (each module's name, scaling, A and B: shape, dtype,
+    bytes): what identifies it for a cache, however and wherever it was loaded. Not of A', B': the
+    SVD's float rounding varies with the threads and the machine, the adapter does not."""
+    h = hashlib.sha256()
+    for lw in loras:
+        h.update(f"{lw.name}:{lw.scaling!r}".encode())
+        for t in (lw.A, lw.B):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -159,10 +159,12 @@ class NoiseDraw:
 class TFBPosterior:
     """The Gaussian over A' of every LoRA module of one model, with one sigma."""
 
-    def __init__(self, modules: list[TFBLinear]) -> None:
+    def __init__(self, modules: list[TFBLinear], weights_sha256: str | None = None) -> None:
         if not modules:
             raise ValueError("no LoRA modules to Bayesianize")
         self.modules = modules
+        #: the adapter's identity as peft held it (:func:`tfb_core.bayes.lora.lora_sha256`), for caches
+        self.weights_sha256 = weights_sha256
         self.noise_state = NoiseState()
         for k, m in enumerate(modules):  # every module reads its draws from the one state
             m.noise_state, m.index = self.noise_state, k

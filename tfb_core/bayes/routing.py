@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tfb_core.bayes.lora import find_lora_modules, replace_module, unwrap_peft
+from tfb_core.bayes.lora import LoRAWeights, find_lora_modules, lora_sha256, replace_module, unwrap_peft
 from tfb_core.bayes.posterior import TFBLinear, TFBPosterior, base_rows, svd_reparam
 
 
@@ -116,17 +116,80 @@ def bayesianize_many(model: nn.Module, adapters: list[str | None], d_floor: floa
     for a, name in enumerate(adapters):
         modules: list[TFBLinear] = []
         head: TFBLinear | None = None
-        for lw in find_lora_modules(model, name):
-            A2, B2, d = svd_reparam(lw.A, lw.B)
-            dtype = lw.A.dtype if lw.A.dtype.is_floating_point else torch.float32
-            layer = TFBLinear(lw.name, lw.base_layer, A2.to(lw.A.device), B2.to(lw.A.device), d, lw.scaling,
-                              d_floor, dtype)
+        loras = find_lora_modules(model, name)
+        for lw in loras:
+            layer = _tfb_layer(lw, lw.base_layer, d_floor)
             per_layer.setdefault(lw.name, (lw.base_layer, {}))[1][a] = layer
             modules.append(layer)
             if inner.get_submodule(lw.name) is out_emb:
                 head = layer
-        posteriors.append(TFBPosterior(modules))
+        posteriors.append(TFBPosterior(modules, lora_sha256(loras)))
         heads.append(head)
     for name, (base, slots) in per_layer.items():  # after reading every adapter: peft's layers go now
         replace_module(inner, name, RoutedLinear(name, base, slots, routing))
     return inner, posteriors, heads, routing
+
+
+def _tfb_layer(lw: LoRAWeights, base: nn.Module, d_floor: float) -> TFBLinear:
+    """The TFB form of one LoRA module over ``base``, on the base layer's device (B'A' = BA)."""
+    A2, B2, d = svd_reparam(lw.A, lw.B)
+    dtype = lw.A.dtype if lw.A.dtype.is_floating_point else torch.float32
+    weight = getattr(base, "weight", None)
+    device = lw.A.device if weight is None or weight.device.type == "meta" else weight.device
+    return TFBLinear(lw.name, base, A2.to(device), B2.to(device), d.to(device), lw.scaling, d_floor, dtype)
+
+
+def fit_adapter(inner: nn.Module, loras: list[LoRAWeights], d_floor: float = 1e-6
+                ) -> tuple[TFBPosterior, TFBLinear | None]:
+    """One more adapter for a Bayesianized model, not yet in its forwards: (its posterior, its
+    ``lm_head`` layer or None), each TFB layer over the served model's own base layer of the same
+    dotted name (``loras`` read elsewhere, e.g. by :func:`~tfb_core.bayes.lora.read_lora` on a
+    skeleton). ``ValueError`` naming a module the model does not have or a shape that does not fit;
+    the model is not changed (:func:`add_adapter` puts it in)."""
+    out_emb = inner.get_output_embeddings()
+    modules: list[TFBLinear] = []
+    head: TFBLinear | None = None
+    for lw in loras:
+        try:
+            layer = inner.get_submodule(lw.name)
+        except AttributeError:
+            raise ValueError(f"{lw.name}: the base model has no such module") from None
+        base = layer.base_layer if isinstance(layer, RoutedLinear) else layer
+        if not isinstance(base, nn.Linear) and not hasattr(base, "in_features"):
+            raise ValueError(f"{lw.name}: LoRA on a {type(base).__name__}, only linear layers are supported")
+        want = (base.out_features, base.in_features)
+        got = (lw.B.shape[0], lw.A.shape[1])
+        if got != want:
+            raise ValueError(f"{lw.name}: the adapter is (out, in) = {got}, the base model's layer {want}")
+        modules.append(_tfb_layer(lw, base, d_floor))
+        if layer is out_emb:
+            head = modules[-1]
+    return TFBPosterior(modules, lora_sha256(loras)), head
+
+
+def add_adapter(inner: nn.Module, posterior: TFBPosterior, index: int, routing: Routing) -> None:
+    """Put a :func:`fit_adapter` posterior into the model's forwards as adapter ``index`` (a new,
+    never used index: those of served adapters do not move): a slot on each of its layers'
+    :class:`RoutedLinear`, a layer no adapter had LoRA on wrapped in a new one."""
+    for layer in posterior.modules:
+        current = inner.get_submodule(layer.name)
+        if isinstance(current, RoutedLinear):
+            if index in current.slots:
+                raise ValueError(f"{layer.name}: adapter index {index} is taken")
+            current.slots[index] = layer
+        else:
+            replace_module(inner, layer.name, RoutedLinear(layer.name, current, {index: layer}, routing))
+
+
+def remove_adapter(inner: nn.Module, index: int) -> int:
+    """Take adapter ``index`` out of the model: its slots are deleted (its tensors go with the last
+    reference to its posterior), and a layer left with no adapter is the plain base layer again.
+    Returns the number of layers it was on."""
+    found = 0
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, RoutedLinear) and index in module.slots:
+            del module.slots[index]
+            found += 1
+            if not module.slots:
+                replace_module(inner, name, module.base_layer)
+    return found

@@ -121,11 +121,10 @@ def _adapter_file_keys(folder: Path, name: str) -> list[str]:
                         f"corrupt?): {exc}") from exc
 
 
-def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "default") -> torch.nn.Module:
-    """The peft model with ``cfg.adapter`` applied (as peft adapter ``adapter_name``; on a
-    ``PeftModel`` already, added beside its adapters). Keys we do not use (BLoB's ``lora_A_rho``)
-    are skipped with a log line; a missing adapter or one made for another base model is an error."""
-    from peft import PeftConfig, PeftModel
+def adapter_folder(cfg: ModelConfig, model: torch.nn.Module) -> tuple[Path, str]:
+    """(local folder, name for messages) of ``cfg.adapter``, checked: a peft LoRA adapter whose
+    weights file is readable (a hub adapter is fetched first). Every problem is a :class:`LoadError`."""
+    from peft import PeftConfig
 
     if not cfg.adapter:
         raise LoadError("no adapter given: set the adapter (a peft LoRA folder or hub id)")
@@ -151,6 +150,25 @@ def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "
     extra = [k for k in _adapter_file_keys(folder, name) if "lora_A_rho" in k]
     if extra:
         log.info("adapter %s: ignoring %d keys TFB does not use (e.g. %s)", cfg.adapter, len(extra), extra[0])
+    return folder, name
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A model of ``model``'s architecture and dtype on the meta device: its structure, no weights
+    (what peft reads another adapter onto while ``model`` serves)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config, dtype=getattr(model, "dtype", torch.float32))
+
+
+def load_adapter(model: torch.nn.Module, cfg: ModelConfig, adapter_name: str = "default") -> torch.nn.Module:
+    """The peft model with ``cfg.adapter`` applied (as peft adapter ``adapter_name``; on a
+    ``PeftModel`` already, added beside its adapters). Keys we do not use (BLoB's ``lora_A_rho``)
+    are skipped with a log line; a missing adapter or one made for another base model is an error."""
+    from peft import PeftModel
+
+    folder, name = adapter_folder(cfg, model)
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(folder), adapter_name=adapter_name)

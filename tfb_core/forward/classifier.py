@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior
-from tfb_core.bayes.routing import RoutedLinear, Routing, bayesianize_many, output_rows
+from tfb_core.bayes.routing import RoutedLinear, Routing, add_adapter, bayesianize_many, output_rows, remove_adapter
 from tfb_core.data.loading import pad_token_id
 from tfb_core.data.tasks import class_token_ids
 from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
@@ -69,8 +69,8 @@ class BayesianClassifier:
         #: this classifier's adapter: its index among the model's (one base model can serve several,
         #: each through its own classifier: :meth:`for_adapter`), and every adapter's posterior
         self.adapter = 0
-        self.posteriors: list[TFBPosterior] = [posterior]
-        out_emb = model.get_output_embeddings()
+        #: every adapter's posterior by index (None: an adapter unloaded at run time; indices never move)
+        self.posteriors: list[TFBPosterior | None] = [posterior]
         #: which rows use which adapter in a forward, read by every RoutedLinear of the model
         self.routing: Routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.max_length = max_length
@@ -86,7 +86,9 @@ class BayesianClassifier:
         #: recent shared prefixes' keys and values per posterior sample, reused by later forwards
         self.prefix_cache = PrefixCache()
         self.backbone = model.base_model  # the decoder stack without lm_head
-        self.output_embeddings = out_emb  # a RoutedLinear where some adapter has LoRA on lm_head
+        #: runs one forward of the model (``run(fn) -> fn()``): a background thread's view hands its
+        #: forwards to the thread that owns the model (None: called here)
+        self.forward_runner: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None
         # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
         params = inspect.signature(self.backbone.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -122,6 +124,46 @@ class BayesianClassifier:
     @property
     def device(self) -> torch.device:
         return self.posterior.device
+
+    @property
+    def output_embeddings(self) -> nn.Module:
+        """``lm_head``: a RoutedLinear where some adapter has LoRA on it (looked up each time: an
+        adapter loaded or unloaded at run time may wrap or unwrap it)."""
+        return self.model.get_output_embeddings()
+
+    # --- adapters at run time -----------------------------------------------------------------------
+    def add_adapter(self, posterior: TFBPosterior, head: TFBLinear | None, labels: Sequence[str]) -> BayesianClassifier:
+        """Put another adapter's posterior (:func:`tfb_core.bayes.routing.fit_adapter`) into this
+        model's forwards under the next unused index, and return its classifier (:meth:`for_adapter`).
+        On the thread that owns the model."""
+        index = len(self.posteriors)
+        add_adapter(self.model, posterior, index, self.routing)
+        self.posteriors.append(posterior)  # the list every view and the generator share
+        self.prefix_cache.capacity += PREFIX_CACHE_SIZE
+        try:
+            return self.for_adapter(index, labels, head)
+        except Exception:
+            self.remove_adapter(index)
+            raise
+
+    def remove_adapter(self, index: int) -> None:
+        """Take adapter ``index`` out of the model's forwards and free it: its layers' slots, its
+        posterior, its kept prefixes. On the thread that owns the model."""
+        if index == 0 or not 0 < index < len(self.posteriors) or self.posteriors[index] is None:
+            raise ValueError(f"adapter index {index} is not a removable adapter of this model")
+        remove_adapter(self.model, index)
+        self.posteriors[index] = None
+        self.drop_prefixes(index)
+        self.prefix_cache.capacity = max(PREFIX_CACHE_SIZE, self.prefix_cache.capacity - PREFIX_CACHE_SIZE)
+
+    def drop_prefixes(self, index: int) -> int:
+        """Drop the kept prefixes computed with adapter ``index``'s samples; returns how many."""
+        def keep(key: Hashable) -> bool:
+            samples = key[0] if isinstance(key, tuple) and key else None
+            return not (isinstance(samples, tuple) and any(isinstance(s, tuple) and s and s[0] == index
+                                                           for s in samples))
+
+        return self.prefix_cache.drop(keep)
 
     def set_labels(self, labels: Sequence[str]) -> None:
         self.labels = list(labels)
@@ -247,11 +289,18 @@ class BayesianClassifier:
         return self.segment_logits(rows, [segment], self.class_ids if class_ids is None else class_ids,
                                    prefix, None if samples is None else ((self.adapter, samples, float(sigma)),))
 
-    @torch.inference_mode()
     def segment_logits(self, rows: Sequence[list[int]], segments: Sequence[Segment], class_ids: torch.Tensor,
                        prefix: int | None = None, samples: Hashable | None = None) -> torch.Tensor:
         """Logits of ``class_ids`` at the last position of rows whose consecutive ``segments`` use
         their own adapter, samples and sigma: (R, C) float32. One forward of the base model."""
+        def forward() -> torch.Tensor:  # inference mode is per thread: set where it runs
+            with torch.inference_mode():
+                return self._segment_logits(rows, segments, class_ids, prefix, samples)
+
+        return forward() if self.forward_runner is None else self.forward_runner(forward)
+
+    def _segment_logits(self, rows: Sequence[list[int]], segments: Sequence[Segment], class_ids: torch.Tensor,
+                        prefix: int | None, samples: Hashable | None) -> torch.Tensor:
         try:
             hidden = self._last_hidden(rows, segments, prefix, samples)  # (R, H)
             logits = output_rows(self.output_embeddings, hidden, class_ids)  # (R, C)

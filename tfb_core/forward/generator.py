@@ -13,7 +13,7 @@ NLL and uncertainty of a reference answer, or of the sigma = 0 model's own answe
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -36,10 +36,14 @@ class BayesianGenerator:
             raise ValueError("no posterior: Bayesianize at least one adapter")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.posteriors = list(posteriors)
+        # the classifier's own list (not a copy): adapters loaded at run time join it
+        self.posteriors = posteriors if isinstance(posteriors, list) else list(posteriors)
         if routing is None:
             routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.routing = routing
+        #: runs each forward (None: here, now); a background search's view hands its forwards to the
+        #: thread that owns the model (:class:`tfb_core.serving.gate.ForwardGate`), as the classifier's
+        self.forward_runner: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None
         self.pad_id = pad_token_id(tokenizer)
         #: tokens that end an answer unless a request names its own: the model's generation
         #: config's end-of-sequence tokens (a chat model may have several) and the tokenizer's
@@ -66,7 +70,9 @@ class BayesianGenerator:
     def from_classifier(cls, classifier: Any) -> BayesianGenerator:
         """The generator over a :class:`~tfb_core.forward.classifier.BayesianClassifier`'s model: the
         same base model, posteriors (every adapter of it) and routing; nothing is copied."""
-        return cls(classifier.model, classifier.tokenizer, classifier.posteriors, classifier.routing)
+        gen = cls(classifier.model, classifier.tokenizer, classifier.posteriors, classifier.routing)
+        gen.forward_runner = classifier.forward_runner
+        return gen
 
     @property
     def device(self) -> torch.device:
@@ -93,14 +99,19 @@ class BayesianGenerator:
             if [i for plan in plans for i in plan.rows] != list(range(len(rows))):
                 raise ValueError("rows must be in the order of their plan (see decode_rows.layout)")
         segments = build_segments(plans, rows, self.posteriors, sigmas)
-        arm(segments, self.posteriors, self.routing)
-        try:
-            kwargs = {self._cache_kw: cache} if cache is not None else {}
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=cache is not None, logits_to_keep=keep, **kwargs)
-        finally:
-            disarm(segments, self.posteriors, self.routing)
-        return out.logits  # (R, keep, V)
+
+        def forward() -> torch.Tensor:  # inference mode is per thread: set where it runs
+            with torch.inference_mode():
+                arm(segments, self.posteriors, self.routing)
+                try:
+                    kwargs = {self._cache_kw: cache} if cache is not None else {}
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=cache is not None, logits_to_keep=keep, **kwargs)
+                finally:
+                    disarm(segments, self.posteriors, self.routing)
+                return out.logits  # (R, keep, V)
+
+        return forward() if self.forward_runner is None else self.forward_runner(forward)
 
     def pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids), each (R, T), of token lists padded on the left

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 #: shared prefixes kept: one per set of posterior samples in use (the default draw, a few seeds)
@@ -76,3 +76,10 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._items.clear()
+
+    def drop(self, keep: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key ``keep`` refuses (e.g. an unloaded adapter's); returns how many."""
+        gone = [k for k in self._items if not keep(k)]
+        for k in gone:
+            del self._items[k]
+        return len(gone)

@@ -101,6 +101,16 @@ class TFBEngine:
         self._noise.move_to_end(seed)
         return draw
 
+    def clear_noise(self) -> None:
+        """Drop the kept noise draws (an unloaded adapter's memory)."""
+        self._noise.clear()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this adapter holds: its A', B', d tensors and its kept noise draws (/info)."""
+        weights = sum(t.numel() * t.element_size() for m in self.classifier.posterior.modules for t in m.buffers(recurse=False))
+        noise = sum(draw.nbytes() for draw in list(self._noise.values()))
+        return {"weights_bytes": weights, "noise_bytes": noise, "total_bytes": weights + noise}
+
     def rows(self, n_inputs: int, n_samples: int) -> int:
         """Rows of a forward that ``n_inputs`` inputs of N samples take (N each, 1 at sigma = 0)."""
         return n_inputs * rows_of(n_samples, self.sigma)

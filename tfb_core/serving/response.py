@@ -109,6 +109,7 @@ def info(engine: TFBEngine) -> dict[str, Any]:
         "seed": cfg.seed, "lora_modules": len(engine.classifier.posterior.modules),
         "search": engine.search_result.to_dict() if engine.search_result else None,
         "calibration": calibration_info(engine),
+        "memory": engine.memory(),
         "version": __version__,
     }
 
@@ -135,4 +136,5 @@ def calibration_info(engine: TFBEngine) -> dict[str, Any]:
 def pool_info(pool: AdapterPool) -> dict[str, Any]:
     """The default adapter's :func:`info`, and every adapter's under ``adapters``."""
     return {**info(pool.default), "default_adapter": pool.default.name,
-            "adapters": [{"name": name, **info(e)} for name, e in pool.engines.items()]}
+            "adapters": [{"name": name, "state": "ready", **info(e)} for name, e in pool.engines.items()]
+            + [p.info() for p in pool.pending.values()]}

@@ -12,7 +12,7 @@ job carries its own scaled draw). :func:`search_sigma` runs the search of a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,10 +89,12 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 
 
 def search_sigma(clf: BayesianClassifier, prompts: Sequence[str], cfg: SearchConfig, targets: torch.Tensor | None = None,
-                 progress: bool = True, max_rows: int = 64) -> SearchResult:
-    """Run the search of ``cfg`` on a model's anchor prompts (optionally labelled by ``targets``)."""
+                 progress: bool = True, max_rows: int = 64,
+                 observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
+    """Run the search of ``cfg`` on a model's anchor prompts (optionally labelled by ``targets``);
+    ``observe(sigmas, values)`` after each evaluation of the objective (progress)."""
     objective, reference = anchor_objective(clf, prompts, cfg, targets, max_rows=max_rows, progress=progress)
-    result = search(objective, cfg)
+    result = search(objective, cfg, observe)
     result.reference = reference
     log.info("sigma search (%s, %s <= %g): sigma=%.6g in %.1fs, %d evaluations", cfg.method, cfg.criterion,
              cfg.tolerance, result.sigma, result.seconds, result.n_evaluations)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.layout import rows_of
 from tfb_core.generation_sigma import Anchor, make_anchors, read_anchor, search_generation_sigma
-from tfb_core.search import check_result
+from tfb_core.search import SearchResult, check_result
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
@@ -99,7 +99,7 @@ def load_engines(named: Sequence[tuple[str, EngineConfig]], progress: bool = Tru
     must agree on the base model's settings (:data:`tfb_core.data.loading.BASE_FIELDS`)."""
     if not named:
         raise LoadError("no adapter to serve")
-    prepared = [_named(name, len(named), _prepare, cfg) for name, cfg in named]
+    prepared = [_named(name, len(named), prepare_config, cfg) for name, cfg in named]
     floors = {cfg.d_floor for cfg, _ in prepared}
     if len(floors) > 1:
         raise LoadError(f"adapters on one base model must share d_floor, got {sorted(floors)}")
@@ -123,7 +123,7 @@ def _named(name: str, count: int, fn: Callable[..., T], *args: Any) -> T:
         raise LoadError(f"adapter {name!r}: {exc}") from exc
 
 
-def _prepare(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
+def prepare_config(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
     """The config with its defaults and the task; the reference anchor fetched before any model."""
     cfg = cfg.with_defaults()
     try:
@@ -136,11 +136,48 @@ def _prepare(cfg: EngineConfig) -> tuple[EngineConfig, Task]:
     return cfg, task
 
 
+@dataclass
+class SigmaPlan:
+    """What an adapter's sigma and calibration need, read before any forward (:func:`plan_sigma`):
+    the config (its anchor filled in), the calibration set, the anchor prompts the search runs on
+    and their cache key, and the result if sigma is fixed (None) or cached."""
+
+    cfg: EngineConfig
+    task: Task
+    cal: CalibrationSet | None
+    prompts: list[str] = field(default_factory=list)
+    targets: torch.Tensor | None = None
+    key: dict[str, Any] | None = None
+    result: SearchResult | None = None
+    searched: bool = False  # the result is this process's search's (not the cache's)
+    #: a generative adapter's anchor prompts (its search reads its own greedy answers to them)
+    anchors: list[Anchor] | None = None
+
+    @property
+    def source(self) -> str:
+        """Where sigma comes from: "fixed", "cache", or "search" (done, or still to run)."""
+        if self.cfg.sigma is not None:
+            return "fixed"
+        return "cache" if self.result is not None and not self.searched else "search"
+
+
 def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool,
             background: bool = False) -> TFBEngine:
     """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
+    plan = plan_sigma(cfg, task, clf)
+    if plan.source == "search":
+        run_search(plan, clf, progress)
+        # the search's prefixes were computed with its own draws and sigmas, none of which serving
+        # uses: free them now (GPU memory on a large model), not when traffic evicts them
+        clf.prefix_cache.clear()
+    return make_engine(plan, clf, background)
+
+
+def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
+    """Read what sigma and the calibration need (files, the cache); no forward. ``LoadError`` (or
+    a ``ValueError``) naming a file that cannot be read."""
     if task.generative:
-        return _finish_generation(cfg, task, clf)
+        return _plan_generation(cfg, task, clf)
     clf.forward_overhead_tokens = cfg.forward_overhead_tokens
     clf.truncate = task.truncate  # before the anchor is tokenized
     clf.max_batch_tokens = cfg.max_batch_tokens
@@ -148,9 +185,7 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
     if cfg.sigma is not None:
         if cal is None and cfg.anchor:  # the anchor was not used to fit sigma: all of it calibrates
             cal = anchor_prompts(task, read_jsonl(cfg.anchor), cfg.anchor) + (f"anchor {cfg.anchor}",)
-        engine = TFBEngine(cfg, clf, task, cfg.sigma, "fixed")
-        calibrate(engine, cal, background=background)
-        return engine
+        return SigmaPlan(cfg, task, cal)
     if not cfg.anchor:  # no reference anchor either: default_anchor raises, saying what to give
         cfg = EngineConfig(**{**cfg.__dict__, "anchor": str(default_anchor(cfg, task))})
     prompts, targets = _read_prompts(task, clf, cfg.anchor, "anchor file")
@@ -167,26 +202,51 @@ def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bo
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
         log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-        engine = TFBEngine(cfg, clf, task, result.sigma, "cache", result)
+    return SigmaPlan(cfg, task, cal, prompts, targets, key, result)
+
+
+def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
+               observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
+    """The sigma search of ``plan`` on ``clf`` (its forwards wherever ``clf.forward_runner`` runs
+    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.serving.sigma.search_sigma`."""
+    cfg = plan.cfg
+    assert plan.key is not None
+    what = (f"the greedy answers to {len(plan.anchors)} anchor prompts" if plan.anchors is not None
+            else f"{len(plan.prompts)} anchor inputs")
+    log.info("searching sigma on %s (%s <= %g, N=%d)", what, cfg.search.criterion, cfg.search.tolerance,
+             cfg.search.n_samples)
+    if plan.anchors is not None:
+        result = search_generation_sigma(BayesianGenerator.from_classifier(clf), plan.anchors, cfg.search,
+                                         max_tokens=cfg.anchor_max_tokens, adapter=clf.adapter,
+                                         max_rows=cfg.max_rows, observe=observe)
     else:
-        log.info("searching sigma on %d anchor inputs (%s <= %g, N=%d)", len(prompts), cfg.search.criterion,
-                 cfg.search.tolerance, cfg.search.n_samples)
-        result = search_sigma(clf, prompts, cfg.search, targets, progress=progress, max_rows=cfg.max_rows)
-        # the search's prefixes were computed with its own draws and sigmas, none of which serving
-        # uses: free them now (GPU memory on a large model), not when traffic evicts them
-        clf.prefix_cache.clear()
-        path = cache.save(cache_dir, key, result)
-        log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
-        engine = TFBEngine(cfg, clf, task, result.sigma, "search", result)
-    calibrate(engine, cal, key, background)
+        result = search_sigma(clf, plan.prompts, cfg.search, plan.targets, progress=progress, max_rows=cfg.max_rows,
+                              observe=observe)
+    path = cache.save(default_cache_dir(cfg.model.cache_dir), plan.key, result)
+    log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
+    plan.result, plan.searched = result, True
+    return result
+
+
+def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = False) -> TFBEngine:
+    """The engine of a planned adapter whose sigma is known, and its calibration (``background``:
+    left to run later, :func:`calibrate`). On the thread that owns the model (it tokenizes)."""
+    if plan.cfg.sigma is not None:
+        engine = TFBEngine(plan.cfg, clf, plan.task, plan.cfg.sigma, "fixed")
+        calibrate(engine, plan.cal, background=background)
+        return engine
+    assert plan.result is not None, "sigma is neither fixed nor searched"
+    engine = TFBEngine(plan.cfg, clf, plan.task, plan.result.sigma, plan.source, plan.result)
+    calibrate(engine, plan.cal, plan.key, background)
     return engine
 
 
-def _finish_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> TFBEngine:
-    """The engine of a generative adapter: sigma fixed, from the cache, or searched on the sigma = 0
-    model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`). No calibration."""
+def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
+    """:func:`plan_sigma` of a generative adapter: sigma fixed, or from the cache or a search on the
+    sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`).
+    No calibration."""
     if cfg.sigma is not None:
-        return TFBEngine(cfg, clf, task, cfg.sigma, "fixed")
+        return SigmaPlan(cfg, task, None)
     if not cfg.anchor:
         raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on (JSON Lines of "
                         '{"prompt": ...} or {"messages": [...]}, as the completion routes take them)')
@@ -198,14 +258,7 @@ def _finish_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
         log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-        return TFBEngine(cfg, clf, task, result.sigma, "cache", result)
-    log.info("searching sigma on the greedy answers to %d anchor prompts (%s <= %g, N=%d)", len(anchors),
-             cfg.search.criterion, cfg.search.tolerance, cfg.search.n_samples)
-    result = search_generation_sigma(BayesianGenerator.from_classifier(clf), anchors, cfg.search,
-                                     max_tokens=cfg.anchor_max_tokens, adapter=clf.adapter, max_rows=cfg.max_rows)
-    path = cache.save(cache_dir, key, result)
-    log.info("sigma=%.6g searched in %.1fs, cached at %s", result.sigma, result.seconds, path)
-    return TFBEngine(cfg, clf, task, result.sigma, "search", result)
+    return SigmaPlan(cfg, task, None, key=key, result=result, anchors=anchors)
 
 
 def generation_anchors(clf: BayesianClassifier, path: str) -> list[Anchor]:
@@ -279,19 +332,21 @@ def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: S
               targets: torch.Tensor | None) -> dict[str, Any]:
     """Everything a search result depends on (TFB.md section 3).
 
-    The adapter is identified by what it computes: its modules' names, scalings and A', B'
-    tensors, not by where it was read from (a moved folder or a hub snapshot of the same
-    weights reuses the search; other weights at the same path do not)."""
+    The adapter is identified by what it is: its modules' names, scalings and A, B tensors as peft
+    read them (not A', B', whose SVD rounding varies with threads and machines), not by where it was
+    read from (a moved folder or a hub snapshot of the same weights reuses the search; other weights
+    at the same path do not)."""
     m = cfg.model
-    tensors = [t for mod in clf.posterior.modules for t in (mod.lora_A, mod.lora_B)]
     modules = [f"{mod.name}:{mod.scaling!r}" for mod in clf.posterior.modules]
+    if clf.posterior.weights_sha256 is None:  # a posterior built by hand, not from peft
+        raise ValueError("the adapter's posterior has no weights_sha256: build it with bayesianize_many")
     model_config = getattr(clf.model, "config", None)
     return {
         "code_sha256": cache.code_sha256(),  # the code that computes it, not the package version
         "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
         "gguf_file": m.gguf_file,
         "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
-        "adapter_modules": cache.sha256_text(modules), "adapter_sha256": cache.tensors_sha256(tensors),
+        "adapter_modules": cache.sha256_text(modules), "adapter_sha256": clf.posterior.weights_sha256,
         "dtype": m.dtype, "device_type": torch.device(m.device).type, "load_in_8bit": m.load_in_8bit,
         "task": task.name, "labels": list(task.labels), "max_length": m.max_length, "truncate": task.truncate,
         "anchor_sha256": cache.sha256_text(list(prompts) + ([str(targets.tolist())] if targets is not None else [])),
