@@ -18,7 +18,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
-from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, GENERATION_SEARCH, EngineConfig
+from tfb_core.serving.config import (
+    DEMO_GENERATIVE_ADAPTER,
+    GENERATION_SEARCH,
+    GENERATION_TASK,
+    EngineConfig,
+    adapter_kind,
+    generation_task,
+    local_adapter_folder,
+)
 from tfb_core.serving.pool import check_names
 
 if sys.version_info >= (3, 11):
@@ -316,6 +324,12 @@ class Settings(BaseSettings):
         its own fields, the server's settings for the rest (``ValueError`` naming a bad value)."""
         own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
         base = {f: None for f in ("published", "adapter", "adapter_revision", "adapter_subfolder", "adapter_name")}
+        if spec.task is None and spec.labels is None and spec.adapter is not None and spec.published is None:
+            folder = local_adapter_folder(ModelConfig(adapter=spec.adapter, adapter_subfolder=spec.adapter_subfolder))
+            if folder is not None and adapter_kind(folder) == GENERATION_TASK:
+                own["task"] = GENERATION_TASK  # its folder says what it is: not the server's task or labels
+        if generation_task(own.get("task")):
+            base.update(labels=None)  # a generative adapter has none (the server's are a classifier's)
         return self.model_copy(update={"adapters": None, **base, **own}).engine_config()
 
     def engine_config(self) -> EngineConfig:

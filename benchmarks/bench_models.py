@@ -133,7 +133,8 @@ class Harness:
         self.lora_layers = {lw.name: self.inner.get_submodule(lw.name) for lw in find_lora_modules(self.peft_model)}
         self.tokenizer = StubTokenizer(self.config.vocab_size)
         self.clf = BayesianClassifier.from_peft(self.peft_model, self.tokenizer, LABELS, max_length=4096)
-        self.tfb_layers = {m.name: m for m in self.clf.posterior.modules}
+        # the layers tfb-serve put in the tree (RoutedLinear: lm_head's is looked up in the tree per forward)
+        self.tfb_layers = {m.name: self.inner.get_submodule(m.name) for m in self.clf.posterior.modules}
         self.class_ids = self.clf.class_ids
         # peft-space image of A' noise: A = A_0 + V^T diag(sigma / d) Z; V^T from the SVD of B
         self._a0: dict[str, torch.Tensor] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import pytest
 from test_app_support import CHAT_TEMPLATE, LABELS, PROMPTS, clean_env, make_settings, ready_client
@@ -163,3 +165,45 @@ def test_an_anchor_prompt_over_the_length_limit_stops_start_up(tiny, chat_model,
     long.write_text(json.dumps({"prompt": " ".join(["word"] * 200)}) + "\n")
     with pytest.raises(LoadError, match="long.jsonl: record 1: the prompt has .* tokens, not within 1 to 64"):
         load_engines(_settings(tiny, chat_model, tmp_path / "cache", anchor=str(long)).engine_configs(), progress=False)
+
+
+def test_a_generative_adapter_loaded_at_run_time_searches_beside_serving_and_answers_as_at_start_up(
+        tiny, chat_model, tmp_path, monkeypatch):
+    """POST /v1/load_lora_adapter with task 'generation': 202, its search's forwards run by the worker
+    (through the gate, as a classifier's), then the same sigma and the same completion as the adapter
+    configured at start-up."""
+    body = {"model": "writer", "prompt": PROMPTS[0], "max_tokens": 4, "n_samples": 4, "posterior_seed": 2,
+            "temperature": 0}
+    with ready_client(_settings(tiny, chat_model, tmp_path / "a")) as c:
+        want_sigma = {a["name"]: a for a in c.get("/info").json()["adapters"]}["writer"]["sigma"]
+        want = c.post("/v1/completions", json=body).json()["choices"][0]
+    served = [{"name": "clf", "path": tiny["adapter"], "labels": list(LABELS), "sigma": 0.05}]
+    settings = make_settings(tiny, model=chat_model["model"], labels=None, sigma=None, adapter=None,
+                             adapters=json.dumps(served), cache_dir=str(tmp_path / "b"),
+                             allow_runtime_lora_updating=True, **SEARCH)
+    from tfb_core.forward import generator
+
+    threads: set[str] = set()
+    arm = generator.arm
+
+    def watched(*args, **kwargs):  # the thread each decode forward runs on
+        threads.add(threading.current_thread().name)
+        return arm(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "arm", watched)
+    with ready_client(settings) as c:
+        threads.clear()
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "writer", "lora_path": tiny["adapter_other"],
+                                                  "task": "generation", "anchor": chat_model["anchor"]})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 120
+        while (entry := {a["name"]: a for a in c.get("/info").json()["adapters"]}["writer"])["state"] != "ready":
+            assert entry["state"] == "searching" and time.monotonic() < deadline, entry
+            time.sleep(0.05)
+        assert entry["kind"] == "generation" and entry["sigma_source"] == "search"
+        assert entry["sigma"] == pytest.approx(want_sigma, rel=1e-6)
+        assert threads == {"tfb-model-worker"}  # the search's forwards (its decodes too) ran on the worker
+        got = c.post("/v1/completions", json=body).json()["choices"][0]
+        assert [t["token_id"] for t in got["uncertainty"]["tokens"]] == [t["token_id"] for t in want["uncertainty"]["tokens"]]
+        for a, b in zip(got["uncertainty"]["tokens"], want["uncertainty"]["tokens"], strict=True):
+            assert a["mutual_information"] == pytest.approx(b["mutual_information"], abs=1e-5)
