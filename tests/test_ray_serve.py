@@ -337,3 +337,17 @@ def test_generation_and_its_stream_go_through_rays_proxy_as_in_one_process(clust
     assert "".join(c["choices"][0]["text"] for c in chunks) == alone["text"]
     assert [c["choices"][0]["uncertainty"]["token"]["token_id"] for c in chunks[:-1]] == \
         [t["token_id"] for t in alone["uncertainty"]["tokens"]]
+
+
+def test_runtime_lora_updating_is_refused_under_ray_serve(tiny):
+    """A load through Ray's proxy would reach one replica: the replica refuses the setting, naming it."""
+    sys.path.insert(0, str(RAY_DIR))
+    try:
+        import serve_app
+    finally:
+        sys.path.remove(str(RAY_DIR))
+    from app.settings import Settings
+
+    serve_app.check_replica_settings(Settings(**tiny_settings(tiny)))  # off: fine
+    with pytest.raises(ValueError, match="TFB_ALLOW_RUNTIME_LORA_UPDATING .* TFB_ADAPTERS"):
+        serve_app.check_replica_settings(Settings(**tiny_settings(tiny), allow_runtime_lora_updating=True))

@@ -252,6 +252,14 @@ async def _wait_ready(state: Any, timeout_s: float) -> None:
         raise RuntimeError(state.error or f"replica not ready: {state.status}")
 
 
+def check_replica_settings(settings: Any) -> None:
+    """Refuse what one replica cannot do for all: runtime LoRA loading changes the replica that the
+    proxy routes the load to, not the others (vLLM's per-instance API). ``ValueError`` naming it."""
+    if settings.allow_runtime_lora_updating:
+        raise ValueError("TFB_ALLOW_RUNTIME_LORA_UPDATING is per process: under Ray Serve a load would reach one "
+                         "replica of many; list the adapters in TFB_ADAPTERS (every replica loads them)")
+
+
 @serve.deployment(
     name="tfb",
     ray_actor_options={"num_gpus": 1, "num_cpus": 2},
@@ -281,6 +289,7 @@ class TFBDeployment:
         # A failed load must fail the replica's start (Ray reports it and retries), not exit the process.
         overrides.setdefault("exit_on_startup_failure", False)
         self.settings = Settings(**overrides)  # TFB_* from the environment, overridden by args
+        check_replica_settings(self.settings)
         capacity = self.settings.feedback_store_size
         store = SharedFeedbackStore(FeedbackStore(capacity), _feedback_actor(capacity)) if shared_feedback else None
         self.fastapi = create_app(self.settings, feedback_store=store)
