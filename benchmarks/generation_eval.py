@@ -34,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tfb_core.config import ModelConfig, SearchConfig  # noqa: E402
 from tfb_core.data.generation import load_generation  # noqa: E402
 from tfb_core.data.loading import load_adapter, load_base_model  # noqa: E402
-from tfb_core.eval_generation import GenEvalOptions, evaluate_generation, format_generation_table  # noqa: E402
+from tfb_core.eval_generation import (  # noqa: E402
+    GenEvalOptions,
+    evaluate_generation,
+    format_generation_table,
+    shift_auroc,
+)
 from tfb_core.forward.generator import BayesianGenerator  # noqa: E402
 from tfb_core.generation_sigma import read_anchor, search_generation_sigma  # noqa: E402
 from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig  # noqa: E402
@@ -144,9 +149,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(tables[-1], flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1) + "\n")  # after each set: a partial run keeps its work
+    if {"in_domain_test", "shifted"} <= set(out["sets"]):
+        _shift_detection(out)
+        tables.append(out["shift_table"])
+        print(out["shift_table"], flush=True)
     out["tables"] = tables
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def _shift_detection(out: dict) -> None:
+    """Per score, the AUROC of telling the shifted questions from the in-domain ones (the shifted set
+    is nearly all wrong: the wrong-answer AUROC ranks few right answers there)."""
+    shift = shift_auroc(out["sets"]["in_domain_test"]["rows"], out["sets"]["shifted"]["rows"])
+    out["shift_detection"] = shift
+    out["shift_table"] = "shift detection (AUROC, shifted vs in-domain): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in shift.items() if v is not None)
 
 
 def merge(paths: list[Path], out_path: Path) -> dict:
@@ -160,6 +178,8 @@ def merge(paths: list[Path], out_path: Path) -> dict:
         out["tables"] = out.get("tables", []) + run.get("tables", [])
         out["load_seconds"] = max(out["load_seconds"], run["load_seconds"])
     out["merged_from"] = [str(p) for p in paths]
+    if {"in_domain_test", "shifted"} <= set(out["sets"]):
+        _shift_detection(out)
     out_path.write_text(json.dumps(out, indent=1) + "\n")
     print("\n\n".join(out.get("tables", [])))
     return out
