@@ -436,7 +436,7 @@ class ModelWorker:
         """Drop abandoned generations, admit queued ones while their rows fit (TFB_MAX_BATCH_ROWS rows
         per decode forward; one bigger request runs alone), run one step, post the updates."""
         if self._generation is None:
-            self._service = GenerationService(engine)
+            self._service = GenerationService(engine, max_rows=self.limits.max_rows)
             self._generation = GenerationBatch(self._service)
         gen, service = self._generation, self._service
         assert service is not None

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.classify import _ERRORS, OpenAIErrorRoute
 from app.errors import ServingError
 from app.routes import PredictorDep, StateDep
-from app.settings import ADAPTER_NAME, AdapterSpec
+from app.settings import ADAPTER_NAME, AdapterFields, AdapterSpec
 from app.state import AppState
 from tfb_core.serving import runtime
 from tfb_core.serving.engine import TFBEngine
@@ -58,7 +58,7 @@ class LoraNotFoundError(ServingError):
     status_code = 404
 
 
-class LoadLoraRequest(BaseModel):
+class LoadLoraRequest(AdapterFields):
     """vLLM's ``LoadLoRAAdapterRequest`` and, optionally, what a ``TFB_ADAPTERS`` entry may set."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [
@@ -69,17 +69,6 @@ class LoadLoraRequest(BaseModel):
     lora_path: str | None = Field(None, description="peft LoRA folder or hub id (or give ``published``)")
     load_inplace: bool = Field(False, description="vLLM: replace a loaded adapter of that name (not supported "
                                                   "here: unload it first)")
-    published: str | None = None
-    adapter_revision: str | None = None
-    adapter_subfolder: str | None = None
-    task: str | None = None
-    labels: tuple[str, ...] | None = None
-    sigma: float | None = Field(None, ge=0.0)
-    anchor: str | None = None
-    calibration: str | None = None
-    calibration_split: float | None = Field(None, ge=0.0, lt=1.0)
-    search_criterion: str | None = None
-    search_tolerance: float | None = None
 
     def spec(self) -> AdapterSpec:
         fields = self.model_dump(exclude={"lora_name", "lora_path", "load_inplace"}, exclude_none=True)

@@ -45,16 +45,13 @@ ADAPTER_FIELDS = ("published", "adapter", "adapter_revision", "adapter_subfolder
                   "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance")
 
 
-class AdapterSpec(BaseModel):
-    """One named adapter of ``TFB_ADAPTERS``. A field it does not set is the server's setting of
-    the same name (``TFB_TASK``, ``TFB_SIGMA``...); ``path`` is an alias of ``adapter`` (as in
-    vLLM's ``--lora-modules``)."""
+class AdapterFields(BaseModel):
+    """What one adapter may set for itself (of ``TFB_ADAPTERS``, or a runtime load); a field it does
+    not set is the server's setting of the same name (``TFB_TASK``, ``TFB_SIGMA``...)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
-    name: str = Field(pattern=ADAPTER_NAME)
     published: str | None = None
-    adapter: str | None = Field(None, alias="path")
     adapter_revision: str | None = None
     adapter_subfolder: str | None = None
     task: str | None = None
@@ -65,6 +62,14 @@ class AdapterSpec(BaseModel):
     calibration_split: float | None = Field(None, ge=0.0, lt=1.0)
     search_criterion: Literal["nll", "flip", "accuracy"] | None = None
     search_tolerance: float | None = None
+
+
+class AdapterSpec(AdapterFields):
+    """One named adapter of ``TFB_ADAPTERS``; ``path`` is an alias of ``adapter`` (as in vLLM's
+    ``--lora-modules``)."""
+
+    name: str = Field(pattern=ADAPTER_NAME)
+    adapter: str | None = Field(None, alias="path")
 
     @model_validator(mode="after")
     def _one_source(self) -> AdapterSpec:

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             model, adapter = _tiny(Path(tmp))
             tiny = {"model": model, "adapter": adapter, "root": Path(tmp)}
-        settings = make_settings(tiny, sigma=args.sigma, device=args.device, dtype=args.dtype,
+        kind = {"labels": None, "task": "generation"} if args.model else {}  # a real adapter: served as generative
+        settings = make_settings(tiny, sigma=args.sigma, device=args.device, dtype=args.dtype, **kind,
                                  max_samples=max(args.n_samples, 16), max_batch_rows=max(64, args.n_samples),
                                  max_tokens=args.tokens, request_timeout_s=3600.0)
         body = {"max_tokens": args.tokens, "temperature": 0, "n_samples": args.n_samples, "stop_token_ids": []}

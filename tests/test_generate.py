@@ -355,3 +355,67 @@ def test_a_released_request_holds_nothing_and_the_decode_goes_on(gen, tokens):
         decoding.step()
     assert _ids(first) == _ids(gen.generate([reqs[0]])[0])
     assert _ids(decoding.result(1)) == _ids(gen.generate([reqs[1]])[0])
+
+
+def _with_head(head: list[int], tok, texts) -> list[list[int]]:
+    return [head + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_a_shared_prefix_is_computed_once_per_sample_and_answers_as_the_whole_prompt(tiny, tokens, sigma):
+    """Prompts that start with the generator's prefix (a chat template's head) read its keys and values
+    from the kept rows (one per sample, computed once, reused by later decodes and by requests joining
+    a running one), and answer as the whole prompt computed each time: the same tokens, the same
+    probabilities and MI up to float rounding; a prompt without the prefix is computed whole."""
+    whole, shared = _generator(tiny), _generator(tiny)
+    head = tokens[0][:1] + shared.tokenizer("system: you answer briefly. user:", add_special_tokens=False)["input_ids"]
+    shared.set_prefix(head, rows=8)
+    prompts = _with_head(head, shared.tokenizer, PROMPTS[1:])
+    # the served way: one kept draw per seed (the engine's), so later decodes find its rows
+    draw = shared.posteriors[0].draw(5, 3) if sigma > 0 else None
+    kw = dict(n_samples=3, sigma=sigma, max_tokens=6, stop_token_ids=(), top_logprobs=2, noise=draw)
+    reqs = [GenerationRequest(p, seed=5, **kw) for p in prompts[:2]]  # one draw: its 3 rows shared by both
+    widths: list[int] = []
+    forward = shared.model.forward
+    shared.model.forward = lambda **k: widths.append(k["input_ids"].shape[1]) or forward(**k)
+    got = shared.generate(reqs)
+    assert widths[0] == len(head)  # the prefix's forward: once per sample, for both prompts
+    assert widths[1] == max(len(p) for p in prompts[:2]) - len(head)  # then only the rest of each prompt
+    assert len(shared.prefix_rows) == (1 if sigma == 0 else 3)
+    widths.clear()
+    decoding = shared.start([GenerationRequest(prompts[2], seed=5, **kw)])  # kept rows: no prefix forward
+    decoding.step()
+    decoding.join([GenerationRequest(tokens[1], seed=5, **kw)])  # no prefix: computed whole
+    while not decoding.done:
+        decoding.step()
+    assert widths[0] == len(prompts[2]) - len(head) and widths[2] == len(tokens[1])
+    results = got + decoding.results()
+    for req, res in zip(reqs + [GenerationRequest(prompts[2], seed=5, **kw), GenerationRequest(tokens[1], seed=5, **kw)],
+                        results, strict=True):
+        ref = whole.generate([req])[0]
+        assert _ids(res) == _ids(ref)
+        for a, b in zip(res.completions, ref.completions, strict=True):
+            for attr in ("logprob", "mutual_information", "predictive_entropy"):
+                torch.testing.assert_close(_vals(a.tokens, attr), _vals(b.tokens, attr), **TOL)
+
+
+def test_kept_prefix_rows_are_per_draw_and_sigma_and_bounded(tiny, tokens):
+    """Another posterior draw or sigma is another row (a kept row never stands in for other noise),
+    and the store keeps at most its rows: past them a decode computes its prefix itself, correctly."""
+    gen = _generator(tiny)
+    head = tokens[0][:1] + gen.tokenizer("system: be brief. user:", add_special_tokens=False)["input_ids"]
+    gen.set_prefix(head, rows=4)
+    prompt = _with_head(head, gen.tokenizer, PROMPTS[:1])[0]
+    kw = dict(max_tokens=3, stop_token_ids=())
+    one, two = gen.posteriors[0].draw(1, 2), gen.posteriors[0].draw(2, 2)
+    gen.generate([GenerationRequest(prompt, n_samples=2, sigma=SIGMA, noise=one, **kw)])
+    gen.generate([GenerationRequest(prompt, n_samples=2, sigma=SIGMA, noise=two, **kw)])  # another draw: 2 more rows
+    assert len(gen.prefix_rows) == 4
+    whole = _generator(tiny)
+    for req in (GenerationRequest(prompt, n_samples=2, sigma=0.1, noise=one, **kw),  # another sigma, same draw
+                GenerationRequest(prompt, n_samples=6, sigma=SIGMA, seed=3, **kw)):  # more rows than kept
+        res, ref = gen.generate([req])[0], whole.generate([req])[0]
+        assert _ids(res) == _ids(ref)
+        torch.testing.assert_close(_vals(res.completion.tokens, "mutual_information"),
+                                   _vals(ref.completion.tokens, "mutual_information"), **TOL)
+    assert len(gen.prefix_rows) <= 4

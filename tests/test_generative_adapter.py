@@ -207,3 +207,22 @@ def test_a_generative_adapter_loaded_at_run_time_searches_beside_serving_and_ans
         assert [t["token_id"] for t in got["uncertainty"]["tokens"]] == [t["token_id"] for t in want["uncertainty"]["tokens"]]
         for a, b in zip(got["uncertainty"]["tokens"], want["uncertainty"]["tokens"], strict=True):
             assert a["mutual_information"] == pytest.approx(b["mutual_information"], abs=1e-5)
+
+
+def test_the_chat_templates_head_is_kept_per_sample_across_chat_requests(tiny, chat_model, tmp_path):
+    """The served generator keeps the keys and values of what every chat prompt starts with (the
+    template's head), per posterior sample: a second chat request reads them."""
+    from test_app_support import CHAT_TEMPLATE
+
+    from tfb_core.serving.generation import chat_head
+
+    with ready_client(_settings(tiny, chat_model, tmp_path / "cache", sigma=0.1)) as c:
+        body = {"model": "writer", "max_tokens": 2, "n_samples": 3, "temperature": 0}
+        for q in ("count to three", "name a colour"):
+            r = c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": q}]})
+            assert r.status_code == 200, r.text
+        gen = c.app.state.tfb.worker._service.generator
+        tok = c.app.state.tfb.predictor.engine.classifier.tokenizer
+        assert tok.chat_template == CHAT_TEMPLATE and gen.prefix_tokens == chat_head(tok)
+        assert gen.prefix_tokens == tok("user: ", add_special_tokens=False)["input_ids"][:len(gen.prefix_tokens)]
+        assert len(gen.prefix_rows) == 3  # the adapter's 3 samples of the default draw, computed once

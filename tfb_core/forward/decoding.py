@@ -120,9 +120,19 @@ class Decoding:
         rows = self._new_streams(requests)
         order, plans = layout(rows)
         rows = [rows[i] for i in order]
-        ids, mask, positions = self.gen.pad_left([self.requests[self.streams[row.stream].request].tokens
-                                                  for row in rows])
-        cache = self.gen.make_cache()
+        prompts = [self.requests[self.streams[row.stream].request].tokens for row in rows]
+        prefix = self.gen.prefix_tokens or []
+        P = len(prefix)
+        if P and all(len(t) > P and t[:P] == prefix for t in prompts):
+            # the shared prefix (a chat template's head) from the generator's kept rows, computed once
+            # per sample; the rest of each prompt, left-padded after it, attends to it
+            cache = self.gen.prefix_cache_of(rows, sigmas)
+            ids, mask, positions = self.gen.pad_left([t[P:] for t in prompts])
+            mask = torch.cat([mask.new_ones((len(rows), P)), mask], dim=1)
+            positions = positions + P
+        else:
+            ids, mask, positions = self.gen.pad_left(prompts)
+            cache = self.gen.make_cache()
         logits = self.gen.forward(rows, ids, mask, positions, cache, sigmas, plans)[:, -1]  # (R_new, V)
         self.sigmas = sigmas
         if self.cache is None:

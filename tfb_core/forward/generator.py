@@ -13,7 +13,8 @@ NLL and uncertainty of a reference answer, or of the sigma = 0 model's own answe
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,32 @@ from tfb_core.data.loading import pad_token_id
 from tfb_core.decide.generation import SequenceScores, mix_rows, sequence_scores
 from tfb_core.forward.completion import GenerationRequest, GenerationResult, TokenUncertainty
 from tfb_core.forward.decode_rows import Row, SegmentPlan, arm, build_segments, disarm, layout, plan_rows
+
+
+class KeptRows:
+    """Per-row keys and values of a shared prefix, the last ``capacity`` rows kept (least recently used
+    first out). The tensors are shared, never written: a decode concatenates them into its own cache."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._rows: OrderedDict[Hashable, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: Hashable) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        row = self._rows.get(key)
+        if row is not None:
+            self._rows.move_to_end(key)
+        return row
+
+    def put(self, key: Hashable, row: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self.capacity <= 0:
+            return
+        self._rows[key] = row
+        self._rows.move_to_end(key)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
 
 
 class BayesianGenerator:
@@ -41,6 +68,11 @@ class BayesianGenerator:
         if routing is None:
             routing = next((m.routing for m in model.modules() if isinstance(m, RoutedLinear)), Routing())
         self.routing = routing
+        #: tokens that many prompts start with (a chat template's head: :meth:`set_prefix`), whose keys
+        #: and values are computed once per posterior sample and kept (``prefix_rows``, least recently
+        #: used first out) for later prompts; None: every prompt is computed whole
+        self.prefix_tokens: list[int] | None = None
+        self.prefix_rows = KeptRows(0)
         #: runs each forward (None: here, now); a background search's view hands its forwards to the
         #: thread that owns the model (:class:`tfb_core.serving.gate.ForwardGate`), as the classifier's
         self.forward_runner: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None
@@ -112,6 +144,45 @@ class BayesianGenerator:
                 return out.logits  # (R, keep, V)
 
         return forward() if self.forward_runner is None else self.forward_runner(forward)
+
+    def set_prefix(self, tokens: Sequence[int] | None, rows: int = 64) -> None:
+        """Reuse the keys and values of ``tokens`` (the start of many prompts) across decodes, for up
+        to ``rows`` posterior-sample rows (each: layers x 2 x P x kv-width numbers)."""
+        self.prefix_tokens = list(tokens) if tokens else None
+        self.prefix_rows = KeptRows(rows if tokens else 0)
+
+    def prefix_cache_of(self, rows: Sequence[Row], sigmas: dict[int, float]) -> Any:
+        """A key/value cache of :attr:`prefix_tokens` for ``rows`` (in their order): kept rows reused,
+        the others computed in one forward (one row per distinct adapter, sample, draw and sigma) and kept."""
+        P = len(self.prefix_tokens or [])
+        key_of = {id(row): (row.adapter, row.sample, None if row.noise is None else row.noise.key,
+                            sigmas.get(row.adapter, 0.0) if row.noisy else 0.0) for row in rows}
+        missing: dict[tuple, Row] = {}
+        for row in rows:
+            k = key_of[id(row)]
+            if self.prefix_rows.get(k) is None and k not in missing:
+                missing[k] = Row(0, row.adapter, row.sample, row.noise)
+        if missing:
+            items = list(missing.items())
+            order, plans = layout([row for _, row in items])
+            items = [items[i] for i in order]
+            ids, mask, positions = self.pad_left([self.prefix_tokens] * len(items))
+            cache = self.make_cache()
+            self.forward([row for _, row in items], ids, mask, positions, cache, sigmas, plans)
+            for r, (k, _) in enumerate(items):  # copies: a kept row must not hold the whole forward's tensors
+                self.prefix_rows.put(k, [(layer.keys[r:r + 1].clone(), layer.values[r:r + 1].clone())
+                                         for layer in cache.layers])
+        per_row = [self.prefix_rows.get(key_of[id(row)]) for row in rows]
+        if any(kv is None for kv in per_row):  # more rows than the store keeps: compute them all now
+            ids, mask, positions = self.pad_left([self.prefix_tokens] * len(rows))
+            cache = self.make_cache()
+            self.forward(list(rows), ids, mask, positions, cache, sigmas, plan_rows(rows))
+            return cache
+        cache = self.make_cache()
+        for i in range(len(per_row[0])):
+            cache.update(torch.cat([kv[i][0] for kv in per_row]), torch.cat([kv[i][1] for kv in per_row]), i)
+        assert cache.get_seq_length() == P
+        return cache
 
     def pad_left(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids), each (R, T), of token lists padded on the left

@@ -27,6 +27,7 @@ from typing import Any
 from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, Mode, TokenUncertainty
 from tfb_core.forward.decoding import Decoding
 from tfb_core.forward.generator import BayesianGenerator
+from tfb_core.generation_sigma import common_prefix
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.pool import AdapterPool
 
@@ -56,6 +57,19 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], instead: str
         raise GenerationInputError(f"the chat template refused the messages: {exc}"[:500], param="messages") from None
 
 
+def chat_head(tokenizer: Any) -> list[int] | None:
+    """The tokens every chat prompt of ``tokenizer``'s template starts with (what two one-message
+    conversations share), or None (no template, or nothing shared)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        a, b = (tokenizer(render_chat(tokenizer, [{"role": "user", "content": w}], ""), add_special_tokens=False)
+                ["input_ids"] for w in ("alpha", "omega"))
+    except GenerationInputError:
+        return None
+    return list(a[:common_prefix([a, b])]) or None
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """What a request asks of the decode (the API's fields, already checked against the limits)."""
@@ -77,7 +91,7 @@ class GenerationSettings:
 class GenerationService:
     """The generator over the served adapters' base model, and what turns a request into its decode."""
 
-    def __init__(self, served: TFBEngine | AdapterPool, max_length: int | None = None) -> None:
+    def __init__(self, served: TFBEngine | AdapterPool, max_length: int | None = None, max_rows: int = 64) -> None:
         self.adapters = served if isinstance(served, AdapterPool) else AdapterPool([served])
         self.generator = BayesianGenerator.from_classifier(self.adapters.default.classifier)
         self.tokenizer = self.generator.tokenizer
@@ -87,6 +101,9 @@ class GenerationService:
         cfg = getattr(self.generator.model, "config", None)
         #: the model's context (prompt + answer), where its config says
         self.context = getattr(cfg, "max_position_embeddings", None)
+        # every chat prompt starts with the template's head (SmolLM2's: its system line): computed once
+        # per posterior sample and kept, as classification keeps a task's instruction
+        self.generator.set_prefix(chat_head(self.tokenizer), rows=max_rows)
 
     # --- prompts (on the model's thread) ----------------------------------------------------------
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
