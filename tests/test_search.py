@@ -397,3 +397,31 @@ def test_reachable_range_holds_every_search_result():
         for root in (1e-6, 0.02, 1e3):  # below, inside and above the bracket
             res = run(lambda sigmas, r=root: [s / r for s in sigmas], cfg)
             assert res.sigma == 0.0 or lo <= res.sigma <= hi, (method, root, res.sigma)
+
+
+def test_an_edited_decoder_searches_a_generative_adapter_again_not_a_classifier(model_cfg, anchor_file, tmp_path,
+                                                                              monkeypatch):
+    """The generative search's modules key a generative adapter's sigma, not a classifier's."""
+    from tfb_core.data.jsonl import read_jsonl
+    from tfb_core.data.tasks import GENERATION, get_task
+    from tfb_core.forward import decoding
+    from tfb_core.serving.startup import anchor_prompts, load_classifier
+
+    src = tmp_path / "src"
+    src.mkdir()
+    copy = src / "tfb_copy_of_decoding.py"
+    copy.write_text(Path(decoding.__file__).read_text())
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.setattr(cache, "GENERATION_MODULES", (*cache.GENERATION_MODULES, "tfb_copy_of_decoding"))
+    cache._sources_sha256.cache_clear()
+    clf = load_classifier(model_cfg, LABELS)
+    cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
+    task = get_task(None, LABELS)
+    prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
+    classifier_key, generation_code = cache_key(cfg, clf, task, prompts, targets), cache.code_sha256(generation=True)
+    assert generation_code != cache.code_sha256()  # the generative key hashes more
+    copy.write_text(copy.read_text() + "\nMAX_STEPS = 1  # an edit\n")
+    cache._sources_sha256.cache_clear()
+    assert cache.code_sha256(generation=True) != generation_code
+    assert cache_key(cfg, clf, task, prompts, targets) == classifier_key
+    assert GENERATION.generative

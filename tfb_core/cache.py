@@ -42,6 +42,10 @@ COMPUTING_MODULES = (
     "tfb_core.decide.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
     "tfb_core.decide.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
     "tfb_core.serving.calibrate",  # the calibration's forward in steps, and what it fits on
+)
+#: what a generative adapter's search also runs (its key hashes both lists; a classifier's, the first
+#: alone: an edit to the decoder does not search every classifier's sigma again)
+GENERATION_MODULES = (
     "tfb_core.generation_sigma",  # a generative adapter's search objective: its greedy anchor answers, teacher-forced
     "tfb_core.forward.generator",  # the N-sample decode forward, its key/value cache
     "tfb_core.forward.decoding",  # greedy decoding from p-bar: the anchor answers
@@ -63,9 +67,10 @@ def sha256_text(parts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def code_sha256() -> str:
-    """SHA-256 of the source of :data:`COMPUTING_MODULES` (read once per process per list)."""
-    return _sources_sha256(tuple(COMPUTING_MODULES))
+def code_sha256(generation: bool = False) -> str:
+    """SHA-256 of the source of :data:`COMPUTING_MODULES` (and, for a generative adapter's search, of
+    :data:`GENERATION_MODULES`; read once per process per list)."""
+    return _sources_sha256(tuple(COMPUTING_MODULES) + (tuple(GENERATION_MODULES) if generation else ()))
 
 
 @functools.cache

@@ -253,7 +253,7 @@ def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> 
     assert cfg.search is not None  # with_defaults
     anchors = generation_anchors(clf, cfg.anchor)
     key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
-    key["anchor_max_tokens"] = cfg.anchor_max_tokens
+    key.update(anchor_max_tokens=cfg.anchor_max_tokens, code_sha256=cache.code_sha256(generation=True))
     cache_dir = default_cache_dir(cfg.model.cache_dir)
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
