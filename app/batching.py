@@ -493,9 +493,11 @@ class ModelWorker:
         except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it
             log.exception("background work failed")
             finished = True
+        with self._cond:
+            self._background.remove(work)
+            if not finished:  # its turn is over: the next ready work goes first (a long calibration
+                self._background.append(work)  # must not hold up an adapter's install or its search)
         if finished:
-            with self._cond:
-                self._background.remove(work)
             self._call_on_loop(lambda _: on_done(), None)
 
     def _call_on_loop(self, fn: Callable[[Any], None], arg: Any) -> None:

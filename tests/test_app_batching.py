@@ -312,3 +312,25 @@ def test_background_step_with_none_left_or_while_draining_does_nothing():
     worker.begin_drain(1.0)
     worker._background_step()
     assert steps == [1]
+
+
+def test_background_works_take_turns():
+    """A long background work (a calibration: many steps) and one queued after it (an adapter's install,
+    a search's forward) alternate step by step: the second does not wait for the first to end."""
+    worker = ModelWorker(lambda: None, BatchLimits(), Metrics(CollectorRegistry()), lambda e: None,
+                         lambda exc: None, warmup=False)
+    steps: list[str] = []
+    long_left = [5]
+
+    def long() -> bool:
+        steps.append("long")
+        long_left[0] -= 1
+        return long_left[0] == 0
+
+    worker.add_background(long, lambda: None)
+    worker.add_background(lambda: steps.append("install") or True, lambda: None)
+    worker.add_background(lambda: steps.append("forward") or len(steps) > 4, lambda: None)
+    for _ in range(9):
+        worker._background_step()
+    assert steps[:4] == ["long", "install", "forward", "long"]
+    assert steps.count("long") == 5 and steps.count("install") == 1
