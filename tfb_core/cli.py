@@ -19,7 +19,7 @@ from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
 from tfb_core.evaluate import EvalOptions, run_eval
-from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig
 from tfb_core.serving.response import predict
 from tfb_core.serving.startup import load_engine
 
@@ -59,7 +59,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="labelled JSONL for prediction sets and abstention (default: none, or a held-out share "
                         "of a labelled anchor with TFB_CALIBRATION_SPLIT)")
     s.add_argument("--criterion", choices=CRITERIA, default=None, help=f"search criterion (default {_SEARCH.criterion})")
-    s.add_argument("--tolerance", type=float, default=None, help=f"search tolerance (default {_SEARCH.tolerance})")
+    s.add_argument("--tolerance", type=float, default=None,
+                   help=f"search tolerance (default {_SEARCH.tolerance} for a classifier, "
+                        f"{GENERATION_SEARCH.tolerance} for a generative adapter)")
     s.add_argument("--low", type=float, default=None, help=f"lower end of the sigma bracket (default {_SEARCH.low})")
     s.add_argument("--high", type=float, default=None, help=f"upper end of the sigma bracket (default {_SEARCH.high})")
     s.add_argument("--iters", type=int, default=None, help=f"bisection steps (default {_SEARCH.iters})")
