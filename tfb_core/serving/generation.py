@@ -10,7 +10,9 @@
 The :class:`~tfb_core.forward.generator.BayesianGenerator` shares the classifier's base model,
 posteriors and routing (``from_classifier``: nothing is copied); each request decodes with its
 adapter's sigma and the adapter's cached noise draw of its posterior seed (the draw /predict uses
-for the same seed). Text is decoded here, on the thread that owns the model (the tokenizer is not
+for the same seed). The chat template's head (what every chat prompt starts with) is computed once
+per posterior sample and kept by the generator (:meth:`~tfb_core.forward.generator.BayesianGenerator.set_prefix`),
+as classification keeps a task's instruction. Text is decoded here, on the thread that owns the model (the tokenizer is not
 shared across threads): each token update carries the text that became safe to show (text that a
 stop string might still cut, or an incomplete character, is held back). No web imports.
 """

@@ -3,8 +3,12 @@
     load_engines([(name, cfg), ...])
       per adapter: the config's defaults, its task; the reference anchor fetched before any model
       one base model with every adapter, Bayesianized: a classifier each   (load_classifiers)
-      per adapter: sigma fixed | from the cache | searched on the anchor    (cache_key, serving.sigma)
+      per adapter: sigma fixed | from the cache | searched on the anchor    (plan_sigma, run_search, cache_key)
+                   (a classifier: serving.sigma's objective; a generative adapter: generation_sigma's,
+                   on its own greedy answers to the anchor prompts)
                    the calibration from the cache | computed now | left to run in the background
+
+The same plan / search / engine steps serve an adapter loaded at run time (serving.runtime).
 
 What runs once, before any request; the run time is :mod:`tfb_core.serving.engine`'s. The caches'
 keys are everything a result depends on (:func:`cache_key`), so a changed adapter, anchor, setting
