@@ -21,10 +21,8 @@ from tfb_core.data.loading import base_mismatch
 from tfb_core.serving.config import (
     DEMO_GENERATIVE_ADAPTER,
     GENERATION_SEARCH,
-    GENERATION_TASK,
     EngineConfig,
-    adapter_kind,
-    local_adapter_folder,
+    folder_task,
 )
 from tfb_core.serving.pool import check_names
 
@@ -329,9 +327,9 @@ class Settings(BaseSettings):
         own = {f: getattr(spec, f) for f in ADAPTER_FIELDS if getattr(spec, f) is not None}
         base = {f: None for f in ("published", "adapter", "adapter_revision", "adapter_subfolder", "adapter_name")}
         if spec.task is None and spec.labels is None and spec.adapter is not None and spec.published is None:
-            folder = local_adapter_folder(ModelConfig(adapter=spec.adapter, adapter_subfolder=spec.adapter_subfolder))
-            if folder is not None and adapter_kind(folder) == GENERATION_TASK:
-                own["task"] = GENERATION_TASK  # its folder says what it is: not the server's task or labels
+            kind = folder_task(ModelConfig(adapter=spec.adapter, adapter_subfolder=spec.adapter_subfolder))
+            if kind is not None:
+                own["task"] = kind  # its folder says what it is: not the server's task or labels
         # what says the adapter's task (its own task, published name, labels or kind) is not mixed with
         # the server's TFB_TASK / TFB_LABELS, which describe the server's own adapter
         if "labels" not in own and ("task" in own or "published" in own):

@@ -236,6 +236,19 @@ def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
     assert cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
 
 
+def _listed_copy(module, listing: str, tmp_path, monkeypatch) -> Path:
+    """A copy of ``module``'s source, importable, added to ``cache.<listing>``: edit it to stand for an
+    edit to the module (the real source stays as it is)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    name = f"tfb_copy_of_{module.__name__.rsplit('.', 1)[-1]}"
+    copy = src / f"{name}.py"
+    copy.write_text(Path(module.__file__).read_text())
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.setattr(cache, listing, (*getattr(cache, listing), name))
+    return copy
+
+
 def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
     """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
     (a new cache file, not the old result); an unchanged tree gives the same key again."""
@@ -244,12 +257,7 @@ def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file,
     from tfb_core.decide import conformal
     from tfb_core.serving.startup import anchor_prompts
 
-    src = tmp_path / "src"
-    src.mkdir()
-    copy = src / "tfb_copy_of_conformal.py"
-    copy.write_text(Path(conformal.__file__).read_text())
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.setattr(cache, "COMPUTING_MODULES", (*cache.COMPUTING_MODULES, "tfb_copy_of_conformal"))
+    copy = _listed_copy(conformal, "COMPUTING_MODULES", tmp_path, monkeypatch)
     cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path / "cache"), sigma=0.05, calibration=str(anchor_file))
     task = get_task(None, LABELS)
     prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
@@ -407,12 +415,7 @@ def test_an_edited_decoder_searches_a_generative_adapter_again_not_a_classifier(
     from tfb_core.forward import decoding
     from tfb_core.serving.startup import anchor_prompts, load_classifier
 
-    src = tmp_path / "src"
-    src.mkdir()
-    copy = src / "tfb_copy_of_decoding.py"
-    copy.write_text(Path(decoding.__file__).read_text())
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.setattr(cache, "GENERATION_MODULES", (*cache.GENERATION_MODULES, "tfb_copy_of_decoding"))
+    copy = _listed_copy(decoding, "GENERATION_MODULES", tmp_path, monkeypatch)
     cache._sources_sha256.cache_clear()
     clf = load_classifier(model_cfg, LABELS)
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)

@@ -16,6 +16,7 @@ from typing import Any
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchConfig
 from tfb_core.data.published import parse as parse_published
+from tfb_core.data.tasks import ALIASES, GENERATION
 from tfb_core.decide.conformal import SCORES
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
@@ -32,7 +33,7 @@ DEMO_CALIBRATION = DEMO_ADAPTER / CALIBRATION_FILE
 DEMO_GENERATIVE_ADAPTER = Path(__file__).parent.parent / "adapters" / "arith-mle"
 #: what an adapter folder's own training record may say (``"kind": "generation"``: a generative adapter)
 TRAIN_CONFIG_FILE = "train_config.json"
-GENERATION_TASK = "generation"
+GENERATION_TASK = GENERATION.name
 #: the sigma search of a generative adapter unless one is configured: the relative NLL change of the
 #: sigma = 0 model's own greedy answers to the anchor prompts within 10 %. The classification default
 #: (1.5, the reference's) flips a third of the demo's greedy answers and halves its accuracy; see
@@ -139,8 +140,8 @@ class EngineConfig:
         if folder is not None:
             if folder.resolve() == DEMO_ADAPTER.resolve() and self.task is None and self.labels is None:
                 changes["task"] = "sst2"
-            elif self.task is None and self.labels is None and adapter_kind(folder) == GENERATION_TASK:
-                changes["task"] = GENERATION_TASK
+            elif self.task is None and self.labels is None and (kind := folder_task(model)) is not None:
+                changes["task"] = kind
             if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
                 changes["anchor"] = str(folder / ANCHOR_FILE)
             if (self.calibration is None and self.calibration_split == 0.0 and not generation_task(changes.get("task", self.task))
@@ -161,8 +162,15 @@ def local_adapter_folder(model: ModelConfig) -> Path | None:
 
 
 def generation_task(task: str | None) -> bool:
-    """Whether a task name names a generative adapter's task (``generation``, or ``generate``)."""
-    return (task or "").lower() in (GENERATION_TASK, "generate")
+    """Whether a task name names a generative adapter's task (``generation``, or an alias of it)."""
+    return task is not None and ALIASES.get(task.lower(), task.lower()) == GENERATION_TASK
+
+
+def folder_task(model: ModelConfig) -> str | None:
+    """The task an adapter's local folder says it is for (``generation``, from its train_config.json),
+    or None (no folder, or it says nothing: its task is the settings')."""
+    folder = local_adapter_folder(model)
+    return GENERATION_TASK if folder is not None and adapter_kind(folder) == GENERATION_TASK else None
 
 
 def adapter_kind(folder: Path) -> str | None:

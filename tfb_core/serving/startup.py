@@ -257,7 +257,7 @@ def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> 
     assert cfg.search is not None  # with_defaults
     anchors = generation_anchors(clf, cfg.anchor)
     key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
-    key.update(anchor_max_tokens=cfg.anchor_max_tokens, code_sha256=cache.code_sha256(generation=True))
+    key["anchor_max_tokens"] = cfg.anchor_max_tokens
     cache_dir = default_cache_dir(cfg.model.cache_dir)
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
@@ -346,7 +346,8 @@ def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: S
         raise ValueError("the adapter's posterior has no weights_sha256: build it with bayesianize_many")
     model_config = getattr(clf.model, "config", None)
     return {
-        "code_sha256": cache.code_sha256(),  # the code that computes it, not the package version
+        # the code that computes it, not the package version (a generative adapter's: the decoder's too)
+        "code_sha256": cache.code_sha256(generation=task.generative),
         "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
         "gguf_file": m.gguf_file,
         "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
