@@ -347,13 +347,14 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
         assert _running(client)
         # the generation is in flight while it decodes
         assert metric(metric_samples(client.get("/metrics").text), "tfb_inflight_requests") == 1
-        decoding = client.app.state.tfb.worker._generation.decoding  # the running decode, kept to read after
+        decoding = client.app.state.tfb.worker._generation.decoding
+        stream = list(decoding.streams.values())[-1]  # the request's, kept to read after it was released
     _wait_idle(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="disconnect") == before + 1
     assert metric(samples, "tfb_generation_rows") == 0
     assert metric(samples, "tfb_inflight_requests") == 0  # and out of flight once its client left
-    stream = decoding.streams[-1]  # the request's: cancelled, long before its 400 tokens
+    assert not decoding.streams  # released: the decode keeps nothing of it
     assert stream.finish[0] == "cancelled" and len(stream.token_ids) < 400
 
 

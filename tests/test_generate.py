@@ -348,7 +348,7 @@ def test_a_released_request_holds_nothing_and_the_decode_goes_on(gen, tokens):
     decoding.step()
     first = decoding.result(0)
     decoding.release(0)
-    assert decoding.requests[0].noise is None and all(not st.tokens for st in decoding.streams if st.request == 0)
+    assert 0 not in decoding.requests and all(st.request != 0 for st in decoding.streams.values())
     with pytest.raises(RuntimeError, match="released"):
         decoding.result(0)
     while not decoding.done:
@@ -419,3 +419,36 @@ def test_kept_prefix_rows_are_per_draw_and_sigma_and_bounded(tiny, tokens):
         torch.testing.assert_close(_vals(res.completion.tokens, "mutual_information"),
                                    _vals(ref.completion.tokens, "mutual_information"), **TOL)
     assert len(gen.prefix_rows) <= 4
+
+
+def test_a_decode_that_never_ends_holds_only_its_live_requests(gen, tokens):
+    """Continuous traffic through one decode: a request joins at every step while others end and are
+    released (as the server does). What the decode keeps (requests, streams, their index, posterior
+    draws) stays bounded by the requests still in it, not by the hundreds it served."""
+    kw = dict(n_samples=2, sigma=SIGMA, stop_token_ids=())
+    live_most = 0
+    decoding = gen.start([GenerationRequest(tokens[0], max_tokens=3, seed=0, **kw)])
+    served = 1
+    results = {}
+    while served < 300:
+        decoding.join([GenerationRequest(tokens[served % 4], max_tokens=1 + served % 4, seed=served,
+                                         mode="per_sample" if served % 2 else "mean", **kw)])
+        served += 1
+        decoding.step()
+        live = len(decoding.requests)  # those that took this step's token
+        live_most = max(live_most, live)
+        assert live <= 4  # max_tokens <= 4: at most four requests are ever decoding at once
+        assert len(decoding._by_request) == live and len(decoding._draws) <= live
+        assert len(decoding.streams) == sum(len(decoding.stream_ids(r)) for r in decoding.requests) <= live * 2
+        for r in [r for r in decoding.requests if decoding.finished(r)]:
+            results[r] = decoding.result(r)
+            decoding.release(r)
+    while not decoding.done:
+        decoding.step()
+    assert live_most >= 3 and len(results) >= 295
+    with pytest.raises(RuntimeError, match="released"):
+        decoding.result(0)
+    # the bookkeeping changed nothing of the answers: a late one equals its decode alone
+    late = max(r for r in results if results[r].mode == "per_sample")
+    req = GenerationRequest(tokens[late % 4], max_tokens=1 + late % 4, seed=late, mode="per_sample", **kw)
+    assert _ids(results[late]) == _ids(gen.generate([req])[0])
