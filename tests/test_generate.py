@@ -452,3 +452,56 @@ def test_a_decode_that_never_ends_holds_only_its_live_requests(gen, tokens):
     late = max(r for r in results if results[r].mode == "per_sample")
     req = GenerationRequest(tokens[late % 4], max_tokens=1 + late % 4, seed=late, mode="per_sample", **kw)
     assert _ids(results[late]) == _ids(gen.generate([req])[0])
+
+
+def test_a_chat_prompts_path_does_not_depend_on_the_prompts_that_join_beside_it(tiny, tokens):
+    """A prompt that starts with the kept chat head prefills from the kept rows whether or not a prompt
+    without the head joins in the same call (the two kinds prefill apart): its first token's logits
+    are bit-identical alone and in that company; its answer the same tokens, its later numbers equal
+    up to rounding (its rows then share forwards with the other's)."""
+    gen = _generator(tiny)
+    head = tokens[0][:1] + gen.tokenizer("system: you answer briefly. user:", add_special_tokens=False)["input_ids"]
+    gen.set_prefix(head, rows=8)
+    chat_prompt = _with_head(head, gen.tokenizer, PROMPTS[2:3])[0]
+    kw = dict(n_samples=3, sigma=SIGMA, max_tokens=6, stop_token_ids=(), noise=gen.posteriors[0].draw(5, 3), seed=5)
+    chat, plain = GenerationRequest(chat_prompt, **kw), GenerationRequest(tokens[1], **kw)
+    gen.generate([chat])  # the kept rows of the head: the same ones for both decodes below
+
+    def first_logits(decoding, request: int) -> dict[int, torch.Tensor]:  # by posterior sample
+        return {row.sample: decoding.logits[r].clone() for r, row in enumerate(decoding.rows)
+                if decoding.streams[row.stream].request == request}
+
+    alone = gen.start([chat])
+    ref = first_logits(alone, 0)
+    for company, at in (([chat, plain], 0), ([plain, chat], 1)):
+        decoding = gen.start(company)
+        got = first_logits(decoding, at)
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+        while not decoding.done:
+            decoding.step()
+        res = decoding.result(at)
+        assert _ids(res) == _ids(gen.generate([chat])[0])
+    while not alone.done:
+        alone.step()
+    torch.testing.assert_close(_vals(res.completion.tokens, "logprob"), _vals(alone.result(0).completion.tokens,
+                                                                              "logprob"), **TOL)
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_a_per_sample_answer_at_temperature_is_the_same_alone_and_in_company(gen, tokens, sigma):
+    """Each sample's token draws are seeded by the request's seed and the sample's index in the
+    request, never by where its stream sits in the decode: the answers alone, after other requests in
+    one start, and joining a running decode are the same."""
+    req = GenerationRequest(tokens[2], n_samples=3, sigma=sigma, max_tokens=6, temperature=1.0, sampling_seed=7,
+                            mode="per_sample", stop_token_ids=())
+    other = GenerationRequest(tokens[0], n_samples=2, sigma=sigma, max_tokens=4, temperature=1.0, sampling_seed=7,
+                              mode="per_sample", stop_token_ids=())
+    alone = _ids(gen.generate([req])[0])
+    assert len(set(map(tuple, alone))) > 1  # the samples are draws, not one answer
+    assert _ids(gen.generate([other, req])[1]) == alone
+    decoding = gen.start([other])
+    decoding.step()
+    [r] = decoding.join([req])
+    while not decoding.done:
+        decoding.step()
+    assert _ids(decoding.result(r)) == alone
