@@ -41,6 +41,7 @@ from app.errors import LimitError, RequestTimeoutError, openai_error_body, statu
 from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import check_messages
+from tfb_core.bayes.posterior import SEED_LIMIT
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, GenerationService, GenerationSettings, GenerationUpdate
 
@@ -61,7 +62,8 @@ class _Common(BaseModel):
     model: str | None = Field(None, description="the adapter's name (GET /v1/models); unset: the default adapter")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="applied to p̄ (0: greedy argmax of p̄)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus of p̄")
-    seed: int | None = Field(None, ge=0, description="OpenAI's: the token sampling's seed (unset: random)")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="OpenAI's: the token sampling's seed, below 2**64 "
+                             "(unset: random)")
     stop: str | list[str] | None = Field(None, description="strings that end the answer (not returned)")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -69,7 +71,8 @@ class _Common(BaseModel):
     user: str | None = None
     # --- tfb extensions
     n_samples: int | None = Field(None, ge=1, description="posterior samples N (default TFB_N_SAMPLES)")
-    posterior_seed: int | None = Field(None, ge=0, description="seed of the N posterior samples (default TFB_SEED)")
+    posterior_seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="seed of the N posterior samples, below "
+                                       "2**64 (default TFB_SEED)")
     answers: Literal["mean", "per_sample"] = Field(
         "mean", description="mean: one answer from p̄; per_sample: each posterior sample's own greedy answer, "
                             "clustered (the majority answer is the choice)")

@@ -257,6 +257,10 @@ def test_per_sample_answers_their_clusters_and_semantic_entropy(client):
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "stream": True, "answers": "per_sample"}, 400, "stream", "per_sample"),
     ("/v1/completions", {}, 400, "prompt", "Field required"),
+    # torch's generators take a uint64: 2**64 was a 500 (seed) and a 400 naming nothing (posterior_seed)
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed", "less than 18446744073709551616"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "seed", "less than"),
+    ("/v1/completions", {"prompt": "x", "posterior_seed": 2**64}, 400, "posterior_seed", "less than"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages", "chat template"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 999},
@@ -267,6 +271,14 @@ def test_errors_are_openais_body_naming_the_field(client, path, body, status, pa
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and text in err["message"] and err["code"] == status, err
+
+
+def test_the_largest_seeds_are_answered(client):
+    """2**64 - 1, the largest seed torch takes, for the token draws and the posterior samples."""
+    for field in ("seed", "posterior_seed"):
+        r = client.post("/v1/completions", json={"model": "bayes", "prompt": "x", "max_tokens": 2, "temperature": 1.0,
+                                                 "n_samples": 2, field: 2**64 - 1})
+        assert r.status_code == 200, r.text
 
 
 def test_unknown_fields_are_ignored_and_info_lists_the_routes(client):

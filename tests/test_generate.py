@@ -505,3 +505,28 @@ def test_a_per_sample_answer_at_temperature_is_the_same_alone_and_in_company(gen
     while not decoding.done:
         decoding.step()
     assert _ids(decoding.result(r)) == alone
+
+
+def test_a_join_that_fails_leaves_the_decode_as_it_was(gen, tokens):
+    """A request refused mid-join (its prompt's forward raises) adds nothing: no request, stream or
+    row stays behind to be retried, and the running request decodes on as alone."""
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4, max_tokens=5, stop_token_ids=())
+    decoding = gen.start([GenerationRequest(tokens[0], **kw)])
+    decoding.step()
+    before = (dict(decoding.requests), dict(decoding.streams), list(decoding.rows), dict(decoding._draws))
+    with pytest.raises((IndexError, RuntimeError)):  # a token id past the vocabulary: the embedding refuses it
+        decoding.join([GenerationRequest([len(gen.tokenizer) + 10**6], **{**kw, "seed": 9})])
+    assert (decoding.requests, decoding.streams, decoding.rows, decoding._draws) == before
+    assert decoding.join([GenerationRequest(tokens[1], **kw)]) == [1]  # the next id: the failed one took none
+    while not decoding.done:
+        decoding.step()
+    assert _ids(decoding.result(0)) == _ids(gen.generate([GenerationRequest(tokens[0], **kw)])[0])
+
+
+@pytest.mark.parametrize("field", ["seed", "sampling_seed"])
+def test_a_seed_torch_cannot_take_is_refused_by_the_request(tokens, field):
+    GenerationRequest(tokens[0], **{field: 2**64 - 1})
+    with pytest.raises(ValueError, match=f"{field} must be in"):
+        GenerationRequest(tokens[0], **{field: 2**64})
+    with pytest.raises(ValueError, match=f"{field} must be in"):
+        GenerationRequest(tokens[0], **{field: -1})

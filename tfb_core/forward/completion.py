@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.bayes.posterior import SEED_LIMIT, NoiseDraw
 from tfb_core.decide.generation import AnswerSummary, SequenceScores
 
 #: "mean": Bayesian model averaging, one answer decoded from p̄; "per_sample": each of the N
@@ -61,6 +61,9 @@ class GenerationRequest:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("seed", "sampling_seed"):  # torch's generators take a uint64
+            if not 0 <= getattr(self, name) < SEED_LIMIT:
+                raise ValueError(f"{name} must be in [0, 2**64), got {getattr(self, name)}")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if any(not s for s in self.stop):
