@@ -201,16 +201,15 @@ def _uncertainty(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _completion_logprobs(tokens: list[dict[str, Any]], k: int | None, offset: int = 0) -> dict[str, Any] | None:
+def _completion_logprobs(tokens: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
+    """OpenAI's completions logprobs; ``text_offset``: characters of the answer's text before the
+    character the token's first byte belongs to (the service's ``text_offsets``: the pieces of one
+    character split over tokens share its offset), the same streamed or not."""
     if k is None:
         return None
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t["token"])
     return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
             "top_logprobs": [_top_dict(t["top_logprobs"]) for t in tokens],
-            "text_offset": offsets}
+            "text_offset": [t["text_offset"] for t in tokens]}
 
 
 def _top_dict(top: list[dict[str, Any]]) -> dict[str, float]:
@@ -365,7 +364,6 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
     obj = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": rid, "object": obj, "created": created, "model": model}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    offset = 0
     try:
         if chat:
             yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -390,9 +388,8 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
                               "logprobs": _chat_logprobs([t], bool(body.logprobs)), "finish_reason": None,
                               "uncertainty": unc}
                 else:
-                    choice = {"index": 0, "text": update.text, "logprobs": _completion_logprobs([t], body.logprobs, offset),
+                    choice = {"index": 0, "text": update.text, "logprobs": _completion_logprobs([t], body.logprobs),
                               "finish_reason": None, "uncertainty": unc}
-                offset += len(t["token"])
                 yield _sse({**head, "choices": [choice]})
             if update.result is not None:
                 info = update.result

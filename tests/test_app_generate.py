@@ -158,6 +158,10 @@ def test_streamed_chunks_reassemble_to_the_answer_with_the_same_token_uncertaint
     assert "".join(c["choices"][0]["text"] for c in tokens) == whole["text"]
     assert_close([c["choices"][0]["uncertainty"]["token"] for c in tokens], whole["uncertainty"]["tokens"])
     assert [c["choices"][0]["logprobs"]["tokens"][0] for c in tokens] == whole["logprobs"]["tokens"]
+    # each token's text_offset, streamed or not: where its character begins in the text
+    assert [c["choices"][0]["logprobs"]["text_offset"][0] for c in tokens] == whole["logprobs"]["text_offset"]
+    offsets = whole["logprobs"]["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(whole["text"])
     assert end["choices"][0]["finish_reason"] == "length"
     assert_close(end["choices"][0]["uncertainty"]["sequence"], whole["uncertainty"]["sequence"])
     # a stop string across a token boundary: the text before it is streamed, nothing of it
