@@ -41,6 +41,7 @@ from app.errors import LimitError, RequestTimeoutError, openai_error_body, statu
 from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import check_messages
+from tfb_core.bayes.posterior import SEED_LIMIT
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, GenerationService, GenerationSettings, GenerationUpdate
 
@@ -61,7 +62,8 @@ class _Common(BaseModel):
     model: str | None = Field(None, description="the adapter's name (GET /v1/models); unset: the default adapter")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="applied to p̄ (0: greedy argmax of p̄)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus of p̄")
-    seed: int | None = Field(None, ge=0, description="OpenAI's: the token sampling's seed (unset: random)")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="OpenAI's: the token sampling's seed, below 2**64 "
+                             "(unset: random)")
     stop: str | list[str] | None = Field(None, description="strings that end the answer (not returned)")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -69,7 +71,8 @@ class _Common(BaseModel):
     user: str | None = None
     # --- tfb extensions
     n_samples: int | None = Field(None, ge=1, description="posterior samples N (default TFB_N_SAMPLES)")
-    posterior_seed: int | None = Field(None, ge=0, description="seed of the N posterior samples (default TFB_SEED)")
+    posterior_seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="seed of the N posterior samples, below "
+                                       "2**64 (default TFB_SEED)")
     answers: Literal["mean", "per_sample"] = Field(
         "mean", description="mean: one answer from p̄; per_sample: each posterior sample's own greedy answer, "
                             "clustered (the majority answer is the choice)")
@@ -198,16 +201,15 @@ def _uncertainty(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _completion_logprobs(tokens: list[dict[str, Any]], k: int | None, offset: int = 0) -> dict[str, Any] | None:
+def _completion_logprobs(tokens: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
+    """OpenAI's completions logprobs; ``text_offset``: characters of the answer's text before the
+    character the token's first byte belongs to (the service's ``text_offsets``: the pieces of one
+    character split over tokens share its offset), the same streamed or not."""
     if k is None:
         return None
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t["token"])
     return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
             "top_logprobs": [_top_dict(t["top_logprobs"]) for t in tokens],
-            "text_offset": offsets}
+            "text_offset": [t["text_offset"] for t in tokens]}
 
 
 def _top_dict(top: list[dict[str, Any]]) -> dict[str, float]:
@@ -362,7 +364,6 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
     obj = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": rid, "object": obj, "created": created, "model": model}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    offset = 0
     try:
         if chat:
             yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -387,9 +388,8 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
                               "logprobs": _chat_logprobs([t], bool(body.logprobs)), "finish_reason": None,
                               "uncertainty": unc}
                 else:
-                    choice = {"index": 0, "text": update.text, "logprobs": _completion_logprobs([t], body.logprobs, offset),
+                    choice = {"index": 0, "text": update.text, "logprobs": _completion_logprobs([t], body.logprobs),
                               "finish_reason": None, "uncertainty": unc}
-                offset += len(t["token"])
                 yield _sse({**head, "choices": [choice]})
             if update.result is not None:
                 info = update.result

@@ -158,6 +158,10 @@ def test_streamed_chunks_reassemble_to_the_answer_with_the_same_token_uncertaint
     assert "".join(c["choices"][0]["text"] for c in tokens) == whole["text"]
     assert_close([c["choices"][0]["uncertainty"]["token"] for c in tokens], whole["uncertainty"]["tokens"])
     assert [c["choices"][0]["logprobs"]["tokens"][0] for c in tokens] == whole["logprobs"]["tokens"]
+    # each token's text_offset, streamed or not: where its character begins in the text
+    assert [c["choices"][0]["logprobs"]["text_offset"][0] for c in tokens] == whole["logprobs"]["text_offset"]
+    offsets = whole["logprobs"]["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(whole["text"])
     assert end["choices"][0]["finish_reason"] == "length"
     assert_close(end["choices"][0]["uncertainty"]["sequence"], whole["uncertainty"]["sequence"])
     # a stop string across a token boundary: the text before it is streamed, nothing of it
@@ -257,6 +261,10 @@ def test_per_sample_answers_their_clusters_and_semantic_entropy(client):
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "stream": True, "answers": "per_sample"}, 400, "stream", "per_sample"),
     ("/v1/completions", {}, 400, "prompt", "Field required"),
+    # torch's generators take a uint64: 2**64 was a 500 (seed) and a 400 naming nothing (posterior_seed)
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "seed", "less than 18446744073709551616"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, 400, "seed", "less than"),
+    ("/v1/completions", {"prompt": "x", "posterior_seed": 2**64}, 400, "posterior_seed", "less than"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages", "chat template"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 999},
@@ -267,6 +275,14 @@ def test_errors_are_openais_body_naming_the_field(client, path, body, status, pa
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and text in err["message"] and err["code"] == status, err
+
+
+def test_the_largest_seeds_are_answered(client):
+    """2**64 - 1, the largest seed torch takes, for the token draws and the posterior samples."""
+    for field in ("seed", "posterior_seed"):
+        r = client.post("/v1/completions", json={"model": "bayes", "prompt": "x", "max_tokens": 2, "temperature": 1.0,
+                                                 "n_samples": 2, field: 2**64 - 1})
+        assert r.status_code == 200, r.text
 
 
 def test_unknown_fields_are_ignored_and_info_lists_the_routes(client):
@@ -347,13 +363,14 @@ def test_a_stream_whose_client_leaves_frees_its_rows(client):
         assert _running(client)
         # the generation is in flight while it decodes
         assert metric(metric_samples(client.get("/metrics").text), "tfb_inflight_requests") == 1
-        decoding = client.app.state.tfb.worker._generation.decoding  # the running decode, kept to read after
+        decoding = client.app.state.tfb.worker._generation.decoding
+        stream = list(decoding.streams.values())[-1]  # the request's, kept to read after it was released
     _wait_idle(client)
     samples = metric_samples(client.get("/metrics").text)
     assert metric(samples, "tfb_requests_aborted_total", reason="disconnect") == before + 1
     assert metric(samples, "tfb_generation_rows") == 0
     assert metric(samples, "tfb_inflight_requests") == 0  # and out of flight once its client left
-    stream = decoding.streams[-1]  # the request's: cancelled, long before its 400 tokens
+    assert not decoding.streams  # released: the decode keeps nothing of it
     assert stream.finish[0] == "cancelled" and len(stream.token_ids) < 400
 
 

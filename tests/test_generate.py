@@ -348,7 +348,7 @@ def test_a_released_request_holds_nothing_and_the_decode_goes_on(gen, tokens):
     decoding.step()
     first = decoding.result(0)
     decoding.release(0)
-    assert decoding.requests[0].noise is None and all(not st.tokens for st in decoding.streams if st.request == 0)
+    assert 0 not in decoding.requests and all(st.request != 0 for st in decoding.streams.values())
     with pytest.raises(RuntimeError, match="released"):
         decoding.result(0)
     while not decoding.done:
@@ -419,3 +419,114 @@ def test_kept_prefix_rows_are_per_draw_and_sigma_and_bounded(tiny, tokens):
         torch.testing.assert_close(_vals(res.completion.tokens, "mutual_information"),
                                    _vals(ref.completion.tokens, "mutual_information"), **TOL)
     assert len(gen.prefix_rows) <= 4
+
+
+def test_a_decode_that_never_ends_holds_only_its_live_requests(gen, tokens):
+    """Continuous traffic through one decode: a request joins at every step while others end and are
+    released (as the server does). What the decode keeps (requests, streams, their index, posterior
+    draws) stays bounded by the requests still in it, not by the hundreds it served."""
+    kw = dict(n_samples=2, sigma=SIGMA, stop_token_ids=())
+    live_most = 0
+    decoding = gen.start([GenerationRequest(tokens[0], max_tokens=3, seed=0, **kw)])
+    served = 1
+    results = {}
+    while served < 300:
+        decoding.join([GenerationRequest(tokens[served % 4], max_tokens=1 + served % 4, seed=served,
+                                         mode="per_sample" if served % 2 else "mean", **kw)])
+        served += 1
+        decoding.step()
+        live = len(decoding.requests)  # those that took this step's token
+        live_most = max(live_most, live)
+        assert live <= 4  # max_tokens <= 4: at most four requests are ever decoding at once
+        assert len(decoding._by_request) == live and len(decoding._draws) <= live
+        assert len(decoding.streams) == sum(len(decoding.stream_ids(r)) for r in decoding.requests) <= live * 2
+        for r in [r for r in decoding.requests if decoding.finished(r)]:
+            results[r] = decoding.result(r)
+            decoding.release(r)
+    while not decoding.done:
+        decoding.step()
+    assert live_most >= 3 and len(results) >= 295
+    with pytest.raises(RuntimeError, match="released"):
+        decoding.result(0)
+    # the bookkeeping changed nothing of the answers: a late one equals its decode alone
+    late = max(r for r in results if results[r].mode == "per_sample")
+    req = GenerationRequest(tokens[late % 4], max_tokens=1 + late % 4, seed=late, mode="per_sample", **kw)
+    assert _ids(results[late]) == _ids(gen.generate([req])[0])
+
+
+def test_a_chat_prompts_path_does_not_depend_on_the_prompts_that_join_beside_it(tiny, tokens):
+    """A prompt that starts with the kept chat head prefills from the kept rows whether or not a prompt
+    without the head joins in the same call (the two kinds prefill apart): its first token's logits
+    are bit-identical alone and in that company; its answer the same tokens, its later numbers equal
+    up to rounding (its rows then share forwards with the other's)."""
+    gen = _generator(tiny)
+    head = tokens[0][:1] + gen.tokenizer("system: you answer briefly. user:", add_special_tokens=False)["input_ids"]
+    gen.set_prefix(head, rows=8)
+    chat_prompt = _with_head(head, gen.tokenizer, PROMPTS[2:3])[0]
+    kw = dict(n_samples=3, sigma=SIGMA, max_tokens=6, stop_token_ids=(), noise=gen.posteriors[0].draw(5, 3), seed=5)
+    chat, plain = GenerationRequest(chat_prompt, **kw), GenerationRequest(tokens[1], **kw)
+    gen.generate([chat])  # the kept rows of the head: the same ones for both decodes below
+
+    def first_logits(decoding, request: int) -> dict[int, torch.Tensor]:  # by posterior sample
+        return {row.sample: decoding.logits[r].clone() for r, row in enumerate(decoding.rows)
+                if decoding.streams[row.stream].request == request}
+
+    alone = gen.start([chat])
+    ref = first_logits(alone, 0)
+    for company, at in (([chat, plain], 0), ([plain, chat], 1)):
+        decoding = gen.start(company)
+        got = first_logits(decoding, at)
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+        while not decoding.done:
+            decoding.step()
+        res = decoding.result(at)
+        assert _ids(res) == _ids(gen.generate([chat])[0])
+    while not alone.done:
+        alone.step()
+    torch.testing.assert_close(_vals(res.completion.tokens, "logprob"), _vals(alone.result(0).completion.tokens,
+                                                                              "logprob"), **TOL)
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_a_per_sample_answer_at_temperature_is_the_same_alone_and_in_company(gen, tokens, sigma):
+    """Each sample's token draws are seeded by the request's seed and the sample's index in the
+    request, never by where its stream sits in the decode: the answers alone, after other requests in
+    one start, and joining a running decode are the same."""
+    req = GenerationRequest(tokens[2], n_samples=3, sigma=sigma, max_tokens=6, temperature=1.0, sampling_seed=7,
+                            mode="per_sample", stop_token_ids=())
+    other = GenerationRequest(tokens[0], n_samples=2, sigma=sigma, max_tokens=4, temperature=1.0, sampling_seed=7,
+                              mode="per_sample", stop_token_ids=())
+    alone = _ids(gen.generate([req])[0])
+    assert len(set(map(tuple, alone))) > 1  # the samples are draws, not one answer
+    assert _ids(gen.generate([other, req])[1]) == alone
+    decoding = gen.start([other])
+    decoding.step()
+    [r] = decoding.join([req])
+    while not decoding.done:
+        decoding.step()
+    assert _ids(decoding.result(r)) == alone
+
+
+def test_a_join_that_fails_leaves_the_decode_as_it_was(gen, tokens):
+    """A request refused mid-join (its prompt's forward raises) adds nothing: no request, stream or
+    row stays behind to be retried, and the running request decodes on as alone."""
+    kw = dict(n_samples=3, sigma=SIGMA, seed=4, max_tokens=5, stop_token_ids=())
+    decoding = gen.start([GenerationRequest(tokens[0], **kw)])
+    decoding.step()
+    before = (dict(decoding.requests), dict(decoding.streams), list(decoding.rows), dict(decoding._draws))
+    with pytest.raises((IndexError, RuntimeError)):  # a token id past the vocabulary: the embedding refuses it
+        decoding.join([GenerationRequest([len(gen.tokenizer) + 10**6], **{**kw, "seed": 9})])
+    assert (decoding.requests, decoding.streams, decoding.rows, decoding._draws) == before
+    assert decoding.join([GenerationRequest(tokens[1], **kw)]) == [1]  # the next id: the failed one took none
+    while not decoding.done:
+        decoding.step()
+    assert _ids(decoding.result(0)) == _ids(gen.generate([GenerationRequest(tokens[0], **kw)])[0])
+
+
+@pytest.mark.parametrize("field", ["seed", "sampling_seed"])
+def test_a_seed_torch_cannot_take_is_refused_by_the_request(tokens, field):
+    GenerationRequest(tokens[0], **{field: 2**64 - 1})
+    with pytest.raises(ValueError, match=f"{field} must be in"):
+        GenerationRequest(tokens[0], **{field: 2**64})
+    with pytest.raises(ValueError, match=f"{field} must be in"):
+        GenerationRequest(tokens[0], **{field: -1})

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_app_support import make_settings
 
-from tfb_core.forward.completion import GenerationRequest
-from tfb_core.serving.generation import GenerationBatch, GenerationService, GenerationSettings, held_back
+from tfb_core.forward.completion import GenerationRequest, StopRule
+from tfb_core.serving.generation import GenerationBatch, GenerationService, GenerationSettings, held_back, text_offsets
 from tfb_core.serving.startup import load_engine
 
 
@@ -77,6 +77,51 @@ def test_held_back_is_the_tail_a_stop_string_may_still_complete():
     assert held_back("the answer\n", ["\n\n"]) == 1
     assert held_back("say STO", ["STOP", "x"]) == 3
     assert held_back("ab\ufffd", []) == 1  # the bytes of a character still to come
+    # a stop string that starts before an incomplete character: both held (the character may complete it)
+    assert held_back("xa\ufffd", ["a\U0001f389"]) == 2
+
+
+EMOJI = "ab\U0001f389\U0001f389cd"  # two party poppers: four bytes each, three Llama 3 tokens each
+
+
+def _stop_at(tok, text: str, stop: list[str]) -> tuple[int, tuple]:
+    """(tokens decoded, StopRule's verdict) feeding ``text``'s tokens one by one, as a decode does."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rule = StopRule(len(ids), frozenset(), tuple(stop))
+    for n in range(1, len(ids) + 1):
+        verdict = rule.check(ids[n - 1], n, tok.decode(ids[:n], skip_special_tokens=True))
+        if verdict is not None:
+            return n, verdict
+    raise AssertionError("never ended")
+
+
+def test_stop_strings_match_characters_split_over_tokens(llama3_tokenizer):
+    """A real byte-level tokenizer splits an emoji over tokens (the decode shows U+FFFD until its
+    last byte): a stop string of it matches once the character is whole, and U+FFFD as a stop string
+    never meets a character that is only incomplete."""
+    tok = llama3_tokenizer
+    ids = tok(EMOJI, add_special_tokens=False)["input_ids"]
+    prefixes = [tok.decode(ids[:n]) for n in range(1, len(ids) + 1)]
+    assert any(p.endswith("\ufffd") for p in prefixes)  # the emoji spans tokens
+    whole = next(n for n, p in enumerate(prefixes, 1) if "\U0001f389" in p)
+    assert _stop_at(tok, EMOJI, ["\U0001f389"]) == (whole, ("stop", "\U0001f389", 2))
+    assert _stop_at(tok, EMOJI, ["b\U0001f389"]) == (whole, ("stop", "b\U0001f389", 1))
+    assert _stop_at(tok, EMOJI, ["\U0001f389\U0001f389"])[1] == ("stop", "\U0001f389\U0001f389", 2)
+    assert _stop_at(tok, EMOJI, ["\ufffd"]) == (len(ids), ("length", None, -1))
+
+
+def test_text_offsets_count_characters_of_the_text(llama3_tokenizer):
+    """Each token's offset is where its character begins in the text: the three pieces of an emoji
+    share its offset, and the tokens after it stand where the text has them."""
+    tok = llama3_tokenizer
+    text = "a\U0001f389b\u65e5\u672c\u8a9e"  # a, party popper, b, three CJK characters
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    offsets = text_offsets(tok, ids)
+    # the emoji in three tokens: incomplete after the first two, whole after the third
+    assert len(ids) == 7 and [tok.decode(ids[:n]) for n in (2, 3, 4)] == ["a\ufffd", "a\ufffd", "a\U0001f389"]
+    assert offsets == [0, 1, 1, 1, 2, 3, 5]
+    for n, o in enumerate(offsets):
+        assert text[:o] == tok.decode(ids[:n]).rstrip("\ufffd")
 
 
 def test_a_default_max_tokens_fits_the_context_a_clients_is_refused_over_it(service):

@@ -35,6 +35,10 @@ def svd_reparam(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return Vh @ A.detach().float(), U * d, d  # (r, in), (out, r), (r,)
 
 
+#: seeds are in [0, SEED_LIMIT): what torch.Generator.manual_seed takes (a uint64)
+SEED_LIMIT = 2**64
+
+
 def sample_seed(seed: int, n: int) -> int:
     """The generator seed (a uint64) of Monte Carlo sample ``n`` of ``seed``: sample n does not depend on N.
 
@@ -45,7 +49,7 @@ def sample_seed(seed: int, n: int) -> int:
     """
     if not 0 <= n < 2**_SAMPLE_BITS:
         raise ValueError(f"sample index must be in [0, 2**{_SAMPLE_BITS}), got {n}")
-    if not 0 <= seed < 2**64:
+    if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if seed < _PACKED_SEEDS:
         return (seed << _SAMPLE_BITS) | n

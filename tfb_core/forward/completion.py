@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tfb_core.bayes.posterior import NoiseDraw
+from tfb_core.bayes.posterior import SEED_LIMIT, NoiseDraw
 from tfb_core.decide.generation import AnswerSummary, SequenceScores
 
 #: "mean": Bayesian model averaging, one answer decoded from p̄; "per_sample": each of the N
@@ -61,6 +61,9 @@ class GenerationRequest:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("seed", "sampling_seed"):  # torch's generators take a uint64
+            if not 0 <= getattr(self, name) < SEED_LIMIT:
+                raise ValueError(f"{name} must be in [0, 2**64), got {getattr(self, name)}")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if any(not s for s in self.stop):
@@ -133,6 +136,14 @@ class GenerationResult:
         return self.completions[0]
 
 
+def complete_text(text: str) -> str:
+    """``text`` without the characters still incomplete at its end. A byte-level (or byte-fallback)
+    decode writes U+FFFD for the bytes of a character whose last bytes are still to come (an emoji
+    split over tokens), and the next token turns it into the character: text up to there cannot
+    change any more, the tail can."""
+    return text.rstrip("\ufffd")
+
+
 @dataclass
 class StopRule:
     """When one stream ends: a stop token, a stop string in its text, or ``max_tokens`` tokens."""
@@ -144,10 +155,14 @@ class StopRule:
 
     def check(self, token_id: int, n_tokens: int, text: str | None) -> tuple[str, int | str | None, int] | None:
         """After a stream's ``n_tokens``-th token: (finish_reason, stop_reason, length of the text
-        kept), or None to go on. ``text``: the decoding so far (needed only with stop strings)."""
+        kept), or None to go on. ``text``: the decoding so far (needed only with stop strings); stop
+        strings are searched in its complete characters (:func:`complete_text`)."""
         if token_id in self.stop_token_ids:
             return "stop", token_id, -1
         if self.stop and text is not None:
+            # only complete text: an incomplete character can neither match (a stop string of
+            # U+FFFD would meet the stand-in) nor be passed over (its character comes with the next token)
+            text = complete_text(text)
             longest = max(len(s) for s in self.stop)
             start = max(0, self._scanned - longest + 1)  # a stop string may straddle the last token
             hits = [(i, s) for s in self.stop if (i := text.find(s, start)) >= 0]

@@ -10,15 +10,18 @@ Finished streams leave the batch at once: their rows are dropped from the cache
 (``batch_select_indices``) rather than masked, so a step costs the rows still decoding, not the
 batch's start; the cache is copied only when a stream ends, and a kept row's keys and values are
 the same numbers, so no other stream's answer changes. Requests may :meth:`Decoding.join` between
-steps (continuous batching): their prompts are prefilled in a forward of their own and their cache
-rows appended, the shorter history padded on the left (masked). Columns that no row attends to any
+steps (continuous batching): their prompts are prefilled in forwards of their own (prompts that start
+with the generator's kept prefix apart from the others: a request's path does not depend on its
+company, see :meth:`Decoding.join`) and their cache rows appended, the shorter history padded on the
+left (masked). A released request leaves no entry behind: a decode that never ends holds what its
+live requests need, not a trace of every request it served. Columns that no row attends to any
 more (the padding of a long prompt that has left) are cut off the left of the cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,83 +77,139 @@ class Decoding:
         if not requests:
             raise ValueError("no requests to generate for")
         self.gen = generator
-        self.requests: list[GenerationRequest] = []
-        self.streams: list[_Stream] = []
+        # the requests and streams not released yet, by the ids join gave them (0, 1, ... in the order
+        # they came); released ones are removed, so what a decode holds follows the requests still in
+        # it, not every request it ever served (under continuous traffic a decode may never end)
+        self.requests: dict[int, GenerationRequest] = {}
+        self.streams: dict[int, _Stream] = {}
+        self._by_request: dict[int, list[int]] = {}  # each request's streams
+        self._draws: dict = {}  # posterior draws of the requests here, shared by requests of one seed
+        self._joined = 0  # requests ever joined: an id below it that is not in requests was released
+        self._next_stream = 0
         self.rows: list[Row] = []
         self.active: list[int] = []
         self.cache: Any = None
         self.mask = self.positions = self.logits = None
         self.steps = 0
-        self._draws: dict = {}
-        self._released: set[int] = set()
-        self._by_request: list[list[int]] = []  # each request's streams
         self.join(requests)
 
     @property
     def done(self) -> bool:
         return not self.active
 
-    def _new_streams(self, requests: Sequence[GenerationRequest]) -> list[Row]:
-        rows = []
-        for req in requests:
-            r = len(self.requests)
-            self.requests.append(req)
-            noise = self.gen.noise_of(req, self._draws)
+    def _new_streams(self, requests: Sequence[GenerationRequest], draws: dict
+                     ) -> tuple[dict[int, GenerationRequest], dict[int, _Stream], dict[int, list[int]], list[Row]]:
+        """The requests' entries and rows, under the next free ids; nothing here changes until join
+        commits them (a request that fails, e.g. a seed torch refuses, leaves no trace)."""
+        reqs: dict[int, GenerationRequest] = {}
+        streams: dict[int, _Stream] = {}
+        by_request: dict[int, list[int]] = {}
+        rows: list[Row] = []
+        s = self._next_stream
+        for r, req in enumerate(requests, start=self._joined):
+            reqs[r] = req
+            noise = self.gen.noise_of(req, draws)
             stop_ids = self.gen.eos_token_ids if req.stop_token_ids is None else frozenset(req.stop_token_ids)
-            self._by_request.append([])
+            by_request[r] = []
             for i, samples in enumerate(req.streams()):
-                self._by_request[r].append(len(self.streams))
+                # the stream's index among its request's, never its place in the decode: a request's
+                # draws do not depend on what else is decoding
                 seed = req.sampling_seed if req.mode == "mean" else sample_seed(req.sampling_seed, i)
                 g = torch.Generator().manual_seed(seed) if req.temperature > 0.0 else None
-                s = len(self.streams)
-                self.streams.append(_Stream(r, i, samples, StopRule(req.max_tokens, frozenset(stop_ids), tuple(req.stop)),
-                                            g))
+                by_request[r].append(s)
+                streams[s] = _Stream(r, i, samples, StopRule(req.max_tokens, frozenset(stop_ids), tuple(req.stop)), g)
                 rows += [Row(s, req.adapter, n, noise) for n in samples]
-        return rows
+                s += 1
+        return reqs, streams, by_request, rows
+
+    def _has_head(self, tokens: Sequence[int]) -> bool:
+        """Whether a prompt starts with the generator's kept prefix (and goes on after it)."""
+        prefix = self.gen.prefix_tokens
+        return bool(prefix) and len(tokens) > len(prefix) and list(tokens[:len(prefix)]) == prefix
 
     @torch.inference_mode()
     def join(self, requests: Sequence[GenerationRequest]) -> list[int]:
-        """Add requests between steps: their prompts run in one prefill forward of their own, and
-        their rows join the running ones for the next steps. Returns their request indices."""
+        """Add requests between steps: their prompts run in prefill forwards of their own, and their
+        rows join the running ones for the next steps. Returns their request ids. Atomic: when it
+        raises, the decode is as it was.
+
+        A request's path does not depend on its company: a prompt that starts with the generator's kept
+        prefix (a chat template's head) reads it from the kept rows and prefills only its rest, any
+        other prompt is computed whole, and the two kinds prefill in separate forwards. What that
+        guarantees, precisely: a request's prefill forward holds only the rows of requests of its own
+        kind joining in the same call, so its prefill logits (its first token's distribution) are
+        bit-identical whether or not requests of the other kind join beside it (given the same kept
+        prefix rows, on a deterministic device). Beside requests of its own kind, and from the first
+        decode step on (its rows share each forward with every stream still decoding, whose batch size
+        and padded width vary with them), its numbers equal its decode alone up to float rounding, not
+        bit for bit: a greedy token differs only where two tokens tie within that rounding.
+        """
         running = [self.requests[self.streams[s].request] for s in self.active]
         sigmas = self.gen.sigmas_of(running + list(requests))  # before any state changes
         if self.cache is not None and _plain_layers(self.cache) is None:
             raise ValueError("requests can join a running batch only with a plain dynamic key/value cache")
-        first = len(self.requests)
-        rows = self._new_streams(requests)
+        draws = dict(self._draws)
+        reqs, streams, by_request, rows = self._new_streams(requests, draws)
+        head = [row for row in rows if self._has_head(reqs[streams[row.stream].request].tokens)]
+        whole = [row for row in rows if not self._has_head(reqs[streams[row.stream].request].tokens)]
+        prefills = []
+        for group, skip in ((head, len(self.gen.prefix_tokens or [])), (whole, 0)):
+            if group:
+                prefills.append(self._prefill(group, [reqs[streams[row.stream].request].tokens for row in group],
+                                              sigmas, skip))
+        if (self.cache is not None or len(prefills) > 1) and _plain_layers(prefills[0][1]) is None:
+            raise ValueError("requests can join a running batch only with a plain dynamic key/value cache")
+        # commit: nothing above changed the decode
+        self.requests.update(reqs)
+        self.streams.update(streams)
+        self._by_request.update(by_request)
+        self._draws = draws
+        self._joined += len(requests)
+        self._next_stream += len(streams)
+        self.sigmas = sigmas
+        for prefill in prefills:
+            self._append(*prefill)
+        self._relayout(list(range(len(self.rows))))
+        return list(reqs)
+
+    def _prefill(self, rows: list[Row], prompts: list[list[int]], sigmas: dict[int, float], skip: int
+                 ) -> tuple[list[Row], Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One prefill forward of ``rows`` (with their ``prompts``): (rows in forward order, cache,
+        mask (R, T), last positions (R,), last logits (R, V)). ``skip`` > 0: the prompts' first
+        ``skip`` tokens are the generator's kept prefix, read from its kept rows."""
         order, plans = layout(rows)
-        rows = [rows[i] for i in order]
-        prompts = [self.requests[self.streams[row.stream].request].tokens for row in rows]
-        prefix = self.gen.prefix_tokens or []
-        P = len(prefix)
-        if P and all(len(t) > P and t[:P] == prefix for t in prompts):
+        rows, prompts = [rows[i] for i in order], [prompts[i] for i in order]
+        if skip:
             # the shared prefix (a chat template's head) from the generator's kept rows, computed once
             # per sample; the rest of each prompt, left-padded after it, attends to it
             cache = self.gen.prefix_cache_of(rows, sigmas)
-            ids, mask, positions = self.gen.pad_left([t[P:] for t in prompts])
-            mask = torch.cat([mask.new_ones((len(rows), P)), mask], dim=1)
-            positions = positions + P
+            ids, mask, positions = self.gen.pad_left([t[skip:] for t in prompts])
+            mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
+            positions = positions + skip
         else:
             ids, mask, positions = self.gen.pad_left(prompts)
             cache = self.gen.make_cache()
         logits = self.gen.forward(rows, ids, mask, positions, cache, sigmas, plans)[:, -1]  # (R_new, V)
-        self.sigmas = sigmas
+        return rows, cache, mask, positions[:, -1], logits
+
+    def _append(self, rows: list[Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor,
+                logits: torch.Tensor) -> None:
+        """Add prefilled rows to the decode's: their cache rows below the running ones, the shorter
+        history padded on the left (masked)."""
         if self.cache is None:
-            self.rows, self.cache, self.mask, self.positions, self.logits = rows, cache, mask, positions[:, -1], logits
-        else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):  # pad on the left, then stack rows
-                for name in ("keys", "values"):
-                    a, b = getattr(old, name), getattr(new, name)  # (R, heads, T, d)
-                    setattr(old, name, torch.cat([F.pad(a, (0, 0, width - a.shape[2], 0)),
-                                                  F.pad(b, (0, 0, width - b.shape[2], 0))]))
-            self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
-                                   F.pad(mask, (width - mask.shape[1], 0))])
-            self.positions = torch.cat([self.positions, positions[:, -1]])
-            self.logits = torch.cat([self.logits, logits])
-            self.rows = self.rows + rows
-        self._relayout(list(range(len(self.rows))))
-        return list(range(first, len(self.requests)))
+            self.rows, self.cache, self.mask, self.positions, self.logits = rows, cache, mask, positions, logits
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):  # pad on the left, then stack rows
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)  # (R, heads, T, d)
+                setattr(old, name, torch.cat([F.pad(a, (0, 0, width - a.shape[2], 0)),
+                                              F.pad(b, (0, 0, width - b.shape[2], 0))]))
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)),
+                               F.pad(mask, (width - mask.shape[1], 0))])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + rows
 
     def _relayout(self, kept: list[int]) -> None:
         """Keep rows ``kept`` (indices into the current rows) in the order a forward wants them."""
@@ -230,24 +289,32 @@ class Decoding:
                                        self.plans)[:, -1]  # (R, V)
 
     def _streams_of(self, request: int) -> list[_Stream]:
-        if not 0 <= request < len(self.requests):
-            raise IndexError(f"no request {request} in this decoding ({len(self.requests)})")
+        if request not in self._by_request:
+            if 0 <= request < self._joined:
+                raise RuntimeError(f"request {request} was released: its result is gone")
+            raise IndexError(f"no request {request} in this decoding ({self._joined})")
         return [self.streams[s] for s in self._by_request[request]]
 
     def stream_ids(self, request: int) -> list[int]:
-        """Indices into :attr:`streams` of request ``request``'s streams."""
-        self._streams_of(request)  # IndexError for a request not in this decoding
+        """Ids (keys of :attr:`streams`) of request ``request``'s streams."""
+        self._streams_of(request)  # IndexError for a request never here, RuntimeError once released
         return list(self._by_request[request])
 
+    def released(self, request: int) -> bool:
+        """Whether request ``request`` (an id :meth:`join` returned) was released."""
+        return 0 <= request < self._joined and request not in self._by_request
+
     def finished(self, request: int) -> bool:
-        """Whether every stream of request ``request`` (an index :meth:`join` returned) has ended."""
-        return all(st.finish is not None for st in self._streams_of(request))
+        """Whether every stream of request ``request`` (an id :meth:`join` returned) has ended."""
+        return self.released(request) or all(st.finish is not None for st in self._streams_of(request))
 
     @torch.inference_mode()
     def cancel(self, request: int) -> bool:
         """Stop request ``request`` between steps (its client left): its rows leave the batch at once,
         the other streams go on unchanged. Its streams end with finish reason "cancelled". Returns
         whether it was still decoding."""
+        if self.released(request):
+            return False
         ended = {s for s in self.active if self.streams[s].request == request}
         for st in self._streams_of(request):
             if st.finish is None:
@@ -265,10 +332,8 @@ class Decoding:
         """Request ``request``'s result, once its streams have all ended (:meth:`finished`)."""
         if not self.finished(request):
             raise RuntimeError(f"request {request} is still decoding")
-        if request in self._released:
-            raise RuntimeError(f"request {request} was released: its result is gone")
+        completions = [self._completion(st) for st in self._streams_of(request)]  # RuntimeError once released
         req = self.requests[request]
-        completions = [self._completion(st) for st in self._streams_of(request)]
         answers = None
         if req.mode == "per_sample":
             if len(completions) == 1 < req.n_samples:  # sigma = 0, greedy: one answer N times
@@ -277,21 +342,26 @@ class Decoding:
         return GenerationResult(req.mode, req.n_samples, completions, answers, len(req.tokens))
 
     def release(self, request: int) -> None:
-        """Forget what an ended request holds (its tokens, its prompt, its noise draw: up to N x the
-        adapter's A' in size) once its result has been read: a decode that requests keep joining may
-        never end. Its :meth:`result` is gone afterwards."""
+        """Forget an ended request once its result has been read: its entry, its streams (their
+        tokens), its prompt and its posterior draw (up to N x the adapter's A' in size) when no other
+        request here shares it. A decode that requests keep joining may never end: what it holds is
+        bounded by the requests still in it. Its :meth:`result` is gone afterwards."""
         if not self.finished(request):
             raise RuntimeError(f"request {request} is still decoding")
-        for st in self._streams_of(request):
-            st.token_ids, st.tokens, st.generator = [], [], None
-        self.requests[request] = replace(self.requests[request], tokens=[0], noise=None, stop=())
-        self._released.add(request)
+        if self.released(request):
+            return
+        for s in self._by_request.pop(request):
+            del self.streams[s]
+        del self.requests[request]
+        kept = {self.gen.draw_key(req) for req in self.requests.values()}
+        for key in [k for k in self._draws if k not in kept]:
+            del self._draws[key]
 
     def results(self) -> list[GenerationResult]:
-        """Every request's result, in the order they came (once :attr:`done`)."""
+        """Every request's result (those not released), in the order they came (once :attr:`done`)."""
         if not self.done:
             raise RuntimeError("the decoding is still running")
-        return [self.result(i) for i in range(len(self.requests))]
+        return [self.result(i) for i in self.requests]
 
     def _completion(self, st: _Stream) -> Completion:
         reason, stop_reason, cut = st.finish

@@ -208,14 +208,22 @@ class BayesianGenerator:
                                  f"and {req.sigma}")
         return sigmas
 
+    @staticmethod
+    def draw_key(request: GenerationRequest) -> tuple[int, int, int] | None:
+        """What identifies the posterior draw :meth:`noise_of` makes for ``request`` (None: it makes
+        none: sigma = 0, or the request brings its own ``noise``)."""
+        if not request.noisy or request.noise is not None:
+            return None
+        return request.adapter, request.seed, request.n_samples
+
     def noise_of(self, request: GenerationRequest, draws: dict | None = None) -> Any:
         """The request's draw: its own ``noise``, else the posterior's draw of its seed (shared by
         requests of one adapter and seed through ``draws``: one draw, sample-major rows)."""
         if not request.noisy:
             return None
-        if request.noise is not None:
+        key = self.draw_key(request)
+        if key is None:
             return request.noise
-        key = (request.adapter, request.seed, request.n_samples)
         if draws is None or key not in draws:
             draw = self.posteriors[request.adapter].draw(request.seed, request.n_samples)
             if draws is None:

@@ -26,7 +26,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, Mode, TokenUncertainty
+from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, Mode, TokenUncertainty, complete_text
 from tfb_core.forward.decoding import Decoding
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.generation_sigma import common_prefix
@@ -168,9 +168,12 @@ class GenerationService:
                                   "bytes": self.token_bytes(i)} for i, lp in t.top_logprobs]}
 
     def completion_info(self, c: Completion) -> dict[str, Any]:
+        """One answer: its text, why it ended, each token's :meth:`token_info` with its ``text_offset``
+        (:func:`text_offsets`), the answer's scores."""
+        tokens = [{**self.token_info(t), "text_offset": o}
+                  for t, o in zip(c.tokens, text_offsets(self.tokenizer, c.token_ids), strict=True)]
         return {"text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                "token_ids": list(c.token_ids), "tokens": [self.token_info(t) for t in c.tokens],
-                "sequence": asdict(c.sequence)}
+                "token_ids": list(c.token_ids), "tokens": tokens, "sequence": asdict(c.sequence)}
 
     def result_info(self, result: GenerationResult) -> dict[str, Any]:
         """The answer: mean mode, the one completion; per-sample mode, the majority answer's first
@@ -217,17 +220,29 @@ def _finite(logprob: float) -> float:
 
 
 def held_back(text: str, stop: Sequence[str]) -> int:
-    """How many characters at the end of ``text`` may not be shown yet: the longest tail that a stop
-    string starts with (the stop string may complete with the next token), or an incomplete character."""
+    """How many characters at the end of ``text`` may not be shown yet: an incomplete character
+    (:func:`~tfb_core.forward.completion.complete_text`), and before it the longest tail of the complete
+    text that a stop string starts with (the stop string may complete with the next token)."""
+    complete = complete_text(text)
     hold = 0
     for s in stop:
-        for k in range(min(len(s), len(text)), 0, -1):
-            if text.endswith(s[:k]):
+        for k in range(min(len(s), len(complete)), 0, -1):
+            if complete.endswith(s[:k]):
                 hold = max(hold, k)
                 break
-    if text.endswith("\ufffd"):  # the tokenizer's stand-in for bytes of a character still to come
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
+    return len(text) - len(complete) + hold
+
+
+def text_offsets(tokenizer: Any, token_ids: Sequence[int]) -> list[int]:
+    """OpenAI's completions ``text_offset`` of each token: where its text begins in the answer's text,
+    counted in characters of that text (the decoding without special tokens). The rule: the number
+    of complete characters the tokens before it decode to, so the tokens that share a character split
+    over them (an emoji in byte-level BPE) share that character's offset, and the offsets of the
+    tokens that follow stay true to the text (summing each token's own text, as vLLM does, counts a
+    U+FFFD per piece). Offsets past a stop string point beyond the text cut before it."""
+    ids = list(token_ids)
+    prefixes = tokenizer.batch_decode([ids[:i] for i in range(len(ids))], skip_special_tokens=True)
+    return [len(complete_text(text)) for text in prefixes]
 
 
 @dataclass
@@ -249,6 +264,7 @@ class _Entry:
     stream: bool  # send token updates
     index: int = -1  # in the decoding
     sent: str = ""  # text sent so far
+    decoded: int = 0  # complete characters its tokens so far decode to: the next token's text_offset
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -357,15 +373,17 @@ class GenerationBatch:
             if not e.stream or e.request.mode != "mean":
                 continue
             st = self.decoding.streams[self.decoding.stream_ids(ev.request)[0]]  # mean mode: its one stream
+            token = {**svc.token_info(ev.token), "text_offset": e.decoded}
             if ev.finish_reason is not None:
                 text = result(ev.request).completion.text
                 delta = text[len(e.sent):] if text.startswith(e.sent) else ""
             else:
                 text = svc.tokenizer.decode(st.token_ids, skip_special_tokens=True)
+                e.decoded = len(complete_text(text))
                 safe = text[:len(text) - held_back(text, e.stop)]
                 delta = safe[len(e.sent):] if safe.startswith(e.sent) and len(safe) > len(e.sent) else ""
             e.sent += delta
-            out.append(GenerationUpdate(e.key, token=svc.token_info(ev.token), text=delta))
+            out.append(GenerationUpdate(e.key, token=token, text=delta))
         for idx in dict.fromkeys(ended):
             e = self._running.pop(idx)
             out.append(GenerationUpdate(e.key, result=svc.result_info(result(idx))))
