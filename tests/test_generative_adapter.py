@@ -124,7 +124,7 @@ def test_sigma_is_the_generative_search_on_the_anchor_and_a_restart_reads_it_fro
     from tfb_core import cache
 
     keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache" / "sigma").glob("*.json")]
-    assert [k["code_sha256"] for k in keys if k["task"] == "generation"] == [cache.code_sha256(generation=True)]
+    assert [k["code_sha256"] for k in keys if k["task"] == "generation"] == [cache.code_sha256(cache.GENERATION_SEARCH)]
     # another anchor is another search
     other = chat_model["root"] / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR[:3]))
