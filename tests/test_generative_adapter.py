@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from test_app_support import CHAT_TEMPLATE, LABELS, PROMPTS, clean_env, make_settings, ready_client
@@ -185,7 +186,8 @@ def test_a_generative_adapter_loaded_at_run_time_searches_beside_serving_and_ans
     served = [{"name": "clf", "path": tiny["adapter"], "labels": list(LABELS), "sigma": 0.05}]
     settings = make_settings(tiny, model=chat_model["model"], labels=None, sigma=None, adapter=None,
                              adapters=json.dumps(served), cache_dir=str(tmp_path / "b"),
-                             allow_runtime_lora_updating=True, **SEARCH)
+                             allow_runtime_lora_updating=True, **SEARCH,
+                             allowed_local_paths=[str(tiny["root"]), str(Path(chat_model["anchor"]).parent)])
     from tfb_core.forward import generator
 
     threads: set[str] = set()
