@@ -4,7 +4,8 @@ Off unless TFB_ALLOW_RUNTIME_LORA_UPDATING (vLLM registers the routes only with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING; here they answer 404 naming the setting); behind the API key.
 
     load    body: vLLM's lora_name, lora_path; ours: the fields of a TFB_ADAPTERS entry
-            ─ checks (name free, TFB_MAX_LORAS)                       event loop
+            ─ checks (local paths under TFB_ALLOWED_LOCAL_PATHS or the bundled adapters, name
+              free, TFB_MAX_LORAS)                                    event loop
             ─ read: config, weights (peft on a meta skeleton), files   a thread: 400 naming the field
             ─ install into the model's forwards                        the model worker, between batches
             ─ sigma fixed or cached: ready, 200
@@ -27,6 +28,8 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -38,6 +41,7 @@ from app.errors import ServingError
 from app.routes import PredictorDep, StateDep
 from app.settings import ADAPTER_NAME, AdapterFields, AdapterSpec
 from app.state import AppState
+from tfb_core.data.loading import is_local_adapter
 from tfb_core.serving import runtime
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.gate import ForwardGate, GateClosedError
@@ -75,6 +79,31 @@ class LoadLoraRequest(AdapterFields):
         return AdapterSpec(name=self.lora_name, adapter=self.lora_path, **fields)
 
 
+def check_local_paths(body: LoadLoraRequest, roots: Sequence[Path]) -> None:
+    """:class:`LoraRequestError` naming the field of a local path the load would read outside
+    ``roots`` (symlinks and ``..`` resolved first), in the same words whether or not it exists: a
+    client learns nothing of the server's files. A hub id (``lora_path``) is not a local path."""
+    local = body.lora_path is not None and is_local_adapter(body.lora_path)
+    sub = Path(body.adapter_subfolder or "")
+    if not local and (sub.is_absolute() or ".." in sub.parts):  # a hub snapshot's subfolder stays inside it
+        raise LoraRequestError(f"adapter_subfolder {body.adapter_subfolder!r}: a folder inside the adapter's",
+                               param="adapter_subfolder")
+    paths = {"lora_path": str(Path(body.lora_path or "") / sub) if local else None,
+             "anchor": body.anchor, "calibration": body.calibration}
+    for param, value in paths.items():
+        if value is not None and not _under(value, roots):
+            raise LoraRequestError(f"{param}: {value!r} is not under the folders this server reads adapters and "
+                                   "files from (TFB_ALLOWED_LOCAL_PATHS)", param=param)
+
+
+def _under(value: str, roots: Sequence[Path]) -> bool:
+    try:
+        path = Path(value).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not a path under a root
+        return False
+    return any(path.is_relative_to(root) for root in roots)
+
+
 class UnloadLoraRequest(BaseModel):
     """vLLM's ``UnloadLoRAAdapterRequest`` (``lora_int_id`` accepted and ignored)."""
 
@@ -100,6 +129,7 @@ class RuntimeLoras:
         pool, settings = predictor.adapters, self.state.settings
         if body.load_inplace:
             raise LoraRequestError("load_inplace is not supported: unload the adapter first", param="load_inplace")
+        check_local_paths(body, settings.local_roots())
         try:
             spec = body.spec()
             cfg = settings.adapter_config(spec)
@@ -109,8 +139,8 @@ class RuntimeLoras:
                                    param="lora_path" if loc == "adapter" else str(loc)) from None
         except ValueError as exc:
             text = str(exc)
-            raise LoraRequestError(f"adapter {body.lora_name!r}: {text}"[:1000],
-                                   param="published" if "published" in text else "lora_path") from None
+            raise LoraRequestError(f"adapter {body.lora_name!r}: {text}"[:1000], param=getattr(exc, "param", None) or (
+                "published" if "published" in text else "lora_path")) from None
         if body.lora_name in pool.engines or (body.lora_name in pool.pending
                                               and pool.pending[body.lora_name].state != "failed"):
             raise LoraRequestError(f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name")

@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
 from tfb_core.serving.config import (
+    DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
     GENERATION_SEARCH,
+    ConfigError,
     EngineConfig,
     folder_task,
 )
@@ -36,6 +38,8 @@ _ENGINE = EngineConfig()
 _MODEL = ModelConfig()
 
 
+#: the adapters shipped in the package (sst2-mle, arith-mle): a runtime load may always read them
+BUNDLED_ADAPTERS = DEMO_ADAPTER.parent
 #: an adapter's name: what /predict's "adapter" and /classify's "model" say, and a metric label
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 #: the settings an adapter of TFB_ADAPTERS may set for itself; the rest are the server's
@@ -217,6 +221,9 @@ class Settings(BaseSettings):
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING); off: both answer 404 naming this setting")
     max_loras: int = Field(8, ge=1, le=1024, description="most adapters served at once, those of start-up "
                                                         "included (vLLM's --max-loras): a load past it is a 400")
+    allowed_local_paths: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="folders a runtime load may read lora_path, anchor and calibration under, besides the "
+                        "bundled adapters (vLLM's --allowed-local-media-path): JSON list or comma-separated")
 
     # --- feedback and calibration ---------------------------------------------------------------
     feedback_store_size: int = Field(100_000, ge=1, le=10_000_000, description="predictions kept for /feedback")
@@ -254,16 +261,16 @@ class Settings(BaseSettings):
     def _parse_adapters(cls, value: Any) -> Any:
         return parse_adapters(value)
 
-    @field_validator("labels", mode="before")
+    @field_validator("labels", "allowed_local_paths", mode="before")
     @classmethod
-    def _split_labels(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
                 try:
                     return json.loads(text)
                 except ValueError as exc:
-                    raise ValueError(f"labels: not a JSON list: {exc}") from exc
+                    raise ValueError(f"{info.field_name}: not a JSON list: {exc}") from exc
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
@@ -281,8 +288,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"adapters (TFB_ADAPTERS) names every adapter: unset {', '.join(given)}")
             if not self.adapters:
                 raise ValueError("adapters (TFB_ADAPTERS) is an empty list")
-        self.engine_configs()  # the model side is validated by tfb_core's own configs
+        for folder in self.allowed_local_paths:
+            if not Path(folder).expanduser().is_dir():
+                raise ValueError(f"allowed_local_paths: {folder!r} is not a folder")
+        try:
+            self.engine_configs()  # the model side is validated by tfb_core's own configs
+        except ConfigError as exc:  # the server's own setting: name its variable
+            raise ValueError(f"TFB_{exc.param.upper()}: {exc}") from None
         return self
+
+    def local_roots(self) -> list[Path]:
+        """The folders a runtime load may read files under (symlinks resolved): the bundled
+        adapters' and :attr:`allowed_local_paths`."""
+        return [BUNDLED_ADAPTERS.resolve(), *(Path(f).expanduser().resolve() for f in self.allowed_local_paths)]
 
     def model_settings(self) -> ModelConfig:
         return ModelConfig(

@@ -3,7 +3,7 @@
     python scripts/check_imports.py          # prints the package graph; exit status 1 on a violation
 
 Every import statement counts, wherever it stands: at the top, inside a function, under
-``if TYPE_CHECKING:``. The rules (README, Architecture):
+``if TYPE_CHECKING:`` (:mod:`tfb_core.imports` reads them). The rules (README, Architecture):
 
 * no circle between modules of ``tfb_core`` or ``app``;
 * ``tfb_core`` never imports ``app``;
@@ -15,12 +15,14 @@ Every import statement counts, wherever it stands: at the top, inside a function
 
 from __future__ import annotations
 
-import ast
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tfb_core.imports import imports, module_files  # noqa: E402  (the same reading as the cache keys')
+
 PACKAGES = ("tfb_core", "app")
 #: which of tfb_core's sub-packages each one may import (besides itself and tfb_core's top-level modules)
 ALLOWED = {
@@ -36,36 +38,7 @@ SERVING_CLIENTS = {"tfb_core.cli", "tfb_core.evaluate"}
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
     """Module name -> file of every module of :data:`PACKAGES` (a package's ``__init__`` as the package)."""
-    out = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
-
-def imports(path: Path, name: str, known: dict[str, Path]) -> Iterator[str]:
-    """The modules of :data:`PACKAGES` that ``path`` (module ``name``) imports, anywhere in it."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the package, up level - 1
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(up + ([base] if base else []))
-            # ``from pkg import mod`` imports the module pkg.mod; ``from mod import name`` the module mod
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
-        else:
-            continue
-        for target in targets:
-            while target and target not in known:  # ``import a.b.c`` of a module: its longest known prefix
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                yield target
+    return module_files(root, PACKAGES)
 
 
 def graph(root: Path = ROOT) -> dict[str, set[str]]:

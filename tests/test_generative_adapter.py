@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from test_app_support import CHAT_TEMPLATE, LABELS, PROMPTS, clean_env, make_settings, ready_client
@@ -124,7 +125,7 @@ def test_sigma_is_the_generative_search_on_the_anchor_and_a_restart_reads_it_fro
     from tfb_core import cache
 
     keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache" / "sigma").glob("*.json")]
-    assert [k["code_sha256"] for k in keys if k["task"] == "generation"] == [cache.code_sha256(generation=True)]
+    assert [k["code_sha256"] for k in keys if k["task"] == "generation"] == [cache.code_sha256(cache.GENERATION_SEARCH)]
     # another anchor is another search
     other = chat_model["root"] / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR[:3]))
@@ -185,7 +186,8 @@ def test_a_generative_adapter_loaded_at_run_time_searches_beside_serving_and_ans
     served = [{"name": "clf", "path": tiny["adapter"], "labels": list(LABELS), "sigma": 0.05}]
     settings = make_settings(tiny, model=chat_model["model"], labels=None, sigma=None, adapter=None,
                              adapters=json.dumps(served), cache_dir=str(tmp_path / "b"),
-                             allow_runtime_lora_updating=True, **SEARCH)
+                             allow_runtime_lora_updating=True, **SEARCH,
+                             allowed_local_paths=[str(tiny["root"]), str(Path(chat_model["anchor"]).parent)])
     from tfb_core.forward import generator
 
     threads: set[str] = set()

@@ -236,43 +236,102 @@ def test_the_anchor_changes_the_key(model_cfg, anchor_file, tmp_path):
     assert cache_key(cfg, clf, task, prompts, None) != base  # unlabelled
 
 
-def _listed_copy(module, listing: str, tmp_path, monkeypatch) -> Path:
-    """A copy of ``module``'s source, importable, added to ``cache.<listing>``: edit it to stand for an
-    edit to the module (the real source stays as it is)."""
-    src = tmp_path / "src"
-    src.mkdir()
-    name = f"tfb_copy_of_{module.__name__.rsplit('.', 1)[-1]}"
-    copy = src / f"{name}.py"
-    copy.write_text(Path(module.__file__).read_text())
-    monkeypatch.syspath_prepend(str(src))
-    monkeypatch.setattr(cache, listing, (*getattr(cache, listing), name))
+def _package_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of tfb_core's source whose modules the cache keys hash (``cache.PACKAGE_DIR``): edit a
+    file of it to stand for an edit to the module (the real source, which runs, stays as it is)."""
+    import shutil
+
+    copy = tmp_path / "src" / "tfb_core"
+    shutil.copytree(cache.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("adapters", "__pycache__"))
+    monkeypatch.setattr(cache, "PACKAGE_DIR", copy)
     return copy
 
 
+def _module_file(copy: Path, name: str) -> Path:
+    path = copy.parent.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+KEYED = {"classifier search": cache.CLASSIFIER_SEARCH, "generative search": cache.GENERATION_SEARCH,
+         "calibration": cache.CALIBRATION}
+
+
+def test_an_edit_to_any_module_the_computation_imports_changes_its_key_and_no_other(tmp_path, monkeypatch):
+    """Walk every module of the package (in a copy): an edit changes a key exactly when the module is
+    in the import closure of that key's entry points; the closures hold what the issue found
+    missing (the averaged decode, the calibration's engine, a function-level import)."""
+    copy = _package_copy(tmp_path, monkeypatch)
+    closures = {what: set(cache.hashed_modules(roots)) for what, roots in KEYED.items()}
+    assert "tfb_core.decide.generation" in closures["generative search"]  # the 'accuracy' criterion's decode
+    assert "tfb_core.serving.engine" in closures["calibration"]  # the calibration's forward
+    assert "tfb_core.forward.decoding" in closures["generative search"]  # imported inside a function
+    assert "tfb_core.forward.decoding" not in closures["classifier search"]  # the split holds
+    assert "tfb_core.serving.sigma" not in closures["generative search"]
+    modules = sorted(set(cache.hashed_modules(["tfb_core.cli"])) | {"tfb_core.serving.response", "tfb_core.testing"})
+    assert set().union(*closures.values()) < set(modules)  # some modules are outside every closure
+    cache._code_sha256.cache_clear()
+    before = {what: cache.code_sha256(roots) for what, roots in KEYED.items()}
+    for name in modules:
+        path = _module_file(copy, name)
+        source = path.read_text()
+        path.write_text(source + "\nEDITED = 1  # an edit\n")
+        cache._code_sha256.cache_clear()  # its sources read again (the closure, an edit adding no import, holds)
+        changed = {what for what, roots in KEYED.items() if cache.code_sha256(roots) != before[what]}
+        assert changed == {what for what in KEYED if name in closures[what]}, name
+        path.write_text(source)
+    cache._code_sha256.cache_clear()
+    assert {what: cache.code_sha256(roots) for what, roots in KEYED.items()} == before  # restored: the same keys
+
+
+def test_the_closures_hold_every_module_their_entry_points_import_at_run_time():
+    """The static reading against Python's own: importing a key's entry points (from nothing of
+    tfb_core loaded, in a fresh interpreter) loads no module of tfb_core outside that key's closure."""
+    import subprocess
+    import sys
+
+    code = """import importlib, json, sys
+loaded = {}
+for what, roots in json.loads(sys.argv[1]).items():
+    for m in [m for m in sys.modules if m == "tfb_core" or m.startswith("tfb_core.")]:
+        del sys.modules[m]  # torch and transformers stay loaded: one interpreter for every key
+    for r in roots:
+        importlib.import_module(r)
+    loaded[what] = [m for m in sys.modules if m == "tfb_core" or m.startswith("tfb_core.")]
+print(json.dumps(loaded))
+"""
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(KEYED)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    for what, loaded in json.loads(out).items():
+        assert set(KEYED[what]) <= set(loaded)
+        assert set(loaded) <= set(cache.hashed_modules(KEYED[what])), (what, set(loaded) - set(cache.hashed_modules(KEYED[what])))
+
+
 def test_the_code_that_computes_a_result_keys_its_caches(model_cfg, anchor_file, tmp_path, monkeypatch):
-    """An edit to a module listed in COMPUTING_MODULES changes the sigma key and the calibration's
-    (a new cache file, not the old result); an unchanged tree gives the same key again."""
+    """An edit to the calibration's engine (serving/engine.py, which no list named before) makes a
+    new calibration (a new cache file, not the old result) and leaves the classifier's sigma key
+    as it was (the search does not import it); an unchanged tree gives the same keys again."""
     from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import get_task
-    from tfb_core.decide import conformal
     from tfb_core.serving.startup import anchor_prompts
 
-    copy = _listed_copy(conformal, "COMPUTING_MODULES", tmp_path, monkeypatch)
+    copy = _package_copy(tmp_path, monkeypatch)
+    cache._code_sha256.cache_clear()
     cfg = replace(engine_cfg(model_cfg, anchor_file, tmp_path / "cache"), sigma=0.05, calibration=str(anchor_file))
     task = get_task(None, LABELS)
     prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
     engine = load_engine(cfg, progress=False)
     key = cache_key(cfg, engine.classifier, task, prompts, targets)
-    cache._sources_sha256.cache_clear()  # read the sources again: unchanged, the same key
+    cache._code_sha256.cache_clear()  # read the sources again: unchanged, the same key
     assert cache_key(cfg, engine.classifier, task, prompts, targets) == key
     calibrations = tmp_path / "cache" / "calibration"
     assert len(list(calibrations.glob("*.json"))) == 1
     load_engine(cfg, progress=False)
     assert len(list(calibrations.glob("*.json"))) == 1  # reused
 
-    copy.write_text(copy.read_text() + "\nLTT_FALLBACK = (0.99, 0.9)  # an edit\n")
-    cache._sources_sha256.cache_clear()  # a new process would read the edited source
-    assert cache_key(cfg, engine.classifier, task, prompts, targets) != key
+    engine_file = copy / "serving" / "engine.py"
+    engine_file.write_text(engine_file.read_text() + "\nNOISE_CACHE = 4  # an edit\n")
+    cache._code_sha256.cache_clear()  # a new process would read the edited source
+    assert cache_key(cfg, engine.classifier, task, prompts, targets) == key  # not the search's code
     load_engine(cfg, progress=False)
     assert len(list(calibrations.glob("*.json"))) == 2  # recomputed under a new key
 
@@ -412,19 +471,19 @@ def test_an_edited_decoder_searches_a_generative_adapter_again_not_a_classifier(
     """The generative search's modules key a generative adapter's sigma, not a classifier's."""
     from tfb_core.data.jsonl import read_jsonl
     from tfb_core.data.tasks import GENERATION, get_task
-    from tfb_core.forward import decoding
     from tfb_core.serving.startup import anchor_prompts, load_classifier
 
-    copy = _listed_copy(decoding, "GENERATION_MODULES", tmp_path, monkeypatch)
-    cache._sources_sha256.cache_clear()
+    copy = _package_copy(tmp_path, monkeypatch) / "forward" / "decoding.py"
+    cache._code_sha256.cache_clear()
     clf = load_classifier(model_cfg, LABELS)
     cfg = engine_cfg(model_cfg, anchor_file, tmp_path)
     task = get_task(None, LABELS)
     prompts, targets = anchor_prompts(task, read_jsonl(anchor_file))
-    classifier_key, generation_code = cache_key(cfg, clf, task, prompts, targets), cache.code_sha256(generation=True)
-    assert generation_code != cache.code_sha256()  # the generative key hashes more
+    classifier_key = cache_key(cfg, clf, task, prompts, targets)
+    generation_code = cache.code_sha256(cache.GENERATION_SEARCH)
+    assert generation_code != cache.code_sha256(cache.CLASSIFIER_SEARCH)
     copy.write_text(copy.read_text() + "\nMAX_STEPS = 1  # an edit\n")
-    cache._sources_sha256.cache_clear()
-    assert cache.code_sha256(generation=True) != generation_code
+    cache._code_sha256.cache_clear()
+    assert cache.code_sha256(cache.GENERATION_SEARCH) != generation_code
     assert cache_key(cfg, clf, task, prompts, targets) == classifier_key
     assert GENERATION.generative

@@ -9,50 +9,41 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tfb_core.imports import closure, module_files
 from tfb_core.search import SearchResult
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
-#: The modules whose code computes what the sigma and calibration caches hold: their source is part
-#: of the cache keys (:func:`code_sha256`), so a change to any of them recomputes, where the package
-#: version (unchanged across commits) would serve a result the new code would not give.
-COMPUTING_MODULES = (
-    "tfb_core.search",  # the sigma search: bracket, bisection/grid, stopping rule
-    "tfb_core.serving.sigma",  # the search's objective on the anchor set: criterion, common random numbers
-    "tfb_core.bayes.posterior",  # the SVD re-parameterisation, the noise draws and the sigma / d scaling
-    "tfb_core.bayes.routing",  # how each adapter's rows get its own LoRA and noise in a shared forward
-    "tfb_core.bayes.lora",  # which modules carry LoRA and how A, B and the scaling are read from peft
-    "tfb_core.data.loading",  # how the base model and adapter are loaded (dtype, attention, class tokens)
-    "tfb_core.forward.classifier",  # the N-sample forward: padding, class-token logits, softmax
-    "tfb_core.forward.layout",  # which rows and noise draws each input gets
-    "tfb_core.forward.planning",  # how inputs are grouped into forwards (float order)
-    "tfb_core.forward.prefix_cache",  # the shared instruction's keys/values reused by those forwards
-    "tfb_core.data.tasks",  # prompt formats, truncation and labels: what the forward reads
-    "tfb_core.decide.uncertainty",  # the summary (mean probabilities, mutual information) calibration fits
-    "tfb_core.decide.conformal",  # the calibration itself: scores, Learn-then-Test grid and counts
-    "tfb_core.serving.calibrate",  # the calibration's forward in steps, and what it fits on
-)
-#: what a generative adapter's search also runs (its key hashes both lists; a classifier's, the first
-#: alone: an edit to the decoder does not search every classifier's sigma again)
-GENERATION_MODULES = (
-    "tfb_core.generation_sigma",  # a generative adapter's search objective: its greedy anchor answers, teacher-forced
-    "tfb_core.forward.generator",  # the N-sample decode forward, its key/value cache
-    "tfb_core.forward.decoding",  # greedy decoding from p-bar: the anchor answers
-    "tfb_core.forward.decode_rows",  # which rows and noise each stream gets in a decode forward
-    "tfb_core.forward.completion",  # a generation request: end of an answer (stop tokens)
-    "tfb_core.data.generation",  # the chat rendering of anchor prompts, exact match (criterion 'accuracy')
-)
+#: Where the computing code starts; a key hashes the source of every module of ``tfb_core`` these
+#: import, directly or not, function-level imports included (:func:`code_sha256`), so an edit to any
+#: of them computes again, where the package version (unchanged across commits) would serve a
+#: result the new code would not give. Start-up's own glue (which files, splits and settings it
+#: passes) is not hashed: what it hands the computation is in the key by value (anchor, labels,
+#: search settings, sigma, N, seed, the adapter's weights).
+#: A classifier's sigma search: the objective on the anchor set (its closure holds the search, the
+#: classifier's N-sample forward, the posterior, the loading, the task's prompts).
+CLASSIFIER_SEARCH = ("tfb_core.serving.sigma",)
+#: A generative adapter's: its objective, and the generator (built on the classifier) it decodes with.
+#: Neither this nor :data:`CLASSIFIER_SEARCH` reaches the other's objective: an edit to the decoder
+#: does not search every classifier's sigma again, nor an edit to the classification objective a
+#: generative adapter's.
+GENERATION_SEARCH = ("tfb_core.generation_sigma", "tfb_core.forward.generator", "tfb_core.forward.classifier")
+#: The calibration (a classifier's; its key also holds the sigma key): the run in steps and the
+#: engine whose ``sample`` is its forward. The engine imports the generator (a generative
+#: adapter's warm-up), so an edit to the decoder calibrates a classifier again (not its sigma).
+CALIBRATION = ("tfb_core.serving.calibrate", "tfb_core.serving.engine")
+#: the folder of the package whose source is hashed (the tests point it at an edited copy)
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def canonical(obj: Any) -> str:
@@ -67,22 +58,28 @@ def sha256_text(parts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def code_sha256(generation: bool = False) -> str:
-    """SHA-256 of the source of :data:`COMPUTING_MODULES` (and, for a generative adapter's search, of
-    :data:`GENERATION_MODULES`; read once per process per list)."""
-    return _sources_sha256(tuple(COMPUTING_MODULES) + (tuple(GENERATION_MODULES) if generation else ()))
+def code_sha256(roots: Sequence[str]) -> str:
+    """SHA-256 of the source of every module in the import closure of ``roots`` within the package
+    (:func:`hashed_modules`); read once per process per ``roots``."""
+    return _code_sha256(tuple(roots), PACKAGE_DIR)
+
+
+def hashed_modules(roots: Sequence[str]) -> list[str]:
+    """The modules whose source :func:`code_sha256` of ``roots`` hashes, sorted."""
+    return [name for name, _ in _closure(tuple(roots), PACKAGE_DIR)]
 
 
 @functools.cache
-def _sources_sha256(modules: tuple[str, ...]) -> str:
+def _closure(roots: tuple[str, ...], package_dir: Path) -> tuple[tuple[str, Path], ...]:
+    known = module_files(package_dir.parent, [package_dir.name])
+    return tuple((name, known[name]) for name in sorted(closure(roots, known)))
+
+
+@functools.cache
+def _code_sha256(roots: tuple[str, ...], package_dir: Path) -> str:
     h = hashlib.sha256()
-    for name in modules:
-        # the file the import system would load, without importing it: a source checkout or a wheel's
-        # installed copy alike
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"cache key: no source for module {name!r}")
-        h.update(name.encode() + b"\x00" + Path(spec.origin).read_bytes() + b"\x00")
+    for name, path in _closure(roots, package_dir):
+        h.update(name.encode() + b"\x00" + path.read_bytes() + b"\x00")
     return h.hexdigest()
 
 

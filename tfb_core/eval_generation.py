@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from tfb_core.data.generation import exact_match
 from tfb_core.decide import selective
+from tfb_core.decide.answers import exact_match
 from tfb_core.forward.completion import GenerationRequest, GenerationResult
 from tfb_core.generation_sigma import encode_prompt
 

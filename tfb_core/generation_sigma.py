@@ -22,7 +22,7 @@ Criteria (:class:`~tfb_core.config.SearchConfig`'s ``criterion``, ``tolerance``)
   from p̄ reproduces the answer token for token iff argmax p̄ is the answer's token at every one of
   its positions (ties aside), so no decoding is needed.
 - ``accuracy`` (anchor lines with a reference ``answer``): the drop of exact-match accuracy
-  (:func:`tfb_core.data.generation.exact_match`) of the BMA greedy answers against the references,
+  (:func:`tfb_core.decide.answers.exact_match`) of the BMA greedy answers against the references,
   accuracy_0 - accuracy_sigma; this one decodes the anchors at each sigma.
 
 Common random numbers: one standard-normal draw Z (``cfg.seed``, ``cfg.n_samples``), scaled by each
@@ -226,7 +226,7 @@ def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig,
     ``mean_answer_tokens``, ``n_anchor`` and, with reference answers, the sigma = 0 greedy answers'
     exact-match ``accuracy``. Also ``answers``: the sigma = 0 answers' token ids (the pseudo-answers).
     """
-    from tfb_core.data.generation import exact_match
+    from tfb_core.decide.answers import exact_match
 
     if not anchors:
         raise ValueError("the anchor set is empty")

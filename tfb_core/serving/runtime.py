@@ -19,14 +19,16 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tfb_core.bayes.lora import read_lora
 from tfb_core.bayes.posterior import TFBLinear, TFBPosterior
 from tfb_core.bayes.routing import fit_adapter
-from tfb_core.data.loading import BASE_FIELDS, LoadError, adapter_folder, meta_skeleton
+from tfb_core.data.loading import BASE_FIELDS, LoadError, adapter_folder, is_local_adapter, meta_skeleton
 from tfb_core.data.tasks import Task, TaskError, class_token_ids
 from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.gate import ForwardGate
 from tfb_core.serving.pool import RuntimeAdapter
@@ -66,6 +68,9 @@ def prepare(served: TFBEngine, record: RuntimeAdapter) -> Prepared:
     adapter's) on any thread: the model is only read. :class:`AdapterLoadError` naming the field
     of a synchronous failure."""
     default = served.classifier
+    # a local folder is checked before the task: what is wrong with the path comes first
+    local = record.cfg.model.adapter is not None and is_local_adapter(record.cfg.model.adapter)
+    folder = _folder(record.cfg.with_defaults(), default.model) if local else None
     try:
         cfg, task = prepare_config(record.cfg)
     except (LoadError, ValueError) as exc:
@@ -84,8 +89,8 @@ def prepare(served: TFBEngine, record: RuntimeAdapter) -> Prepared:
         class_token_ids(tokenizer, task.labels)
     except TaskError as exc:
         raise AdapterLoadError(f"labels {list(task.labels)}: {exc}", "labels") from exc
+    folder = folder or _folder(cfg, default.model)
     try:
-        folder, _ = adapter_folder(cfg.model, default.model)
         loras = read_lora(meta_skeleton(default.model), str(folder), "runtime", "cpu")
         posterior, head = fit_adapter(default.model, loras, cfg.d_floor)
     except (LoadError, ValueError, OSError) as exc:
@@ -105,6 +110,14 @@ def prepare(served: TFBEngine, record: RuntimeAdapter) -> Prepared:
         param = "calibration" if cfg.calibration and cfg.calibration in text else "anchor"
         raise AdapterLoadError(text, param) from exc
     return Prepared(record, task, posterior, head, plan, tokenizer)
+
+
+def _folder(cfg: EngineConfig, model: Any) -> Path:
+    """The adapter's checked local folder (a hub adapter fetched), or :class:`AdapterLoadError`."""
+    try:
+        return adapter_folder(cfg.model, model)[0]
+    except (LoadError, ValueError, OSError) as exc:
+        raise AdapterLoadError(f"adapter {cfg.model.adapter!r}: {exc}", "lora_path") from exc
 
 
 def install(default: BayesianClassifier, prepared: Prepared, background_calibration: bool = True

@@ -346,8 +346,8 @@ def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: S
         raise ValueError("the adapter's posterior has no weights_sha256: build it with bayesianize_many")
     model_config = getattr(clf.model, "config", None)
     return {
-        # the code that computes it, not the package version (a generative adapter's: the decoder's too)
-        "code_sha256": cache.code_sha256(generation=task.generative),
+        # the code that computes it, not the package version (a generative adapter's: its decoder's)
+        "code_sha256": cache.code_sha256(cache.GENERATION_SEARCH if task.generative else cache.CLASSIFIER_SEARCH),
         "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
         "gguf_file": m.gguf_file,
         "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
@@ -381,7 +381,8 @@ def calibrate(engine: TFBEngine, cal: CalibrationSet | None, sigma_key: dict[str
     # in /info, is not in the key): the same records under another path reuse the calibration
     key = {"sigma_key": sigma_key or cache_key(cfg, engine.classifier, engine.task, [], None),
            "sigma": engine.sigma, "n_samples": cfg.n_samples, "seed": cfg.seed,
-           "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())])}
+           "calibration_sha256": cache.sha256_text(list(prompts) + [str(targets.tolist())]),
+           "code_sha256": cache.code_sha256(cache.CALIBRATION)}
     cache_dir = default_cache_dir(cfg.model.cache_dir)
     data = cache.load_json(cache_dir, key, "calibration")
     if data is not None:
