@@ -12,8 +12,8 @@ Rows of an input = N (1 at sigma = 0). Every request keeps its own noise, so its
 depend on which other requests shared its forward. The worker also loads the model (so that
 /healthz answers while it loads) and runs the engine's warm-up; and background work (a calibration's
 or a sigma search's forward, an adapter's install or free) one step at a time: whenever no request is
-queued, and under steady traffic at least once every :data:`BACKGROUND_EVERY` turns of serving (a
-batch or a decode step), so that a request waits for at most one step and background work is never
+queued, and under steady traffic at least once every :data:`BACKGROUND_EVERY` forwards of serving
+(a batch's forwards, decode steps), so that a request waits for at most one step and background work is never
 starved. During a drain only the background work that a request awaits (an install, an unload's
 free: :meth:`ModelWorker.call`) still runs; what is left of it when the worker stops fails with 503.
 
@@ -55,11 +55,13 @@ Labels = tuple[str, ...]
 #: what the worker loads and serves: one engine, or several adapters' on one base model
 Served = TFBEngine | AdapterPool
 #: while requests keep the worker busy (the queue never empties, or generations decode), background
-#: work that is ready gets one step after this many turns of serving (a classification batch or a
-#: decode step; both are one forward of at most TFB_MAX_BATCH_ROWS rows, as a background step is).
-#: 4: background work gets at least a fifth of a saturated worker (a 139-forward sigma search ends,
-#: an install or unload waits for at most 4 batches), and requests lose at most a fifth of the
-#: throughput, only while background work is ready. Idle turns serve background work at once.
+#: work that is ready gets one step after this many forwards of serving (a classification batch's
+#: forwards: it may be planned as several, by length; a decode step), counted in forwards because a
+#: background step is one forward of at most TFB_MAX_BATCH_ROWS rows too (a sigma search's or a
+#: calibration's; an install or a free is less). 4: background work gets at least a fifth of a
+#: saturated worker (a sigma search of 139 forwards ends), an install or an unload waits for at most
+#: 4 forwards, and requests lose at most a fifth of the throughput, only while background work is
+#: ready. Idle turns serve background work at once.
 BACKGROUND_EVERY = 4
 
 
@@ -69,7 +71,7 @@ class BatchLimits:
     max_wait_s: float = 0.005
     max_queue: int = 256
     timeout_s: float = 60.0
-    background_every: int = BACKGROUND_EVERY  # turns of serving between two background steps, at most
+    background_every: int = BACKGROUND_EVERY  # forwards of serving between two background steps, at most
 
     def __post_init__(self) -> None:
         if self.background_every < 1:
@@ -163,7 +165,7 @@ class ModelWorker:
         #: background works, taking turns (:meth:`add_background`); the one whose step is running now
         self._background: deque[Background] = deque()
         self._background_running: Background | None = None
-        self._turns = 0  # turns of serving (batches, decode steps) since the last background step
+        self._served = 0  # forwards of serving (batches', decode steps) since the last background step
         #: generation: requests waiting for the next step, and the running decode (worker thread's)
         self._gen_queue: deque[GenWork] = deque()
         self._gen_running: list[GenWork] = []
@@ -235,7 +237,7 @@ class ModelWorker:
     def add_background(self, step: Callable[[], bool], on_done: Callable[[], None],
                        ready: Callable[[], bool] | None = None, awaited: bool = False) -> None:
         """Run ``step()`` on the worker thread between batches (whenever no request waits, and at least
-        every :data:`BACKGROUND_EVERY` turns of serving) until it returns True (or raises: logged);
+        every :data:`BACKGROUND_EVERY` forwards of serving) until it returns True (or raises: logged);
         then ``on_done()`` on the event loop. ``ready()`` (called under the worker's lock: it must not
         take it): whether ``step`` has work now (None: always); the worker sleeps while no background
         work is ready (:meth:`wake`). Not ``awaited``: skipped during a drain and dropped at shutdown.
@@ -434,9 +436,7 @@ class ModelWorker:
             batch = self._next_batch()
             if batch is None:
                 return
-            served = 0  # turns of serving in this round: a batch, a decode step
             if batch:
-                served += 1
                 try:
                     self._process(engine, batch)
                 except BaseException as exc:  # noqa: BLE001 -- a bug must fail its requests, not the worker
@@ -446,13 +446,13 @@ class ModelWorker:
                 finally:
                     with self._cond:
                         self._busy = False
-            if self._has_generation():  # one decode step of every running generation, between batches
+            decoded = self._has_generation()
+            if decoded:  # one decode step of every running generation, between batches
                 self._generation_step(engine)
-                served += 1
-            self._turns += served
+                self._served += 1
             # nothing served: the worker is free for background work; else it gets its bounded share,
             # so that a queue that never empties or a decode that never ends does not starve it
-            if not served or self._turns >= self.limits.background_every:
+            if not (batch or decoded) or self._served >= self.limits.background_every:
                 self._background_step()
 
     def _ready_background(self) -> Background | None:
@@ -529,7 +529,7 @@ class ModelWorker:
             if work is None:
                 return
             self._background_running = work
-            self._turns = 0
+            self._served = 0
         try:
             finished = work.step()
         except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it
@@ -618,6 +618,7 @@ class ModelWorker:
                 self._resolve(work, exc)
 
     def _observe_forward(self, inputs: int, rows: int, seconds: float) -> None:
+        self._served += 1
         self.metrics.forward_duration.observe(seconds)
         self.metrics.batch_inputs.observe(inputs)
         self.metrics.batch_rows.observe(rows)

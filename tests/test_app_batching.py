@@ -339,19 +339,24 @@ def test_background_works_take_turns():
 
 
 # --- background work's share of a busy worker, and during a drain ------------------------------------
-@pytest.mark.parametrize("every", [1, BACKGROUND_EVERY])
-def test_background_gets_a_step_every_k_batches_while_the_queue_never_empties(every):
+@pytest.mark.parametrize("every,forwards", [(1, 1), (BACKGROUND_EVERY, 1), (BACKGROUND_EVERY, 2)])
+def test_background_gets_a_step_every_k_forwards_while_the_queue_never_empties(every, forwards):
     """A queue that never empties (each batch is one whole request of max_rows rows, 30 queued behind
-    the first) does not starve background work: a search's gated forwards (queued by four threads) and
-    an install awaited through ``call`` each get a step at least every ``background_every`` batches,
-    and every one of them is done before the queue is."""
+    the first; its forwards: 1, or 2 where the planner splits it) does not starve background work: a
+    search's gated forwards (queued by four threads) and an install awaited through ``call`` each get
+    a step at least every ``background_every`` forwards of serving, all before the queue is empty."""
     engine = FakeEngine()
     events: list[str] = []
     run_batch = engine.run_batch
 
     def counted(requests, max_rows, on_forward=None):
-        out = run_batch(requests, max_rows, on_forward)
-        events.append("batch")
+        def forward(inputs, rows, seconds):
+            events.append("batch")
+            on_forward(inputs, rows, seconds)
+
+        out = run_batch(requests, max_rows, forward)
+        for _ in range(forwards - 1):  # the rest of the batch's forwards
+            forward(1, 1, 0.0)
         return out
 
     engine.run_batch = counted  # type: ignore[method-assign]
@@ -390,7 +395,7 @@ def test_background_gets_a_step_every_k_batches_while_the_queue_never_empties(ev
     assert events.count("forward") == 4 and events.count("install") == 1
     last_background = max(i for i, e in enumerate(events) if e != "batch")
     assert events[last_background + 1:].count("batch") > 0, "the background work waited for the queue to empty"
-    # batches in a row while background work was ready: at most the bound
+    # forwards of serving in a row while background work was ready: at most the bound
     assert longest_run(events[:last_background + 1], "batch") <= every, events
 
 
