@@ -10,7 +10,8 @@
 A σ search is a few calls of an objective that each run many forwards; handing each forward to the
 model's thread (:attr:`BayesianClassifier.forward_runner`) lets the search run unchanged beside
 serving: only the model's thread touches the model, a request waits for at most one of the
-search's forwards, and the search gets a bounded share of a busy model thread (it is never starved). :meth:`ForwardGate.pause` holds the forwards (the search waits; serving goes on).
+search's forwards, and the search gets a bounded share of a busy model thread (it is never
+starved). :meth:`ForwardGate.pause` holds the forwards (the search waits; serving goes on).
 """
 
 from __future__ import annotations
