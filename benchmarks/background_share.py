@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         default = _copy(root, "sst2-mle", 100, 0)
         spec = [{"name": "sst2-mle", "path": str(default), "task": "sst2", "sigma": DEMO_SIGMA}]
         env.update({"TFB_ADAPTERS": json.dumps(spec), "TFB_CACHE_DIR": str(root / "cache"),
+                    "TFB_ALLOWED_LOCAL_PATHS": json.dumps([str(root)]),  # where the copies are loaded from
                     "TFB_ALLOW_RUNTIME_LORA_UPDATING": "true", "TFB_MAX_QUEUE": str(4 * args.max_inflight),
                     "TFB_REQUEST_TIMEOUT_S": "120", "TFB_LOG_LEVEL": "info", "OMP_NUM_THREADS": str(args.threads),
                     "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
