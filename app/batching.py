@@ -10,9 +10,12 @@
 
 Rows of an input = N (1 at sigma = 0). Every request keeps its own noise, so its answer does not
 depend on which other requests shared its forward. The worker also loads the model (so that
-/healthz answers while it loads) and runs the engine's warm-up; and background work (a
-calibration forward) one step at a time whenever no request is queued, so that a request waits
-for at most one step.
+/healthz answers while it loads) and runs the engine's warm-up; and background work (a calibration's
+or a sigma search's forward, an adapter's install or free) one step at a time: whenever no request is
+queued, and under steady traffic at least once every :data:`BACKGROUND_EVERY` forwards of serving
+(a batch's forwards, decode steps), so that a request waits for at most one step and background work is never
+starved. During a drain only the background work that a request awaits (an install, an unload's
+free: :meth:`ModelWorker.call`) still runs; what is left of it when the worker stops fails with 503.
 
 Generation (:class:`GenWork`, ``submit_generation``): the worker keeps one running decode
 (:class:`tfb_core.serving.generation.GenerationBatch`). Each turn of its loop serves the queued
@@ -51,10 +54,15 @@ log = logging.getLogger(__name__)
 Labels = tuple[str, ...]
 #: what the worker loads and serves: one engine, or several adapters' on one base model
 Served = TFBEngine | AdapterPool
-#: while generations decode, a step of background work runs every this many decode steps
-BACKGROUND_EVERY = 16
-#: background work: (step, on_done, ready), see :meth:`ModelWorker.add_background`
-Background = tuple[Callable[[], bool], Callable[[], None], "Callable[[], bool] | None"]
+#: while requests keep the worker busy (the queue never empties, or generations decode), background
+#: work that is ready gets one step after this many forwards of serving (a classification batch's
+#: forwards: it may be planned as several, by length; a decode step), counted in forwards because a
+#: background step is one forward of at most TFB_MAX_BATCH_ROWS rows too (a sigma search's or a
+#: calibration's; an install or a free is less). 4: background work gets at least a fifth of a
+#: saturated worker (a sigma search of 139 forwards ends), an install or an unload waits for at most
+#: 4 forwards, and requests lose at most a fifth of the throughput, only while background work is
+#: ready. Idle turns serve background work at once.
+BACKGROUND_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,21 @@ class BatchLimits:
     max_wait_s: float = 0.005
     max_queue: int = 256
     timeout_s: float = 60.0
+    background_every: int = BACKGROUND_EVERY  # forwards of serving between two background steps, at most
+
+    def __post_init__(self) -> None:
+        if self.background_every < 1:
+            raise ValueError(f"background_every must be >= 1, got {self.background_every}")
+
+
+@dataclass(eq=False)
+class Background:
+    """A background work of the worker (:meth:`ModelWorker.add_background`)."""
+
+    step: Callable[[], bool]  # a little work on the worker thread; True once finished
+    on_done: Callable[[], None]  # on the event loop, once finished (or, if ``awaited``, once dropped)
+    ready: Callable[[], bool] | None = None  # whether ``step`` has work now (None: always)
+    awaited: bool = False  # a request waits for it: it runs during a drain, and fails if dropped
 
 
 @dataclass(eq=False)
@@ -139,16 +162,15 @@ class ModelWorker:
         self._deadline: float | None = None  # the drain's deadline (time.monotonic), once it began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        #: (step, on_done, ready): ``step()`` does a little work and returns True once finished; run only
-        #: when no request is queued and ``ready()`` (None: always) says it has work; ``on_done()`` runs
-        #: on the event loop afterwards
+        #: background works, taking turns (:meth:`add_background`); the one whose step is running now
         self._background: deque[Background] = deque()
+        self._background_running: Background | None = None
+        self._served = 0  # forwards of serving (batches', decode steps) since the last background step
         #: generation: requests waiting for the next step, and the running decode (worker thread's)
         self._gen_queue: deque[GenWork] = deque()
         self._gen_running: list[GenWork] = []
         self._gen_busy = False  # the running decode has work (read under the lock)
         self._generation: GenerationBatch | None = None
-        self._gen_steps = 0
         self._service: GenerationService | None = None
         #: how many generations a decode runs at once (past it, they wait in the queue: max_queue)
         self.max_generations = max(1, limits.max_rows)
@@ -179,7 +201,8 @@ class ModelWorker:
         deadline = self._deadline
         while time.monotonic() < deadline:
             with self._cond:
-                if not self._queue and not self._busy and not self._gen_queue and not self._gen_busy:
+                if (not self._queue and not self._busy and not self._gen_queue and not self._gen_busy
+                        and not any(b.awaited for b in self._background)):
                     break
             await asyncio.sleep(0.01)
         with self._cond:
@@ -189,8 +212,15 @@ class ModelWorker:
             self._gen_queue.clear()
             self._queued_rows = 0
             self._stopping = True
+            # awaited work the worker will not run (the drain's deadline passed, or it never started):
+            # its caller gets 503, never a hang; the one running now is settled by the worker
+            dropped = [b for b in self._background if b.awaited and b is not self._background_running]
+            for b in dropped:
+                self._background.remove(b)
             self._cond.notify_all()
         self.metrics.queue_depth.set(0)
+        for b in dropped:
+            self._call_on_loop(lambda _, b=b: b.on_done(), None)
         for work in left:
             self._resolve(work, NotReadyError("the server is shutting down"))
         for gen in left_gen:
@@ -205,13 +235,16 @@ class ModelWorker:
             await asyncio.to_thread(thread.join, max(0.0, deadline - time.monotonic()) + 1.0)
 
     def add_background(self, step: Callable[[], bool], on_done: Callable[[], None],
-                       ready: Callable[[], bool] | None = None) -> None:
-        """Run ``step()`` on the worker thread between batches, whenever no request waits, until it
-        returns True (or raises: logged); then ``on_done()`` on the event loop. Dropped at shutdown.
-        ``ready()`` (called under the worker's lock: it must not take it): whether ``step`` has work
-        now (None: always); the worker sleeps while no background work is ready (:meth:`wake`)."""
+                       ready: Callable[[], bool] | None = None, awaited: bool = False) -> None:
+        """Run ``step()`` on the worker thread between batches (whenever no request waits, and at least
+        every :data:`BACKGROUND_EVERY` forwards of serving) until it returns True (or raises: logged);
+        then ``on_done()`` on the event loop. ``ready()`` (called under the worker's lock: it must not
+        take it): whether ``step`` has work now (None: always); the worker sleeps while no background
+        work is ready (:meth:`wake`). Not ``awaited``: skipped during a drain and dropped at shutdown.
+        ``awaited`` (a request waits for it): it runs during a drain too, which waits for it; if the
+        worker stops first, ``on_done()`` is called without it having run (so its waiter never hangs)."""
         with self._cond:
-            self._background.append((step, on_done, ready))
+            self._background.append(Background(step, on_done, ready, awaited))
             self._cond.notify()
 
     def wake(self) -> None:
@@ -219,8 +252,10 @@ class ModelWorker:
         with self._cond:
             self._cond.notify()
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` run on the worker thread between batches (the model's owner); its result, or its error."""
+    async def call(self, fn: Callable[[], Any], ready: Callable[[], bool] | None = None) -> Any:
+        """``fn()`` run on the worker thread between batches (the model's owner), once ``ready()``
+        (None: at once; see :meth:`add_background`); its result, or its error. It runs during a drain
+        too; 503 (:class:`NotReadyError`) if the worker stops before it ran."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         outcome: list[Any] = []
@@ -242,7 +277,7 @@ class ModelWorker:
             else:
                 future.set_exception(outcome[0][1])
 
-        self.add_background(step, on_done)
+        self.add_background(step, on_done, ready, awaited=True)
         return await future
 
     def holds(self, engine: TFBEngine) -> bool:
@@ -411,22 +446,20 @@ class ModelWorker:
                 finally:
                     with self._cond:
                         self._busy = False
-            if self._has_generation():  # one decode step of every running generation, between batches
+            decoded = self._has_generation()
+            if decoded:  # one decode step of every running generation, between batches
                 self._generation_step(engine)
-                self._gen_steps += 1
-                # background work (a calibration) is not starved by a decode that never empties
-                if not batch and self._gen_steps % BACKGROUND_EVERY == 0 and self._background_waiting():
-                    self._background_step()
-            elif not batch:  # nothing queued: a step of background work
+                self._served += 1
+            # nothing served: the worker is free for background work; else it gets its bounded share,
+            # so that a queue that never empties or a decode that never ends does not starve it
+            if not (batch or decoded) or self._served >= self.limits.background_every:
                 self._background_step()
 
-    def _background_waiting(self) -> bool:
-        with self._cond:
-            return self._accepting and self._ready_background() is not None
-
     def _ready_background(self) -> Background | None:
-        """The first background work with something to do now (under the lock)."""
-        return next((b for b in self._background if b[2] is None or b[2]()), None)
+        """The first background work with something to do now (under the lock); while draining, only
+        work that a request awaits."""
+        return next((b for b in self._background if (self._accepting or b.awaited)
+                     and (b.ready is None or b.ready())), None)
 
     def _has_generation(self) -> bool:
         with self._cond:
@@ -440,9 +473,15 @@ class ModelWorker:
             self._generation = GenerationBatch(self._service)
         gen, service = self._generation, self._service
         assert service is not None
-        for work in [w for w in self._gen_running if w.abandoned]:
-            gen.cancel(work)
-        self._gen_running = [w for w in self._gen_running if not w.abandoned]
+        # one pass, each work read once: a work abandoned meanwhile (from the event loop) is either
+        # cancelled here or kept for the next step, never dropped from the list with its rows decoding
+        running: list[GenWork] = []
+        for work in self._gen_running:
+            if work.abandoned:
+                gen.cancel(work)
+            else:
+                running.append(work)
+        self._gen_running = running
         with self._cond:
             queued = [w for w in self._gen_queue if not w.abandoned]
             self._gen_queue.clear()
@@ -483,22 +522,26 @@ class ModelWorker:
         self.metrics.generation_rows.set(gen.rows)
 
     def _background_step(self) -> None:
-        with self._cond:  # none, or draining: e.g. the drain took the generation that made the loop turn
-            work = self._ready_background() if self._accepting else None
+        """One step of the first ready background work, if any (none, or draining: e.g. the drain
+        took the generation that made the loop turn)."""
+        with self._cond:
+            work = self._ready_background()
             if work is None:
                 return
-            step, on_done, _ = work
+            self._background_running = work
+            self._served = 0
         try:
-            finished = step()
+            finished = work.step()
         except Exception:  # noqa: BLE001 -- the work failed (it keeps its own account of why): drop it
             log.exception("background work failed")
             finished = True
         with self._cond:
+            self._background_running = None
             self._background.remove(work)
             if not finished:  # its turn is over: the next ready work goes first (a long calibration
                 self._background.append(work)  # must not hold up an adapter's install or its search)
         if finished:
-            self._call_on_loop(lambda _: on_done(), None)
+            self._call_on_loop(lambda _: work.on_done(), None)
 
     def _call_on_loop(self, fn: Callable[[Any], None], arg: Any) -> None:
         if self._loop is not None:
@@ -522,7 +565,7 @@ class ModelWorker:
                     return None
                 if self._gen_queue or self._gen_busy:  # a decode step to run: no waiting
                     return []
-                if self._background and self._accepting and self._ready_background() is not None:
+                if self._ready_background() is not None:
                     return []
                 self._cond.wait()
             deadline = self._queue[0].enqueued + lim.max_wait_s
@@ -575,6 +618,7 @@ class ModelWorker:
                 self._resolve(work, exc)
 
     def _observe_forward(self, inputs: int, rows: int, seconds: float) -> None:
+        self._served += 1
         self.metrics.forward_duration.observe(seconds)
         self.metrics.batch_inputs.observe(inputs)
         self.metrics.batch_rows.observe(rows)

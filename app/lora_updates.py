@@ -257,19 +257,15 @@ class RuntimeLoras:
             run.state, run.error = "failed", f"adapter {record.name!r} was unloaded"
         clf = record.classifier if record.classifier is not None else (engine.classifier if engine else None)
         worker = self._worker
-        if clf is not None:
-            done = asyncio.get_running_loop().create_future()
-
-            def freed() -> None:
-                if not done.done():
-                    done.set_result(None)
-
-            # once no queued or decoding request holds it: what it accepted is answered first
-            worker.add_background(lambda: self._free(clf, engine), freed,
+        try:
+            if clf is not None:
+                # once no queued or decoding request holds it: what it accepted is answered first (during
+                # a drain too; 503 if the server stops first)
+                await worker.call(lambda: self._free(clf, engine),
                                   ready=None if engine is None else (lambda: not worker.holds(engine)))
-            await done
-        pool.forget(record)
-        self.state.metrics.remove_adapter(record.name)
+        finally:  # a failed free (500) or the shutdown (503): the name is free all the same, as before
+            pool.forget(record)
+            self.state.metrics.remove_adapter(record.name)
         log.info("adapter %s unloaded", record.name)
         return {"lora_name": record.name, "message": f"Success: LoRA adapter '{record.name}' removed successfully."}
 

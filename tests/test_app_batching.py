@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from test_app_support import (
     PROMPTS,
     assert_close,
+    longest_run,
     make_settings,
     metric,
     metric_samples,
@@ -24,10 +25,11 @@ from test_app_support import (
     strip_ids,
 )
 
-from app.batching import BatchLimits, ModelWorker, Work
+from app.batching import BACKGROUND_EVERY, BatchLimits, ModelWorker, Work
 from app.errors import NotReadyError
 from app.metrics import Metrics
 from tfb_core.serving.batch import BatchRequest
+from tfb_core.serving.gate import ForwardGate
 from tfb_core.serving.response import predict
 from tfb_core.serving.startup import load_engine
 
@@ -334,3 +336,98 @@ def test_background_works_take_turns():
         worker._background_step()
     assert steps[:4] == ["long", "install", "forward", "long"]
     assert steps.count("long") == 5 and steps.count("install") == 1
+
+
+# --- background work's share of a busy worker, and during a drain ------------------------------------
+@pytest.mark.parametrize("every,forwards", [(1, 1), (BACKGROUND_EVERY, 1), (BACKGROUND_EVERY, 2)])
+def test_background_gets_a_step_every_k_forwards_while_the_queue_never_empties(every, forwards):
+    """A queue that never empties (each batch is one whole request of max_rows rows, 30 queued behind
+    the first; its forwards: 1, or 2 where the planner splits it) does not starve background work: a
+    search's gated forwards (queued by four threads) and an install awaited through ``call`` each get
+    a step at least every ``background_every`` forwards of serving, all before the queue is empty."""
+    engine = FakeEngine()
+    events: list[str] = []
+    run_batch = engine.run_batch
+
+    def counted(requests, max_rows, on_forward=None):
+        def forward(inputs, rows, seconds):
+            events.append("batch")
+            on_forward(inputs, rows, seconds)
+
+        out = run_batch(requests, max_rows, forward)
+        for _ in range(forwards - 1):  # the rest of the batch's forwards
+            forward(1, 1, 0.0)
+        return out
+
+    engine.run_batch = counted  # type: ignore[method-assign]
+    limits = BatchLimits(max_rows=4, max_wait_s=0.0, background_every=every)
+    gate = ForwardGate()
+
+    async def scenario():
+        ready = asyncio.Event()
+        worker = ModelWorker(lambda: engine, limits, Metrics(CollectorRegistry()), lambda e: ready.set(),
+                             lambda exc: pytest.fail(f"load failed: {exc}"), warmup=False)
+        worker.start(asyncio.get_running_loop())
+        await asyncio.wait_for(ready.wait(), 30)
+        gate.on_queued = worker.wake
+        first = asyncio.create_task(worker.submit(_work(["x"], n=4)))
+        await _wait_for(lambda: worker._busy, "the first batch to start")  # held in the fake's run_batch
+        queued = [asyncio.create_task(worker.submit(_work([f"p{i}"], n=4, seed=i))) for i in range(30)]
+        await _wait_for(lambda: len(worker._queue) == 30, "30 queued requests")
+        searches = [threading.Thread(target=gate.run, args=(lambda: events.append("forward"),)) for _ in range(4)]
+        for t in searches:
+            t.start()
+        await _wait_for(lambda: len(gate._calls) == 4, "4 queued forwards")
+        worker.add_background(gate.step, lambda: None, ready=gate.ready)
+        install = asyncio.create_task(worker.call(lambda: events.append("install") or "installed"))
+        await asyncio.sleep(0)
+        engine.gate.set()
+        results = await asyncio.gather(first, *queued)
+        gate.close("done")
+        for t in searches:
+            await asyncio.to_thread(t.join, 30)
+        installed = await install
+        await worker.drain(10)
+        return results, installed
+
+    results, installed = asyncio.run(scenario())
+    assert len(results) == 31 and installed == "installed"
+    assert events.count("forward") == 4 and events.count("install") == 1
+    last_background = max(i for i, e in enumerate(events) if e != "batch")
+    assert events[last_background + 1:].count("batch") > 0, "the background work waited for the queue to empty"
+    # forwards of serving in a row while background work was ready: at most the bound
+    assert longest_run(events[:last_background + 1], "batch") <= every, events
+
+
+def test_an_install_awaited_during_a_drain_resolves_and_one_the_worker_never_runs_fails_503():
+    """During a drain, work a request awaits (an install, an unload's free: ``call``) still runs;
+    one that cannot run before the worker stops (never ready) fails with 503, never hangs; the
+    background work nobody awaits (a calibration) does not run."""
+    engine = FakeEngine()
+    steps: list[str] = []
+
+    async def scenario():
+        ready = asyncio.Event()
+        worker = ModelWorker(lambda: engine, BatchLimits(max_rows=4, max_wait_s=0.0), Metrics(CollectorRegistry()),
+                             lambda e: ready.set(), lambda exc: pytest.fail(f"load failed: {exc}"), warmup=False)
+        worker.start(asyncio.get_running_loop())
+        await asyncio.wait_for(ready.wait(), 30)
+        held = asyncio.create_task(worker.submit(_work(["x"], n=4)))
+        await _wait_for(lambda: worker._busy, "a batch to start")
+        drain = asyncio.create_task(worker.drain(5.0))
+        await _wait_for(lambda: not worker.accepting, "the drain to begin")
+        worker.add_background(lambda: steps.append("calibration") or False, lambda: None)
+        install = asyncio.create_task(worker.call(lambda: steps.append("install") or "installed"))
+        never = asyncio.create_task(worker.call(lambda: steps.append("never"), ready=lambda: False))
+        await asyncio.sleep(0)
+        engine.gate.set()
+        # the bound only guards against a hang: nothing asserts a duration
+        installed = await asyncio.wait_for(install, 30)
+        with pytest.raises(NotReadyError, match="shutting down"):
+            await asyncio.wait_for(never, 30)
+        await asyncio.wait_for(drain, 30)
+        return await held, installed
+
+    result, installed = asyncio.run(scenario())
+    assert installed == "installed" and float(result[0, 0, 0]) == 0
+    assert steps == ["install"]

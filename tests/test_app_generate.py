@@ -18,14 +18,23 @@ import pytest
 import torch
 from conftest import require
 from prometheus_client import CollectorRegistry
-from test_app_support import CHAT_TEMPLATE, assert_close, make_settings, metric, metric_samples, ready_client
+from test_app_support import (
+    CHAT_TEMPLATE,
+    assert_close,
+    longest_run,
+    make_settings,
+    metric,
+    metric_samples,
+    ready_client,
+)
 
-from app.batching import BatchLimits, GenWork, ModelWorker
+from app.batching import BACKGROUND_EVERY, BatchLimits, GenWork, ModelWorker
 from app.errors import NotReadyError
 from app.metrics import Metrics
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.forward.decoding import Decoding
+from tfb_core.serving.gate import ForwardGate
 from tfb_core.serving.generation import GenerationSettings
 from tfb_core.serving.startup import load_engine
 
@@ -449,3 +458,94 @@ def test_seeds_and_metrics(client):
     assert grew("tfb_generation_mean_mutual_information_count", adapter="bayes") == 5
     assert grew("tfb_generations_total", adapter="bayes", finish_reason="length") == 5
     assert metric(after, "tfb_inflight_requests") == 0  # each left the count when it was answered
+
+
+@pytest.fixture(scope="module")
+def gen_engine(tiny):
+    return load_engine(make_settings(tiny, max_length=256).engine_configs()[0][1].with_defaults(), progress=False)
+
+
+def _long_work(engine, max_tokens: int) -> GenWork:
+    return GenWork(prepare=lambda svc: svc.request(engine, svc.encode_prompt("x"), GenerationSettings(
+        max_tokens=max_tokens, n_samples=2, stop_token_ids=())))
+
+
+def test_a_generation_abandoned_while_the_step_cancels_another_leaves_the_decode(gen_engine):
+    """The red team's repro (clients leaving mid-stream left their rows decoding to max_tokens), made
+    deterministic: a request abandoned while the step is cancelling an abandoned one (the event loop
+    runs beside the worker) is cancelled too, or kept for the next step: its rows never stay in the
+    decode without a request that reads them."""
+    worker = ModelWorker(lambda: gen_engine, BatchLimits(), Metrics(CollectorRegistry()), lambda _: None,
+                         lambda exc: None, warmup=False)
+    works = [_long_work(gen_engine, 40) for _ in range(3)]
+    for work in works:
+        worker.submit_generation(work)
+    worker._generation_step(gen_engine)  # all three join and decode one token
+    gen = worker._generation
+    assert gen is not None and gen.rows == 6 and worker._gen_running == works
+    first, second, third = works
+    cancel = gen.cancel
+
+    def cancel_and_race(key):  # the client of ``second`` leaves while the worker cancels ``first``
+        if key is first:
+            worker.abandon_generation(second, "disconnect")
+        return cancel(key)
+
+    gen.cancel = cancel_and_race  # type: ignore[method-assign]
+    worker.abandon_generation(first, "disconnect")
+    worker._generation_step(gen_engine)
+    worker._generation_step(gen_engine)  # a work kept for the next step is cancelled there
+    assert worker._gen_running == [third]
+    assert gen.rows == 2, "an abandoned request's rows are still decoding"
+
+
+def test_a_searchs_forwards_get_a_step_every_k_decode_steps(gen_engine):
+    """A decode that runs on does not starve a sigma search: its gated forwards (four queued by four
+    threads) each get a step at least every ``BACKGROUND_EVERY`` decode steps, all before the
+    generation ends."""
+    events: list[str] = []
+
+    async def scenario():
+        ready = asyncio.Event()
+        worker = ModelWorker(lambda: gen_engine, BatchLimits(), Metrics(CollectorRegistry()), lambda _: ready.set(),
+                             lambda exc: None, warmup=False)
+        step = worker._generation_step
+
+        def counted(engine):
+            step(engine)
+            events.append("decode")
+
+        worker._generation_step = counted  # type: ignore[method-assign]
+        worker.start(asyncio.get_running_loop())
+        await ready.wait()
+        gate = ForwardGate(on_queued=worker.wake)
+        searches = [threading.Thread(target=gate.run, args=(lambda: events.append("forward"),)) for _ in range(4)]
+        for t in searches:
+            t.start()
+        for _ in range(3000):
+            if len(gate._calls) == 4:
+                break
+            await asyncio.sleep(0.01)
+        work = _long_work(gen_engine, 60)
+        worker.submit_generation(work)
+        while not events:  # it decodes
+            await asyncio.sleep(0.01)
+        worker.add_background(gate.step, lambda: None, ready=gate.ready)
+        while True:
+            update = await work.updates.get()
+            if update.result is not None or update.error is not None:
+                break
+        gate.close("done")
+        for t in searches:
+            await asyncio.to_thread(t.join, 30)
+        await worker.drain(10)
+        return update
+
+    update = asyncio.run(scenario())
+    assert update.error is None and len(update.result["completion"]["token_ids"]) == 60
+    assert events.count("forward") == 4
+    first = events.index("forward")
+    last = max(i for i, e in enumerate(events) if e == "forward")
+    assert "decode" in events[last:], "the forwards waited for the generation to end"
+    # between two forwards (before the first, the decode ran before the search was added)
+    assert longest_run(events[first:last], "decode") <= BACKGROUND_EVERY, events

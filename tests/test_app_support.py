@@ -125,3 +125,12 @@ def chat_templated(client):
         yield tok
     finally:
         tok.chat_template = None
+
+
+def longest_run(events: list[str], what: str) -> int:
+    """The most ``what`` events in a row in ``events``."""
+    longest = run = 0
+    for e in events:
+        run = run + 1 if e == what else 0
+        longest = max(longest, run)
+    return longest

@@ -15,6 +15,7 @@ from conftest import LABELS
 from tfb_core import cache
 from tfb_core.config import SearchConfig
 from tfb_core.search import search
+from tfb_core.serving import overhead
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.sigma import anchor_objective, search_sigma
 from tfb_core.serving.startup import cache_key, load_engine
@@ -253,7 +254,7 @@ def _module_file(copy: Path, name: str) -> Path:
 
 
 KEYED = {"classifier search": cache.CLASSIFIER_SEARCH, "generative search": cache.GENERATION_SEARCH,
-         "calibration": cache.CALIBRATION}
+         "calibration": cache.CALIBRATION, "forward overhead": overhead.CODE}
 
 
 def test_an_edit_to_any_module_the_computation_imports_changes_its_key_and_no_other(tmp_path, monkeypatch):

@@ -83,6 +83,17 @@ def _code_sha256(roots: tuple[str, ...], package_dir: Path) -> str:
     return h.hexdigest()
 
 
+def model_key(m: Any, model: Any) -> dict[str, Any]:
+    """What identifies the base model in a key: ``m`` its :class:`~tfb_core.config.ModelConfig`, ``model``
+    the loaded model (its config's JSON, so that another model under the same name is another key)."""
+    model_config = getattr(model, "config", None)
+    return {
+        "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
+        "gguf_file": m.gguf_file,
+        "base_config": sha256_text([model_config.to_json_string()]) if model_config is not None else None,
+    }
+
+
 def cache_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
     digest = hashlib.sha256(canonical(key).encode()).hexdigest()[:32]
     return Path(cache_dir) / "sigma" / f"{digest}.json"

@@ -29,6 +29,7 @@ from tfb_core.search import SearchResult
 from tfb_core.serving.batch import BatchRequest, ForwardHook, Labels, run_batch
 from tfb_core.serving.calibrate import CalibrationRun
 from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.overhead import forward_overhead
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,9 @@ class TFBEngine:
     def warm_up(self, max_rows: int) -> float | None:
         """:meth:`first_forward`; on a GPU also one forward of a full batch (``max_rows`` rows), so
         that the first real batch does not pay for loading kernels and growing the allocator's pool.
-        Unless the config fixes it, the fixed cost of a forward is then measured (forwards of 1 and
-        up to 8 inputs) for planning batches by length; returns it (None: not measured)."""
+        Unless the config fixes it, the fixed cost of a forward for planning batches by length is
+        then read from the cache, else measured (forwards of 1 and up to 8 inputs) and cached
+        (:mod:`tfb_core.serving.overhead`); returns it (None: not measured)."""
         t0 = time.perf_counter()
         clf = self.classifier
         job, prefix = self.first_forward()
@@ -203,9 +205,7 @@ class TFBEngine:
             clf.run_jobs([job] * inputs, self.sigma, prefix=prefix)
         overhead = None
         if self.cfg.forward_overhead_tokens is None:
-            overhead = clf.measure_forward_overhead(job, self.sigma, max_rows, prefix)
-            if overhead is not None:
-                log.info("a forward's fixed cost: %.0f tokens (measured)", overhead)
+            overhead = forward_overhead(self.cfg.model, clf, job, self.sigma, max_rows, prefix)
         log.info("warm-up forwards (N=%d) in %.2fs", job.n_samples, time.perf_counter() - t0)
         return overhead
 

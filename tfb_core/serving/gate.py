@@ -2,14 +2,16 @@
 
     search thread                              model's thread (the server's worker)
     -------------                              ------------------------------------
-    gate.run(forward)  -> queued, waits        between batches, when nothing is queued:
+    gate.run(forward)  -> queued, waits        between batches, when nothing is queued (and under
+                                               steady traffic, every few batches or decode steps):
                                                gate.ready() -> gate.step(): one forward
                        <- its result           serving requests in between any two of them
 
 A σ search is a few calls of an objective that each run many forwards; handing each forward to the
 model's thread (:attr:`BayesianClassifier.forward_runner`) lets the search run unchanged beside
-serving: only the model's thread touches the model, and a request waits for at most one of the
-search's forwards. :meth:`ForwardGate.pause` holds the forwards (the search waits; serving goes on).
+serving: only the model's thread touches the model, a request waits for at most one of the
+search's forwards, and the search gets a bounded share of a busy model thread (it is never
+starved). :meth:`ForwardGate.pause` holds the forwards (the search waits; serving goes on).
 """
 
 from __future__ import annotations

@@ -344,13 +344,10 @@ def cache_key(cfg: EngineConfig, clf: BayesianClassifier, task: Task, prompts: S
     modules = [f"{mod.name}:{mod.scaling!r}" for mod in clf.posterior.modules]
     if clf.posterior.weights_sha256 is None:  # a posterior built by hand, not from peft
         raise ValueError("the adapter's posterior has no weights_sha256: build it with bayesianize_many")
-    model_config = getattr(clf.model, "config", None)
     return {
         # the code that computes it, not the package version (a generative adapter's: its decoder's)
         "code_sha256": cache.code_sha256(cache.GENERATION_SEARCH if task.generative else cache.CLASSIFIER_SEARCH),
-        "base_model": m.model, "model_revision": m.model_revision, "model_subfolder": m.model_subfolder,
-        "gguf_file": m.gguf_file,
-        "base_config": cache.sha256_text([model_config.to_json_string()]) if model_config is not None else None,
+        **cache.model_key(m, clf.model),
         "adapter_modules": cache.sha256_text(modules), "adapter_sha256": clf.posterior.weights_sha256,
         "dtype": m.dtype, "device_type": torch.device(m.device).type, "load_in_8bit": m.load_in_8bit,
         "task": task.name, "labels": list(task.labels), "max_length": m.max_length, "truncate": task.truncate,
