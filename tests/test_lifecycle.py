@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 
 import pytest
 from test_app_runtime_lora import PROMPTS, _anchor, _entry, _routed, _settings, _wait, _wait_ready
@@ -43,19 +44,44 @@ class Held:
     def release(self) -> None:
         self.hold.set()
 
+    def __enter__(self) -> Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()  # a failed test must not leave the worker (and the app's shutdown) held
+
 
 def _parts(client):
     state = client.app.state.tfb
     return state, state.runtime_loras, state.predictor.adapters.lifecycle
 
 
+@contextmanager
+def _app(settings):
+    """:func:`ready_client`; handlers still running at the end (a failed test's) are cancelled: the
+    stopped worker would never answer them, and the app's loop would wait for them."""
+    with ready_client(settings) as client:
+        client.running = []
+        try:
+            yield client
+        finally:
+            for future in client.running:
+                future.cancel()
+
+
+def _start(client, fn, *args):
+    future = client.portal.start_task_soon(fn, *args)
+    client.running.append(future)
+    return future
+
+
 def _load(client, **body):
     """The load handler's coroutine on the app's loop: a future of (status, body), or its error."""
-    return client.portal.start_task_soon(client.app.state.tfb.runtime_loras.load, LoadLoraRequest(**body))
+    return _start(client, client.app.state.tfb.runtime_loras.load, LoadLoraRequest(**body))
 
 
 def _unload(client, name):
-    return client.portal.start_task_soon(client.app.state.tfb.runtime_loras.unload, UnloadLoraRequest(lora_name=name))
+    return _start(client, client.app.state.tfb.runtime_loras.unload, UnloadLoraRequest(lora_name=name))
 
 
 def _left_nothing(client, before, name="b"):
@@ -72,26 +98,26 @@ def test_an_unload_while_the_install_waits_for_the_worker_ends_the_load(tiny, tm
     arrives: the unload wins (the load: 409; nothing installed, no search started), the name is
     taken until then, and free again after."""
     anchor = _anchor(tmp_path)
-    with ready_client(_settings(tiny, tmp_path, sigma=None, anchor=anchor)) as client:
+    with _app(_settings(tiny, tmp_path, sigma=None, anchor=anchor)) as client:
         state, loras, life = _parts(client)
         before = _routed(client)
-        held = Held(state.worker, monkeypatch)
-        load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=sigma, anchor=anchor)
-        assert held.queued.wait(60)
-        assert life.state("b") == "loading"
-        unload = _unload(client, "b")
-        _wait(lambda: life.state("b") == "unloading", "the unload began")
-        with pytest.raises(LoraRequestError, match="being unloaded") as busy:
-            client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_qv"], sigma=0.1))
-        assert busy.value.param == "lora_name"
-        held.release()
-        with pytest.raises(LoraConflictError, match="unloaded while it loaded"):
-            load.result(60)
-        assert unload.result(60)["lora_name"] == "b"
-        _left_nothing(client, before)
-        status, out = client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_qv"],
-                                                                     sigma=0.1))
-        assert status == 200 and out["state"] == "ready"
+        with Held(state.worker, monkeypatch) as held:
+            load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=sigma, anchor=anchor)
+            assert held.queued.wait(60)
+            assert life.state("b") == "loading"
+            unload = _unload(client, "b")
+            _wait(lambda: life.state("b") == "unloading", "the unload began")
+            with pytest.raises(LoraRequestError, match="being unloaded") as busy:
+                _load(client, lora_name="b", lora_path=tiny["adapter_qv"], sigma=0.1).result(60)
+            assert busy.value.param == "lora_name"
+            held.release()
+            with pytest.raises(LoraConflictError, match="unloaded while it loaded"):
+                load.result(60)
+            assert unload.result(60)["lora_name"] == "b"
+            _left_nothing(client, before)
+            status, out = client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_qv"],
+                                                                         sigma=0.1))
+            assert status == 200 and out["state"] == "ready"
 
 
 def test_an_unload_while_the_install_runs_frees_what_it_installed(tiny, tmp_path, monkeypatch):
@@ -108,7 +134,7 @@ def test_an_unload_while_the_install_runs_frees_what_it_installed(tiny, tmp_path
         return out
 
     monkeypatch.setattr(runtime, "install", install)
-    with ready_client(_settings(tiny, tmp_path)) as client:
+    with _app(_settings(tiny, tmp_path)) as client:
         state, _, life = _parts(client)
         before = _routed(client)
         load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
@@ -136,7 +162,7 @@ def test_an_unload_while_the_files_are_read_waits_for_the_load(tiny, tmp_path, m
         return real(*args)
 
     monkeypatch.setattr(runtime, "prepare", prepare)
-    with ready_client(_settings(tiny, tmp_path)) as client:
+    with _app(_settings(tiny, tmp_path)) as client:
         state, _, life = _parts(client)
         before = _routed(client)
         load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
@@ -153,41 +179,41 @@ def test_an_unload_while_the_files_are_read_waits_for_the_load(tiny, tmp_path, m
 
 
 def test_two_loads_of_one_name_at_once_one_wins(tiny, tmp_path, monkeypatch):
-    with ready_client(_settings(tiny, tmp_path)) as client:
+    with _app(_settings(tiny, tmp_path)) as client:
         state, loras, life = _parts(client)
-        held = Held(state.worker, monkeypatch)
-        first = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
-        assert held.queued.wait(60)
-        with pytest.raises(LoraRequestError, match="already been loaded") as second:
-            client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_qv"], sigma=0.3))
-        assert second.value.param == "lora_name"
-        held.release()
-        status, out = first.result(60)
-        assert status == 200 and life.engines["b"].sigma == 0.2
+        with Held(state.worker, monkeypatch) as held:
+            first = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
+            assert held.queued.wait(60)
+            with pytest.raises(LoraRequestError, match="already been loaded") as second:
+                _load(client, lora_name="b", lora_path=tiny["adapter_qv"], sigma=0.3).result(60)
+            assert second.value.param == "lora_name"
+            held.release()
+            status, out = first.result(60)
+            assert status == 200 and life.engines["b"].sigma == 0.2
 
 
 def test_a_load_whose_caller_left_during_the_install_is_served_and_can_be_unloaded(tiny, tmp_path, monkeypatch):
     """The load's handler is cancelled while its install waits for the worker: the install still
     runs, and does the rest itself: the adapter is served (nothing leaks), and an unload frees it."""
-    with ready_client(_settings(tiny, tmp_path)) as client:
+    with _app(_settings(tiny, tmp_path)) as client:
         state, loras, life = _parts(client)
         before = _routed(client)
-        held = Held(state.worker, monkeypatch)
-        load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
-        assert held.queued.wait(60)
-        load.cancel()
-        _wait(load.done, "the load's handler cancelled")
-        held.release()
-        _wait_ready(client, "b")
-        assert client.post("/predict", json={"adapter": "b", "inputs": PROMPTS}).status_code == 200
-        client.portal.call(loras.unload, UnloadLoraRequest(lora_name="b"))
-        _left_nothing(client, before)
+        with Held(state.worker, monkeypatch) as held:
+            load = _load(client, lora_name="b", lora_path=tiny["adapter_other"], sigma=0.2)
+            assert held.queued.wait(60)
+            load.cancel()
+            _wait(load.done, "the load's handler cancelled")
+            held.release()
+            _wait_ready(client, "b")
+            assert client.post("/predict", json={"adapter": "b", "inputs": PROMPTS}).status_code == 200
+            client.portal.call(loras.unload, UnloadLoraRequest(lora_name="b"))
+            _left_nothing(client, before)
 
 
 def test_unload_drops_the_decodes_kept_rows_of_the_adapter(tiny, tmp_path):
     """A generative adapter's chat requests leave kept rows of the template's head (per posterior
     sample) in the served generator; its unload drops them, and only them."""
-    with ready_client(_settings(tiny, tmp_path)) as client, chat_templated(client):
+    with _app(_settings(tiny, tmp_path)) as client, chat_templated(client):
         state, loras, life = _parts(client)
         status, _ = client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_other"],
                                                                    task="generation", sigma=0.2))
@@ -228,7 +254,7 @@ def test_startup_adapters_other_than_the_default_are_searched_in_the_background(
             gates.append(self)
 
     monkeypatch.setattr(lifecycle, "ForwardGate", Paused)
-    with ready_client(settings("server")) as client:
+    with _app(settings("server")) as client:
         assert client.get("/readyz").status_code == 200 and len(gates) == 1
         entry = _entry(client, "other")
         assert entry["state"] == "searching" and "search_progress" in entry
