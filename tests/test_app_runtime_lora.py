@@ -86,7 +86,6 @@ def test_a_runtime_adapter_answers_as_the_same_adapter_configured_at_start_up(ti
     bodies = [{"adapter": name, "inputs": PROMPTS, "n_samples": 4, "seed": 3} for name in ("other", "qv")]
     searching = dict(sigma=None, anchor=anchor)  # the server's: an adapter that sets no sigma searches it
     with ready_client(_settings(tiny, tmp_path / "a", adapter=None, adapters=json.dumps(startup), **searching)) as client:
-        _wait_ready(client, "other")  # not the default: searched in the background, as a runtime load's
         want_sigma = _entry(client, "other")["sigma"]
         assert _entry(client, "other")["sigma_source"] == "search"
         want = [client.post("/predict", json=b).json() for b in bodies]

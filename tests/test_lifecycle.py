@@ -57,10 +57,10 @@ def _parts(client):
 
 
 @contextmanager
-def _app(settings):
+def _app(settings, calibrated=True):
     """:func:`ready_client`; handlers still running at the end (a failed test's) are cancelled: the
     stopped worker would never answer them, and the app's loop would wait for them."""
-    with ready_client(settings) as client:
+    with ready_client(settings, calibrated=calibrated) as client:
         client.running = []
         try:
             yield client
@@ -254,7 +254,7 @@ def test_startup_adapters_other_than_the_default_are_searched_in_the_background(
             gates.append(self)
 
     monkeypatch.setattr(lifecycle, "ForwardGate", Paused)
-    with _app(settings("server")) as client:
+    with _app(settings("server"), calibrated=False) as client:
         assert client.get("/readyz").status_code == 200 and len(gates) == 1
         entry = _entry(client, "other")
         assert entry["state"] == "searching" and "search_progress" in entry
