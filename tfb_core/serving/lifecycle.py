@@ -2,12 +2,14 @@
 start-up, and every unload. :class:`~tfb_core.serving.pool.AdapterPool` and the server's load and
 unload routes only ask it.
 
-    begin ─► loading ──install──► searching ──searched──► calibrating ──calibrated──► ready
-               │  │                  │  │                    │                        │
-               │  └── failed ◄───────┘  │ (the reason in /info; its memory freed; the name may load again)
-               ▼                        ▼                    ▼                        ▼
-             gone ◄──freed── unloading ◄──────────────── unload ─────────────────────┘
-     (read failed, cancelled)    (once its load is over and no accepted request holds it)
+    loading ──install──► searching ──searched──► calibrating ──calibrated──► ready
+       │   (sigma fixed or cached: the install goes on to calibrating or ready at once;
+       │    calibrating only where the server calibrates before it serves)
+       │                     └──search failed──► failed ──the name loaded again──► gone
+       └──files unreadable, caller gone before the install──► gone
+
+    loading, searching, calibrating, ready ──unload──► unloading ──freed──► gone
+                      (the free waits until the load is over and no accepted request holds it)
 
 An adapter configured at start-up whose sigma is not known (not the default adapter) enters at
 ``searching`` (:meth:`Lifecycle.adopt`): the server is ready when the default is.
@@ -156,26 +158,30 @@ def _nothing() -> None:
 class Lifecycle:
     """The adapters of one pool that are not simply served (``records``), and every transition.
 
-    ``engines`` is the pool's dict of served adapters (the lifecycle adds and removes entries: the
-    pool reads it); ``default`` the default adapter's engine (never unloaded)."""
+    ``engines``: the served adapters (the pool's), ``default`` the default adapter's engine (never
+    unloaded). :attr:`engines` and :attr:`records` are replaced, never changed in place (under the
+    lock): a reader on another thread iterates a snapshot that no transition changes under it."""
 
     def __init__(self, engines: dict[str, TFBEngine], default: TFBEngine) -> None:
-        self.engines = engines
+        #: the adapters that answer requests, by name
+        self.engines: dict[str, TFBEngine] = dict(engines)
         self.default = default
         #: loading, searching, calibrating, failed (until the name is loaded again), unloading
         self.records: dict[str, RuntimeAdapter] = {}
         #: generators whose kept rows (a chat head's keys and values) an adapter's free drops
         self.generators: list[Any] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._worker: Worker | None = None
         self._on_ready: Callable[[TFBEngine], None] = lambda engine: None
         self.background_calibration = True
 
     # --- queries (any thread) ---------------------------------------------------------------------
     def state(self, name: str) -> State:
-        if name in self.engines:
-            return "ready"
-        return self.records[name].state
+        """``name``'s state (``KeyError`` for a name neither served nor in a record)."""
+        with self._lock:  # served, or a record: never neither in between
+            if name in self.engines:
+                return "ready"
+            return self.records[name].state
 
     def coming(self) -> list[str]:
         """Names of the adapters on their way to answer."""
@@ -225,7 +231,7 @@ class Lifecycle:
         with self._lock:
             if name in self.engines or name in self.records:
                 raise AdapterBusyError(f"adapter {name!r} is already {self.state(name)}", self.state(name))
-            self.records[name] = record
+            self.records = {**self.records, name: record}
         return record
 
     @property
@@ -246,9 +252,9 @@ class Lifecycle:
         assert target in TRANSITIONS[record.state], f"{record.state} -> {target}"
         record.state = target
         if target == "ready":
-            self.engines[record.name] = record.engine  # type: ignore[assignment]
+            self.engines = {**self.engines, record.name: record.engine}  # type: ignore[dict-item]
         if target in ("ready", "gone") and self.records.get(record.name) is record:
-            del self.records[record.name]
+            self.records = {n: r for n, r in self.records.items() if r is not record}
         return True
 
     def begin(self, name: str, cfg: EngineConfig, limit: int | None = None) -> RuntimeAdapter:
@@ -261,8 +267,10 @@ class Lifecycle:
                 raise AdapterBusyError(f"adapter {name!r} is {state}", state)
             if limit is not None and self.occupied() >= limit:
                 raise AdapterBusyError(f"{self.occupied()} adapters are served, the limit is {limit}")
+            if taken is not None:  # failed: its memory was freed when it failed
+                self._move_locked(taken, ("failed",), "gone")
             record = RuntimeAdapter(name, cfg, loading=True)
-            self.records[name] = record
+            self.records = {**self.records, name: record}
         return record
 
     def abandon(self, record: RuntimeAdapter) -> None:
@@ -381,11 +389,12 @@ class Lifecycle:
         if name == self.default.name:
             raise ValueError(f"adapter {name!r} is the default adapter: it cannot be unloaded")
         with self._lock:
-            engine = self.engines.pop(name, None)
+            engine = self.engines.get(name)
             record = self.records.get(name)
             if engine is not None:  # a served adapter (runtime or start-up): a record again
+                self.engines = {n: e for n, e in self.engines.items() if n != name}
                 record = RuntimeAdapter(name, engine.cfg, state="ready", engine=engine, classifier=engine.classifier)
-                self.records[name] = record
+                self.records = {**self.records, name: record}
             if record is None or not self._move_locked(record, ("loading", "searching", "calibrating", "ready"),
                                                       "unloading"):
                 raise UnknownAdapterError(f"unknown adapter {name!r}: this server serves {list(self.engines)}")

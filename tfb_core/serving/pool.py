@@ -44,12 +44,10 @@ class AdapterPool:
         if not engines:
             raise ValueError("no adapter to serve")
         check_names([e.name for e in engines])
-        #: the adapters that answer requests, by name
-        self.engines: dict[str, TFBEngine] = {e.name: e for e in engines}
         self.default = engines[0]
         #: the adapters that do not simply answer (loading, searching, calibrating, failed, unloading):
         #: every load, search and unload goes through it
-        self.lifecycle = Lifecycle(self.engines, self.default)
+        self.lifecycle = Lifecycle({e.name: e for e in engines}, self.default)
 
     @classmethod
     def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
@@ -70,8 +68,15 @@ class AdapterPool:
         return pool
 
     @property
+    def engines(self) -> dict[str, TFBEngine]:
+        """The adapters that answer requests, by name (a snapshot: the lifecycle replaces it, never
+        changes it; read only)."""
+        return self.lifecycle.engines
+
+    @property
     def pending(self) -> dict[str, RuntimeAdapter]:
-        """The adapters that do not answer (yet, or any more), by name (:attr:`Lifecycle.records`)."""
+        """The adapters that do not answer (yet, or any more), by name (:attr:`Lifecycle.records`: a
+        snapshot, read only)."""
         return self.lifecycle.records
 
     @property
