@@ -98,6 +98,9 @@ def test_an_unload_while_the_install_waits_for_the_worker_ends_the_load(tiny, tm
     arrives: the unload wins (the load: 409; nothing installed, no search started), the name is
     taken until then, and free again after."""
     anchor = _anchor(tmp_path)
+    installs = []
+    real = runtime.install
+    monkeypatch.setattr(runtime, "install", lambda *a, **k: installs.append(a[1].record.name) or real(*a, **k))
     with _app(_settings(tiny, tmp_path, sigma=None, anchor=anchor)) as client:
         state, loras, life = _parts(client)
         before = _routed(client)
@@ -115,6 +118,7 @@ def test_an_unload_while_the_install_waits_for_the_worker_ends_the_load(tiny, tm
                 load.result(60)
             assert unload.result(60)["lora_name"] == "b"
             _left_nothing(client, before)
+            assert installs == []  # the install step found it unloading: nothing was put into the model
             status, out = client.portal.call(loras.load, LoadLoraRequest(lora_name="b", lora_path=tiny["adapter_qv"],
                                                                          sigma=0.1))
             assert status == 200 and out["state"] == "ready"
