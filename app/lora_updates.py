@@ -14,8 +14,12 @@ VLLM_ALLOW_RUNTIME_LORA_UPDATING; here they answer 404 naming the setting); behi
               it answer 503 with Retry-After until it is ready; a failed search frees the adapter and
               shows "failed" with the reason in /info (the name is then free to load again)
     unload  body: lora_name. From now on 404 for it; the requests it accepted are answered; then its
-            slots, posterior, noise draws, kept prefixes and metric series are freed (the worker
-            frees them once no queued or decoding request holds it); 200 after that.
+            slots, posterior, noise draws, kept prefixes (the classifier's and the decode's) and
+            metric series are freed (the worker frees them once no queued or decoding request
+            holds it); 200 after that. An unload that meets a load in flight ends it: the load
+            answers 409 and whatever it installed is freed before the unload answers 200.
+
+Every state and transition is :mod:`tfb_core.serving.lifecycle`'s; this module only asks it.
 
 The calibration of a runtime adapter runs in the background as at start-up (alpha and max_risk
 answer 503 until it is done); with TFB_CALIBRATE_IN_BACKGROUND=false the adapter stays
@@ -26,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,15 +39,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.classify import _ERRORS, OpenAIErrorRoute
-from app.errors import ServingError
+from app.errors import NotReadyError, ServingError
 from app.routes import PredictorDep, StateDep
 from app.settings import ADAPTER_NAME, AdapterFields, AdapterSpec
 from app.state import AppState
 from tfb_core.data.loading import is_local_adapter
 from tfb_core.serving import runtime
-from tfb_core.serving.engine import TFBEngine
-from tfb_core.serving.gate import ForwardGate, GateClosedError
-from tfb_core.serving.pool import RuntimeAdapter, UnknownAdapterError
+from tfb_core.serving.lifecycle import AdapterBusyError, AdapterUnloadedError, UnknownAdapterError
 
 log = logging.getLogger("app")
 
@@ -113,15 +113,18 @@ class UnloadLoraRequest(BaseModel):
     lora_int_id: int | None = None
 
 
+class LoraConflictError(ServingError):
+    """The adapter was unloaded while it loaded: the load ended and left nothing behind."""
+
+    status_code = 409
+
+
 class RuntimeLoras:
-    """Loads and unloads of one app: the threads of its sigma searches and what frees an adapter."""
+    """Loads and unloads of one app, asked of the pool's lifecycle (:mod:`tfb_core.serving.lifecycle`,
+    the one owner of an adapter's state)."""
 
     def __init__(self, state: AppState) -> None:
         self.state = state
-
-    @property
-    def _worker(self) -> Any:
-        return self.state.worker
 
     # --- load -------------------------------------------------------------------------------------
     async def load(self, body: LoadLoraRequest) -> tuple[int, dict[str, Any]]:
@@ -141,139 +144,59 @@ class RuntimeLoras:
             text = str(exc)
             raise LoraRequestError(f"adapter {body.lora_name!r}: {text}"[:1000], param=getattr(exc, "param", None) or (
                 "published" if "published" in text else "lora_path")) from None
-        if body.lora_name in pool.engines or (body.lora_name in pool.pending
-                                              and pool.pending[body.lora_name].state != "failed"):
-            raise LoraRequestError(f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name")
-        if pool.occupied() >= settings.max_loras:
-            raise LoraRequestError(f"{pool.occupied()} adapters are served, the limit is {settings.max_loras} "
-                                   "(TFB_MAX_LORAS): unload one first", param="lora_name")
-        record = RuntimeAdapter(body.lora_name, cfg)
-        pool.begin(record)
-        background = settings.calibrate_in_background
+        lifecycle = pool.lifecycle
+        try:
+            record = lifecycle.begin(body.lora_name, cfg, limit=settings.max_loras)
+        except AdapterBusyError as exc:
+            if exc.state is None:
+                raise LoraRequestError(f"{pool.occupied()} adapters are served, the limit is {settings.max_loras} "
+                                       "(TFB_MAX_LORAS): unload one first", param="lora_name") from None
+            said = "has already been loaded" if exc.state != "unloading" else "is being unloaded: retry later"
+            raise LoraRequestError(f"The lora adapter '{body.lora_name}' {said}.", param="lora_name") from None
         log.info("loading adapter %s from %s", record.name, cfg.model.adapter or cfg.published)
         try:
             prepared = await asyncio.to_thread(runtime.prepare, pool.default, record)
-            if record.state != "loading":
-                raise LoraRequestError(f"adapter {record.name!r} was unloaded while it loaded", param="lora_name")
-            clf, engine = await self._worker.call(lambda: runtime.install(pool.default.classifier, prepared))
-        except BaseException as exc:
-            pool.forget(record)  # nothing was installed: the server is as it was, the name free
+        except BaseException as exc:  # a bad file, or the client went away: nothing was installed
+            lifecycle.abandon(record)
             log.warning("loading adapter %s failed: %s", record.name, exc)
             raise
-        record.classifier = clf
-        if engine is not None:
-            self._serve(record, engine, background)
-            return self._answer(record)
-        gate = ForwardGate(on_queued=self._worker.wake)
-        record.state, record.cancel = "searching", gate.close
-        self._worker.add_background(gate.step, lambda: None, ready=gate.ready)
-        record.gate = gate
-        loop = asyncio.get_running_loop()
-        thread = threading.Thread(target=self._search, args=(loop, record, prepared, clf, gate),
-                                  name=f"tfb-sigma-search-{record.name}", daemon=True)
-        thread.start()
-        return self._answer(record)
-
-    def _answer(self, record: RuntimeAdapter) -> tuple[int, dict[str, Any]]:
-        ready = record.state == "ready"
+        # from here the worker's install step does the rest even if this handler is cancelled
+        try:
+            state = await self.state.worker.call(lambda: lifecycle.install(record, prepared))
+        except AdapterUnloadedError as exc:
+            raise LoraConflictError(str(exc), param="lora_name") from None
+        except Exception as exc:
+            log.warning("loading adapter %s failed: %s", record.name, exc)
+            raise
+        ready = state == "ready"
         message = (f"Success: LoRA adapter '{record.name}' added successfully." if ready else
-                   f"LoRA adapter '{record.name}' accepted: {record.state}; GET /info shows its progress")
-        return (200 if ready else 202), {"lora_name": record.name, "state": record.state, "message": message}
-
-    def _search(self, loop: asyncio.AbstractEventLoop, record: RuntimeAdapter, prepared: runtime.Prepared,
-                clf: Any, gate: ForwardGate) -> None:
-        """The sigma search, on its own thread; the outcome is settled on the event loop."""
-        try:
-            engine = runtime.search(prepared, clf, gate)
-        except BaseException as exc:  # noqa: BLE001 -- every failure is the adapter's, shown in /info
-            reason = str(exc) if isinstance(exc, GateClosedError) else f"sigma search: {type(exc).__name__}: {exc}"
-            if not isinstance(exc, GateClosedError):
-                log.exception("adapter %s: the sigma search failed", record.name)
-            self._on_loop(loop, lambda: self._search_failed(record, reason))
-            return
-        finally:
-            gate.close("the sigma search is over")
-        self._on_loop(loop, lambda: self._searched(record, engine))
-
-    @staticmethod
-    def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(fn)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
-
-    def _searched(self, record: RuntimeAdapter, engine: TFBEngine) -> None:
-        if record.state != "searching":  # unloaded meanwhile: the unload frees it
-            return
-        self._serve(record, engine, self.state.settings.calibrate_in_background)
-
-    def _search_failed(self, record: RuntimeAdapter, reason: str) -> None:
-        if record.state != "searching":  # unloaded meanwhile (the unload closed the gate)
-            return
-        pool = self.state.require_predictor().adapters
-        pool.fail(record, reason)
-        log.error("adapter %s failed to load: %s", record.name, reason)
-        clf = record.classifier
-        self._worker.add_background(lambda: self._free(clf, None), lambda: None)
-
-    def _serve(self, record: RuntimeAdapter, engine: TFBEngine, background: bool) -> None:
-        """The adapter answers from now on (or once its calibration is done, if the server calibrates
-        before serving)."""
-        engine.name = record.name
-        run = engine.calibration_run
-        if run is not None and run.state == "running" and not background:
-            record.state, record.engine = "calibrating", engine
-
-            def calibrated() -> None:
-                if record.state == "calibrating":
-                    self._ready(record, engine)
-
-            self._worker.add_background(run.step, calibrated)
-            return
-        self._ready(record, engine)
-
-    def _ready(self, record: RuntimeAdapter, engine: TFBEngine) -> None:
-        pool = self.state.require_predictor().adapters
-        pool.ready(record, engine)
-        self.state.serve_engine(engine)
-        log.info("adapter %s ready in %.1fs: sigma=%.6g (%s)", record.name, time.monotonic() - record.started,
-                 engine.sigma, engine.sigma_source)
+                   f"LoRA adapter '{record.name}' accepted: {state}; GET /info shows its progress")
+        return (200 if ready else 202), {"lora_name": record.name, "state": state, "message": message}
 
     # --- unload -----------------------------------------------------------------------------------
     async def unload(self, body: UnloadLoraRequest) -> dict[str, Any]:
         pool = self.state.require_predictor().adapters
+        done = asyncio.get_running_loop().create_future()
+
+        def gone() -> None:
+            if not done.done():
+                done.set_result(None)
+
         try:
-            record = pool.unlisted(body.lora_name)
+            record = pool.lifecycle.unload(body.lora_name, on_gone=gone)
         except UnknownAdapterError:
             raise LoraNotFoundError(f"The lora adapter '{body.lora_name}' cannot be found.",
                                     param="lora_name") from None
         except ValueError as exc:
             raise LoraRequestError(str(exc), param="lora_name") from None
-        if record.cancel is not None:
-            record.cancel(f"adapter {record.name!r} was unloaded")
-        engine = record.engine
-        run = engine.calibration_run if engine is not None else None
-        if run is not None and run.state == "running":  # its next step does nothing
-            run.state, run.error = "failed", f"adapter {record.name!r} was unloaded"
-        clf = record.classifier if record.classifier is not None else (engine.classifier if engine else None)
-        worker = self._worker
-        try:
-            if clf is not None:
-                # once no queued or decoding request holds it: what it accepted is answered first (during
-                # a drain too; 503 if the server stops first)
-                await worker.call(lambda: self._free(clf, engine),
-                                  ready=None if engine is None else (lambda: not worker.holds(engine)))
-        finally:  # a failed free (500) or the shutdown (503): the name is free all the same, as before
-            pool.forget(record)
-            self.state.metrics.remove_adapter(record.name)
+        # once its load is over and no queued or decoding request holds it: what it accepted is answered
+        # first (during a drain too); the worker stopped before the free: 503
+        await done
+        self.state.metrics.remove_adapter(record.name)
+        if record.state != "gone":
+            raise NotReadyError(f"the server is shutting down: adapter {record.name!r} was not unloaded")
         log.info("adapter %s unloaded", record.name)
         return {"lora_name": record.name, "message": f"Success: LoRA adapter '{record.name}' removed successfully."}
-
-    @staticmethod
-    def _free(clf: Any, engine: TFBEngine | None) -> bool:
-        """On the worker thread: the adapter's slots, posterior, prefixes and noise draws."""
-        runtime.unload(clf, engine)
-        return True
 
 
 router = APIRouter(route_class=OpenAIErrorRoute, tags=["vLLM-compatible"])

@@ -55,12 +55,15 @@ class AppState:
             engine = load_engine(named[0][1], background_calibration=background)
             engine.name = named[0][0]
             return AdapterPool([engine])
-        return AdapterPool.load(named, background_calibration=background)
+        # the default adapter is searched now, the others in the background once the server is ready
+        return AdapterPool.load(named, background_calibration=background, search_in_background=True)
 
     def _ready(self, adapters: AdapterPool) -> None:
         self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
         for engine in adapters.engines.values():
             self.serve_engine(engine)
+        # from now on every load, search and unload runs on the worker (start-up's deferred searches begin)
+        adapters.lifecycle.attach(self.worker, self.serve_engine, self.settings.calibrate_in_background)
         if self.status == "loading":
             self.status = "ready"
             self.metrics.ready.set(1)
@@ -70,7 +73,8 @@ class AppState:
                      engine.cfg.n_samples, len(engine.classifier.posterior.modules))
 
     def serve_engine(self, engine: TFBEngine) -> None:
-        """An adapter answers: its metric series, and its calibration left to run between batches."""
+        """An adapter answers: its metric series, and its calibration left to run between batches
+        (on the event loop at start-up, on the worker when a load or search ends)."""
         self.metrics.set_adapter(engine.name, engine.sigma, engine.cfg.n_samples)
         self._calibrated(engine)
         if (run := engine.calibration_run) is not None and run.state == "running":
@@ -118,8 +122,6 @@ class AppState:
     async def shutdown(self) -> None:
         """The lifespan's end: drain (from :meth:`begin_drain`'s deadline if it ran), stop the worker."""
         self.begin_drain()  # under Ray Serve or plain uvicorn, the drain's clock starts here
-        if self.predictor is not None:  # sigma searches of adapters loaded at run time stop
-            for record in list(self.predictor.adapters.pending.values()):
-                if record.cancel is not None:
-                    record.cancel("the server is shutting down")
+        if self.predictor is not None:  # background sigma searches stop
+            self.predictor.adapters.lifecycle.cancel_all("the server is shutting down")
         await self.worker.drain(self.settings.drain_timeout_s)

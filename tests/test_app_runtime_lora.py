@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from test_app_support import assert_close, make_settings, metric_samples, ready_client, strip_ids
 
-from app import lora_updates
 from tfb_core.bayes.routing import RoutedLinear
+from tfb_core.serving import lifecycle
 from tfb_core.serving.gate import ForwardGate
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "superb", "I would not watch it again"]
@@ -138,7 +138,7 @@ def test_the_other_adapters_are_served_while_the_search_runs(tiny, tmp_path, mon
             seen["models"] = client.get("/v1/models").json()["data"]
 
         _HookedGate.hook = mid_search
-        monkeypatch.setattr(lora_updates, "ForwardGate", _HookedGate)
+        monkeypatch.setattr(lifecycle, "ForwardGate", _HookedGate)
         r = client.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": tiny["adapter_other"],
                                                        "anchor": _anchor(tmp_path)})
         assert r.status_code == 202, r.text
@@ -276,7 +276,7 @@ def test_unload_during_the_search_stops_it(tiny, tmp_path, monkeypatch, state_na
             self.pause()
             gate_held.set()
 
-    monkeypatch.setattr(lora_updates, "ForwardGate", Held)
+    monkeypatch.setattr(lifecycle, "ForwardGate", Held)
     with ready_client(_settings(tiny, tmp_path, sigma=None, anchor=_anchor(tmp_path))) as client:
         before = _routed(client)
         r = client.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": tiny["adapter_other"],
@@ -316,9 +316,9 @@ def test_unload_during_a_decode_lets_the_generation_finish_then_frees_it(tiny, t
     freed_while_decoding: list[bool] = []
     unload = runtime.unload
 
-    def watched(clf, engine=None):  # on the worker: is a decode still running when it frees?
+    def watched(clf, engine=None, generators=()):  # on the worker: is a decode still running when it frees?
         freed_while_decoding.append(client.app.state.tfb.worker.generating)
-        return unload(clf, engine)
+        return unload(clf, engine, generators)
 
     monkeypatch.setattr(runtime, "unload", watched)
     with ready_client(_settings(tiny, tmp_path)) as client:

@@ -43,8 +43,8 @@ def make_settings(tiny: dict[str, Any], **overrides: Any) -> Settings:
 
 
 def wait_ready(client: TestClient, limit_s: float = 120.0, calibrated: bool = True) -> None:
-    """Poll /readyz until 200 and, with ``calibrated``, until no adapter's calibration is still running
-    in the background (the bound only guards against a hang; nothing asserts a duration)."""
+    """Poll /readyz until 200 and, with ``calibrated``, until no adapter's sigma search or calibration
+    is still running in the background (the bound only guards against a hang; nothing asserts a duration)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         r = client.get("/readyz")
@@ -59,10 +59,11 @@ def wait_ready(client: TestClient, limit_s: float = 120.0, calibrated: bool = Tr
 
 
 def wait_calibrated(client: TestClient, deadline: float) -> None:
-    """Wait until every adapter's background calibration (if any) has finished or failed."""
+    """Wait until every start-up adapter's background sigma search and every adapter's background
+    calibration (if any) has finished or failed."""
     adapters = client.app.state.tfb.predictor.adapters  # type: ignore[attr-defined]
-    while any(e.calibration_run is not None and e.calibration_run.state == "running"
-              for e in adapters.engines.values()):
+    while adapters.lifecycle.coming() or any(e.calibration_run is not None and e.calibration_run.state == "running"
+                                             for e in adapters.engines.values()):
         if time.monotonic() > deadline:
             raise AssertionError("the calibration did not finish")
         time.sleep(0.02)
@@ -70,7 +71,8 @@ def wait_calibrated(client: TestClient, deadline: float) -> None:
 
 @contextmanager
 def ready_client(settings: Settings, calibrated: bool = True, **client_kwargs: Any) -> Iterator[TestClient]:
-    """A client of the app once it is ready (and, with ``calibrated``, its background calibration done)."""
+    """A client of the app once it is ready (and, with ``calibrated``, its background searches and
+    calibrations done)."""
     with TestClient(create_app(settings), **client_kwargs) as client:
         wait_ready(client, calibrated=calibrated)
         yield client

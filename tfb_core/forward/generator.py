@@ -53,6 +53,14 @@ class KeptRows:
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
 
+    def drop_adapter(self, adapter: int) -> int:
+        """Drop the rows computed with adapter ``adapter`` (keys start with the adapter's index: an
+        unloaded adapter's keys and values go with it); returns how many."""
+        gone = [k for k in self._rows if isinstance(k, tuple) and k and k[0] == adapter]
+        for k in gone:
+            del self._rows[k]
+        return len(gone)
+
 
 class BayesianGenerator:
     """A causal LM whose LoRA adapters are Bayesianized (one posterior per adapter), generating text."""

@@ -106,6 +106,8 @@ class GenerationService:
         # every chat prompt starts with the template's head (SmolLM2's: its system line): computed once
         # per posterior sample and kept, as classification keeps a task's instruction
         self.generator.set_prefix(chat_head(self.tokenizer), rows=max_rows)
+        # an unloaded adapter's kept rows go with it (tfb_core.serving.lifecycle frees them)
+        self.adapters.lifecycle.generators.append(self.generator)
 
     # --- prompts (on the model's thread) ----------------------------------------------------------
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:

@@ -7,11 +7,8 @@ forwards and warms them all up.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 
@@ -19,7 +16,14 @@ from tfb_core.data.loading import LoadError
 from tfb_core.serving.batch import BatchRequest, ForwardHook, run_batch
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
-from tfb_core.serving.startup import load_engines
+from tfb_core.serving.lifecycle import (  # noqa: F401 -- the pool's errors and records, where callers look
+    AdapterNotReadyError,
+    Lifecycle,
+    RuntimeAdapter,
+    State,
+    UnknownAdapterError,
+)
+from tfb_core.serving.startup import Unsearched, load_adapters
 
 
 def check_names(names: Sequence[str]) -> None:
@@ -27,67 +31,6 @@ def check_names(names: Sequence[str]) -> None:
     dup = sorted(n for n, count in Counter(names).items() if count > 1)
     if dup:
         raise ValueError(f"adapter names must be unique, repeated: {dup}")
-
-
-class UnknownAdapterError(KeyError):
-    """A request named an adapter that is not served."""
-
-    def __str__(self) -> str:  # KeyError's own str() quotes the message
-        return str(self.args[0])
-
-
-class AdapterNotReadyError(RuntimeError):
-    """A request named an adapter that is being loaded (its sigma search runs): retry later."""
-
-    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-#: an adapter loaded at run time, from its load request to ready: reading and installing its weights,
-#: its sigma search, its calibration (only when the server calibrates before serving), or failed;
-#: an adapter being unloaded answers what it accepted, and nothing new
-State = Literal["loading", "searching", "calibrating", "ready", "failed", "unloading"]
-
-
-@dataclass(eq=False)
-class RuntimeAdapter:
-    """An adapter loaded at run time while it is not (or no longer) ready: its state, why it failed,
-    the progress of its sigma search, and its engine once it has one."""
-
-    name: str
-    cfg: EngineConfig
-    state: State = "loading"
-    detail: str | None = None
-    #: the sigma search's progress: evaluations, sigmas tried, forwards run
-    progress: dict[str, Any] = field(default_factory=dict)
-    engine: TFBEngine | None = None
-    #: what the adapter holds before it has an engine (bytes of its A', B', d), for /info
-    weights_bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
-    #: stops its background work (closes the search's gate), called at unload and shutdown
-    cancel: Any = None
-    #: its classifier once it is in the model's forwards, and its search's gate
-    classifier: Any = None
-    gate: Any = None
-
-    def info(self) -> dict[str, Any]:
-        """What /info says of it."""
-        m = self.cfg.model
-        out: dict[str, Any] = {"name": self.name, "state": self.state, "adapter": m.adapter,
-                               "adapter_subfolder": m.adapter_subfolder, "published": self.cfg.published,
-                               "task": self.cfg.task, "anchor": self.cfg.anchor,
-                               "seconds": round(time.monotonic() - self.started, 1)}
-        if self.progress or self.gate is not None:
-            out["search_progress"] = dict(self.progress)
-            if self.gate is not None:  # live: the forwards run so far
-                out["search_progress"]["forwards"] = self.gate.forwards
-        if self.detail:
-            out["detail"] = self.detail
-        if self.weights_bytes:
-            out["memory"] = {"weights_bytes": self.weights_bytes, "noise_bytes": 0,
-                             "total_bytes": self.weights_bytes}
-        return out
 
 
 class AdapterPool:
@@ -101,21 +44,40 @@ class AdapterPool:
         if not engines:
             raise ValueError("no adapter to serve")
         check_names([e.name for e in engines])
-        #: the adapters that answer requests, by name
-        self.engines: dict[str, TFBEngine] = {e.name: e for e in engines}
         self.default = engines[0]
-        #: adapters loaded at run time that do not answer (yet, or any more): loading, searching,
-        #: calibrating, failed (until the name is loaded again), unloading
-        self.pending: dict[str, RuntimeAdapter] = {}
+        #: the adapters that do not simply answer (loading, searching, calibrating, failed, unloading):
+        #: every load, search and unload goes through it
+        self.lifecycle = Lifecycle({e.name: e for e in engines}, self.default)
 
     @classmethod
     def load(cls, named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
-             background_calibration: bool = False) -> AdapterPool:
+             background_calibration: bool = False, search_in_background: bool = False) -> AdapterPool:
+        """The pool of ``named`` adapters on one base model (:func:`~tfb_core.serving.startup.load_adapters`).
+        ``search_in_background``: an adapter other than the default whose sigma must be searched is
+        not searched now but left ``searching`` in :attr:`lifecycle`, which searches it in the
+        background once it runs on a worker (:meth:`Lifecycle.attach`)."""
         try:
             check_names([n for n, _ in named])  # before loading anything
         except ValueError as exc:
             raise LoadError(str(exc)) from None
-        return cls(load_engines(named, progress, background_calibration))
+        loaded = load_adapters(named, progress, background_calibration, search_later=search_in_background)
+        pool = cls([e for e in loaded if isinstance(e, TFBEngine)])
+        for later in loaded:
+            if isinstance(later, Unsearched):
+                pool.lifecycle.adopt(later.name, later.plan.cfg, later.plan, later.classifier)
+        return pool
+
+    @property
+    def engines(self) -> dict[str, TFBEngine]:
+        """The adapters that answer requests, by name (a snapshot: the lifecycle replaces it, never
+        changes it; read only)."""
+        return self.lifecycle.engines
+
+    @property
+    def pending(self) -> dict[str, RuntimeAdapter]:
+        """The adapters that do not answer (yet, or any more), by name (:attr:`Lifecycle.records`: a
+        snapshot, read only)."""
+        return self.lifecycle.records
 
     @property
     def names(self) -> list[str]:
@@ -128,73 +90,19 @@ class AdapterPool:
         if name is None or (base_model_alias and name in ("", self.default.cfg.model.model)):
             return self.default
         engine = self.engines.get(name)
-        if engine is not None:
-            return engine
-        pending = self.pending.get(name)
-        if pending is not None and pending.state in ("loading", "searching", "calibrating"):
-            raise AdapterNotReadyError(f"adapter {name!r} is loading ({pending.state}): retry later; /info shows "
-                                       "its progress")
-        if pending is not None and pending.state == "failed":
-            raise UnknownAdapterError(f"adapter {name!r} failed to load: {pending.detail}; this server serves "
-                                      f"{self.names}")
-        raise UnknownAdapterError(f"unknown adapter {name!r}: this server serves {self.names}")
+        return engine if engine is not None else self.lifecycle.get(name)
 
     # --- adapters at run time ---------------------------------------------------------------------
     def listed(self) -> list[str]:
         """Names /v1/models lists: the served adapters, then those still loading."""
-        return self.names + [n for n, p in self.pending.items() if p.state in ("loading", "searching", "calibrating")]
+        return self.names + self.lifecycle.coming()
 
     def state(self, name: str) -> State:
-        if name in self.engines:
-            return "ready"
-        return self.pending[name].state
+        return self.lifecycle.state(name)
 
     def occupied(self) -> int:
         """Adapters that count against the limit: served, loading, or unloading (not failed)."""
-        return len(self.engines) + sum(p.state != "failed" for p in self.pending.values())
-
-    def begin(self, record: RuntimeAdapter) -> None:
-        """A load begins under ``record.name`` (a failed load of that name is forgotten);
-        ``ValueError`` if the name is taken."""
-        if record.name in self.engines or (record.name in self.pending and self.pending[record.name].state != "failed"):
-            raise ValueError(f"adapter {record.name!r} is already {self.state(record.name)}: unload it first, or "
-                             "choose another name")
-        self.pending[record.name] = record
-
-    def ready(self, record: RuntimeAdapter, engine: TFBEngine) -> None:
-        """A runtime load is done: ``engine`` answers under its name from now on."""
-        engine.name = record.name
-        record.engine, record.state = engine, "ready"
-        if self.pending.get(record.name) is record:
-            del self.pending[record.name]
-        self.engines[record.name] = engine
-
-    def fail(self, record: RuntimeAdapter, reason: str) -> None:
-        """A runtime load failed: listed with its reason (/info) until the name is loaded again."""
-        record.state, record.detail, record.engine = "failed", reason, None
-        if self.pending.get(record.name) is record:
-            record.weights_bytes = 0
-
-    def unlisted(self, name: str) -> RuntimeAdapter:
-        """Begin the unload of ``name``: it answers no new request (404) from now on. Returns its
-        record (state "unloading"; with the engine, if it had one). ``UnknownAdapterError`` for a
-        name not served or loading; ``ValueError`` for the default adapter."""
-        if name == self.default.name:
-            raise ValueError(f"adapter {name!r} is the default adapter: it cannot be unloaded")
-        engine = self.engines.pop(name, None)
-        record = self.pending.get(name)
-        if engine is None and (record is None or record.state in ("failed", "unloading")):
-            raise UnknownAdapterError(f"unknown adapter {name!r}: this server serves {self.names}")
-        if record is None:
-            record = RuntimeAdapter(name, engine.cfg, engine=engine)  # type: ignore[union-attr]
-            self.pending[name] = record
-        record.state = "unloading"
-        return record
-
-    def forget(self, record: RuntimeAdapter) -> None:
-        """The unload is done: nothing of the adapter is listed any more."""
-        if self.pending.get(record.name) is record:
-            del self.pending[record.name]
+        return self.lifecycle.occupied()
 
     def rows(self, n_inputs: int, n_samples: int, name: str | None = None) -> int:
         return self.get(name).rows(n_inputs, n_samples)

@@ -7,7 +7,10 @@
                                     new index; with sigma fixed or cached, its engine at once
     search(prepared, view, gate)    a thread of its own: the sigma search, each of its forwards run
                                     by the model's thread through ``gate`` between serving batches
-    unload(default, engine)         the model's thread: slots, posterior, noise draws, prefixes freed
+    unload(clf, engine, generators) the model's thread: slots, posterior, noise draws, prefixes (the
+                                    classifier's and the generators' kept rows) freed
+
+What happens when is :mod:`tfb_core.serving.lifecycle`'s (the state machine of a load and an unload).
 
 A synchronous failure (a path, a file, a shape, a task) is an :class:`AdapterLoadError` naming the
 request field, raised before anything changed. No web imports: the server wires these to its worker.
@@ -17,10 +20,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tfb_core.bayes.lora import read_lora
 from tfb_core.bayes.posterior import TFBLinear, TFBPosterior
@@ -28,10 +31,10 @@ from tfb_core.bayes.routing import fit_adapter
 from tfb_core.data.loading import BASE_FIELDS, LoadError, adapter_folder, is_local_adapter, meta_skeleton
 from tfb_core.data.tasks import Task, TaskError, class_token_ids
 from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.gate import ForwardGate
-from tfb_core.serving.pool import RuntimeAdapter
 from tfb_core.serving.startup import SigmaPlan, make_engine, plan_sigma, prepare_config, run_search
 
 log = logging.getLogger(__name__)
@@ -45,11 +48,20 @@ class AdapterLoadError(LoadError):
         self.param = param
 
 
+class Loading(Protocol):
+    """What this module reads and writes of a load's record (:class:`tfb_core.serving.lifecycle.RuntimeAdapter`)."""
+
+    name: str
+    cfg: EngineConfig
+    weights_bytes: int
+    progress: dict[str, Any]
+
+
 @dataclass
 class Prepared:
     """An adapter read and Bayesianized, not yet in the model's forwards."""
 
-    record: RuntimeAdapter
+    record: Loading
     task: Task
     posterior: TFBPosterior
     head: TFBLinear | None
@@ -63,7 +75,7 @@ def weights_bytes(posterior: TFBPosterior) -> int:
     return sum(t.numel() * t.element_size() for m in posterior.modules for t in m.buffers(recurse=False))
 
 
-def prepare(served: TFBEngine, record: RuntimeAdapter) -> Prepared:
+def prepare(served: TFBEngine, record: Loading) -> Prepared:
     """Read ``record.cfg``'s adapter for the model of ``served`` (an engine on it: the default
     adapter's) on any thread: the model is only read. :class:`AdapterLoadError` naming the field
     of a synchronous failure."""
@@ -120,6 +132,13 @@ def _folder(cfg: EngineConfig, model: Any) -> Path:
         raise AdapterLoadError(f"adapter {cfg.model.adapter!r}: {exc}", "lora_path") from exc
 
 
+def prepared_of(record: Loading, plan: SigmaPlan, clf: BayesianClassifier) -> Prepared:
+    """An adapter loaded with the others at start-up, its sigma still to search: what :func:`search`
+    needs (a tokenizer of its own: the search's thread never shares the model thread's)."""
+    record.weights_bytes = weights_bytes(clf.posterior)
+    return Prepared(record, plan.task, clf.posterior, clf.head, plan, copy.deepcopy(clf.tokenizer))
+
+
 def install(default: BayesianClassifier, prepared: Prepared, background_calibration: bool = True
             ) -> tuple[BayesianClassifier, TFBEngine | None]:
     """Put the adapter into the model's forwards (on the model's thread): (its classifier, its engine
@@ -138,11 +157,11 @@ def install(default: BayesianClassifier, prepared: Prepared, background_calibrat
         raise
 
 
-def search(prepared: Prepared, clf: BayesianClassifier, gate: ForwardGate, background_calibration: bool = True
-           ) -> TFBEngine:
+def search(prepared: Prepared, clf: BayesianClassifier, gate: ForwardGate, background_calibration: bool = True,
+           then: Callable[[TFBEngine], Any] | None = None) -> TFBEngine:
     """The sigma search of an installed adapter, on the calling thread, every forward run through
-    ``gate`` by the model's thread; then its engine (built on the model's thread). Progress in
-    ``prepared.record.progress``."""
+    ``gate`` by the model's thread; then its engine (built on the model's thread, and handed to
+    ``then`` in that same step). Progress in ``prepared.record.progress``."""
     record = prepared.record
     view = copy.copy(clf)
     view.tokenizer, view.forward_runner = prepared.tokenizer, gate.run
@@ -161,14 +180,21 @@ def search(prepared: Prepared, clf: BayesianClassifier, gate: ForwardGate, backg
     def finish() -> TFBEngine:  # on the model's thread
         # the search's kept prefixes hold its own draws and sigmas, none of which serving uses
         clf.drop_prefixes(clf.adapter)
-        return make_engine(prepared.plan, clf, background_calibration)
+        engine = make_engine(prepared.plan, clf, background_calibration)
+        if then is not None:
+            then(engine)
+        return engine
 
     return gate.run(finish)
 
 
-def unload(clf: BayesianClassifier, engine: TFBEngine | None = None) -> None:
-    """Free an adapter (on the model's thread): its layers' slots, posterior, kept prefixes and
-    noise draws; the model is as it was before it was loaded."""
+def unload(clf: BayesianClassifier, engine: TFBEngine | None = None,
+           generators: Sequence[BayesianGenerator] = ()) -> None:
+    """Free an adapter (on the model's thread): its layers' slots, posterior, kept prefixes (the
+    classifier's, and the kept rows of ``generators``: a served decode's chat head) and noise draws;
+    the model is as it was before it was loaded."""
     clf.remove_adapter(clf.adapter)
+    for generator in generators:
+        generator.prefix_rows.drop_adapter(clf.adapter)
     if engine is not None:
         engine.clear_noise()

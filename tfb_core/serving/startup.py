@@ -8,7 +8,9 @@
                    on its own greedy answers to the anchor prompts)
                    the calibration from the cache | computed now | left to run in the background
 
-The same plan / search / engine steps serve an adapter loaded at run time (serving.runtime).
+The same plan / search / engine steps serve an adapter loaded at run time (serving.runtime); a
+server leaves the search of an adapter other than the default to run in the background
+(``load_adapters(..., search_later=True)``, then serving.lifecycle), as a runtime load's.
 
 What runs once, before any request; the run time is :mod:`tfb_core.serving.engine`'s. The caches'
 keys are everything a result depends on (:func:`cache_key`), so a changed adapter, anchor, setting
@@ -101,6 +103,24 @@ def load_engines(named: Sequence[tuple[str, EngineConfig]], progress: bool = Tru
     sigma (fixed, from the cache, or its own search) and calibration (``background_calibration``:
     one not in the cache is left to run later, :attr:`TFBEngine.calibration_run`). The adapters
     must agree on the base model's settings (:data:`tfb_core.data.loading.BASE_FIELDS`)."""
+    return load_adapters(named, progress, background_calibration)  # type: ignore[return-value]
+
+
+@dataclass
+class Unsearched:
+    """An adapter loaded with the others whose sigma search is left to run later (a server's, in
+    the background: :meth:`tfb_core.serving.lifecycle.Lifecycle.adopt`)."""
+
+    name: str
+    plan: SigmaPlan
+    classifier: BayesianClassifier
+
+
+def load_adapters(named: Sequence[tuple[str, EngineConfig]], progress: bool = True,
+                  background_calibration: bool = False, search_later: bool = False
+                  ) -> list[TFBEngine | Unsearched]:
+    """:func:`load_engines`; with ``search_later``, an adapter other than the first (the default)
+    whose sigma must be searched is planned but not searched: :class:`Unsearched` in its place."""
     if not named:
         raise LoadError("no adapter to serve")
     prepared = [_named(name, len(named), prepare_config, cfg) for name, cfg in named]
@@ -109,12 +129,16 @@ def load_engines(named: Sequence[tuple[str, EngineConfig]], progress: bool = Tru
         raise LoadError(f"adapters on one base model must share d_floor, got {sorted(floors)}")
     clfs = load_classifiers([cfg.model for cfg, _ in prepared], [task.labels for _, task in prepared],
                             PosteriorConfig(d_floor=prepared[0][0].d_floor))
-    engines = []
-    for (name, _), (cfg, task), clf in zip(named, prepared, clfs, strict=True):
-        engine = _named(name, len(named), _finish, cfg, task, clf, progress, background_calibration)
+    out: list[TFBEngine | Unsearched] = []
+    for i, ((name, _), (cfg, task), clf) in enumerate(zip(named, prepared, clfs, strict=True)):
+        plan = _named(name, len(named), plan_sigma, cfg, task, clf)
+        if search_later and i > 0 and plan.source == "search":
+            out.append(Unsearched(name, plan, clf))
+            continue
+        engine = _named(name, len(named), _finish, plan, clf, progress, background_calibration)
         engine.name = name
-        engines.append(engine)
-    return engines
+        out.append(engine)
+    return out
 
 
 def _named(name: str, count: int, fn: Callable[..., T], *args: Any) -> T:
@@ -165,10 +189,8 @@ class SigmaPlan:
         return "cache" if self.result is not None and not self.searched else "search"
 
 
-def _finish(cfg: EngineConfig, task: Task, clf: BayesianClassifier, progress: bool,
-            background: bool = False) -> TFBEngine:
-    """The engine of one loaded adapter: sigma (fixed, cache or search) and its calibration."""
-    plan = plan_sigma(cfg, task, clf)
+def _finish(plan: SigmaPlan, clf: BayesianClassifier, progress: bool, background: bool = False) -> TFBEngine:
+    """The engine of one loaded, planned adapter: sigma (fixed, cache or search) and its calibration."""
     if plan.source == "search":
         run_search(plan, clf, progress)
         # the search's prefixes were computed with its own draws and sigmas, none of which serving
