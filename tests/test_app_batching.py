@@ -364,11 +364,7 @@ def test_background_gets_a_step_every_k_forwards_while_the_queue_never_empties(e
     gate = ForwardGate()
 
     async def scenario():
-        ready = asyncio.Event()
-        worker = ModelWorker(lambda: engine, limits, Metrics(CollectorRegistry()), lambda e: ready.set(),
-                             lambda exc: pytest.fail(f"load failed: {exc}"), warmup=False)
-        worker.start(asyncio.get_running_loop())
-        await asyncio.wait_for(ready.wait(), 30)
+        worker = await _started(engine, limits)
         gate.on_queued = worker.wake
         first = asyncio.create_task(worker.submit(_work(["x"], n=4)))
         await _wait_for(lambda: worker._busy, "the first batch to start")  # held in the fake's run_batch
@@ -407,11 +403,7 @@ def test_an_install_awaited_during_a_drain_resolves_and_one_the_worker_never_run
     steps: list[str] = []
 
     async def scenario():
-        ready = asyncio.Event()
-        worker = ModelWorker(lambda: engine, BatchLimits(max_rows=4, max_wait_s=0.0), Metrics(CollectorRegistry()),
-                             lambda e: ready.set(), lambda exc: pytest.fail(f"load failed: {exc}"), warmup=False)
-        worker.start(asyncio.get_running_loop())
-        await asyncio.wait_for(ready.wait(), 30)
+        worker = await _started(engine, BatchLimits(max_rows=4, max_wait_s=0.0))
         held = asyncio.create_task(worker.submit(_work(["x"], n=4)))
         await _wait_for(lambda: worker._busy, "a batch to start")
         drain = asyncio.create_task(worker.drain(5.0))
