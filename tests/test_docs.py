@@ -73,7 +73,7 @@ def test_strict_build_fails_on_a_broken_link_anchor_repo_file_or_a_page_outside_
         assert fine not in warned, warned
 
 
-def test_readme_is_short_and_opens_with_the_two_commands(hooks):
+def test_readme_is_short_and_opens_with_the_two_commands():
     text = README.read_text()
     lines = text.splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines: the reference belongs under docs/"
