@@ -3,7 +3,7 @@
     python scripts/check_imports.py          # prints the package graph; exit status 1 on a violation
 
 Every import statement counts, wherever it stands: at the top, inside a function, under
-``if TYPE_CHECKING:`` (:mod:`tfb_core.imports` reads them). The rules (README, Architecture):
+``if TYPE_CHECKING:`` (:mod:`tfb_core.imports` reads them). The rules (docs/architecture.md):
 
 * no circle between modules of ``tfb_core`` or ``app``;
 * ``tfb_core`` never imports ``app``;

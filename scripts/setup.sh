@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install tfb-serve into it, on a fresh machine. Idempotent.
-#   EXTRAS: pip extras to install (default "eval"; the tests use "dev,eval,ray").
+#   EXTRAS: pip extras to install (default "eval"; the tests use "dev,eval,ray,docs").
 # Every version is pinned by requirements.lock (generated from pyproject.toml by scripts/lock.sh),
 # the same constraints the image installs with. torch is the locked version; where a CPU build of
 # it is on disk (pip's find-links) pip takes that one, else PyPI's (the CUDA build on Linux). On a
