@@ -52,7 +52,7 @@ BF16_LOGITS = dict(atol=5e-2, rtol=2e-2)
 @dataclass(frozen=True)
 class Family:
     name: str
-    config: Callable[[int], Any]  # vocabulary size -> transformers config
+    config: Callable[..., Any]  # (vocabulary size, **special token ids) -> transformers config
     targets: tuple[str, ...]  # the served adapter's LoRA modules (the family's own names)
     other: tuple[str, ...]  # the adapter loaded at run time
     tokenizer: str | None = None  # tfb_core.testing.NPM_TOKENIZERS key; None: a local BPE tokenizer
@@ -63,52 +63,52 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _qwen2(vocab: int) -> Any:
+def _qwen2(vocab: int, **tokens: Any) -> Any:
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=vocab, num_key_value_heads=2, tie_word_embeddings=False, **SMALL)
+    return Qwen2Config(vocab_size=vocab, num_key_value_heads=2, tie_word_embeddings=False, **SMALL, **tokens)
 
 
-def _qwen3(vocab: int) -> Any:
+def _qwen3(vocab: int, **tokens: Any) -> Any:
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=vocab, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **SMALL)
+    return Qwen3Config(vocab_size=vocab, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **SMALL, **tokens)
 
 
-def _gemma3(vocab: int) -> Any:
+def _gemma3(vocab: int, **tokens: Any) -> Any:
     from transformers import Gemma3TextConfig
 
     # one sliding-window layer with a window shorter than the prompts, one global
     return Gemma3TextConfig(vocab_size=vocab, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
                             sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-                            tie_word_embeddings=True, **SMALL)
+                            tie_word_embeddings=True, **SMALL, **tokens)
 
 
-def _mistral(vocab: int) -> Any:
+def _mistral(vocab: int, **tokens: Any) -> Any:
     from transformers import MistralConfig
 
     return MistralConfig(vocab_size=vocab, num_key_value_heads=2, head_dim=8, sliding_window=None,
-                         tie_word_embeddings=False, **SMALL)
+                         tie_word_embeddings=False, **SMALL, **tokens)
 
 
-def _phi3(vocab: int) -> Any:
+def _phi3(vocab: int, **tokens: Any) -> Any:
     from transformers import Phi3Config
 
     return Phi3Config(vocab_size=vocab, num_key_value_heads=2, original_max_position_embeddings=256,
-                      tie_word_embeddings=False, **SMALL)
+                      tie_word_embeddings=False, **SMALL, **tokens)
 
 
-def _gpt2(vocab: int) -> Any:
+def _gpt2(vocab: int, **tokens: Any) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=4, n_inner=64,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, **tokens)
 
 
-def _gpt_neox(vocab: int) -> Any:
+def _gpt_neox(vocab: int, **tokens: Any) -> Any:
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(vocab_size=vocab, tie_word_embeddings=False, **SMALL)
+    return GPTNeoXConfig(vocab_size=vocab, tie_word_embeddings=False, **SMALL, **tokens)
 
 
 FAMILIES = [
@@ -136,10 +136,10 @@ def _build(family: Family, root: Path) -> dict[str, str]:
         for f in src.iterdir():
             shutil.copy(f, model_dir / f.name)
         tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = family.config(-(-len(tok) // 64) * 64)
     # the tokenizer's special tokens: the generator stops where peft's generate stops
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, pad
+    cfg = family.config(-(-len(tok) // 64) * 64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=pad)
     torch.manual_seed(0)  # model init only
     AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(model_dir)
     return {"model": str(model_dir), "adapter": str(build_lora(model_dir, root / "adapter", family.targets)),
