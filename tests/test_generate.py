@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, LABELS
+from conftest import DECODE_TOL as TOL
+from conftest import DEVICE, LABELS, assert_decode_is_the_mean_of_samples_alone
+from conftest import single_sample as _single
 
-from tfb_core.bayes.posterior import NoiseDraw, sample_seed
+from tfb_core.bayes.posterior import sample_seed
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.decide.generation import cluster_answers, mix_rows
@@ -19,8 +21,6 @@ from tfb_core.serving.startup import load_classifier, load_classifiers
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 SIGMA = 0.3
-# float order: the same numbers from forwards of other shapes (batch, padding, cache) agree to ~1e-6
-TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 def _cfg(tiny, key: str = "adapter", dtype: str = "float32") -> ModelConfig:
@@ -41,11 +41,6 @@ def gen(tiny):
 @pytest.fixture(scope="module")
 def tokens(gen):
     return [gen.tokenizer(p)["input_ids"] for p in PROMPTS]
-
-
-def _single(draw: NoiseDraw, n: int) -> NoiseDraw:
-    """Sample n of a draw as a draw of its own."""
-    return NoiseDraw(seed=draw.seed, z=[z[n:n + 1] for z in draw.z])
 
 
 def _vals(tokens, attr: str) -> torch.Tensor:
@@ -96,23 +91,7 @@ def test_batched_n_sample_decode_equals_each_sample_alone(gen, tokens):
     reqs = [GenerationRequest(tokens[0], n_samples=n, sigma=SIGMA, max_tokens=6, noise=draw, top_logprobs=3),
             GenerationRequest(tokens[1], n_samples=n, sigma=SIGMA, max_tokens=6, seed=3, top_logprobs=3)]
     for req, res in zip(reqs, gen.generate(reqs), strict=True):
-        y = res.completion.token_ids
-        own = req.noise or gen.posteriors[0].draw(req.seed, n)
-        p = torch.stack([torch.softmax(gen.continuation_logits(
-            GenerationRequest(req.tokens, n_samples=1, sigma=SIGMA, noise=_single(own, s)), y)[0], -1)
-            for s in range(n)])  # (N, L, V), each sample alone
-        pbar = p.mean(0).double()  # (L, V)
-        h = lambda q: -(q * q.clamp_min(1e-30).log()).sum(-1)  # noqa: E731
-        assert pbar.argmax(-1).tolist() == y  # greedy on p̄, not on any one sample
-        got = res.completion.tokens
-        torch.testing.assert_close(_vals(got, "logprob"), pbar.gather(1, torch.tensor(y)[:, None]).squeeze(1).log(),
-                                   **TOL)
-        torch.testing.assert_close(_vals(got, "predictive_entropy"), h(pbar), **TOL)
-        torch.testing.assert_close(_vals(got, "expected_entropy"), h(p.double()).mean(0), **TOL)
-        mi = _vals(got, "mutual_information")
-        torch.testing.assert_close(mi, h(pbar) - h(p.double()).mean(0), **TOL)
-        assert torch.all(mi > 0)
-        assert [[i for i, _ in t.top_logprobs] for t in got] == pbar.topk(3, -1).indices.tolist()
+        assert_decode_is_the_mean_of_samples_alone(gen, req, res)
 
 
 def test_kv_cache_decode_equals_a_full_recompute_at_every_step(gen, tokens):

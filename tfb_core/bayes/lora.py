@@ -45,7 +45,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def find_lora_modules(model: nn.Module, adapter: str | None = None) -> list[LoRAWeights]:
-    """Every LoRA-wrapped linear layer of a (peft-wrapped) model, in module order.
+    """Every LoRA-wrapped linear layer (``nn.Linear``, GPT-2's ``Conv1D``) of a (peft-wrapped) model, in module order.
 
     ``adapter``: the peft adapter name to read (a model may hold several, each read on its own);
     None: the active one, which must be exactly one. Raises ``ValueError`` if there is none, or a
@@ -90,6 +90,19 @@ def find_lora_modules(model: nn.Module, adapter: str | None = None) -> list[LoRA
         which = "" if adapter is None else f" of adapter {adapter!r}"
         raise ValueError(f"the model has no LoRA modules{which}: is the adapter loaded?")
     return found
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int] | None:
+    """(out, in) features of a layer peft's LoRA wraps as a linear layer: ``nn.Linear``, or
+    transformers' ``Conv1D`` (GPT-2's: weight (in, out), which peft wraps with fan_in_fan_out; its
+    LoRA's A and B are nn.Linear all the same, so nothing else here differs). None: another kind."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, Conv1D):
+        return layer.nf, layer.nx
+    if isinstance(layer, nn.Linear) or hasattr(layer, "in_features"):  # any layer that names them as nn.Linear
+        return layer.out_features, layer.in_features
+    return None
 
 
 def replace_module(root: nn.Module, dotted: str, new: nn.Module) -> None:

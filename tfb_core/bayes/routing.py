@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tfb_core.bayes.lora import LoRAWeights, find_lora_modules, lora_sha256, replace_module, unwrap_peft
+from tfb_core.bayes.lora import (
+    LoRAWeights,
+    find_lora_modules,
+    layer_shape,
+    lora_sha256,
+    replace_module,
+    unwrap_peft,
+)
 from tfb_core.bayes.posterior import TFBLinear, TFBPosterior, base_rows, svd_reparam
 
 
@@ -155,9 +162,10 @@ def fit_adapter(inner: nn.Module, loras: list[LoRAWeights], d_floor: float = 1e-
         except AttributeError:
             raise ValueError(f"{lw.name}: the base model has no such module") from None
         base = layer.base_layer if isinstance(layer, RoutedLinear) else layer
-        if not isinstance(base, nn.Linear) and not hasattr(base, "in_features"):
-            raise ValueError(f"{lw.name}: LoRA on a {type(base).__name__}, only linear layers are supported")
-        want = (base.out_features, base.in_features)
+        want = layer_shape(base)
+        if want is None:
+            raise ValueError(f"{lw.name}: LoRA on a {type(base).__name__}, only linear layers (nn.Linear, "
+                             "Conv1D) are supported")
         got = (lw.B.shape[0], lw.A.shape[1])
         if got != want:
             raise ValueError(f"{lw.name}: the adapter is (out, in) = {got}, the base model's layer {want}")

@@ -31,6 +31,7 @@ from tfb_core.forward.planning import (
     MAX_BATCH_TOKENS,
     MIN_SHARED_PREFIX,
     _common_prefix,
+    attention_window,
     measure_forward_overhead,
     plan_chunks,
     shared_prefix,
@@ -79,6 +80,8 @@ class BayesianClassifier:
         self.pad_id = pad_token_id(tokenizer)
         #: run a prefix shared by all rows once per posterior sample (see :meth:`_last_hidden`)
         self.share_prefix = True
+        #: rows wider than a sliding attention window are not padded after a shared prefix
+        self.window = attention_window(model.config)
         #: fixed cost of a forward in prompt tokens, and most tokens per forward, for :meth:`plan`
         #: (None: by device type)
         self.forward_overhead_tokens: float | None = None
@@ -351,7 +354,8 @@ class BayesianClassifier:
             key = None if samples is None else (samples, n_distinct, tuple(rows[0][:shared]))
         memo = self.prefix_cache.get(key) if key is not None else None  # the forward's own fork
         if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
-                and all(not seg.noisy or seg.distinct * seg.group == seg.rows for seg in segments)):
+                and all(not seg.noisy or seg.distinct * seg.group == seg.rows for seg in segments)
+                and (self.window is None or max(len(r) for r in rows) <= self.window)):
             input_ids, mask = self._pad_left(rows)  # (R, T)
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
             self._arm(segments)

@@ -26,6 +26,7 @@ from tfb_core.data.loading import pad_token_id
 from tfb_core.decide.generation import SequenceScores, mix_rows, sequence_scores
 from tfb_core.forward.completion import GenerationRequest, GenerationResult, TokenUncertainty
 from tfb_core.forward.decode_rows import Row, SegmentPlan, arm, build_segments, disarm, layout, plan_rows
+from tfb_core.forward.planning import attention_window
 
 
 class KeptRows:
@@ -155,7 +156,11 @@ class BayesianGenerator:
 
     def set_prefix(self, tokens: Sequence[int] | None, rows: int = 64) -> None:
         """Reuse the keys and values of ``tokens`` (the start of many prompts) across decodes, for up
-        to ``rows`` posterior-sample rows (each: layers x 2 x P x kv-width numbers)."""
+        to ``rows`` posterior-sample rows (each: layers x 2 x P x kv-width numbers). Not on a model
+        with sliding-window layers: a prompt's rest, padded after the kept head, would push its own
+        tokens out of the window as the decode goes on (:func:`~tfb_core.forward.planning.attention_window`)."""
+        if attention_window(self.model.config) is not None:
+            tokens = None
         self.prefix_tokens = list(tokens) if tokens else None
         self.prefix_rows = KeptRows(rows if tokens else 0)
 

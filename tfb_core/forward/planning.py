@@ -31,6 +31,20 @@ def shared_prefix(token_lists: Sequence[Sequence[int]]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+def attention_window(config: Any) -> int | None:
+    """The sliding attention window of a transformers model ``config``'s layers (None: every layer
+    attends to the whole sequence).
+
+    transformers counts a window in cache positions, padding included: a row padded in the middle
+    (a shared prefix's keys and values, then the row's rest left-padded) would see fewer of its own
+    tokens than it does alone once it is wider than the window. Left padding alone is exact."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 #: Default fixed cost of one forward, in prompt tokens (what a forward of this many more tokens costs):
 #: measured about 30 for SmolLM2 on one CPU core, about 1000 for a Llama-3.1-8B shape on an H200,
 #: where small forwards are bound by kernel launches (benchmarks/RESULTS.md).
