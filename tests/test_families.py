@@ -11,7 +11,8 @@ bugs that GPT-2's absolute ones show.
 Covered: biased projections (Qwen2's q/k/v, GPT-2's and GPT-NeoX's every layer), tied embeddings
 (Qwen3, Gemma 3, GPT-2), fused projections (Phi-3's qkv_proj and gate_up_proj, GPT-NeoX's
 query_key_value), Conv1D layers (GPT-2, which peft wraps with fan_in_fan_out), LoRA on the output
-layer (Qwen2's lm_head, Mistral's, GPT-NeoX's embed_out), sliding-window layers (Gemma 3), and the
+layer (Qwen2's lm_head, Mistral's, GPT-NeoX's embed_out), sliding-window layers (Gemma 3), a head that
+caps its logits (Gemma 2's final_logit_softcapping), and the
 real tokenizers of Qwen (transformers builds Qwen2Tokenizer for model type qwen2) and Gemma 3.
 """
 
@@ -84,6 +85,15 @@ def _gemma3(vocab: int, **tokens: Any) -> Any:
                             tie_word_embeddings=True, **SMALL, **tokens)
 
 
+def _gemma2(vocab: int, **tokens: Any) -> Any:
+    from transformers import Gemma2Config
+
+    # its head caps the logits (cap * tanh(x / cap)): a cap small enough to change a random model's
+    # softmax, which a class-token read of lm_head alone would miss
+    return Gemma2Config(vocab_size=vocab, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                        final_logit_softcapping=0.2, tie_word_embeddings=True, **SMALL, **tokens)
+
+
 def _mistral(vocab: int, **tokens: Any) -> Any:
     from transformers import MistralConfig
 
@@ -115,6 +125,7 @@ FAMILIES = [
     Family("qwen2", _qwen2, LLAMA_LIKE + ("lm_head",), ("q_proj", "v_proj"), tokenizer="qwen3"),
     Family("qwen3", _qwen3, LLAMA_LIKE, ("k_proj", "o_proj", "down_proj"), tokenizer="qwen3"),
     Family("gemma3", _gemma3, LLAMA_LIKE, ("q_proj", "v_proj", "up_proj"), tokenizer="gemma3"),
+    Family("gemma2", _gemma2, LLAMA_LIKE, ("q_proj", "v_proj")),
     Family("mistral", _mistral, LLAMA_LIKE + ("lm_head",), ("q_proj", "v_proj")),
     Family("phi3", _phi3, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "down_proj")),
     Family("gpt2", _gpt2, ("c_attn", "c_proj", "c_fc"), ("c_attn", "c_fc")),

@@ -58,6 +58,22 @@ class RawText(str):
 Prompt = str | Sequence[int]
 
 
+
+def final_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's own head does to its logits after ``lm_head``, elementwise (so it commutes
+    with reading only the class tokens' columns): Cohere's ``logit_scale`` (multiplies), Granite's
+    ``logits_scaling`` (divides), Gemma 2's ``final_logit_softcapping`` (cap · tanh(x / cap))."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    divide = getattr(config, "logits_scaling", None)
+    if divide is not None:
+        logits = logits / divide
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
 class BayesianClassifier:
     """A causal LM with a Bayesianized LoRA, classifying by the class tokens at the last position."""
 
@@ -306,7 +322,7 @@ class BayesianClassifier:
                         prefix: int | None, samples: Hashable | None) -> torch.Tensor:
         try:
             hidden = self._last_hidden(rows, segments, prefix, samples)  # (R, H)
-            logits = output_rows(self.output_embeddings, hidden, class_ids)  # (R, C)
+            logits = final_logits(self.model.config, output_rows(self.output_embeddings, hidden, class_ids))  # (R, C)
         finally:
             self._disarm(segments)
         return logits.float()
