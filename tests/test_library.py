@@ -284,3 +284,18 @@ def test_tfb_generate_on_the_embedded_default_is_its_generative_adapter(monkeypa
     assert seen[-1].model.adapter == str(DEMO_GENERATIVE_ADAPTER) and seen[-1].generative
     assert _run_cli(capsys, "generate", "--adapter", "/elsewhere", "--prompt", "x")[0] == 2
     assert seen[-1].model.adapter == "/elsewhere"
+
+
+def test_a_joined_adapter_whose_search_fails_leaves_the_base_model_as_it_was(lib, tmp_path, monkeypatch):
+    m = BayesianModel.load(lib["model"], lib["clf"], labels=LABELS, sigma=0.05, cache_dir=str(tmp_path))
+    before = m.predict(PROMPTS)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the search failed")
+
+    monkeypatch.setattr(startup, "search_generation_sigma", fail)
+    with pytest.raises(RuntimeError, match="the search failed"):
+        BayesianModel.load(m, lib["writer"])  # sigma neither given nor cached: searched
+    posteriors = m.engine.classifier.posteriors
+    assert len(posteriors) == 2 and posteriors[1] is None  # its slot freed: no layer routes to it
+    assert m.predict(PROMPTS) == before
