@@ -44,3 +44,24 @@ def test_each_rule_is_caught_even_under_type_checking_and_inside_functions(tmp_p
     assert any(v.startswith("tfb_core.forward.classifier imports tfb_core.serving.engine") for v in found)
     assert any(v.startswith("tfb_core.search imports app.main") for v in found)
     assert not any(v.startswith("app.main") for v in found)  # app may import serving
+
+
+def test_a_lazy_export_in_a_modules_getattr_is_not_an_import_of_it(tmp_path):
+    """``tfb_core``'s ``__getattr__`` (PEP 562: run when a caller reads the name, not when the package is
+    imported) imports the library's front: neither a circle here nor in every cache key's closure; an
+    import anywhere else in the package's file still counts."""
+    from tfb_core.imports import closure, module_files
+
+    lazy = "def __getattr__(name):\n    from tfb_core.model import BayesianModel\n    return BayesianModel\n"
+    root = _tree(tmp_path, {
+        "tfb_core/__init__.py": "__version__ = '0'\n" + lazy,
+        "tfb_core/model.py": "from tfb_core.serving import response\n",
+        "tfb_core/serving/__init__.py": "",
+        "tfb_core/serving/response.py": "from tfb_core import __version__\n",
+    })
+    assert check_imports.violations(check_imports.graph(root)) == []
+    known = module_files(root, ["tfb_core"])
+    assert closure(["tfb_core.serving.response"], known) == {"tfb_core", "tfb_core.serving", "tfb_core.serving.response"}
+    (root / "tfb_core/__init__.py").write_text("__version__ = '0'\n" + lazy.replace("__getattr__", "load"))
+    assert any("circle" in v for v in check_imports.violations(check_imports.graph(root)))
+    assert "tfb_core.model" in closure(["tfb_core.serving.response"], module_files(root, ["tfb_core"]))

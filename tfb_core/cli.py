@@ -1,4 +1,4 @@
-"""The ``tfb`` command line (library part): ``predict``, ``search`` and ``eval``.
+"""The ``tfb`` command line (library part): ``predict``, ``generate``, ``search`` and ``eval``.
 
 ``tfb serve`` is added by :mod:`app.cli`, which owns the console script, so that this package
 stays free of web imports. Errors print one line naming the problem and exit with status 2.
@@ -19,8 +19,10 @@ from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
 from tfb_core.evaluate import EvalOptions, run_eval
-from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig
-from tfb_core.serving.response import predict
+from tfb_core.forward.completion import MODES
+from tfb_core.generation_sigma import read_anchor
+from tfb_core.model import BayesianModel
+from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, GENERATION_SEARCH, EngineConfig
 from tfb_core.serving.startup import load_engine
 
 log = logging.getLogger("tfb")
@@ -110,18 +112,56 @@ def _load_inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    engine = load_engine(engine_config_from_args(args))
-    out = predict(engine, _load_inputs(args), n_samples=args.samples, seed=args.seed,
-                  return_samples=args.return_samples, alpha=args.alpha, max_risk=args.max_risk)
+    inputs = _load_inputs(args)
+    m = BayesianModel.from_config(engine_config_from_args(args), progress=True)
+    out = m.predict(inputs, n_samples=args.samples, seed=args.seed, return_samples=args.return_samples,
+                    alpha=args.alpha, max_risk=args.max_risk)
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"sigma={out['sigma']:.6g} ({engine.sigma_source})  N={out['n_samples']}  labels={out['labels']}")
+        print(f"sigma={out['sigma']:.6g} ({m.sigma_source})  N={out['n_samples']}  labels={out['labels']}")
         for p in out["predictions"]:
             print(f"{p['label']:>12}  conf={p['confidence']:.3f}  H={p['predictive_entropy']:.3f}  "
                   f"aleatoric={p['expected_entropy']:.3f}  MI={p['mutual_information']:.4f}"
                   + (f"  set={p['prediction_set']}" if "prediction_set" in p else "")
                   + (f"  abstain={p['abstain']}" if "abstain" in p else ""))
+    return 0
+
+
+def _generation_inputs(args: argparse.Namespace) -> list[Any]:
+    """The prompts of ``tfb generate``: each ``--prompt`` text (``--chat``: as one user message), then
+    each ``--input`` file's lines (``{"prompt": text}`` or ``{"messages": [...]}``, as an anchor file's)."""
+    prompts: list[Any] = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt or []]
+    for path in args.input or []:
+        prompts += [r["prompt"] if "prompt" in r else r["messages"] for r in read_anchor(path)]
+    if not prompts:
+        raise LoadError('no prompts: give --prompt TEXT (repeatable) or --input FILE.jsonl of {"prompt": ...} '
+                        'or {"messages": [...]} lines')
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``tfb generate``: a generative adapter's answers with their uncertainty (the library's
+    :meth:`~tfb_core.model.BayesianModel.generate`; one JSON object with ``--json``)."""
+    prompts = _generation_inputs(args)
+    if args.adapter is None and args.published is None and args.model in (None, DEFAULT_MODEL):
+        args.adapter = str(DEMO_GENERATIVE_ADAPTER)  # the embedded default's generative adapter, as served
+    m = BayesianModel.from_config(engine_config_from_args(args), progress=True)
+    results = m.generate(prompts, n_samples=args.samples, seed=args.seed, max_tokens=args.max_tokens,
+                         temperature=args.temperature, answers=args.answers, sampling_seed=args.sampling_seed)
+    if args.json:
+        print(json.dumps({"adapter": m.name, "sigma": m.sigma, "sigma_source": m.sigma_source, "results": results}))
+        return 0
+    print(f"sigma={m.sigma:.6g} ({m.sigma_source})  N={results[0]['n_samples']}  answers={args.answers}")
+    for r in results:
+        c = r["completion"]
+        q = c["sequence"]
+        print(f"{c['text']!r}  finish={c['finish_reason']}  nll={q['nll']:.3f}  "
+              f"MI mean={q['mean_mutual_information']:.4f} max={q['max_mutual_information']:.4f}"
+              + (f"  semantic_entropy={r['answers']['semantic_entropy']:.3f}" if "answers" in r else ""))
+        for t in c["tokens"]:
+            print(f"    {t['token']!r:>12}  p={t['prob']:.3f}  H={t['predictive_entropy']:.3f}  "
+                  f"MI={t['mutual_information']:.4f}")
     return 0
 
 
@@ -214,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add abstain: error among answered inputs <= max_risk (w.p. >= 1 - TFB_RISK_DELTA)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_predict)
+    g = sub.add_parser("generate", help="generate with uncertainty (a generative adapter; default: the embedded "
+                                        "default model's arith-mle)")
+    add_model_arguments(g)
+    g.add_argument("--prompt", action="append", help="a text to continue; repeatable")
+    g.add_argument("--chat", action="store_true", help="send each --prompt as one user message (chat template)")
+    g.add_argument("--input", action="append",
+                   help='JSONL file of {"prompt": text} or {"messages": [...]} lines (rendered with the chat template)')
+    g.add_argument("--max-tokens", type=int, default=16, help="most tokens per answer (default 16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="applied to the mean of the samples (0: greedy)")
+    g.add_argument("--sampling-seed", type=int, default=0, help="seed of the token draws at temperature > 0")
+    g.add_argument("--answers", choices=MODES, default="mean",
+                   help="mean: one answer from the samples' mean; per_sample: each sample's own answer, clustered")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
     s = sub.add_parser("search", help="search sigma on an anchor set (or load it from the cache)")
     add_model_arguments(s)
     s.add_argument("--json", action="store_true")

@@ -4,7 +4,10 @@
     closure(["tfb_core.serving.sigma"], known)      # every module of tfb_core that one imports, transitively
 
 Every import statement counts, wherever it stands: at the top, inside a function, under
-``if TYPE_CHECKING:``. Two readers: :mod:`tfb_core.cache` hashes the source of the closure of the
+``if TYPE_CHECKING:``; but one: the body of a module's own ``__getattr__`` (PEP 562), a lazy export
+that runs when a caller reads that name, never when the module is imported (``tfb_core``'s
+``BayesianModel``: every module imports the package first, and must not import the serving stack
+with it, nor have it in its closure). Two readers: :mod:`tfb_core.cache` hashes the source of the closure of the
 code that computes a cached result (so an edit to any of it recomputes), and
 ``scripts/check_imports.py`` checks that the imports between packages point one way.
 """
@@ -32,7 +35,9 @@ def module_files(root: Path, packages: Iterable[str]) -> dict[str, Path]:
 def imports(path: Path, name: str, known: dict[str, Path]) -> Iterator[str]:
     """The modules of ``known`` that ``path`` (module ``name``) imports, anywhere in it."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    statements = [s for s in tree.body if not (isinstance(s, ast.FunctionDef) and s.name == "__getattr__")]
+    for node in (n for s in statements for n in ast.walk(s)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

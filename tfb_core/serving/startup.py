@@ -135,7 +135,7 @@ def load_adapters(named: Sequence[tuple[str, EngineConfig]], progress: bool = Tr
         if search_later and i > 0 and plan.source == "search":
             out.append(Unsearched(name, plan, clf))
             continue
-        engine = _named(name, len(named), _finish, plan, clf, progress, background_calibration)
+        engine = _named(name, len(named), finish_engine, plan, clf, progress, background_calibration)
         engine.name = name
         out.append(engine)
     return out
@@ -189,8 +189,10 @@ class SigmaPlan:
         return "cache" if self.result is not None and not self.searched else "search"
 
 
-def _finish(plan: SigmaPlan, clf: BayesianClassifier, progress: bool, background: bool = False) -> TFBEngine:
-    """The engine of one loaded, planned adapter: sigma (fixed, cache or search) and its calibration."""
+def finish_engine(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False, background: bool = False
+                  ) -> TFBEngine:
+    """The engine of one loaded, planned adapter: sigma (fixed, cache or search, here and now) and its
+    calibration (:func:`make_engine`)."""
     if plan.source == "search":
         run_search(plan, clf, progress)
         # the search's prefixes were computed with its own draws and sigmas, none of which serving
