@@ -189,3 +189,16 @@ def tokenizer(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny["model"])
+
+
+def with_chat_template(model_dir: str | Path, dest: Path, template: str) -> Path:
+    """A copy of the model folder ``model_dir`` at ``dest`` whose tokenizer has ``template`` (the tiny one has none)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, dest)
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.chat_template = template
+    tok.save_pretrained(dest)
+    return dest

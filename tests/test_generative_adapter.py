@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import with_chat_template
 from test_app_support import CHAT_TEMPLATE, LABELS, PROMPTS, clean_env, make_settings, ready_client
 
 from app.settings import Settings
@@ -35,14 +36,8 @@ SEARCH = dict(search_low=0.01, search_high=0.2, search_iters=2, search_samples=3
 @pytest.fixture(scope="module")
 def chat_model(tiny, tmp_path_factory):
     """A copy of the tiny model whose tokenizer has a chat template (anchor lines may be chat messages)."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("chatmodel")
-    model = root / "model"
-    shutil.copytree(tiny["model"], model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(model)
+    model = with_chat_template(tiny["model"], root / "model", CHAT_TEMPLATE)
     anchor = root / "anchor.jsonl"
     anchor.write_text("".join(json.dumps(r) + "\n" for r in ANCHOR))
     return {"model": str(model), "anchor": str(anchor), "root": root}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LABELS
+from conftest import LABELS, with_chat_template
 from test_app_support import CHAT_TEMPLATE, clean_env
 
 from app.settings import Settings
@@ -51,14 +51,8 @@ def _adapter(root: Path, name: str, source: str, anchor: list[dict], generative:
 @pytest.fixture(scope="module")
 def lib(tiny, tmp_path_factory):
     """The tiny model with a chat template, two generative adapters (their folders say so) and a classifier."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("library")
-    model = root / "model"
-    shutil.copytree(tiny["model"], model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(model)
+    model = with_chat_template(tiny["model"], root / "model", TEMPLATE)
     return {"model": str(model), "root": root,
             "writer": _adapter(root, "writer", tiny["adapter_other"], ANCHOR, True),
             "second": _adapter(root, "second", tiny["adapter"], ANCHOR, True),
