@@ -21,7 +21,7 @@ of its seed, the JSON of the answer).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from os import PathLike
 from typing import Any
 
@@ -50,9 +50,9 @@ def engine_config(model: str | PathLike = DEFAULT_MODEL, adapter: str | PathLike
                   **settings: Any) -> EngineConfig:
     """The :class:`EngineConfig` of ``model`` (a hub id, a local folder or ``pip:<wheel>``) and
     ``adapter`` (None with the default model: the SST-2 demo adapter) with ``settings``, as the server
-    builds it from the same values: unless ``search`` is given, the adapter's kind's default search,
-    its seed the posterior ``seed`` (TFB_SEED moves both), so that a sigma either one searched is the
-    other's from the cache. ``TypeError`` naming an unknown setting."""
+    builds it from the same values (unless ``search`` is given, :meth:`EngineConfig.with_defaults`
+    gives the kind's default search seeded with ``seed``, as TFB_SEED sets both), so that a sigma
+    either one searched is the other's from the cache. ``TypeError`` naming an unknown setting."""
     unknown = sorted(set(settings) - set(MODEL_SETTINGS) - set(ENGINE_SETTINGS))
     if unknown:
         raise TypeError(f"unknown settings {unknown}: the settings are ModelConfig's {list(MODEL_SETTINGS)} and "
@@ -62,13 +62,8 @@ def engine_config(model: str | PathLike = DEFAULT_MODEL, adapter: str | PathLike
         top["labels"] = tuple(top["labels"])
     if isinstance(top.get("search"), Mapping):
         top["search"] = SearchConfig(**top["search"])
-    cfg = EngineConfig(model=ModelConfig(model=str(model), adapter=None if adapter is None else str(adapter),
-                                         **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}), **top)
-    if cfg.search is None and cfg.seed != SearchConfig().seed:
-        kind = cfg.with_defaults().search
-        assert kind is not None
-        cfg = replace(cfg, search=replace(kind, seed=cfg.seed))
-    return cfg
+    return EngineConfig(model=ModelConfig(model=str(model), adapter=None if adapter is None else str(adapter),
+                                          **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}), **top)
 
 
 class _Base:

@@ -10,7 +10,7 @@ algorithm's own defaults (posterior, search) are :mod:`tfb_core.config`'s.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,8 @@ class EngineConfig:
         weights: they are the defaults of its anchor (when sigma is not fixed) and calibration,
         wherever the folder is named from (the demo adapter's, by the default or by its path, also
         set the task, sst2); a folder whose ``train_config.json`` says ``"kind": "generation"`` is a
-        generative adapter unless a task is given. The search, unless given, is the kind's default."""
+        generative adapter unless a task is given. The search, unless given, is the kind's default, seeded
+        with the posterior ``seed``."""
         changes: dict[str, Any] = {}
         model = self.model
         if self.published is not None:
@@ -165,8 +166,9 @@ class EngineConfig:
                     and (folder / CALIBRATION_FILE).is_file()):  # a generative adapter's: not a classifier's
                 changes["calibration"] = str(folder / CALIBRATION_FILE)
         cfg = EngineConfig(**{**self.__dict__, **changes}) if changes else self
-        if cfg.search is None:
-            cfg = EngineConfig(**{**cfg.__dict__, "search": GENERATION_SEARCH if cfg.generative else SearchConfig()})
+        if cfg.search is None:  # its fixed noise's seed is the posterior seed, as TFB_SEED and --seed set both
+            kind = GENERATION_SEARCH if cfg.generative else SearchConfig()
+            cfg = EngineConfig(**{**cfg.__dict__, "search": replace(kind, seed=cfg.seed)})
         return cfg
 
 
