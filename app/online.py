@@ -11,14 +11,19 @@
   every served prediction's 1 - confidence, and on the true label's score as labels arrive; both
   against the calibration set, both reset with it.
 
-Scope of a state: one process. Under Ray Serve each replica holds its own (deploy/ray/serve_app.py
-says what holds then): a label updates the state that served its prediction (``state_id``), and
-a label for another state's prediction (another replica's, or from before a restart) is not applied:
-for the bound it is an unlabelled prediction.
+Scope of a state: one process, or (``shared``: deploy/ray/serve_app.py's actor under Ray Serve)
+every replica. Shared, the actor holds the state and applies every label, whichever replica it
+reaches; each replica serves from its mirror of the actor's state (a snapshot of its history,
+pulled at most ``refresh_s`` old), so the thresholds a prediction was served with are the actor's
+at the update count stored with it, and the delay D the bound counts includes the mirror's lag.
+A label of a prediction made before its replica joined the shared state (``state_id``), or made
+by a state since replaced (a restart without the actor, a new calibration), is not applied: for
+the bound it is an unlabelled prediction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -53,7 +58,8 @@ def alpha_key(alpha: float) -> str:
 class AdapterOnline:
     """One adapter's online sets, per alpha; persisted under the cache."""
 
-    def __init__(self, engine: TFBEngine, cal: Calibration, max_alphas: int, save_interval_s: float) -> None:
+    def __init__(self, engine: TFBEngine, cal: Calibration, max_alphas: int, save_interval_s: float,
+                 shared: Any = None, refresh_s: float = 1.0) -> None:
         cfg = engine.cfg
         self.adapter = engine.name
         self.cal = cal
@@ -73,6 +79,48 @@ class AdapterOnline:
         self._dirty = False
         self._saved_at = -math.inf
         self._restore()
+        self.shared, self.refresh_s = shared, refresh_s
+        self.key_text = cache.canonical(self.key)
+        self._pulled_at = -math.inf
+        if shared is not None:  # the actor's state if it has one, else ours becomes it
+            self._spawn(self._attach())
+
+    # --- the shared state (several replicas) ---------------------------------------------------
+    @staticmethod
+    def _spawn(coro: Any) -> None:
+        try:
+            asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no event loop (a library caller): nothing shared
+            coro.close()
+
+    async def _attach(self) -> None:
+        try:
+            got = await self.shared.attach(self.key_text, self.state_id,
+                                           {k: v.to_dict() for k, v in self.alphas.items()})
+        except Exception as exc:  # the actor unreachable: this replica's own state, said in the log
+            log.warning("adapter %s: the shared online conformal state is unreachable (%s): serving this "
+                        "replica's own", self.adapter, exc)
+            return
+        self._adopt(got)
+
+    def _adopt(self, got: dict[str, Any] | None) -> None:
+        """Take the actor's state (a snapshot of its history): its id, and each alpha's trackers
+        unless the mirror already has more labels of it (a snapshot that arrived late)."""
+        if got is None:
+            return
+        if got["state_id"] != self.state_id:
+            self.state_id, self.alphas = got["state_id"], {}
+        for k, d in got["alphas"].items():
+            theirs = OnlineSets.from_dict(d)
+            mine = self.alphas.get(k)
+            if mine is None or sum(t.labelled for t in theirs.trackers) >= sum(t.labelled for t in mine.trackers):
+                self.alphas[k] = theirs
+
+    async def _pull(self) -> None:
+        try:
+            self._adopt(await self.shared.snapshot(self.key_text))
+        except Exception as exc:
+            log.warning("adapter %s: could not read the shared online conformal state (%s)", self.adapter, exc)
 
     # --- persistence ------------------------------------------------------------------------
     def path(self) -> Path:
@@ -132,6 +180,9 @@ class AdapterOnline:
 
     def serve(self, alpha: float) -> tuple[Served, dict[str, Any]]:
         """The thresholds a request's sets use now, and what the response says of them."""
+        if self.shared is not None and time.monotonic() - self._pulled_at >= self.refresh_s:
+            self._pulled_at = time.monotonic()
+            self._spawn(self._pull())
         state = self.sets(alpha)
         served = Served(alpha, state.thresholds(self.n_classes), [t.labelled for t in state.trackers], self.state_id)
         return served, self.describe(state)
@@ -154,15 +205,23 @@ class AdapterOnline:
             "thresholds": [t.q for t in state.trackers],
         }
 
-    def label(self, served: Served, probs: list[float], target: int) -> bool | None:
+    async def label(self, served: Served, probs: list[float], target: int) -> bool | None:
         """Apply one label; its coverage, or None if the prediction is not this state's."""
-        if served.state_id != self.state_id:
-            return None
-        state = self.alphas.get(alpha_key(served.alpha))
-        if state is None:
-            return None
         score = float(nonconformity(torch.tensor([probs], dtype=torch.float64), self.score)[0, target])
-        covered = state.update(target, score, served)
+        key = alpha_key(served.alpha)
+        if self.shared is not None:  # the actor applies it (it may be another replica's prediction)
+            first = OnlineSets.start(served.alpha, self.eta, self.cal.quantiles(served.alpha, self.score,
+                                                                                self.mondrian)[0], self.mondrian)
+            got = await self.shared.update(self.key_text, served.to_dict(), target, score, first.to_dict())
+            if got is None:  # not the actor's state: e.g. the actor restarted empty; (re)join it
+                self._spawn(self._attach())
+                return None
+            self._adopt({"state_id": self.state_id, "alphas": {key: got["state"]}})
+            covered = bool(got["covered"])
+        else:
+            if served.state_id != self.state_id or key not in self.alphas:
+                return None
+            covered = self.alphas[key].update(target, score, served)
         self._dirty = True
         self.save()
         return covered
@@ -218,8 +277,9 @@ class Monitors:
     adapter's calibration (and built afresh when it changes: a recalibration resets both)."""
 
     def __init__(self, max_alphas: int = 16, save_interval_s: float = 1.0, drift_delta: float = 0.01,
-                 drift_jump: float = 0.01, metrics: Any = None) -> None:
+                 drift_jump: float = 0.01, metrics: Any = None, shared: Any = None) -> None:
         self.metrics = metrics  # app.metrics.Metrics: the drift gauges start at 0 with each test
+        self.shared = shared  # the online sets' state shared across replicas (deploy/ray/serve_app.py)
         self.max_alphas, self.save_interval_s = max_alphas, save_interval_s
         self.drift_delta, self.drift_jump = drift_delta, drift_jump
         self.online: dict[str, AdapterOnline] = {}
@@ -227,10 +287,10 @@ class Monitors:
         self._cal: dict[str, Calibration] = {}
 
     @classmethod
-    def of(cls, settings: Any, metrics: Any = None) -> Monitors:
+    def of(cls, settings: Any, metrics: Any = None, shared: Any = None) -> Monitors:
         """Configured by the server's settings (:class:`app.settings.Settings`)."""
         return cls(settings.online_max_alphas, settings.online_save_interval_s, settings.drift_delta,
-                   settings.drift_jump, metrics)
+                   settings.drift_jump, metrics, shared)
 
     def _sync(self, engine: TFBEngine) -> Calibration | None:
         cal = engine.calibration
@@ -251,7 +311,8 @@ class Monitors:
             return None
         state = self.online.get(engine.name)
         if state is None:
-            state = self.online[engine.name] = AdapterOnline(engine, cal, self.max_alphas, self.save_interval_s)
+            state = self.online[engine.name] = AdapterOnline(engine, cal, self.max_alphas, self.save_interval_s,
+                                                             self.shared)
         return state
 
     def drift_tests(self, engine: TFBEngine) -> AdapterDrift | None:

@@ -253,7 +253,7 @@ class Predictor:
         engine = self.adapters.engines[record.adapter]
         if record.online is not None and (state := self.monitors.online_state(engine)) is not None:
             served = Served.from_dict(record.online)
-            if state.label(served, record.probs, target) is not None:
+            if await state.label(served, record.probs, target) is not None:
                 self.metrics.observe_online(record.adapter, state, served.alpha)
         if record.reference and (drift := self.monitors.drift_tests(engine)) is not None:
             test = drift.monitors["labelled"]

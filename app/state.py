@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -30,14 +30,14 @@ Status = Literal["loading", "ready", "failed", "draining"]
 class AppState:
     """Everything the routes share, set up once per app (``app.state.tfb``)."""
 
-    def __init__(self, settings: Settings, feedback_store: LabelStore | None = None) -> None:
+    def __init__(self, settings: Settings, feedback_store: LabelStore | None = None, shared_online: Any = None) -> None:
         self.settings = settings
         self.store = feedback_store if feedback_store is not None else FeedbackStore(settings.feedback_store_size)
         self.engine_configs = settings.engine_configs()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.recent_window)
         #: online prediction sets and drift tests of the adapters (built from their calibrations)
-        self.monitors = Monitors.of(settings, self.metrics)
+        self.monitors = Monitors.of(settings, self.metrics, shared_online)
         self.status: Status = "loading"
         self.error: str | None = None
         self.started = time.monotonic()
