@@ -93,6 +93,10 @@ def test_delayed_out_of_order_and_partial_labels_keep_the_delay_bound(seed: int)
             state.update(0, s, served)
             applied += 1
     t = len(errs)
+    # the misses are those of the sets served (not of the threshold when the label came), and the
+    # threshold is its start plus eta (misses - alpha T)
+    assert state.trackers[0].errors == sum(errs)
+    assert state.trackers[0].q == pytest.approx(0.45 + ETA * (sum(errs) - ALPHA * t), abs=1e-9)
     assert state.trackers[0].max_delay == delay and delay > 0
     assert abs(np.mean(errs) - ALPHA) <= oracle_bound(ALPHA, ETA, t, delay)
     assert state.summary()["trackers"][0]["bound"] == pytest.approx(oracle_bound(ALPHA, ETA, t, delay))
