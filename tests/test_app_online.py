@@ -132,3 +132,36 @@ def test_a_corrupt_state_file_starts_afresh(tiny, cal_file, tmp_path):
         again = client.post("/predict", json={"inputs": PROMPTS[:1], "alpha": 0.2}).json()
         assert thresholds(again) == q0 and again["conformal"]["labelled"] == 0
         assert client.get("/info").json()["adapters"][0]["online_conformal"]["restored"] is None
+
+
+def test_drift_tests_reset_on_recalibration(tmp_path):
+    """A new calibration is a new test: the martingale, its count and its alarm start again, in
+    the metrics too; the online state starts afresh with it."""
+    import types
+
+    from prometheus_client import CollectorRegistry
+
+    from app.metrics import Metrics
+    from app.online import Monitors
+    from tfb_core.config import ModelConfig
+    from tfb_core.serving.config import EngineConfig
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 2, generator=gen), dim=1)
+    cal = Calibration.fit(probs, torch.randint(0, 2, (50,), generator=gen))
+    engine = types.SimpleNamespace(name="a", calibration=cal, task=types.SimpleNamespace(labels=LABELS, generative=False),
+                                   cfg=EngineConfig(model=ModelConfig(cache_dir=str(tmp_path)), conformal_online=True))
+    metrics = Metrics(CollectorRegistry())
+    mon = Monitors(drift_delta=0.01, metrics=metrics)
+    test = mon.drift_tests(engine).monitors["label_free"]
+    for _ in range(200):  # every input stranger than the whole calibration set: the alarm rises
+        test.observe(0.99)
+    metrics.observe_drift("a", "label_free", test)
+    assert test.alarm and metrics.drift_alarm.labels(adapter="a", stream="label_free")._value.get() == 1
+    online = mon.online_state(engine)
+    assert mon.drift_tests(engine).monitors["label_free"] is test and mon.online_state(engine) is online
+    engine.calibration = Calibration.fit(probs, torch.randint(0, 2, (50,), generator=gen))  # recalibrated
+    fresh = mon.drift_tests(engine).monitors["label_free"]
+    assert fresh is not test and fresh.observations == 0 and not fresh.alarm
+    assert metrics.drift_alarm.labels(adapter="a", stream="label_free")._value.get() == 0
+    assert mon.online_state(engine) is not online
