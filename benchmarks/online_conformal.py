@@ -11,9 +11,17 @@ calibration set (split conformal's quantile, and the online trackers' start), th
 pool streams are drawn from: ``--pre`` in-domain draws, then ``--post`` draws from a shifted pool
 (each scenario a shift that the deployed model could meet):
 
+* ``none``: the pool as it is (the control: draws with replacement from the pool, so after the pool
+  itself the stream repeats its sentences; what the drift test flags here is that resampling);
+* ``ambiguous``: the pool's less confident half (the model's confidence below the pool's median, a
+  function of the input alone: covariate shift towards neutral, ambiguous reviews);
+* ``hard``: the pool's misclassified sentences twice as likely (a harder population);
 * ``long``: the longest third of the pool's sentences (words), covariate shift;
-* ``negative`` / ``positive``: label shift, 90 % of draws from one class;
-* ``hard``: the pool's misclassified sentences five times as likely (a harder population).
+* ``negative`` / ``positive``: label shift, 90 % of draws from one class.
+
+(On this model only the first two move split conformal's coverage, to about 0.82, the size of the
+shift measured on customer reviews; the others leave it near 0.9, and show what online sets cost
+where nothing needed fixing.)
 
 Each label is fed back at once (``delay 0``) or after up to ``--delay`` other predictions (labels of
 a batch arriving in random order, and 30 % never). Measured over ``--runs`` seeded runs: coverage
@@ -47,22 +55,24 @@ from tfb_core.decide.conformal import finite_sample_quantile  # noqa: E402
 from tfb_core.decide.drift import DriftMonitor  # noqa: E402
 from tfb_core.decide.online import OnlineSets, Served  # noqa: E402
 
-SCENARIOS = ("long", "negative", "positive", "hard")
+SCENARIOS = ("none", "ambiguous", "hard", "long", "negative", "positive")
 WINDOW = 200
 
 
 def shifted_weights(kind: str, pool: np.ndarray, words: np.ndarray, target: np.ndarray,
-                    wrong: np.ndarray) -> np.ndarray:
+                    wrong: np.ndarray, conf: np.ndarray) -> np.ndarray:
     """Sampling weights over the pool's sentences for a shifted stream."""
     w = np.ones(len(pool))
-    if kind == "long":
+    if kind == "ambiguous":
+        w = (conf[pool] <= np.median(conf[pool])).astype(float)
+    elif kind == "long":
         w = (words[pool] >= np.quantile(words[pool], 2 / 3)).astype(float)
     elif kind in ("negative", "positive"):
         cls = 0 if kind == "negative" else 1
         is_cls = target[pool] == cls
         w = np.where(is_cls, 0.9 / is_cls.sum(), 0.1 / (~is_cls).sum())
     elif kind == "hard":
-        w = np.where(wrong[pool], 5.0, 1.0)
+        w = np.where(wrong[pool], 2.0, 1.0)
     return w / w.sum()
 
 
@@ -114,7 +124,7 @@ def part1(probs: np.ndarray, target: np.ndarray, words: np.ndarray, args: argpar
                 cal, pool = perm[: n // 2], perm[n // 2:]
                 q_static, _ = finite_sample_quantile(tuple(sorted(true[cal])), alpha)
                 pre = rng.choice(pool, args.pre)
-                post = rng.choice(pool, args.post, p=shifted_weights(kind, pool, words, target, wrong))
+                post = rng.choice(pool, args.post, p=shifted_weights(kind, pool, words, target, wrong, probs.max(1)))
                 stream = np.concatenate([pre, post])
                 s = true[stream]
 
@@ -176,7 +186,7 @@ def part2(probs: np.ndarray, target: np.ndarray, words: np.ndarray, args: argpar
                 rng = np.random.default_rng(r)
                 perm = rng.permutation(n)
                 cal, pool = perm[: n // 2], perm[n // 2:]
-                post = rng.choice(pool, args.post, p=shifted_weights(kind, pool, words, target, wrong))
+                post = rng.choice(pool, args.post, p=shifted_weights(kind, pool, words, target, wrong, probs.max(1)))
                 m = DriftMonitor(tuple(score[cal]), args.delta, seed=r)
                 early = False
                 for a in score[rng.permutation(pool)]:  # in-domain first: the pool itself, in random order
