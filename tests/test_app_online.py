@@ -165,3 +165,17 @@ def test_drift_tests_reset_on_recalibration(tmp_path):
     assert fresh is not test and fresh.observations == 0 and not fresh.alarm
     assert metrics.drift_alarm.labels(adapter="a", stream="label_free")._value.get() == 0
     assert mon.online_state(engine) is not online
+
+
+def test_online_sets_are_opt_in_per_adapter(tiny):
+    """TFB_ADAPTERS' conformal_online and online_eta are each adapter's own; the others keep the
+    server's (off by default); a bad eta is refused by name."""
+    from pydantic import ValidationError
+
+    spec = [{"name": "on", "adapter": str(tiny["adapter"]), "conformal_online": True, "online_eta": 0.02},
+            {"name": "off", "adapter": str(tiny["adapter"])}]
+    cfgs = dict(make_settings(tiny, adapters=json.dumps(spec), adapter=None).engine_configs())
+    assert (cfgs["on"].conformal_online, cfgs["on"].online_eta) == (True, 0.02)
+    assert (cfgs["off"].conformal_online, cfgs["off"].online_eta) == (False, 0.05)
+    with pytest.raises(ValidationError, match="online_eta"):
+        make_settings(tiny, adapters=json.dumps([{**spec[0], "online_eta": 0.0}]), adapter=None)
