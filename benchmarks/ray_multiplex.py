@@ -1,0 +1,291 @@
+"""Many adapters on Ray Serve's model multiplexing (deploy/ray/multiplex_app.py), on a local CPU Ray.
+
+    python benchmarks/ray_multiplex.py --shape demo --adapters 32 --searched 4 --duration 240
+    python benchmarks/ray_multiplex.py --shape tiny ...    # the test suite's tiny random Llama
+
+Two adapter replicas (at most ``--max-per-replica`` adapters loaded on demand each) behind the
+router; a registry of ``--adapters`` distinct adapters (the bundled SST-2 adapter, or the tiny one,
+with its A and B perturbed by a seeded 10% noise each), sigma fixed for all but ``--searched`` of
+them, whose sigma is searched (on 16 anchor sentences, a short search) by whichever replica loads
+them first. ``--clients`` closed-loop clients send one-sentence /predict requests for ``--duration``
+seconds, the adapter drawn from a Zipf law (exponent ``--zipf``) over the registry in a seeded
+shuffled order. A 503 (the adapter's sigma is being searched) is retried after its Retry-After (at
+most 1 s): the request's latency runs from its first send to its answer.
+
+Reported: hit rate (answers from an adapter the replica held: ``X-TFB-Adapter-Load: warm``),
+p50/p95 latency of warm answers and of cold loads (sigma fixed, from the cache, searched), sigma
+searches per searched adapter (the lease actor's grants and the replicas' search counters), peak
+resident memory per replica, the bytes each adapter holds, and whether every answer equals the
+single-process server's for the same adapter, sentence and seed (one app with every adapter of the
+registry listed at start-up, sigma from the same cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy" / "ray"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+def build(root: Path, shape: str, count: int, searched: int, sigma: float) -> dict[str, Any]:
+    """The base settings, the registry file and its adapters."""
+    from tfb_core.testing import perturb_lora
+
+    if shape == "demo":
+        from loadgen import DEMO_SIGMA, demo_sentences
+
+        from tfb_core.serving.config import DEMO_ADAPTER
+
+        src, model, sigma = DEMO_ADAPTER, None, DEMO_SIGMA
+        sentences = demo_sentences()
+        anchor_records = [json.loads(line) for line in (src / "anchor.jsonl").read_text().splitlines()
+                          if line.strip()][:16]
+    else:
+        from loadgen import SENTENCES, build_tiny_server_model
+
+        model_dir, src = build_tiny_server_model(root / "tiny")
+        model, sentences = str(model_dir), SENTENCES
+        anchor_records = [{"prompt": s, "label": "positive" if i % 2 == 0 else "negative"}
+                          for i, s in enumerate(SENTENCES * 2)]
+    anchor = root / "anchor.jsonl"
+    anchor.write_text("".join(json.dumps(r) + "\n" for r in anchor_records))
+    names = [f"sst2-{i:02d}" for i in range(count)]
+    entries = []
+    for i, name in enumerate(names):
+        path = perturb_lora(Path(src), root / "adapters" / name, seed=1000 + i, scale=0.1)
+        entries.append({"name": name, "adapter": str(path), **({"anchor": str(anchor)} if i < searched
+                                                                 else {"sigma": sigma})})
+    registry = root / "registry.json"
+    registry.write_text(json.dumps(entries, indent=1))
+    settings: dict[str, Any] = {"cache_dir": str(root / "cache"), "warmup": False,
+                                "search_criterion": "flip", "search_iters": 3, "search_samples": 4,
+                                "adapters": [{"name": "base", "adapter": str(src), "sigma": sigma}]}
+    if model is not None:
+        settings.update(model=model, labels=["negative", "positive"])
+    return {"settings": settings, "registry": registry, "names": names, "searched": names[:searched],
+            "sentences": sentences[:8], "sigma": sigma}
+
+
+def traffic(base: str, names: list[str], sentences: list[str], clients: int, duration_s: float, zipf: float,
+            seed: int) -> list[dict[str, Any]]:
+    import httpx
+
+    rng = random.Random(seed)
+    order = names[:]
+    rng.shuffle(order)  # popularity rank -> adapter: the searched ones fall anywhere
+    weights = [1.0 / (k + 1) ** zipf for k in range(len(order))]
+    out: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + duration_s
+
+    def client(i: int) -> None:
+        r_ = random.Random(seed * 100 + i)
+        with httpx.Client(timeout=600) as http:
+            while time.monotonic() < stop:
+                name = r_.choices(order, weights)[0]
+                k = r_.randrange(len(sentences))
+                t0 = time.monotonic()
+                waited = 0
+                while True:
+                    r = http.post(f"{base}/predict", json={"inputs": [sentences[k]], "adapter": name, "seed": 3})
+                    if r.status_code != 503:
+                        break
+                    waited += 1
+                    time.sleep(min(1.0, float(r.headers.get("retry-after", 1))))
+                row = {"adapter": name, "sentence": k, "status": r.status_code, "seconds": time.monotonic() - t0,
+                       "load": r.headers.get("x-tfb-adapter-load"), "replica": r.headers.get("x-tfb-replica"),
+                       "waited_503": waited, "sent_s": t0}
+                if r.status_code == 200:
+                    body = r.json()
+                    row.update(probs=body["predictions"][0]["probs"], sigma=body["sigma"])
+                else:
+                    row["error"] = r.text[:300]
+                with lock:
+                    out.append(row)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def replica_stats(app_name: str, want: int = 2, tries: int = 40) -> dict[str, dict[str, Any]]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("tfb-adapters", app_name=app_name)
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(tries):
+        s = handle.stats.remote().result()
+        seen[s["replica"]] = s
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def metric(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(v))
+            for labels, v in re.findall(rf"^ray_{name}\{{([^}}]*)\}} (\S+)$", text, re.M)]
+
+
+def reference(setup: dict[str, Any], rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """The single-process server's answers (every adapter listed at start-up, sigma from the cache)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    entries = json.loads(Path(setup["registry"]).read_text())
+    settings = {**setup["settings"], "adapters": setup["settings"]["adapters"] + entries,
+                "max_loras": len(entries) + 1}
+    needed = sorted({(r["adapter"], r["sentence"]) for r in rows if r["status"] == 200})
+    out = {}
+    with TestClient(create_app(Settings(**settings))) as client:
+        deadline = time.monotonic() + 1800
+        while client.get("/readyz").status_code != 200 or any(
+                a.get("state") != "ready" for a in client.get("/info").json().get("adapters", [])):
+            assert time.monotonic() < deadline, "the reference server did not become ready"
+            time.sleep(0.5)
+        for name, k in needed:
+            r = client.post("/predict", json={"inputs": [setup["sentences"][k]], "adapter": name, "seed": 3})
+            assert r.status_code == 200, r.text
+            out[(name, k)] = r.json()["predictions"][0]["probs"]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=["demo", "tiny"], default="demo")
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--searched", type=int, default=4)
+    p.add_argument("--max-per-replica", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--duration", type=float, default=240)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    import multiplex_app
+    import ray
+    import serve_app
+    from ray import cloudpickle, serve
+
+    root = Path(tempfile.mkdtemp(prefix="tfb-ray-multiplex-"))
+    setup = build(root, args.shape, args.adapters, args.searched, 0.05)
+    setup["settings"]["n_samples"] = args.n_samples
+    for module in (serve_app, multiplex_app):
+        cloudpickle.register_pickle_by_value(module)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    metrics_port, http_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             configure_logging=False)
+    load_avg_start = os.getloadavg()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        t0 = time.monotonic()
+        app = multiplex_app.build_app({**setup["settings"], "registry": str(setup["registry"]), "num_gpus": 0,
+                                       "num_cpus": 0.5, "num_replicas": args.replicas, "metrics_interval_s": 2.0,
+                                       "max_adapters_per_replica": args.max_per_replica, "ready_timeout_s": 1800})
+        serve.run(app, name="tfb-multi", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{http_port}"
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        ready_s = time.monotonic() - t0
+        print(f"ready in {ready_s:.1f}s; traffic for {args.duration:.0f}s", flush=True)
+        rows = traffic(base, setup["names"], setup["sentences"], args.clients, args.duration, args.zipf, args.seed)
+        stats = replica_stats("tfb-multi", args.replicas)
+        grants = ray.get(ray.get_actor(multiplex_app.LEASE_ACTOR, namespace=multiplex_app.LEASE_NAMESPACE).grants.remote())
+        time.sleep(6)  # the mirror's and Ray's export intervals
+        text = scrape(metrics_port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    ok = [r for r in rows if r["status"] == 200]
+    warm = [r["seconds"] for r in ok if r["load"] == "warm"]
+    cold = {src: [r["seconds"] for r in ok if r["load"] == f"cold-{src}"] for src in ("fixed", "cache", "search")}
+    searches: dict[str, float] = {}
+    for labels, v in metric(text, "tfb_multiplex_sigma_searches_total"):
+        searches[labels["adapter"]] = searches.get(labels["adapter"], 0) + v
+    print(f"{len(rows)} requests; reference answers ...", flush=True)
+    ref = reference(setup, rows)
+    mismatches = [r for r in ok if max(abs(a - b) for a, b in zip(r["probs"], ref[(r["adapter"], r["sentence"])],
+                                                                   strict=True)) > 1e-5]
+    per_adapter_bytes = sorted({m["weights_bytes"] for s in stats.values() for n, m in s["memory"].items()
+                                if n != "base"})
+    noise_bytes = sorted({m["noise_bytes"] for s in stats.values() for n, m in s["memory"].items() if n != "base"})
+    result = {
+        "shape": args.shape, "model": setup["settings"].get("model", "embedded default (SmolLM2-135M-Instruct)"),
+        "adapters": args.adapters, "searched": args.searched, "replicas": args.replicas,
+        "max_per_replica": args.max_per_replica, "clients": args.clients, "duration_s": args.duration,
+        "zipf": args.zipf, "n_samples": args.n_samples, "cpu_count": os.cpu_count(),
+        "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg(),
+        "note": "one 2-core machine shared with other jobs: absolute latencies are contaminated, ratios less so",
+        "ready_s": round(ready_s, 1),
+        "requests": len(rows), "answered": len(ok), "errors": [r for r in rows if r["status"] != 200][:5],
+        "hit_rate": round(len(warm) / len(ok), 4) if ok else None,
+        "warm": {"n": len(warm), "p50_ms": _pct(warm, 0.5), "p95_ms": _pct(warm, 0.95)},
+        "cold": {src: {"n": len(v), "p50_ms": _pct(v, 0.5), "p95_ms": _pct(v, 0.95)} for src, v in cold.items()},
+        "waited_503": sum(r["waited_503"] > 0 for r in rows),
+        "searches_per_searched_adapter": {n: searches.get(n, 0) for n in setup["searched"]},
+        "lease_grants": sorted(grants.values()),
+        "adapters_requested": len({r["adapter"] for r in rows}),
+        "replicas_holding_at_end": {k: s["held"] for k, s in stats.items()},
+        "peak_rss_mb": {k: round(s["peak_rss_bytes"] / 2**20, 1) for k, s in stats.items()},
+        "adapter_weights_bytes": per_adapter_bytes, "adapter_noise_bytes": noise_bytes,
+        "loads": sum(v for _, v in metric(text, "tfb_multiplex_loads_total")),
+        "evictions": sum(v for _, v in metric(text, "tfb_multiplex_evictions_total")),
+        "answers_equal_single_process": not mismatches, "mismatches": len(mismatches),
+        "mean_latency_ms": round(statistics.mean(r["seconds"] for r in ok) * 1000, 1) if ok else None,
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if ok and not mismatches and len(ok) == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
