@@ -30,6 +30,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from app.settings import AdapterSpec, Settings, parse_adapters
 from tfb_core.data.loading import is_local_adapter
+from tfb_core.data.tasks import get_task
 
 log = logging.getLogger("app")
 
@@ -200,8 +201,9 @@ class Registry:
                 if value is not None and not Path(value).expanduser().is_file():
                     raise RegistryError(f"{where}: {f} file {value!r} does not exist")
             try:
-                self.settings.adapter_config(spec)
-            except ValueError as exc:
+                cfg = self.settings.adapter_config(spec).with_defaults()
+                get_task(cfg.task, cfg.labels)  # what it classifies (or generates) is known now, not at its load
+            except ValueError as exc:  # TaskError too
                 raise RegistryError(f"{where}: {exc}") from None
             out[spec.name] = spec
         if not out:

@@ -13,7 +13,8 @@ shuffled order. A 503 (the adapter's sigma is being searched) is retried after i
 most 1 s): the request's latency runs from its first send to its answer.
 
 Reported: hit rate (answers from an adapter the replica held: ``X-TFB-Adapter-Load: warm``),
-p50/p95 latency of warm answers and of cold loads (sigma fixed, from the cache, searched), sigma
+p50/p95 latency of warm answers and of cold loads (sigma fixed, from the cache, searched: a request
+that waited with 503 for a search counts as a searched cold load), sigma
 searches per searched adapter (the lease actor's grants and the replicas' search counters), peak
 resident memory per replica, the bytes each adapter holds, and whether every answer equals the
 single-process server's for the same adapter, sentence and seed (one app with every adapter of the
@@ -82,8 +83,8 @@ def build(root: Path, shape: str, count: int, searched: int, sigma: float) -> di
     entries = []
     for i, name in enumerate(names):
         path = perturb_lora(Path(src), root / "adapters" / name, seed=1000 + i, scale=0.1)
-        entries.append({"name": name, "adapter": str(path), **({"anchor": str(anchor)} if i < searched
-                                                                 else {"sigma": sigma})})
+        entries.append({"name": name, "adapter": str(path), **({"task": "sst2"} if shape == "demo" else {}),
+                        **({"anchor": str(anchor)} if i < searched else {"sigma": sigma})})
     registry = root / "registry.json"
     registry.write_text(json.dumps(entries, indent=1))
     settings: dict[str, Any] = {"cache_dir": str(root / "cache"), "warmup": False,
@@ -171,7 +172,7 @@ def reference(setup: dict[str, Any], rows: list[dict[str, Any]]) -> dict[tuple[s
 
     entries = json.loads(Path(setup["registry"]).read_text())
     settings = {**setup["settings"], "adapters": setup["settings"]["adapters"] + entries,
-                "max_loras": len(entries) + 1}
+                "max_loras": len(entries) + 1, "exit_on_startup_failure": False}
     needed = sorted({(r["adapter"], r["sentence"]) for r in rows if r["status"] == 200})
     out = {}
     with TestClient(create_app(Settings(**settings))) as client:
@@ -235,6 +236,11 @@ def main() -> int:
                 pass
             time.sleep(0.5)
         ready_s = time.monotonic() - t0
+        probe = httpx.post(f"{base}/predict", json={"inputs": [setup["sentences"][0]], "adapter": setup["names"][-1]},
+                           timeout=600)
+        if probe.status_code != 200:  # a set-up error: say it now, not after minutes of the same error
+            print(f"the first request failed: {probe.status_code} {probe.text}", file=sys.stderr)
+            return 1
         print(f"ready in {ready_s:.1f}s; traffic for {args.duration:.0f}s", flush=True)
         rows = traffic(base, setup["names"], setup["sentences"], args.clients, args.duration, args.zipf, args.seed)
         stats = replica_stats("tfb-multi", args.replicas)
@@ -245,8 +251,10 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
     ok = [r for r in rows if r["status"] == 200]
-    warm = [r["seconds"] for r in ok if r["load"] == "warm"]
-    cold = {src: [r["seconds"] for r in ok if r["load"] == f"cold-{src}"] for src in ("fixed", "cache", "search")}
+    for r in ok:  # a request that waited (503) for a search: a cold load of a searched sigma, whatever came after
+        r["kind"] = "cold-search" if r["waited_503"] else r["load"]
+    warm = [r["seconds"] for r in ok if r["kind"] == "warm"]
+    cold = {src: [r["seconds"] for r in ok if r["kind"] == f"cold-{src}"] for src in ("fixed", "cache", "search")}
     searches: dict[str, float] = {}
     for labels, v in metric(text, "tfb_multiplex_sigma_searches_total"):
         searches[labels["adapter"]] = searches.get(labels["adapter"], 0) + v

@@ -287,3 +287,20 @@ def test_the_lease_is_one_replicas_until_released_or_expired(monkeypatch):
 def test_the_router_reads_the_adapter_a_body_names(body, name):
     _, multiplex_app = _import_ray_modules()
     assert multiplex_app.adapter_of(body) == name
+
+
+def test_the_multiplex_serve_config_validates_and_builds(tiny, adapters):
+    """deploy/ray/serve_multiplex.yaml is a valid Serve config whose args build_app takes (the
+    model and registry swapped for the tiny ones)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((RAY_DIR / "serve_multiplex.yaml").read_text())
+    ServeDeploySchema.model_validate(cfg)
+    args = cfg["applications"][0]["args"]
+    assert cfg["applications"][0]["import_path"] == "multiplex_app:build_app"
+    _, multiplex_app = _import_ray_modules()
+    local = {**args, **base_settings(tiny, adapters), "registry": str(adapters["registry"]), "device": "cpu",
+             "dtype": "float32", "published": None}
+    app = multiplex_app.build_app(local)
+    assert app is not None

@@ -81,6 +81,15 @@ def test_a_bad_registry_at_start_is_refused_naming_the_file_and_entry(tiny, tmp_
     assert "registry.json" in str(info.value)
 
 
+def test_an_entry_whose_task_is_unknown_is_refused_at_start(tiny, tmp_path):
+    """Neither the entry nor the server says what it classifies: refused when the registry is read,
+    not when a request first loads it."""
+    path = write(tmp_path / "registry.json", [{"name": "a", "adapter": tiny["adapter"], "sigma": 0.1}])
+    with pytest.raises(RegistryError, match=r"entry 1 \('a'\): .*task"):
+        Registry(path, make_settings(tiny, labels=None))
+    assert Registry(path, make_settings(tiny, labels=None, task="sst2")).get("a").sigma == 0.1
+
+
 def test_a_missing_or_foreign_registry_is_refused(tiny, tmp_path):
     with pytest.raises(RegistryError, match="no such file or folder"):
         Registry(tmp_path / "nope.json", make_settings(tiny))

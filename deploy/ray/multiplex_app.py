@@ -14,7 +14,8 @@ replica; this one loads them on demand):
   adapters, batching worker, metrics, feedback), plus adapters loaded on demand, at most
   ``max_adapters_per_replica``: Ray's ``@serve.multiplexed`` keeps them in LRU order and evicts the
   least recently used (:class:`HeldAdapter`'s ``__del__``: the server's unload, everything freed,
-  once the requests that hold it are answered). A load is the server's runtime load
+  once the requests that hold it are answered; an adapter evicted while its sigma search runs is
+  freed when the search is over, so that no search is lost to an eviction). A load is the server's runtime load
   (:meth:`app.lora_updates.RuntimeLoras.load_config`) of the registry's entry (:mod:`app.registry`).
 
 Each answer of an adapter loaded on demand says how it was loaded (``X-TFB-Adapter-Load``: ``warm``,
@@ -244,8 +245,10 @@ class HeldAdapter:
     requests that hold it, then frees everything (its slots, posterior, noise draws, prefixes,
     metric series)."""
 
-    def __init__(self, replica: TFBAdapters, name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, replica: TFBAdapters, name: str, loop: asyncio.AbstractEventLoop, record: Any = None) -> None:
         self.replica, self.name, self.loop = replica, name, loop
+        #: its lifecycle record while its sigma search runs (None: loaded with sigma fixed or cached)
+        self.record = record
         #: requests that got the adapter from the multiplexer and are not answered yet
         self.inflight = 0
         self.evicted = False
@@ -310,6 +313,8 @@ class TFBAdapters:
         self.leases = lease_actor()
         self.metrics = MultiplexMetrics(self.state.registry, self.replica_id, self._model_adapters)
         self.held: dict[str, HeldAdapter] = {}
+        #: adapters evicted while their sigma search ran: unloaded once it is over (its result cached)
+        self.detached: dict[str, Any] = {}
         #: where each adapter's sigma came from at its last load (fixed, cache, search)
         self.sources: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -332,6 +337,9 @@ class TFBAdapters:
     async def _load(self, name: str) -> HeldAdapter:
         """The multiplexer's loader: the registry's entry, loaded as the server loads one at run time."""
         started = time.monotonic()
+        kept = self.detached.pop(name, None)
+        if kept is not None and kept.state in ("searching", "calibrating", "ready"):
+            return self._hold(name, kept)  # evicted while it searched, not unloaded yet: held again
         spec = self.registry.get(name)  # NotInRegistryError: the router's registry was older
         cfg = self.settings.adapter_config(spec)
         seen: dict[str, Any] = {}
@@ -344,15 +352,17 @@ class TFBAdapters:
 
         loras = self.state.runtime_loras
         await loras.load_config(name, cfg, None, before_install)
-        held = HeldAdapter(self, name, self.loop)
-        self.held[name] = held
-        self.metrics.held.set(len(self.held))
         source = self.sources[name] = seen["source"]
         if source == "search":  # its search runs in the background: latency once it answers
             self.metrics.loaded(name, source, None)
             self._spawn(self._watch_search(name, seen["record"], seen.get("lease"), started))
-        else:
-            self.metrics.loaded(name, source, time.monotonic() - started)
+            return self._hold(name, seen["record"])
+        self.metrics.loaded(name, source, time.monotonic() - started)
+        return self._hold(name, None)
+
+    def _hold(self, name: str, record: Any) -> HeldAdapter:
+        held = self.held[name] = HeldAdapter(self, name, self.loop, record)
+        self.metrics.held.set(len(self.held))
         return held
 
     async def _lease(self, name: str, prepared: Any) -> str:
@@ -392,6 +402,31 @@ class TFBAdapters:
             if key is not None:
                 with contextlib.suppress(Exception):
                     await self.leases.release.remote(key, self.replica_id)
+            if self.detached.get(name) is record:  # evicted while it searched: its result is cached, free it
+                del self.detached[name]
+                await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        """The server's unload of ``name`` (its requests answered first, then everything freed)."""
+        from app.lora_updates import UnloadLoraRequest
+
+        try:
+            await self.state.runtime_loras.unload(UnloadLoraRequest(lora_name=name))
+        except Exception as exc:  # noqa: BLE001 -- e.g. its search failed: freed then already
+            log.info("adapter %s: nothing to unload (%s)", name, exc)
+            return
+        log.info("adapter %s evicted (least recently used) and unloaded", name)
+
+    async def _release(self, held: HeldAdapter) -> None:
+        """On the loop (never between the search watch's check and its unload): an adapter whose sigma
+        search runs is detached (unloaded once the search is over: the search is not wasted, and
+        the lease stays with this replica); any other is unloaded now."""
+        record = held.record
+        if record is not None and record.state == "searching":
+            self.detached[held.name] = record
+            log.info("adapter %s evicted while its sigma search runs: unloaded once the search is over", held.name)
+            return
+        await self._unload(held.name)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -403,8 +438,6 @@ class TFBAdapters:
         """Ray's eviction (on a thread, while the loop runs): wait for the requests that got the adapter,
         then the server's unload, until it is freed. From the loop itself (the object collected
         without an eviction): the unload begins, and frees once its requests are answered."""
-        from app.lora_updates import UnloadLoraRequest
-
         if self.held.get(held.name) is held:
             del self.held[held.name]
         self.metrics.held.set(len(self.held))
@@ -415,9 +448,7 @@ class TFBAdapters:
             return
         while held.inflight:
             time.sleep(0.005)
-        unload = self.state.runtime_loras.unload(UnloadLoraRequest(lora_name=held.name))
-        asyncio.run_coroutine_threadsafe(unload, held.loop).result(timeout=600)
-        log.info("adapter %s evicted (least recently used) and unloaded", held.name)
+        asyncio.run_coroutine_threadsafe(self._release(held), held.loop).result(timeout=600)
 
     # --- requests ---------------------------------------------------------------------------------
     async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
