@@ -342,6 +342,9 @@ class TFBAdapters:
             return self._hold(name, kept)  # evicted while it searched, not unloaded yet: held again
         spec = self.registry.get(name)  # NotInRegistryError: the router's registry was older
         cfg = self.settings.adapter_config(spec)
+        lifecycle = self.state.require_predictor().adapters.lifecycle
+        while name in lifecycle.records and lifecycle.records[name].state == "unloading":
+            await asyncio.sleep(0.05)  # a detached adapter's unload (after its search) is ending: then load
         seen: dict[str, Any] = {}
 
         async def before_install(record: Any, prepared: Any) -> None:
