@@ -75,6 +75,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """``tfb search``: one adapter's sigma (tfb_core's), or with ``--registry`` every adapter of a
+    registry (:func:`search_registry`)."""
+    if getattr(args, "registry", None) is None:
+        return core_cli.cmd_search(args)
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    try:
+        settings = Settings(**settings_overrides(args))
+    except ValidationError as exc:
+        raise ValueError(settings_error(exc)) from None
+    for line in search_registry(settings, args.registry):
+        print(json.dumps(line) if args.json else
+              f"{line['name']}: sigma = {line['sigma']:.6g} ({line['sigma_source']}) in {line['seconds']:.1f}s",
+              flush=True)
+    return 0
+
+
+def search_registry(settings: Any, registry: str) -> Any:
+    """Fill the sigma and calibration caches (TFB_CACHE_DIR) for every adapter of ``registry`` before
+    traffic, as a replica would load each (the same keys): the base model once, then per adapter its
+    files read, its sigma fixed, cached or searched now, its calibration cached, and it is unloaded.
+    Yields ``{"name", "sigma", "sigma_source", "seconds"}`` per adapter."""
+    import time
+    from dataclasses import replace
+
+    from app.registry import Registry
+    from tfb_core.serving import runtime
+    from tfb_core.serving.lifecycle import RuntimeAdapter
+    from tfb_core.serving.startup import finish_engine, load_engine
+
+    reg = Registry(registry, settings, {n for n, _ in settings.engine_configs()})  # RegistryError: exit 2
+    # the base model, its own adapter with sigma 0: the registry's adapters' keys do not depend on it
+    base = load_engine(replace(settings.engine_config().with_defaults(), sigma=0.0, calibration=None), progress=False)
+    for name in reg.names():
+        started = time.monotonic()
+        prepared = runtime.prepare(base, RuntimeAdapter(name, settings.adapter_config(reg.entries[name])))
+        clf, engine = runtime.install(base.classifier, prepared, background_calibration=False)
+        try:
+            if engine is None:
+                engine = finish_engine(prepared.plan, clf)
+            yield {"name": name, "sigma": engine.sigma, "sigma_source": engine.sigma_source,
+                   "seconds": round(time.monotonic() - started, 3)}
+        finally:
+            runtime.unload(clf, engine)
+
+
 def settings_error(exc: Any) -> str:
     """One line from a pydantic ``ValidationError`` of :class:`Settings`: each bad field and why."""
     parts = []
@@ -98,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a JSON object (name, adapter|path|published, task, labels, sigma, anchor, calibration...)")
     m.add_argument("--adapter-name", default=None, help="the single adapter's name (TFB_ADAPTER_NAME)")
     s.set_defaults(func=cmd_serve)
+    search = sub.choices["search"]
+    search.add_argument("--registry", default=None, metavar="FILE|FOLDER",
+                        help="search every adapter of this registry (a Ray deployment's, deploy/ray/multiplex_app.py) "
+                             "and cache sigma and the calibration in --cache-dir before traffic")
+    search.set_defaults(func=cmd_search)
     return parser
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,13 @@ from app.settings import ADAPTER_NAME, AdapterFields, AdapterSpec
 from app.state import AppState
 from tfb_core.data.loading import is_local_adapter
 from tfb_core.serving import runtime
-from tfb_core.serving.lifecycle import AdapterBusyError, AdapterUnloadedError, UnknownAdapterError
+from tfb_core.serving.config import EngineConfig
+from tfb_core.serving.lifecycle import AdapterBusyError, AdapterUnloadedError, RuntimeAdapter, UnknownAdapterError
 
 log = logging.getLogger("app")
+
+#: a hook of :meth:`RuntimeLoras.load_config` between reading an adapter and installing it
+BeforeInstall = Callable[[RuntimeAdapter, runtime.Prepared], Awaitable[None]]
 
 PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
@@ -128,8 +132,8 @@ class RuntimeLoras:
 
     # --- load -------------------------------------------------------------------------------------
     async def load(self, body: LoadLoraRequest) -> tuple[int, dict[str, Any]]:
-        predictor = self.state.require_predictor()
-        pool, settings = predictor.adapters, self.state.settings
+        self.state.require_predictor()
+        settings = self.state.settings
         if body.load_inplace:
             raise LoraRequestError("load_inplace is not supported: unload the adapter first", param="load_inplace")
         check_local_paths(body, settings.local_roots())
@@ -144,18 +148,29 @@ class RuntimeLoras:
             text = str(exc)
             raise LoraRequestError(f"adapter {body.lora_name!r}: {text}"[:1000], param=getattr(exc, "param", None) or (
                 "published" if "published" in text else "lora_path")) from None
+        return await self.load_config(body.lora_name, cfg, settings.max_loras)
+
+    async def load_config(self, name: str, cfg: EngineConfig, limit: int | None,
+                          before_install: BeforeInstall | None = None) -> tuple[int, dict[str, Any]]:
+        """Load adapter ``name`` of ``cfg`` (checked already): read on a thread, installed by the
+        worker; (200 ready | 202 searching or calibrating, the body). ``before_install(record,
+        prepared)``: awaited once the files are read, before anything is installed; what it raises
+        ends the load with nothing installed (a Ray replica's sigma-search lease)."""
+        pool = self.state.require_predictor().adapters
         lifecycle = pool.lifecycle
         try:
-            record = lifecycle.begin(body.lora_name, cfg, limit=settings.max_loras)
+            record = lifecycle.begin(name, cfg, limit=limit)
         except AdapterBusyError as exc:
             if exc.state is None:
-                raise LoraRequestError(f"{pool.occupied()} adapters are served, the limit is {settings.max_loras} "
+                raise LoraRequestError(f"{pool.occupied()} adapters are served, the limit is {limit} "
                                        "(TFB_MAX_LORAS): unload one first", param="lora_name") from None
             said = "has already been loaded" if exc.state != "unloading" else "is being unloaded: retry later"
-            raise LoraRequestError(f"The lora adapter '{body.lora_name}' {said}.", param="lora_name") from None
+            raise LoraRequestError(f"The lora adapter '{name}' {said}.", param="lora_name") from None
         log.info("loading adapter %s from %s", record.name, cfg.model.adapter or cfg.published)
         try:
             prepared = await asyncio.to_thread(runtime.prepare, pool.default, record)
+            if before_install is not None:
+                await before_install(record, prepared)
         except BaseException as exc:  # a bad file, or the client went away: nothing was installed
             lifecycle.abandon(record)
             log.warning("loading adapter %s failed: %s", record.name, exc)

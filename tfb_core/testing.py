@@ -201,3 +201,27 @@ def hub_snapshot(hub_cache: Path, repo_id: str, revision: str = "0" * 40) -> Pat
     snap = root / "snapshots" / revision
     snap.mkdir(parents=True, exist_ok=True)
     return snap
+
+
+def perturb_lora(src: Path, out: Path, seed: int, scale: float = 0.1) -> Path:
+    """A copy of the peft LoRA folder ``src`` whose A and B are multiplied elementwise by
+    ``1 + scale * z`` (z standard normal, seeded): a distinct adapter of the same shape and kind
+    (its other files copied as they are), for tests and benchmarks of many adapters."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and f.name != "adapter_model.safetensors":
+            shutil.copy2(f, out / f.name)
+    tensors = load_file(str(Path(src) / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for k in sorted(tensors):
+        if "lora_A" in k or "lora_B" in k:
+            v = tensors[k]
+            noise = torch.randn(v.shape, generator=gen, dtype=torch.float32)
+            tensors[k] = (v.float() * (1 + scale * noise)).to(v.dtype).contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out

@@ -226,11 +226,16 @@ def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaP
     if cfg.search.criterion == "accuracy" and targets is None:
         raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
     key = cache_key(cfg, clf, task, prompts, targets)
+    return SigmaPlan(cfg, task, cal, prompts, targets, key, cached_sigma(cfg, key))
+
+
+def cached_sigma(cfg: EngineConfig, key: dict[str, Any]) -> SearchResult | None:
+    """The cached search result of ``key`` (checked against ``cfg``'s search settings), or None."""
     cache_dir = default_cache_dir(cfg.model.cache_dir)
     result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
     if result is not None:
         log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-    return SigmaPlan(cfg, task, cal, prompts, targets, key, result)
+    return result
 
 
 def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
@@ -282,11 +287,7 @@ def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> 
     anchors = generation_anchors(clf, cfg.anchor)
     key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
     key["anchor_max_tokens"] = cfg.anchor_max_tokens
-    cache_dir = default_cache_dir(cfg.model.cache_dir)
-    result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
-    if result is not None:
-        log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-    return SigmaPlan(cfg, task, None, key=key, result=result, anchors=anchors)
+    return SigmaPlan(cfg, task, None, key=key, result=cached_sigma(cfg, key), anchors=anchors)
 
 
 def generation_anchors(clf: BayesianClassifier, path: str) -> list[Anchor]:
