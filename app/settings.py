@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
+from tfb_core.decide.generation_risk import RiskScoreName
 from tfb_core.serving.config import (
     DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
@@ -44,7 +45,7 @@ BUNDLED_ADAPTERS = DEMO_ADAPTER.parent
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 #: the settings an adapter of TFB_ADAPTERS may set for itself; the rest are the server's
 ADAPTER_FIELDS = ("published", "adapter", "adapter_revision", "adapter_subfolder", "task", "labels", "sigma",
-                  "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance")
+                  "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance", "risk_score")
 
 
 class AdapterFields(BaseModel):
@@ -64,6 +65,7 @@ class AdapterFields(BaseModel):
     calibration_split: float | None = Field(None, ge=0.0, lt=1.0)
     search_criterion: Literal["nll", "flip", "accuracy"] | None = None
     search_tolerance: float | None = None
+    risk_score: RiskScoreName | None = None
 
 
 class AdapterSpec(AdapterFields):
@@ -181,6 +183,13 @@ class Settings(BaseSettings):
     conformal_mondrian: bool = Field(False, description="class-conditional (Mondrian) prediction sets")
     risk_delta: float = Field(_ENGINE.risk_delta, gt=0.0, lt=1.0,
                               description="abstention: max_risk holds with probability >= 1 - delta")
+    risk_score: RiskScoreName | None = Field(
+        None, description="a generative adapter's max_risk score (unset: nll, the sequence NLL under p-bar: "
+                          "docs/generation.md)")
+    abstain_text: str = Field("I don't know.", description="the text of a generated answer abstained at its "
+                                                            "max_risk (the answer is in uncertainty.risk.answer)")
+    abstain_keep_text: bool = Field(False, description="an abstained generated answer keeps its text (only "
+                                                       "'abstained: true' on the choice says it was withheld)")
 
     # --- Monte Carlo ---------------------------------------------------------------------------
     n_samples: int = Field(_ENGINE.n_samples, ge=1, description="default N per request")
@@ -379,4 +388,5 @@ class Settings(BaseSettings):
                             forward_overhead_tokens=self.forward_overhead_tokens,
                             max_batch_tokens=self.max_batch_tokens, calibration=self.calibration,
                             calibration_split=self.calibration_split, conformal_score=self.conformal_score,
-                            conformal_mondrian=self.conformal_mondrian, risk_delta=self.risk_delta)
+                            conformal_mondrian=self.conformal_mondrian, risk_delta=self.risk_delta,
+                            risk_score=self.risk_score)

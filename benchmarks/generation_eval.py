@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--high", type=float, default=None)
     ap.add_argument("--n-test", type=int, default=150)
     ap.add_argument("--n-shifted", type=int, default=100)
+    ap.add_argument("--n-calibration", type=int, default=0,
+                    help="also the first N questions of the calibration split (the adapter's calibration.jsonl: "
+                         "what the server's max_risk is calibrated on; benchmarks/generation_risk.py reads them)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("-N", "--n-samples", type=int, default=10)
     ap.add_argument("-K", "--k-samples", type=int, default=10)
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                           batch=args.batch, n_boot=args.n_boot, chat=True)
     out["sets"] = {}
     tables = []
-    for name, split, n in (("in_domain_test", "test", args.n_test), ("shifted", "shifted", args.n_shifted)):
+    for name, split, n in (("in_domain_test", "test", args.n_test), ("shifted", "shifted", args.n_shifted),
+                           ("calibration", "calibration", args.n_calibration)):
         if n <= 0:
             continue
         records = load_generation(task, split, limit=n)
