@@ -26,6 +26,7 @@ from tfb_core.decide.generation_risk import (
     score_value,
 )
 
+
 def _draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores u ~ Uniform(0, 1), each answer wrong with probability u^2 (half of them wrong, as the demo's)."""
     u = torch.rand(n, generator=gen, dtype=torch.float64)

@@ -261,15 +261,17 @@ def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
 
 def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = False) -> TFBEngine:
     """The engine of a planned adapter whose sigma is known, and its calibration (``background``:
-    left to run later, :func:`calibrate`). On the thread that owns the model (it tokenizes)."""
+    left to run later, :func:`calibrate`; a generative adapter's max_risk calibration, unless cached,
+    always is: the server steps it, the library and CLI never use it). On the thread that owns the
+    model (it tokenizes)."""
     if plan.cfg.sigma is not None:
         engine = TFBEngine(plan.cfg, clf, plan.task, plan.cfg.sigma, "fixed")
     else:
         assert plan.result is not None, "sigma is neither fixed nor searched"
         engine = TFBEngine(plan.cfg, clf, plan.task, plan.result.sigma, plan.source, plan.result)
-    if plan.task.generative:
+    if plan.task.generative:  # max_risk's calibration decodes every question: always left to a server's steps
         sigma_key = plan.key or cache_key(plan.cfg, clf, plan.task, [], None)
-        calibrate_generation(engine, plan.questions, f"file {plan.cfg.calibration}", sigma_key, background)
+        calibrate_generation(engine, plan.questions, f"file {plan.cfg.calibration}", sigma_key, background=True)
     else:
         calibrate(engine, plan.cal, plan.key if plan.cfg.sigma is None else None, background)
     return engine
