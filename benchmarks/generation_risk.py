@@ -33,16 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tfb_core.decide.generation_risk import (  # noqa: E402
-    RISK_SCORES,
-    answer_confidence,
-    certainty,
-    certified,
-    confidence_metrics,
-    confidence_report,
-    fit_confidence_temperature,
-    scale_confidence,
-)
+from tfb_core.decide.generation_risk import RISK_SCORES, certainty, certified  # noqa: E402
+from tfb_core.eval_generation import confidence_calibration, format_confidence  # noqa: E402
 
 #: score -> (the eval row's score, the correctness of the answer it serves)
 COLUMNS = {"nll": ("tfb_nll", "tfb_correct"), "mle_nll": ("mle_nll", "mle_correct"),
@@ -57,74 +49,89 @@ def columns(rows: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                 torch.tensor([bool(r[ok]) for r in rows])) for s, (u, ok) in COLUMNS.items()}
 
 
-def risk_splits(cols: dict, splits: int, delta: float, seed: int) -> dict:
-    n = next(iter(cols.values()))[0].shape[0]
-    half = n // 2
+def risk_at(cal: dict, test: dict, max_risk: float, delta: float) -> tuple[bool, float, float | None]:
+    """(certified, answered share, error among answered or None) of the threshold fitted on ``cal``."""
+    th = certified(cal[0], ~cal[1], max_risk, delta)
+    ans = certainty(test[0]) >= th.threshold
+    k = int(ans.sum())
+    return th.supported, k / test[0].shape[0], float((~test[1][ans]).double().mean()) if k else None
+
+
+def risk_splits(rows: list[dict], cal_pool: list[dict] | None, splits: int, delta: float, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    perms = [torch.randperm(n, generator=gen) for _ in range(splits)]
-    out: dict = {}
-    for score, (u, ok) in cols.items():
-        rows = {}
+    draws = [split(rows, cal_pool, gen) for _ in range(splits)]
+    cols = [(columns(test), columns(cal)) for test, cal in draws]
+    out: dict = {"n_calibration": len(draws[0][1]), "n_test": len(draws[0][0])}
+    answered: dict = {}
+    for score in COLUMNS:
+        res = {}
         for r in MAX_RISKS:
-            held = answered = certified_n = 0
-            errs = []
-            for p in perms:
-                cal, test = p[:half], p[half:]
-                th = certified(u[cal], ~ok[cal], r, delta)
-                ans = certainty(u[test]) >= th.threshold
-                k = int(ans.sum())
-                certified_n += th.supported
-                answered += k / test.shape[0]
-                err = float((~ok[test][ans]).double().mean()) if k else 0.0
-                if k:
-                    errs.append(err)
-                held += err <= r
-            rows[str(r)] = {"held_share": held / splits, "mean_answered_share": answered / splits,
-                            "certified_share": certified_n / splits,
-                            "mean_error_when_answering": sum(errs) / len(errs) if errs else None}
-        out[score] = {"accuracy": float(ok.double().mean()), "max_risk": rows}
+            runs = [risk_at(c[score], t[score], r, delta) for t, c in cols]
+            answered[(score, r)] = torch.tensor([a for _, a, _ in runs], dtype=torch.float64)
+            errs = [e for _, _, e in runs if e is not None]
+            res[str(r)] = {"held_share": sum(e is None or e <= r for _, _, e in runs) / splits,
+                           "mean_answered_share": sum(a for _, a, _ in runs) / splits,
+                           "certified_share": sum(c for c, _, _ in runs) / splits,
+                           "mean_error_when_answering": sum(errs) / len(errs) if errs else None}
+        out[score] = {"max_risk": res}
+    # TFB's score against the MLE's on the same splits: the answered share's difference
+    out["nll-mle_nll"] = {}
+    for r in MAX_RISKS:
+        d = answered[("nll", r)] - answered[("mle_nll", r)]
+        lo, hi = torch.quantile(d, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+        out["nll-mle_nll"][str(r)] = {"mean_answered_difference": float(d.mean()), "p05": lo, "p95": hi,
+                                      "share_nll_answers_more": float((d > 0).double().mean()),
+                                      "share_equal": float((d == 0).double().mean())}
     return out
 
 
-def confidences(rows: list[dict], cal_rows: list[dict]) -> tuple[dict, dict, dict]:
-    """Confidence and correctness per method on ``rows`` (T fitted on ``cal_rows``), and the Ts."""
-    def conf(rs, m):
-        return (answer_confidence(torch.tensor([float(r["scores"][f"{m}_nll"]) for r in rs], dtype=torch.float64)),
-                torch.tensor([bool(r[f"{m}_correct"]) for r in rs]))
-
-    c, y, ts = {}, {}, {}
-    for m in ("tfb", "mle"):
-        cc, cy = conf(cal_rows, m)
-        ts[m] = fit_confidence_temperature(cc, cy)
-        c[m], y[m] = conf(rows, m)
-        c[f"{m}+temperature"], y[f"{m}+temperature"] = scale_confidence(c[m], ts[m]), y[m]
-    return c, y, ts
+def served(cal_rows: list[dict], test_rows: list[dict], delta: float) -> dict:
+    """The server's calibration (the adapter's calibration questions) measured on other questions."""
+    cal, test = columns(cal_rows), columns(test_rows)
+    out = {}
+    for score in COLUMNS:
+        out[score] = {"calibration_accuracy": float(cal[score][1].double().mean()),
+                      "test_accuracy": float(test[score][1].double().mean())}
+        for r in MAX_RISKS:
+            c, a, e = risk_at(cal[score], test[score], r, delta)
+            out[score][str(r)] = {"certified": c, "answered_share": a, "selective_error": e}
+    return out
 
 
-def confidence_splits(rows: list[dict], splits: int, seed: int) -> dict:
-    n, half = len(rows), len(rows) // 2
+def confidence_splits(rows: list[dict], cal_pool: list[dict] | None, splits: int, seed: int) -> dict:
+    """Mean metrics over random splits (the temperature fitted on each split's calibration part) and
+    the share of splits where TFB's raw confidence scores lower (better) than each other method."""
     gen = torch.Generator().manual_seed(seed)
     sums: dict = {}
     wins: dict = {}
     for _ in range(splits):
-        p = torch.randperm(n, generator=gen).tolist()
-        c, y, _ = confidences([rows[i] for i in p[half:]], [rows[i] for i in p[:half]])
-        m = {k: confidence_metrics(c[k], y[k]) for k in c}
+        test, cal = split(rows, cal_pool, gen)
+        m = confidence_calibration(test, cal, n_boot=0)["metrics"]
         for k, v in m.items():
             for metric, x in v.items():
                 sums.setdefault(k, {}).setdefault(metric, 0.0)
                 sums[k][metric] += x / splits
         for b in ("mle", "mle+temperature", "tfb+temperature"):
             for metric in ("ece", "brier", "nll"):
-                key = f"tfb-{b}"
-                wins.setdefault(key, {}).setdefault(metric, 0.0)
-                wins[key][metric] += (m["tfb"][metric] < m[b][metric]) / splits
+                wins.setdefault(f"tfb-{b}", {}).setdefault(metric, 0.0)
+                wins[f"tfb-{b}"][metric] += (m["tfb"][metric] < m[b][metric]) / splits
     return {"mean": sums, "tfb_lower_share": wins}
+
+
+def split(rows: list[dict], cal_pool: list[dict] | None, gen: torch.Generator) -> tuple[list[dict], list[dict]]:
+    """(test, calibration): the rows and the calibration questions' rows (all held-out in-domain
+    questions of one distribution), pooled, shuffled and halved."""
+    pool = rows + (cal_pool or [])
+    p = torch.randperm(len(pool), generator=gen).tolist()
+    k = len(pool) // 2
+    return [pool[i] for i in p[:k]], [pool[i] for i in p[k:]]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=Path, default=Path("benchmarks/results/generation-eval.json"))
+    ap.add_argument("--calibration-rows", type=Path, default=Path("benchmarks/results/generation-eval-calibration.json"),
+                    help="rows of the adapter's 300 calibration questions (generation_eval.py --n-calibration 300)")
     ap.add_argument("--splits", type=int, default=1000)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--n-boot", type=int, default=1000)
@@ -133,22 +140,38 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     ev = json.loads(args.rows.read_text())
     ind, shifted = ev["sets"]["in_domain_test"]["rows"], ev["sets"]["shifted"]["rows"]
-    out: dict = {"source": str(args.rows), "adapter": ev["adapter"], "sigma": ev["search"]["sigma"],
+    cal_rows = None
+    if args.calibration_rows is not None and args.calibration_rows.is_file():
+        cal_ev = json.loads(args.calibration_rows.read_text())
+        if "sets" in cal_ev:  # a finished run
+            if cal_ev["adapter_sha256"] != ev["adapter_sha256"] or cal_ev["search"]["sigma"] != ev["search"]["sigma"]:
+                raise SystemExit("the calibration rows are of another adapter or sigma")
+            cal_rows = cal_ev["sets"]["calibration"]["rows"]
+        else:  # a partial run's checkpoint (generation_eval.py's .partial.json): the questions done so far
+            if cal_ev["sigma"] != ev["search"]["sigma"] or cal_ev["options"] != ev["sets"]["in_domain_test"]["options"]:
+                raise SystemExit("the partial calibration rows are of another sigma or decode")
+            cal_rows = cal_ev["rows"]
+    out: dict = {"source": str(args.rows), "calibration_source": str(args.calibration_rows) if cal_rows else None,
+                 "adapter": ev["adapter"], "sigma": ev["search"]["sigma"],
                  "options": ev["sets"]["in_domain_test"]["options"], "n_in_domain": len(ind), "n_shifted": len(shifted),
-                 "splits": args.splits, "delta": args.delta, "seed": args.seed,
-                 "scores": {k: v.description for k, v in RISK_SCORES.items()},
+                 "n_calibration_questions": len(cal_rows or ()), "splits": args.splits, "delta": args.delta,
+                 "seed": args.seed, "scores": {k: v.description for k, v in RISK_SCORES.items()},
+                 "machine": "2 CPU cores shared with other jobs (no timings here)",
                  "command": "python benchmarks/generation_risk.py --out " + str(args.out)}
-    out["risk"] = risk_splits(columns(ind), args.splits, args.delta, args.seed)
-    best = {str(r): max(out["risk"], key=lambda s: out["risk"][s]["max_risk"][str(r)]["mean_answered_share"])
-            for r in MAX_RISKS}
-    out["most_answered"] = best
-    out["confidence_in_domain_splits"] = confidence_splits(ind, args.splits, args.seed)
-    c, y, ts = confidences(ind[len(ind) // 2:], ind[:len(ind) // 2])
-    out["confidence_in_domain_fixed_split"] = {"temperature": ts, **confidence_report(
-        c, y, ["mle", "mle+temperature"], args.n_boot, args.seed)}
-    c, y, ts = confidences(shifted, ind)
-    out["confidence_shifted"] = {"temperature": ts, **confidence_report(c, y, ["mle", "mle+temperature"], args.n_boot,
-                                                                        args.seed)}
+    out["risk"] = risk_splits(ind, cal_rows, args.splits, args.delta, args.seed)
+    out["most_answered"] = {str(r): max(COLUMNS, key=lambda s: out["risk"][s]["max_risk"][str(r)]["mean_answered_share"])
+                            for r in MAX_RISKS}
+    out["most_answered"]["both"] = max(COLUMNS, key=lambda s: sum(
+        out["risk"][s]["max_risk"][str(r)]["mean_answered_share"] for r in MAX_RISKS))
+    out["confidence_in_domain_splits"] = confidence_splits(ind, cal_rows, args.splits, args.seed)
+    if cal_rows and len(cal_rows) == 300:  # as served: calibrated on the adapter's 300 calibration questions
+        out["served"] = {"in_domain": served(cal_rows, ind, args.delta), "shifted": served(cal_rows, shifted, args.delta)}
+        out["confidence_in_domain"] = confidence_calibration(ind, cal_rows, args.n_boot, args.seed)
+        out["confidence_shifted"] = confidence_calibration(shifted, cal_rows, args.n_boot, args.seed)
+    else:  # the first half of the in-domain questions calibrates
+        half = len(ind) // 2
+        out["confidence_in_domain"] = confidence_calibration(ind[half:], ind[:half], args.n_boot, args.seed)
+        out["confidence_shifted"] = confidence_calibration(shifted, ind, args.n_boot, args.seed)
     print(table(out))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -157,22 +180,25 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(out: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = [f"max_risk on {out['n_in_domain']} in-domain questions, {out['splits']} splits 150/150, delta "
-             f"{out['delta']}: held share / answered share / certified share"]
-    for s, v in out["risk"].items():
-        lines.append(f"  {s:<18} acc {v['accuracy']:.3f}  " + "  ".join(
-            f"max_risk {r}: {x['held_share']:.3f} / {x['mean_answered_share']:.3f} / {x['certified_share']:.3f}"
-            for r, x in v["max_risk"].items()))
-    for name in ("confidence_in_domain_fixed_split", "confidence_shifted"):
-        rep = out[name]
-        lines.append(f"{name} (T: " + ", ".join(f"{k} {t:.3f}" for k, t in rep["temperature"].items()) + ")")
-        for k, m in rep["metrics"].items():
-            lines.append(f"  {k:<16} ECE {m['ece']:.4f} Brier {m['brier']:.4f} NLL {m['nll']:.4f} "
-                         f"conf {m['mean_confidence']:.3f} acc {m['accuracy']:.3f}")
-        for k, d in rep["differences"].items():
-            lines.append(f"  {k:<28} " + "  ".join(
-                f"{m} {x['diff']:+.4f} [{f(x['lo'])}, {f(x['hi'])}]{'*' if x['excludes_zero'] else ''}"
-                for m, x in d.items()))
+    r = out["risk"]
+    lines = [f"max_risk, {out['splits']} splits ({r['n_calibration']} calibrate, {r['n_test']} test), delta "
+             f"{out['delta']}: held share / answered share / certified share / mean error when answering"]
+    for s in COLUMNS:
+        lines.append(f"  {s:<18}" + "  ".join(
+            f"max_risk {k}: {x['held_share']:.3f} / {x['mean_answered_share']:.3f} / {x['certified_share']:.3f} / "
+            f"{f(x['mean_error_when_answering'])}" for k, x in r[s]["max_risk"].items()))
+    lines.append("nll - mle_nll, answered share per split: " + "  ".join(
+        f"max_risk {k}: mean {x['mean_answered_difference']:+.3f} [5-95%: {x['p05']:+.3f}, {x['p95']:+.3f}], nll more in "
+        f"{x['share_nll_answers_more']:.2f}, equal in {x['share_equal']:.2f}" for k, x in r["nll-mle_nll"].items()))
+    lines.append(f"most answered: {out['most_answered']}")
+    for where, res in out.get("served", {}).items():
+        lines.append(f"as served (calibrated on the {out['n_calibration_questions']} calibration questions), {where}:")
+        for s, v in res.items():
+            lines.append(f"  {s:<18} acc {v['test_accuracy']:.3f}  " + "  ".join(
+                f"max_risk {k}: answered {x['answered_share']:.3f} error {f(x['selective_error'])}"
+                for k, x in v.items() if k in {str(m) for m in MAX_RISKS}))
+    for name in ("confidence_in_domain", "confidence_shifted"):
+        lines += [f"{name}:", *format_confidence(out[name])]
     mean = out["confidence_in_domain_splits"]
     lines.append("in domain, mean over splits: " + "; ".join(
         f"{k} ECE {m['ece']:.4f} Brier {m['brier']:.4f} NLL {m['nll']:.4f}" for k, m in mean["mean"].items()))
