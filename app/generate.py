@@ -42,10 +42,10 @@ from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import check_messages
 from tfb_core.bayes.posterior import SEED_LIMIT
-from tfb_core.decide.generation_risk import answer_confidence, risk_score
+from tfb_core.decide.generation_risk import risk_score
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, GenerationService, GenerationSettings, GenerationUpdate
-from tfb_core.serving.risk import check_risk, decide
+from tfb_core.serving.risk import check_risk, decide, served_confidence
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,16 @@ def _uncertainty_token(t: dict[str, Any]) -> dict[str, Any]:
                               "mutual_information")}
 
 
-def _uncertainty(info: dict[str, Any]) -> dict[str, Any]:
+def _confidence(engine: TFBEngine, info: dict[str, Any], body: CompletionRequest | ChatCompletionRequest,
+                mle: bool) -> dict[str, Any]:
+    return served_confidence(engine, info, n_samples=body.n_samples, posterior_seed=body.posterior_seed,
+                             temperature=body.temperature, mode=body.answers, mle=mle)
+
+
+def _uncertainty(info: dict[str, Any], confidence: dict[str, Any]) -> dict[str, Any]:
     c = info["completion"]
-    out = {"tokens": [_uncertainty_token(t) for t in c["tokens"]], "sequence": c["sequence"],
-           "confidence": answer_confidence(c["sequence"]["nll"]), "n_samples": info["n_samples"], "mode": info["mode"]}
+    out = {"tokens": [_uncertainty_token(t) for t in c["tokens"]], "sequence": c["sequence"], **confidence,
+           "n_samples": info["n_samples"], "mode": info["mode"]}
     if "answers" in info:
         out["answers"] = info["answers"]
     return out
@@ -369,7 +375,7 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         else:
             choice.update(text=c["text"], logprobs=_completion_logprobs(c["tokens"], body.logprobs))
         choice.update(finish_reason=_finish(c["finish_reason"]), stop_reason=c["stop_reason"],
-                      uncertainty=_uncertainty(info))
+                      uncertainty=_uncertainty(info, _confidence(engine, info, body, mle)))
         if decision is not None:
             _abstain(choice, decision, chat, predictor)
         choices.append(choice)
@@ -425,7 +431,7 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
                     predictor.metrics.observe_generation(info, model)
                 c = info["completion"]
                 end = {"index": 0, "finish_reason": _finish(c["finish_reason"]), "stop_reason": c["stop_reason"],
-                       "uncertainty": {"sequence": c["sequence"], "confidence": answer_confidence(c["sequence"]["nll"]),
+                       "uncertainty": {"sequence": c["sequence"], **_confidence(work.engine, info, body, False),
                                        "n_samples": info["n_samples"], "mode": info["mode"]}}
                 end.update({"delta": {}, "logprobs": None} if chat else {"text": "", "logprobs": None})
                 yield _sse({**head, "choices": [end]})

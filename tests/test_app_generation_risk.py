@@ -54,19 +54,21 @@ def answers(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, answers):
     root = tmp_path_factory.mktemp("risk-files")
-    right, wrong = root / "right.jsonl", root / "wrong.jsonl"
+    right, wrong, mixed = root / "right.jsonl", root / "wrong.jsonl", root / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"prompt": q, "answers": [a if i % 3 else "never this 999"]}) + "\n"
+                             for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))))
     right.write_text("".join(json.dumps({"prompt": q, "answers": [a]}) + "\n" for q, a in zip(QUESTIONS, answers,
                                                                                                strict=True)))
     wrong.write_text("".join(json.dumps({"prompt": q, "answer": f"not {a} at all 12345"}) + "\n" for q, a in
                              zip(QUESTIONS, answers, strict=True)))
-    return {"right": right, "wrong": wrong, "root": root}
+    return {"right": right, "wrong": wrong, "mixed": mixed, "root": root}
 
 
 @pytest.fixture(scope="module")
 def client(tiny, files):
     adapters = [_gen("sure", tiny["adapter_other"], files["right"]), _gen("unsure", tiny["adapter_other"],
                                                                         files["wrong"]),
-                _gen("plain", tiny["adapter_other"])]
+                _gen("plain", tiny["adapter_other"]), _gen("mixed", tiny["adapter_other"], files["mixed"])]
     with ready_client(_settings(tiny, files["root"] / "cache", adapters)) as c:
         yield c
 
@@ -110,6 +112,22 @@ def test_a_certified_adapter_answers_and_an_uncertified_one_abstains_visibly_to_
     plain = client.post("/v1/completions", json={"model": "unsure", "prompt": QUESTIONS[0],
                                                  "max_tokens": MAX_TOKENS, "temperature": 0}).json()["choices"][0]
     assert "abstained" not in plain and plain["text"] == answers[0] and "risk" not in plain["uncertainty"]
+
+
+def test_the_confidence_is_recalibrated_by_the_calibration_temperature_only_for_the_calibrated_decode(client):
+    t = {a["name"]: a["calibration"] for a in client.get("/info").json()["adapters"]}["mixed"]
+    temperature = t["confidence_temperature"]
+    assert t["accuracy"] == pytest.approx(2 / 3) and abs(temperature - 1.0) > 0.05  # a third wrong: T moves
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    for body, calibrated in (({"temperature": 0}, True), ({"temperature": 0, "n_samples": N + 1}, False),
+                             ({"temperature": 0.5, "seed": 3}, False), ({"temperature": 0, "answers": "per_sample"}, False)):
+        r = client.post("/v1/completions", json={"model": "mixed", "prompt": QUESTIONS[2], "max_tokens": MAX_TOKENS,
+                                                 **body})
+        u = r.json()["choices"][0]["uncertainty"]
+        raw = math.exp(-u["sequence"]["nll"])
+        assert u["confidence_raw"] == pytest.approx(raw) and u["confidence_calibrated"] is calibrated, body
+        expected = 1 / (1 + math.exp(-logit(raw) / temperature)) if calibrated else raw
+        assert u["confidence"] == pytest.approx(expected, rel=1e-6), body
 
 
 def test_each_prompt_of_a_request_is_decided_and_counted_in_the_metrics(client):

@@ -169,3 +169,22 @@ def decide(cal: RiskCalibration, info: dict[str, Any], max_risk: float, delta: f
     return {"max_risk": max_risk, "delta": delta, "score": cal.score, "certainty": c,
             "threshold": th.threshold if th.supported else None, "certified": th.supported,
             "calibration_answered_fraction": th.answered_fraction, "abstained": not c >= th.threshold}
+
+
+def served_confidence(engine: TFBEngine, info: dict[str, Any], *, n_samples: int | None, posterior_seed: int | None,
+                      temperature: float, mode: str, mle: bool) -> dict[str, Any]:
+    """An answer's ``confidence`` that it is right: exp(-nll) (``confidence_raw``), recalibrated by the
+    temperature fitted on the calibration questions where the request decodes as they were decoded
+    (the same N, seed, answer mode, sigma, temperature 0: ``confidence_calibrated``); else raw."""
+    from tfb_core.decide.generation_risk import answer_confidence, scale_confidence
+
+    raw = answer_confidence(float(info["completion"]["sequence"]["nll"]))
+    cal = engine.risk_calibration
+    same = cal is not None and temperature == 0.0 and mode == risk_score(cal.score).mode and \
+        mle == risk_score(cal.score).mle and (mle or (
+            (n_samples is None or n_samples == cal.n_samples) and (posterior_seed is None or posterior_seed == cal.seed)))
+    if not same:
+        return {"confidence": raw, "confidence_raw": raw, "confidence_calibrated": False}
+    assert cal is not None
+    scaled = float(scale_confidence(torch.tensor([raw], dtype=torch.float64), cal.confidence_temperature)[0])
+    return {"confidence": scaled, "confidence_raw": raw, "confidence_calibrated": True}
