@@ -184,8 +184,8 @@ class Settings(BaseSettings):
     risk_delta: float = Field(_ENGINE.risk_delta, gt=0.0, lt=1.0,
                               description="abstention: max_risk holds with probability >= 1 - delta")
     risk_score: RiskScoreName | None = Field(
-        None, description="a generative adapter's max_risk score (unset: nll, the sequence NLL under p-bar: "
-                          "docs/generation.md)")
+        None, description="a generative adapter's max_risk score (unset: mle_nll, the sigma = 0 answer's NLL, "
+                          "which answered most on the demo: docs/generation.md)")
     abstain_text: str = Field("I don't know.", description="the text of a generated answer abstained at its "
                                                             "max_risk (the answer is in uncertainty.risk.answer)")
     abstain_keep_text: bool = Field(False, description="an abstained generated answer keeps its text (only "

@@ -5,19 +5,23 @@ the generative demo adapter arith-mle on the embedded SmolLM2-135M-Instruct, sig
 searches it, N = 10, posterior seed 0, greedy, chat; 300 in-domain test questions, 200 shifted ones
 with three-digit operands): answers, exact match and every score per question; nothing is decoded here.
 
-1. max_risk: over ``--splits`` random halves of the 300 in-domain questions (150 calibrate, 150 test),
-   per score (:data:`tfb_core.decide.generation_risk.RISK_SCORES`; ``nll`` = TFB's sequence NLL,
-   ``mle_nll`` = the sigma = 0 answer's NLL, ``semantic_entropy`` = per-sample mode's majority
-   answer, ``max_mi``) and max_risk in {0.1, 0.2} at delta 0.1: the Learn-then-Test threshold on the
-   calibration half (the server's procedure), and on the test half the share answered and the error
-   among the answered. Reported: the share of splits whose test error is <= max_risk (the guarantee
-   is over the calibration draw: >= 1 - delta expected, up to the test half's own noise), the mean
-   answered share, the share of splits where anything was certified.
-2. confidence: p̄(answer) = exp(-nll) of TFB's answers and of the MLE's (sigma = 0), and each with
-   temperature scaling (sigmoid(logit(c) / T)) fitted on calibration questions: ECE, Brier, NLL.
-   In domain: mean over the same splits (T fitted on the calibration half), and on one split
-   (the first 150 questions calibrate, the last 150 test) paired bootstrap intervals; shifted:
-   T fitted on all 300 in-domain questions, measured on the 200 shifted ones, paired bootstrap.
+1. max_risk: the held-out in-domain questions (the 300 test questions, pooled with the rows of the
+   adapter's calibration questions where ``--calibration-rows`` has them: ``generation_eval.py
+   --n-calibration 300``, or a partial run's checkpoint) split ``--splits`` times at random into
+   halves, one calibrating and one testing; per score (:data:`tfb_core.decide.generation_risk.RISK_SCORES`:
+   ``nll`` = TFB's sequence NLL, ``mle_nll`` = the sigma = 0 answer's NLL, ``semantic_entropy`` =
+   per-sample mode's majority answer, ``max_mi``) and max_risk in {0.1, 0.2} at delta 0.1: the
+   Learn-then-Test threshold on the calibration half (the server's code), and on the test half the
+   share answered and the error among the answered. Reported: the share of splits whose test error
+   is <= max_risk (the guarantee is over the calibration draw: >= 1 - delta expected, up to the test
+   half's own noise), the mean answered share, the share of splits where anything was certified,
+   and TFB's nll against the MLE's per split. With calibration rows, also as served: calibrated on
+   them, measured on the test and the shifted questions.
+2. confidence: exp(-nll) of TFB's answers and of the MLE's (sigma = 0), and each with temperature
+   scaling fitted on calibration questions (:func:`tfb_core.eval_generation.confidence_calibration`):
+   ECE, Brier, NLL with paired bootstrap intervals, in domain (the calibration questions' rows
+   calibrate where given, else the first half of the test questions) and shifted (the 200
+   questions with longer operands); and the mean over the splits above.
 
     python benchmarks/generation_risk.py --out benchmarks/results/generation-risk.json
 """
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calibration-rows", type=Path, default=Path("benchmarks/results/generation-eval-calibration.json"),
                     help="rows of the adapter's 300 calibration questions (generation_eval.py --n-calibration 300)")
     ap.add_argument("--splits", type=int, default=1000)
+    ap.add_argument("--confidence-splits", type=int, default=200, help="splits of the confidence means (each fits T)")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -157,14 +162,14 @@ def main(argv: list[str] | None = None) -> dict:
                  "n_calibration_questions": len(cal_rows or ()), "splits": args.splits, "delta": args.delta,
                  "seed": args.seed, "scores": {k: v.description for k, v in RISK_SCORES.items()},
                  "machine": "2 CPU cores shared with other jobs (no timings here)",
-                 "command": "python benchmarks/generation_risk.py --out " + str(args.out)}
+                 "command": "python benchmarks/generation_risk.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out["risk"] = risk_splits(ind, cal_rows, args.splits, args.delta, args.seed)
     out["most_answered"] = {str(r): max(COLUMNS, key=lambda s: out["risk"][s]["max_risk"][str(r)]["mean_answered_share"])
                             for r in MAX_RISKS}
     out["most_answered"]["both"] = max(COLUMNS, key=lambda s: sum(
         out["risk"][s]["max_risk"][str(r)]["mean_answered_share"] for r in MAX_RISKS))
-    out["confidence_in_domain_splits"] = confidence_splits(ind, cal_rows, args.splits, args.seed)
-    if cal_rows and len(cal_rows) == 300:  # as served: calibrated on the adapter's 300 calibration questions
+    out["confidence_in_domain_splits"] = confidence_splits(ind, cal_rows, args.confidence_splits, args.seed)
+    if cal_rows:  # as served: calibrated on the adapter's calibration questions (those decoded)
         out["served"] = {"in_domain": served(cal_rows, ind, args.delta), "shifted": served(cal_rows, shifted, args.delta)}
         out["confidence_in_domain"] = confidence_calibration(ind, cal_rows, args.n_boot, args.seed)
         out["confidence_shifted"] = confidence_calibration(shifted, cal_rows, args.n_boot, args.seed)

@@ -93,7 +93,7 @@ class EngineConfig:
     #: (and its max_risk calibration's answers)
     anchor_max_tokens: int = 32
     #: a generative adapter's max_risk score (:data:`tfb_core.decide.generation_risk.RISK_SCORES`; None:
-    #: :data:`~tfb_core.decide.generation_risk.DEFAULT_RISK_SCORE`)
+    #: :data:`~tfb_core.decide.generation_risk.DEFAULT_RISK_SCORE`, measured)
     risk_score: str | None = None
 
     @property
