@@ -41,19 +41,32 @@ def _settings(tiny, cache, adapters):
 
 
 @pytest.fixture(scope="module")
-def answers(tiny, tmp_path_factory):
+def all_answers(tiny, tmp_path_factory):
     """The served greedy answers to QUESTIONS (at sigma, N, seed 0, temperature 0, MAX_TOKENS)."""
     cache = tmp_path_factory.mktemp("risk-answers")
-    with ready_client(_settings(tiny, cache, [_gen("plain", tiny["adapter_other"])])) as c:
-        r = c.post("/v1/completions", json={"model": "plain", "prompt": QUESTIONS, "max_tokens": MAX_TOKENS,
-                                            "temperature": 0})
-        assert r.status_code == 200, r.text
-        return [ch["text"] for ch in r.json()["choices"]]
+    with ready_client(_settings(tiny, cache, [_gen("plain", tiny["adapter_other"]),
+                                              _gen("zero", tiny["adapter_other"], sigma=0.0)])) as c:
+        out = {}
+        for model in ("plain", "zero"):
+            r = c.post("/v1/completions", json={"model": model, "prompt": QUESTIONS, "max_tokens": MAX_TOKENS,
+                                                "temperature": 0})
+            assert r.status_code == 200, r.text
+            out[model] = [ch["text"] for ch in r.json()["choices"]]
+        return out
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, answers):
+def answers(all_answers):
+    return all_answers["plain"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, all_answers):
+    answers = all_answers["plain"]
     root = tmp_path_factory.mktemp("risk-files")
+    mle = root / "mle.jsonl"  # the sigma = 0 answers, right
+    mle.write_text("".join(json.dumps({"prompt": q, "answers": [a]}) + "\n"
+                           for q, a in zip(QUESTIONS, all_answers["zero"], strict=True)))
     right, wrong, mixed = root / "right.jsonl", root / "wrong.jsonl", root / "mixed.jsonl"
     mixed.write_text("".join(json.dumps({"prompt": q, "answers": [a if i % 3 else "never this 999"]}) + "\n"
                              for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))))
@@ -61,7 +74,7 @@ def files(tmp_path_factory, answers):
                                                                                                strict=True)))
     wrong.write_text("".join(json.dumps({"prompt": q, "answer": f"not {a} at all 12345"}) + "\n" for q, a in
                              zip(QUESTIONS, answers, strict=True)))
-    return {"right": right, "wrong": wrong, "mixed": mixed, "root": root}
+    return {"right": right, "wrong": wrong, "mixed": mixed, "mle": mle, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +82,9 @@ def client(tiny, files):
     adapters = [_gen("sure", tiny["adapter_other"], files["right"]), _gen("unsure", tiny["adapter_other"],
                                                                         files["wrong"]),
                 _gen("plain", tiny["adapter_other"]), _gen("mixed", tiny["adapter_other"], files["mixed"])]
+    default = _gen("mle", tiny["adapter_other"], files["mle"])
+    del default["risk_score"]  # the default score: the sigma = 0 answer's NLL
+    adapters.append(default)
     with ready_client(_settings(tiny, files["root"] / "cache", adapters)) as c:
         yield c
 
@@ -128,6 +144,29 @@ def test_the_confidence_is_recalibrated_by_the_calibration_temperature_only_for_
         assert u["confidence_raw"] == pytest.approx(raw) and u["confidence_calibrated"] is calibrated, body
         expected = 1 / (1 + math.exp(-logit(raw) / temperature)) if calibrated else raw
         assert u["confidence"] == pytest.approx(expected, rel=1e-6), body
+
+
+def test_the_default_score_decodes_and_decides_the_sigma_zero_answer(client, all_answers):
+    info = {a["name"]: a["calibration"] for a in client.get("/info").json()["adapters"]}["mle"]
+    assert info["score"] == "mle_nll" and info["sigma"] == 0.0 and info["accuracy"] == 1.0
+    for extra in ({}, {"n_samples": N + 2, "posterior_seed": 5}):  # N and the seed do not change a sigma = 0 answer
+        r = client.post("/v1/completions", json={**_risk(model="mle", prompt=QUESTIONS[:2]), **extra})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        # decided on the sigma = 0 answer: every calibration answer is right, but the tiny model gives its
+        # answers p(answer) far below Learn-then-Test's starting points (0.999 ... 0.8): nothing is
+        # certified, and the withheld answer is the sigma = 0 one
+        assert body["sigma"] == 0.0
+        assert [c["uncertainty"]["risk"]["answer"] for c in body["choices"]] == all_answers["zero"][:2]
+        for c in body["choices"]:
+            assert c["abstained"] is True and not c["uncertainty"]["risk"]["certified"]
+            assert c["uncertainty"]["n_samples"] == 1
+            assert c["uncertainty"]["risk"]["certainty"] == pytest.approx(math.exp(-c["uncertainty"]["sequence"]["nll"]))
+            assert c["uncertainty"]["confidence_calibrated"] is True  # the calibration's decode
+    # without max_risk the adapter answers under its posterior (sigma > 0), confidence raw
+    plain = client.post("/v1/completions", json={"model": "mle", "prompt": QUESTIONS[0], "max_tokens": MAX_TOKENS,
+                                                 "temperature": 0}).json()
+    assert plain["sigma"] == SIGMA and plain["choices"][0]["uncertainty"]["confidence_calibrated"] is False
 
 
 def test_each_prompt_of_a_request_is_decided_and_counted_in_the_metrics(client):
