@@ -193,6 +193,7 @@ class RuntimeLoras:
         # first (during a drain too); the worker stopped before the free: 503
         await done
         self.state.metrics.remove_adapter(record.name)
+        self.state.monitors.remove(record.name)
         if record.state != "gone":
             raise NotReadyError(f"the server is shutting down: adapter {record.name!r} was not unloaded")
         log.info("adapter %s unloaded", record.name)

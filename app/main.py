@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -44,14 +45,16 @@ def _configure_logging(level: str) -> None:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def create_app(settings: Settings | None = None, feedback_store: LabelStore | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, feedback_store: LabelStore | None = None,
+               shared_online: Any = None) -> FastAPI:
     """A new app with its own settings, registry, worker and state (``Settings()`` reads TFB_*).
 
     ``feedback_store``: where predictions wait for /feedback (default: this process's own, bounded
-    by ``feedback_store_size``; the Ray app shares one across replicas)."""
+    by ``feedback_store_size``; the Ray app shares one across replicas); ``shared_online``: where the
+    online prediction sets' state lives when several replicas share it (:mod:`app.online`)."""
     settings = settings or Settings()
     _configure_logging(settings.log_level)
-    state = AppState(settings, feedback_store)
+    state = AppState(settings, feedback_store, shared_online)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from app.online import alpha_key, pooled_bound
 from tfb_core.decide.uncertainty import ECE_BINS, accuracy, brier, confidence_bin, ece, nll
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -140,6 +142,30 @@ class Metrics:
         self.cal_mi = Gauge("tfb_calibration_mutual_information", "mean mutual information (nats) of the "
                             "calibration set at the default N and seed", A, registry=r)
 
+        # online prediction sets (per alpha; per class with Mondrian, else class "_all") and drift tests
+        self.online_coverage = Gauge("tfb_online_coverage", "online prediction sets: realised coverage over the "
+                                     "labelled predictions (long run, since the state began)", [*A, "alpha"],
+                                     registry=r)
+        self.online_labelled = Gauge("tfb_online_labelled", "online prediction sets: labels applied", [*A, "alpha"],
+                                     registry=r)
+        self.online_bound = Gauge("tfb_online_coverage_bound", "online prediction sets: the deterministic bound on "
+                                  "|realised coverage - (1 - alpha)| at the current number of labels", [*A, "alpha"],
+                                  registry=r)
+        self.online_threshold = Gauge("tfb_online_threshold", "online prediction sets: the score threshold in force",
+                                      [*A, "alpha", "class"], registry=r)
+        self.online_effective_alpha = Gauge("tfb_online_effective_alpha", "online prediction sets: the miscoverage "
+                                            "the current threshold has on the calibration set", [*A, "alpha", "class"],
+                                            registry=r)
+        self.drift_log = Gauge("tfb_drift_log_martingale", "drift test: natural log of the conformal test "
+                               "martingale (alarm at log(1/delta))", [*A, "stream"], registry=r)
+        self.drift_alarm = Gauge("tfb_drift_alarm", "drift test: 1 once the martingale reached 1/delta (false "
+                                 "alarm probability <= delta on in-domain data), until recalibration", [*A, "stream"],
+                                 registry=r)
+        self.drift_observations = Gauge("tfb_drift_observations", "drift test: scores observed since the "
+                                        "calibration", [*A, "stream"], registry=r)
+        self.drift_log_threshold = Gauge("tfb_drift_log_threshold", "drift test: log(1/delta), the alarm level of "
+                                         "tfb_drift_log_martingale", A, registry=r)
+
     def set_adapter(self, adapter: str, sigma: float, n_samples: int) -> None:
         """A served adapter: its sigma and N, and every per-adapter series at zero (``increase()``
         needs a zero to start from, and a dashboard lists the adapter before its first prediction)."""
@@ -205,6 +231,34 @@ class Metrics:
         for t in c["tokens"]:
             mi.observe(t["mutual_information"])
         self.sequence_mi.labels(adapter=adapter).observe(c["sequence"]["mean_mutual_information"])
+
+    def observe_online(self, adapter: str, state: Any, alpha: float) -> None:
+        """An online set state (:class:`app.online.AdapterOnline`) after a label at ``alpha``."""
+        sets = state.alphas[alpha_key(alpha)]
+        summary, a = sets.summary(), f"{alpha:g}"
+        self.online_labelled.labels(adapter=adapter, alpha=a).set(summary["labelled"])
+        if summary["realised_coverage"] is not None:
+            self.online_coverage.labels(adapter=adapter, alpha=a).set(summary["realised_coverage"])
+        self.online_bound.labels(adapter=adapter, alpha=a).set(pooled_bound(sets))
+        names = list(state.labels) if sets.mondrian else ["_all"]
+        for name, tracker, eff in zip(names, sets.trackers, state.effective_alphas(sets), strict=True):
+            self.online_threshold.labels(adapter=adapter, alpha=a, **{"class": name}).set(tracker.q)
+            self.online_effective_alpha.labels(adapter=adapter, alpha=a, **{"class": name}).set(eff)
+
+    def observe_drift(self, adapter: str, stream: str, test: Any) -> None:
+        """A drift test (:class:`tfb_core.decide.drift.DriftMonitor`) after its observations."""
+        self.drift_log.labels(adapter=adapter, stream=stream).set(test.log_value)
+        self.drift_alarm.labels(adapter=adapter, stream=stream).set(1.0 if test.alarm else 0.0)
+        self.drift_observations.labels(adapter=adapter, stream=stream).set(test.observations)
+        self.drift_log_threshold.labels(adapter=adapter).set(math.log(1.0 / test.delta))
+
+    def reset_drift(self, adapter: str, delta: float) -> None:
+        """An adapter's drift tests start (again): at a new calibration."""
+        for stream in ("label_free", "labelled"):
+            self.drift_log.labels(adapter=adapter, stream=stream).set(0.0)
+            self.drift_alarm.labels(adapter=adapter, stream=stream).set(0.0)
+            self.drift_observations.labels(adapter=adapter, stream=stream).set(0)
+        self.drift_log_threshold.labels(adapter=adapter).set(math.log(1.0 / delta))
 
     def set_calibration_reference(self, adapter: str, entropy: float | None, mutual_information: float | None) -> None:
         """An adapter's calibration set's mean predictive entropy and MI (None: no calibration data)."""

@@ -19,9 +19,11 @@ import torch
 from app.batching import ModelWorker, Work
 from app.errors import DuplicateFeedbackError, LimitError, UnknownPredictionError
 from app.metrics import Metrics
+from app.online import Monitors
 from app.schemas import FeedbackRequest, PredictRequest
 from app.settings import Settings
 from tfb_core.data.tasks import TaskError, generic_task
+from tfb_core.decide.online import Served
 from tfb_core.forward.classifier import Prompt, RawText
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.pool import AdapterPool
@@ -41,6 +43,8 @@ class FeedbackRecord:
     alpha: float | None = None
     abstain: bool | None = None  # and the max_risk it was decided at
     max_risk: float | None = None
+    online: dict[str, Any] | None = None  # an online set's thresholds when served (Served's fields)
+    reference: bool = False  # made with the calibration's score function (its N, seed and labels)
 
 
 class LabelStore(Protocol):
@@ -93,13 +97,14 @@ class Predictor:
     """Serves /predict and /feedback on the loaded adapters through the model worker."""
 
     def __init__(self, adapters: AdapterPool | TFBEngine, worker: ModelWorker, settings: Settings, metrics: Metrics,
-                 store: LabelStore) -> None:
+                 store: LabelStore, monitors: Monitors | None = None) -> None:
         self.adapters = adapters if isinstance(adapters, AdapterPool) else AdapterPool([adapters])
         self.engine = self.adapters.default  # the default adapter's
         self.worker = worker
         self.settings = settings
         self.metrics = metrics
         self.store = store
+        self.monitors = monitors if monitors is not None else Monitors.of(settings, metrics)
         self._loop_tokenizers: dict[int, Any] = {}
 
     def loop_tokenizer(self, engine: TFBEngine) -> Any:
@@ -161,9 +166,14 @@ class Predictor:
         return_samples = req.return_samples
         alpha, max_risk = req.alpha, req.max_risk
         engine.check_conformal(alpha, max_risk, n, seed, labels)
+        online = None
+        if alpha is not None and (state := self.monitors.online_state(engine)) is not None:
+            online = state.serve(alpha)  # the thresholds in force now: stored with each prediction
 
         def finish(sample_probs: torch.Tensor) -> dict[str, Any]:  # (B, N, C), on the worker thread
-            out = respond(engine, sample_probs, return_samples, alpha, max_risk, labels, seed)
+            out = respond(engine, sample_probs, return_samples, alpha, max_risk, labels, seed, online)
+            if online is not None:
+                out["online"] = online[0].to_dict()
             if count_tokens:
                 out["prompt_tokens"] = [len(t) for t in engine.tokenize(prompts, keep_last)]
             return out
@@ -198,19 +208,38 @@ class Predictor:
         if timing is not None:
             timing.update(work.timing())
         labels = tuple(out["labels"])
+        online = out.pop("online", None)
+        reference = self._at_calibration(engine, work.n_samples, work.seed, work.labels)
         predictions = []
         for p in out["predictions"]:
             pred_id = uuid.uuid4().hex
             self.store.add(pred_id, FeedbackRecord(
                 labels, p["probs"], p["index"], adapter=engine.name,
                 prediction_set=tuple(p["prediction_set"]) if "prediction_set" in p else None,
-                alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk))
+                alpha=req.alpha, abstain=p.get("abstain"), max_risk=req.max_risk, online=online,
+                reference=reference))
             predictions.append({"id": pred_id, **p})
         out["adapter"] = engine.name
         out["predictions"] = predictions
         if self.adapters.engines.get(engine.name) is engine:  # not while it is unloaded: its series go
             self.metrics.observe_predictions(predictions, tuple(engine.task.labels), engine.name)
+            drift = self.monitors.drift_tests(engine) if reference else None
+            if drift is not None:  # label-free: the predicted label's score, 1 - confidence
+                test = drift.monitors["label_free"]
+                for p in predictions:
+                    test.observe(1.0 - p["confidence"])
+                self.metrics.observe_drift(engine.name, "label_free", test)
         return out
+
+    @staticmethod
+    def _at_calibration(engine: TFBEngine, n_samples: int, seed: int, labels: tuple[str, ...] | None) -> bool:
+        """Whether a prediction's scores are the calibration's score function: its labels, N and
+        seed (any N and seed at sigma = 0, where every sample is the mean): only those are compared
+        with the calibration set by the drift tests."""
+        cal = engine.calibration
+        if cal is None or labels is not None:
+            return False
+        return engine.sigma == 0.0 or (n_samples == cal.n_samples and seed == cal.seed)
 
     async def feedback(self, req: FeedbackRequest) -> dict[str, Any]:
         record, target = await self.store.label(req.id, lambda r: generic_task(r.labels).label_index(req.label))
@@ -221,6 +250,15 @@ class Predictor:
         answered = None if record.abstain is None else not record.abstain
         self.metrics.observe_feedback_conformal(covered, record.alpha, answered, record.index == target, record.max_risk,
                                                 record.adapter)
+        engine = self.adapters.engines[record.adapter]
+        if record.online is not None and (state := self.monitors.online_state(engine)) is not None:
+            served = Served.from_dict(record.online)
+            if await state.label(served, record.probs, target) is not None:
+                self.metrics.observe_online(record.adapter, state, served.alpha)
+        if record.reference and (drift := self.monitors.drift_tests(engine)) is not None:
+            test = drift.monitors["labelled"]
+            test.observe(1.0 - record.probs[target])  # the true label's LAC score
+            self.metrics.observe_drift(record.adapter, "labelled", test)
         return self._feedback_answer(req, record, target)
 
     @staticmethod

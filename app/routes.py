@@ -110,7 +110,13 @@ async def info(predictor: PredictorDep) -> dict[str, Any]:
     for entry in [out, *out["adapters"]]:
         name = entry.get("name") or out["default_adapter"]
         if name in predictor.adapters.engines:
-            entry["routes"] = served_routes(predictor.resolve(name))
+            engine = predictor.resolve(name)
+            entry["routes"] = served_routes(engine)
+            if not engine.task.generative:  # what keeps its decisions honest after deployment
+                online, drift = predictor.monitors.online_state(engine), predictor.monitors.drift_tests(engine)
+                entry["online_conformal"] = online.info() if online is not None else (
+                    {"state": "waiting for the calibration"} if engine.cfg.conformal_online else {"state": "off"})
+                entry["drift"] = drift.info() if drift is not None else None
     return out
 
 

@@ -45,7 +45,8 @@ BUNDLED_ADAPTERS = DEMO_ADAPTER.parent
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 #: the settings an adapter of TFB_ADAPTERS may set for itself; the rest are the server's
 ADAPTER_FIELDS = ("published", "adapter", "adapter_revision", "adapter_subfolder", "task", "labels", "sigma",
-                  "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance", "risk_score")
+                  "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance",
+                  "conformal_online", "online_eta", "risk_score")
 
 
 class AdapterFields(BaseModel):
@@ -66,6 +67,8 @@ class AdapterFields(BaseModel):
     search_criterion: Literal["nll", "flip", "accuracy"] | None = None
     search_tolerance: float | None = None
     risk_score: RiskScoreName | None = None
+    conformal_online: bool | None = None
+    online_eta: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class AdapterSpec(AdapterFields):
@@ -190,6 +193,18 @@ class Settings(BaseSettings):
                                                             "max_risk (the answer is in uncertainty.risk.answer)")
     abstain_keep_text: bool = Field(False, description="an abstained generated answer keeps its text (only "
                                                        "'abstained: true' on the choice says it was withheld)")
+    conformal_online: bool = Field(_ENGINE.conformal_online, description="prediction sets from online quantile "
+                                   "tracking, moved by /feedback's labels: long-run coverage under any shift "
+                                   "(docs/online-guarantees.md) instead of split conformal's on exchangeable data")
+    online_eta: float = Field(_ENGINE.online_eta, gt=0.0, le=1.0,
+                              description="online sets: the threshold's step per label, on the score scale")
+    online_max_alphas: int = Field(16, ge=1, le=1024, description="online sets: most alphas tracked per adapter "
+                                   "(each has its own state); a request for another alpha past it is a 422")
+    online_save_interval_s: float = Field(1.0, ge=0.0, le=3600.0, description="online sets: the state is written "
+                                          "(atomically, under the cache) at most this often, and at shutdown")
+    drift_delta: float = Field(0.01, gt=0.0, lt=1.0, description="drift alarm: raised when the conformal test "
+                               "martingale reaches 1/delta; false-alarm probability <= delta on in-domain data")
+    drift_jump: float = Field(0.01, ge=0.0, le=1.0, description="drift alarm: the Simple Jumper's jumping rate")
 
     # --- Monte Carlo ---------------------------------------------------------------------------
     n_samples: int = Field(_ENGINE.n_samples, ge=1, description="default N per request")
@@ -389,4 +404,5 @@ class Settings(BaseSettings):
                             max_batch_tokens=self.max_batch_tokens, calibration=self.calibration,
                             calibration_split=self.calibration_split, conformal_score=self.conformal_score,
                             conformal_mondrian=self.conformal_mondrian, risk_delta=self.risk_delta,
-                            risk_score=self.risk_score)
+                            risk_score=self.risk_score, conformal_online=self.conformal_online,
+                            online_eta=self.online_eta)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -15,6 +15,7 @@ from app.batching import BatchLimits, ModelWorker
 from app.errors import NotReadyError
 from app.metrics import Metrics
 from app.middleware import Expiry
+from app.online import Monitors
 from app.predictor import FeedbackStore, LabelStore, Predictor
 from app.settings import Settings
 from tfb_core.serving.engine import TFBEngine
@@ -29,12 +30,14 @@ Status = Literal["loading", "ready", "failed", "draining"]
 class AppState:
     """Everything the routes share, set up once per app (``app.state.tfb``)."""
 
-    def __init__(self, settings: Settings, feedback_store: LabelStore | None = None) -> None:
+    def __init__(self, settings: Settings, feedback_store: LabelStore | None = None, shared_online: Any = None) -> None:
         self.settings = settings
         self.store = feedback_store if feedback_store is not None else FeedbackStore(settings.feedback_store_size)
         self.engine_configs = settings.engine_configs()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.recent_window)
+        #: online prediction sets and drift tests of the adapters (built from their calibrations)
+        self.monitors = Monitors.of(settings, self.metrics, shared_online)
         self.status: Status = "loading"
         self.error: str | None = None
         self.started = time.monotonic()
@@ -59,7 +62,7 @@ class AppState:
         return AdapterPool.load(named, background_calibration=background, search_in_background=True)
 
     def _ready(self, adapters: AdapterPool) -> None:
-        self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store)
+        self.predictor = Predictor(adapters, self.worker, self.settings, self.metrics, self.store, self.monitors)
         for engine in adapters.engines.values():
             self.serve_engine(engine)
         # from now on every load, search and unload runs on the worker (start-up's deferred searches begin)
@@ -87,6 +90,7 @@ class AppState:
         cal = engine.calibration
         self.metrics.set_calibration_reference(engine.name, cal and cal.mean_predictive_entropy,
                                                cal and cal.mean_mutual_information)
+        self.monitors.drift_tests(engine)  # a new calibration: new drift tests (and online state), from 0
 
     def _failed(self, exc: BaseException) -> None:
         self.status = "failed"
@@ -125,3 +129,4 @@ class AppState:
         if self.predictor is not None:  # background sigma searches stop
             self.predictor.adapters.lifecycle.cancel_all("the server is shutting down")
         await self.worker.drain(self.settings.drain_timeout_s)
+        self.monitors.flush()  # the online sets' last labels, written

@@ -39,7 +39,9 @@ HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_for
 GAUGES = ("tfb_queue_depth", "tfb_queue_capacity", "tfb_inflight_requests", "tfb_ready", "tfb_sigma",
           "tfb_default_samples", "tfb_recent_accuracy", "tfb_recent_ece", "tfb_recent_nll", "tfb_recent_brier",
           "tfb_recent_count", "tfb_estimated_accuracy", "tfb_calibration_predictive_entropy",
-          "tfb_calibration_mutual_information", "tfb_generation_rows")
+          "tfb_calibration_mutual_information", "tfb_generation_rows", "tfb_online_coverage", "tfb_online_labelled",
+          "tfb_online_coverage_bound", "tfb_online_threshold", "tfb_online_effective_alpha", "tfb_drift_log_martingale",
+          "tfb_drift_alarm", "tfb_drift_observations", "tfb_drift_log_threshold")
 
 
 def exported_series_names() -> set[str]:

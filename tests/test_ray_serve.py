@@ -351,3 +351,63 @@ def test_runtime_lora_updating_is_refused_under_ray_serve(tiny):
     serve_app.check_replica_settings(Settings(**tiny_settings(tiny)))  # off: fine
     with pytest.raises(ValueError, match="TFB_ALLOW_RUNTIME_LORA_UPDATING .* TFB_ADAPTERS"):
         serve_app.check_replica_settings(Settings(**tiny_settings(tiny), allow_runtime_lora_updating=True))
+
+
+def test_online_sets_are_shared_across_replicas_through_the_actor(tmp_path):
+    """Two replicas' online states (no cluster: the actor's class behind a fake handle): both join
+    the actor's state; a label reaching replica B for a prediction replica A served moves the
+    threshold by eta (err - alpha), computed here from A's served set; A's mirror follows; a
+    prediction B served before it joined (its own state then) is not applied (unlabelled, for the bound)."""
+    import types
+
+    sys.path.insert(0, str(RAY_DIR))
+    try:
+        import serve_app
+    finally:
+        sys.path.remove(str(RAY_DIR))
+    import torch
+
+    from app.online import AdapterOnline
+    from tfb_core.config import ModelConfig
+    from tfb_core.decide.conformal import Calibration
+    from tfb_core.serving.config import EngineConfig
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(40, 2, generator=gen) * 2, dim=1)
+    cal = Calibration.fit(probs, torch.randint(0, 2, (40,), generator=gen))
+    engine = types.SimpleNamespace(name="a", calibration=cal, task=types.SimpleNamespace(labels=LABELS, generative=False),
+                                   cfg=EngineConfig(model=ModelConfig(cache_dir=str(tmp_path)), conformal_online=True,
+                                                    online_eta=0.1))
+
+    class Remote:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            async def later():
+                await asyncio.sleep(0.01)
+                return self.fn(*args)
+            return asyncio.ensure_future(later())
+
+    actor = serve_app.OnlineStateActor()
+    handle = types.SimpleNamespace(**{m: Remote(getattr(actor, m)) for m in ("attach", "snapshot", "update")})
+
+    async def scenario():
+        a = AdapterOnline(engine, cal, 4, 0.0, serve_app.SharedOnline(handle), refresh_s=0.0)
+        await asyncio.sleep(0.05)  # A's state becomes the actor's
+        b = AdapterOnline(engine, cal, 4, 0.0, serve_app.SharedOnline(handle), refresh_s=0.0)
+        early, _ = b.serve(0.2)  # before B joined
+        await asyncio.sleep(0.05)
+        assert a.state_id == b.state_id == actor.states[a.key_text]["state_id"]
+        served, said = a.serve(0.2)
+        q0 = served.thresholds[0]
+        p = [0.3, 0.7]
+        err = 1 - p[0] > q0  # the true class 0's score against the served threshold
+        assert await b.label(served, p, 0) is (not err)
+        assert await b.label(early, p, 0) is None
+        a.serve(0.2)  # starts A's refresh
+        await asyncio.sleep(0.05)
+        now, said = a.serve(0.2)
+        assert now.thresholds[0] == pytest.approx(q0 + 0.1 * (float(err) - 0.2)) and said["labelled"] == 1
+
+    asyncio.run(scenario())

@@ -24,6 +24,11 @@ own batcher coalesces them into N-sample forwards, as in the single-process serv
   alpha and max_risk they were made at) is remembered by the replica that made it and by one
   shared actor, so POST /feedback works, and counts realised coverage and selective risk,
   whichever replica the proxy picks.
+* Online prediction sets (``TFB_CONFORMAL_ONLINE``): their state lives in a second shared actor
+  (:class:`OnlineStateActor`), which applies every label whichever replica it reaches; each
+  replica serves from a mirror of it refreshed every second (app/online.py says what the bound
+  counts then). Drift tests stay per replica: each tests its own share of the traffic, so with R
+  replicas the chance that any of them ever raises a false alarm is at most R x TFB_DRIFT_DELTA.
 * Each response carries ``X-TFB-Replica`` (the Serve replica id) and ``X-TFB-PID``.
 """
 
@@ -213,6 +218,70 @@ class SharedFeedbackStore:
         return record, index
 
 
+ONLINE_ACTOR = "tfb-online-conformal"
+
+
+class OnlineStateActor:
+    """The online prediction sets' state of every adapter, shared by the replicas (one method at a
+    time: labels are applied one after another, in the order they reach it). Keyed by the text of
+    the state's key (adapter, calibration content, score, Mondrian, eta); per key its ``state_id``
+    (the first replica's) and, per alpha, :class:`tfb_core.decide.online.OnlineSets`'s fields."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def attach(self, key: str, state_id: str, alphas: dict[str, Any]) -> dict[str, Any]:
+        """The state of ``key``: the one held, else the caller's (restored or new) becomes it."""
+        return self.states.setdefault(key, {"state_id": state_id, "alphas": dict(alphas)})
+
+    def snapshot(self, key: str) -> dict[str, Any] | None:
+        return self.states.get(key)
+
+    def update(self, key: str, served: dict[str, Any], target: int, score: float,
+               start: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply one label (the prediction's served thresholds, its true class and score); None if
+        the prediction is not of this state. ``start``: the alpha's state before any label."""
+        from tfb_core.decide.online import OnlineSets, Served
+
+        state = self.states.get(key)
+        if state is None or served["state_id"] != state["state_id"]:
+            return None
+        alpha = repr(float(served["alpha"]))
+        sets = OnlineSets.from_dict(state["alphas"].get(alpha, start))
+        covered = sets.update(int(target), float(score), Served.from_dict(served))
+        state["alphas"][alpha] = sets.to_dict()
+        return {"state": state["alphas"][alpha], "covered": covered}
+
+
+class SharedOnline:
+    """A replica's handle on :class:`OnlineStateActor` (what app/online.py calls; awaited, never
+    blocking the event loop)."""
+
+    def __init__(self, actor: Any, timeout_s: float = 10.0) -> None:
+        self.actor = actor
+        self.timeout_s = timeout_s
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await asyncio.wait_for(method.remote(*args), self.timeout_s)
+
+    async def attach(self, key: str, state_id: str, alphas: dict[str, Any]) -> dict[str, Any]:
+        return await self._call(self.actor.attach, key, state_id, alphas)
+
+    async def snapshot(self, key: str) -> dict[str, Any] | None:
+        return await self._call(self.actor.snapshot, key)
+
+    async def update(self, key: str, served: dict[str, Any], target: int, score: float,
+                     start: dict[str, Any]) -> dict[str, Any] | None:
+        return await self._call(self.actor.update, key, served, target, score, start)
+
+
+def _online_actor() -> Any:
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=-1)(OnlineStateActor)
+    return cls.options(name=ONLINE_ACTOR, lifetime="detached", get_if_exists=True).remote()
+
+
 def _feedback_actor(capacity: int) -> Any:
     import ray
 
@@ -292,7 +361,8 @@ class TFBDeployment:
         check_replica_settings(self.settings)
         capacity = self.settings.feedback_store_size
         store = SharedFeedbackStore(FeedbackStore(capacity), _feedback_actor(capacity)) if shared_feedback else None
-        self.fastapi = create_app(self.settings, feedback_store=store)
+        online = SharedOnline(_online_actor()) if shared_feedback else None
+        self.fastapi = create_app(self.settings, feedback_store=store, shared_online=online)
         self.state = self.fastapi.state.tfb
         self.replica_id = _replica_id()
         self._install_replica_headers()

@@ -135,6 +135,9 @@ class Calibration:
     #: outside an engine)
     n_samples: int | None = None
     seed: int | None = None
+    #: sorted 1 - confidence of the calibration inputs (the predicted label's LAC score): the
+    #: reference of the label-free drift test (:mod:`tfb_core.decide.drift`)
+    predicted_scores: tuple[float, ...] = ()
 
     @classmethod
     def fit(cls, probs: torch.Tensor, target: torch.Tensor, source: str = "",
@@ -158,7 +161,7 @@ class Calibration:
         answered, errors = grid_counts(conf, pred != t, grid)
         mi = float(mutual_information.double().mean()) if mutual_information is not None else None
         return cls(n, c, source, scores, class_scores, grid, answered, errors,
-                   float(entropy(probs.double()).mean()), mi, n_samples, seed)
+                   float(entropy(probs.double()).mean()), mi, n_samples, seed, tuple(sorted((1.0 - conf).tolist())))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +178,9 @@ class Calibration:
                                             else float(d["mean_mutual_information"])),
                    # required too: a cache that does not say which N and seed it was computed at is recomputed
                    n_samples=None if d["n_samples"] is None else int(d["n_samples"]),
-                   seed=None if d["seed"] is None else int(d["seed"]))
+                   seed=None if d["seed"] is None else int(d["seed"]),
+                   # required too: a cache without the drift test's reference is recomputed
+                   predicted_scores=tuple(float(x) for x in d["predicted_scores"]))
 
     # --- prediction sets ----------------------------------------------------------------------
     def quantiles(self, alpha: float, score: str, mondrian: bool = False) -> tuple[list[float], bool]:
@@ -201,8 +206,7 @@ class Calibration:
         if probs.shape[-1] != self.n_classes:
             raise ValueError(f"calibrated for {self.n_classes} classes, got probabilities over {probs.shape[-1]}")
         q, ok = self.quantiles(alpha, score, mondrian)
-        inside = nonconformity(probs, score) <= torch.tensor(q, dtype=torch.float64)  # (B, C)
-        return SetResult([torch.nonzero(row).flatten().tolist() for row in inside], ok)
+        return SetResult(sets_at(probs, q, score), ok)
 
     # --- abstention ---------------------------------------------------------------------------
     def threshold(self, max_risk: float, delta: float = 0.1) -> Threshold:
@@ -217,6 +221,12 @@ class Calibration:
         """Per input (confidences (B,)), whether to abstain; and the threshold used."""
         th = self.threshold(max_risk, delta)
         return [not float(c) >= th.threshold for c in confidence], th
+
+
+def sets_at(probs: torch.Tensor, thresholds: list[float], score: str) -> list[list[int]]:
+    """Per input of mean probabilities (B, C), the classes y with s(x, y) <= thresholds[y]."""
+    inside = nonconformity(probs, score) <= torch.tensor(thresholds, dtype=torch.float64)  # (B, C)
+    return [torch.nonzero(row).flatten().tolist() for row in inside]
 
 
 def grid_counts(certainty: torch.Tensor, wrong: torch.Tensor, grid: tuple[float, ...]

@@ -88,6 +88,11 @@ class EngineConfig:
     calibration_split: float = 0.0
     conformal_score: str = "lac"
     conformal_mondrian: bool = False
+    #: prediction sets from online quantile tracking (:mod:`tfb_core.decide.online`), moved by the
+    #: labels of /feedback: long-run coverage under any shift, in place of split conformal's
+    #: marginal coverage on exchangeable data; its step on the score scale
+    conformal_online: bool = False
+    online_eta: float = 0.05
     risk_delta: float = 0.1
     #: a generative adapter's anchor answers: the sigma = 0 model's greedy answers of at most this many tokens
     #: (and its max_risk calibration's answers)
@@ -114,6 +119,8 @@ class EngineConfig:
             raise ValueError(f"calibration_split must be in [0, 1), got {self.calibration_split}")
         if self.conformal_score not in SCORES:
             raise ValueError(f"conformal_score must be one of {SCORES}, got {self.conformal_score!r}")
+        if not (0.0 < self.online_eta <= 1.0):
+            raise ValueError(f"online_eta must be in (0, 1], got {self.online_eta}")
         if not 0.0 < self.risk_delta < 1.0:
             raise ValueError(f"risk_delta must be in (0, 1), got {self.risk_delta}")
         if self.sigma is not None:

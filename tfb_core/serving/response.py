@@ -18,6 +18,8 @@ import torch
 
 from tfb_core import __version__
 from tfb_core.data.tasks import Record
+from tfb_core.decide.conformal import sets_at
+from tfb_core.decide.online import Served
 from tfb_core.decide.uncertainty import summarize
 from tfb_core.serving.engine import NO_CALIBRATION, TFBEngine
 from tfb_core.serving.pool import AdapterPool
@@ -35,12 +37,14 @@ def predict(engine: TFBEngine, inputs: Sequence[str | Record], n_samples: int | 
 
 def respond(engine: TFBEngine, sample_probs: torch.Tensor, return_samples: bool = False, alpha: float | None = None,
             max_risk: float | None = None, labels: Sequence[str] | None = None,
-            seed: int | None = None) -> dict[str, Any]:
+            seed: int | None = None, online: tuple[Served, dict[str, Any]] | None = None) -> dict[str, Any]:
     """(B, N, C) per-sample probabilities (drawn with ``seed``, None: the configured one) -> the
     JSON shape of ``tfb predict`` and ``/predict``; with ``alpha`` each prediction gets its
     conformal ``prediction_set``, with ``max_risk`` its ``abstain`` flag (post-processing with
     the calibration: no other forward). ``labels``: the request's own label set the C classes
-    are (None: the task's)."""
+    are (None: the task's). ``online``: the thresholds of online quantile tracking in force for
+    this alpha and what they promise (the server's, moved by /feedback): the sets are theirs, and
+    ``conformal.guarantee`` says so; else split conformal's, and it says that."""
     cfg, cal = engine.cfg, engine.calibration
     u = summarize(sample_probs)
     labels = list(engine.task.labels if labels is None else labels)
@@ -49,11 +53,16 @@ def respond(engine: TFBEngine, sample_probs: torch.Tensor, return_samples: bool 
     engine.check_conformal(alpha, max_risk, int(sample_probs.shape[1]), cfg.seed if seed is None else seed, labels)
     extra: dict[str, Any] = {}
     sets = abstain = None
-    if alpha is not None and cal is not None:
+    if alpha is not None and cal is not None and online is not None:
+        served, said = online
+        sets = sets_at(u.probs, served.thresholds, cfg.conformal_score)
+        extra["conformal"] = {"alpha": alpha, "score": cfg.conformal_score, "mondrian": cfg.conformal_mondrian,
+                              "supported": True, **said}
+    elif alpha is not None and cal is not None:
         res = cal.prediction_sets(u.probs, alpha, cfg.conformal_score, cfg.conformal_mondrian)
         sets = res.sets
         extra["conformal"] = {"alpha": alpha, "score": cfg.conformal_score, "mondrian": cfg.conformal_mondrian,
-                              "supported": res.supported}
+                              "supported": res.supported, "guarantee": SPLIT, "promise": split_promise(cal.n)}
         if not res.supported:
             extra["conformal"]["detail"] = _unsupported_detail(engine, alpha, labels)
     if max_risk is not None and cal is not None:
@@ -82,6 +91,15 @@ def respond(engine: TFBEngine, sample_probs: torch.Tensor, return_samples: bool 
         preds.append(item)
     return {"labels": labels, "sigma": engine.sigma, "n_samples": int(sample_probs.shape[1]), "predictions": preds,
             **extra}
+
+
+#: what a split-conformal set promises (``conformal.guarantee``; online sets say ``online_long_run``)
+SPLIT = "split_conformal"
+
+
+def split_promise(n: int) -> str:
+    return (f"P(true label in set) >= 1 - alpha, on average over inputs exchangeable with the {n} calibration "
+            "inputs (split conformal); nothing under distribution shift")
 
 
 def _unsupported_detail(engine: TFBEngine, alpha: float, labels: Sequence[str]) -> str:
