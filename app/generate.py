@@ -12,7 +12,10 @@ Extensions (``extra_body`` in the OpenAI client): ``n_samples`` (N, default TFB_
 ``posterior_seed`` (the seed of the N posterior samples, /predict's ``seed``: OpenAI's ``seed`` here
 is the token sampling's), ``answers``: "mean" (BMA, default) or "per_sample" (each posterior sample
 decodes its own greedy answer; the choice is the majority answer and ``uncertainty.answers`` has the
-N answers, their clusters and the semantic entropy), ``stop_token_ids`` (vLLM's).
+N answers, their clusters and the semantic entropy), ``stop_token_ids`` (vLLM's), ``max_risk``
+(risk-controlled answers: :mod:`tfb_core.serving.risk`; a withheld choice has ``abstained: true``, the
+refusal TFB_ABSTAIN_TEXT as its text and the answer in ``uncertainty.risk``). Every choice's
+``uncertainty.confidence`` is the probability that its answer is right.
 
 Streaming (``stream: true``): server-sent events, one chunk per generated token with its text (text
 a stop string may still cut is held back until it is safe) and ``uncertainty.token``; a last chunk
