@@ -12,7 +12,10 @@ Extensions (``extra_body`` in the OpenAI client): ``n_samples`` (N, default TFB_
 ``posterior_seed`` (the seed of the N posterior samples, /predict's ``seed``: OpenAI's ``seed`` here
 is the token sampling's), ``answers``: "mean" (BMA, default) or "per_sample" (each posterior sample
 decodes its own greedy answer; the choice is the majority answer and ``uncertainty.answers`` has the
-N answers, their clusters and the semantic entropy), ``stop_token_ids`` (vLLM's).
+N answers, their clusters and the semantic entropy), ``stop_token_ids`` (vLLM's), ``max_risk``
+(risk-controlled answers: :mod:`tfb_core.serving.risk`; a withheld choice has ``abstained: true``, the
+refusal TFB_ABSTAIN_TEXT as its text and the answer in ``uncertainty.risk``). Every choice's
+``uncertainty.confidence`` is the probability that its answer is right.
 
 Streaming (``stream: true``): server-sent events, one chunk per generated token with its text (text
 a stop string may still cut is held back until it is safe) and ``uncertainty.token``; a last chunk
@@ -42,8 +45,10 @@ from app.predictor import Predictor
 from app.routes import PredictorDep
 from app.schemas import check_messages
 from tfb_core.bayes.posterior import SEED_LIMIT
+from tfb_core.decide.generation_risk import risk_score
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.generation import GenerationInputError, GenerationService, GenerationSettings, GenerationUpdate
+from tfb_core.serving.risk import check_risk, decide, served_confidence
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,10 @@ class _Common(BaseModel):
         "mean", description="mean: one answer from p̄; per_sample: each posterior sample's own greedy answer, "
                             "clustered (the majority answer is the choice)")
     stop_token_ids: list[int] | None = Field(None, description="vLLM: token ids that end the answer too")
+    max_risk: float | None = Field(None, gt=0.0, lt=1.0, allow_inf_nan=False,
+                                   description="answer only where the adapter's calibrated threshold certifies that "
+                                               "the error rate among answered requests is <= max_risk (w.p. >= 1 - "
+                                               "delta); otherwise the choice is abstained (docs/generation.md)")
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -148,7 +157,7 @@ class ChatCompletionRequest(_Common):
 
 # --- translation ---------------------------------------------------------------------------------
 def _settings(body: CompletionRequest | ChatCompletionRequest, predictor: Predictor, max_tokens: int,
-              top_logprobs: int, fit_context: bool = False) -> GenerationSettings:
+              top_logprobs: int, fit_context: bool = False, mle: bool = False) -> GenerationSettings:
     s = predictor.settings
     if max_tokens > s.max_tokens:
         raise LimitError(f"max_tokens {max_tokens} is over the limit of {s.max_tokens} (TFB_MAX_TOKENS)",
@@ -168,7 +177,7 @@ def _settings(body: CompletionRequest | ChatCompletionRequest, predictor: Predic
         sampling_seed=body.seed if body.seed is not None else secrets.randbits(31), stop=tuple(body.stop or ()),
         stop_token_ids=None if body.stop_token_ids is None else tuple(body.stop_token_ids),
         top_logprobs=top_logprobs, n_samples=body.n_samples, posterior_seed=body.posterior_seed, mode=body.answers,
-        fit_context=fit_context)
+        fit_context=fit_context, mle=mle)
 
 
 def _prepare(engine: TFBEngine, settings: GenerationSettings, prompt: str | None,
@@ -192,13 +201,35 @@ def _uncertainty_token(t: dict[str, Any]) -> dict[str, Any]:
                               "mutual_information")}
 
 
-def _uncertainty(info: dict[str, Any]) -> dict[str, Any]:
+def _confidence(engine: TFBEngine, info: dict[str, Any], body: CompletionRequest | ChatCompletionRequest,
+                mle: bool) -> dict[str, Any]:
+    return served_confidence(engine, info, n_samples=body.n_samples, posterior_seed=body.posterior_seed,
+                             temperature=body.temperature, mode=body.answers, mle=mle)
+
+
+def _uncertainty(info: dict[str, Any], confidence: dict[str, Any]) -> dict[str, Any]:
     c = info["completion"]
-    out = {"tokens": [_uncertainty_token(t) for t in c["tokens"]], "sequence": c["sequence"],
+    out = {"tokens": [_uncertainty_token(t) for t in c["tokens"]], "sequence": c["sequence"], **confidence,
            "n_samples": info["n_samples"], "mode": info["mode"]}
     if "answers" in info:
         out["answers"] = info["answers"]
     return out
+
+
+def _abstain(choice: dict[str, Any], decision: dict[str, Any], chat: bool, predictor: Predictor) -> None:
+    """Mark ``choice`` with its max_risk decision: ``abstained`` on the choice (OpenAI clients keep
+    unknown fields), ``uncertainty.risk``; an abstained answer's text is the configured refusal
+    (TFB_ABSTAIN_TEXT) unless TFB_ABSTAIN_KEEP_TEXT, the answer itself in ``uncertainty.risk.answer``."""
+    choice["abstained"] = decision["abstained"]
+    choice["uncertainty"]["risk"] = decision
+    if not decision["abstained"] or predictor.settings.abstain_keep_text:
+        return
+    if chat:
+        decision["answer"] = choice["message"]["content"]
+        choice["message"]["content"] = predictor.settings.abstain_text
+    else:
+        decision["answer"] = choice["text"]
+        choice["text"] = predictor.settings.abstain_text
 
 
 def _completion_logprobs(tokens: list[dict[str, Any]], k: int | None) -> dict[str, Any] | None:
@@ -275,12 +306,15 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
                chat: bool) -> Response:
     model = resolve_model(predictor, body.model)
     engine = predictor.resolve(model)
+    risk = check_risk(engine, body.max_risk, n_samples=body.n_samples, posterior_seed=body.posterior_seed,
+                      temperature=body.temperature, mode=body.answers, stream=body.stream)
+    mle = risk is not None and risk_score(risk.score).mle  # the score is the sigma = 0 answer's: decode that one
     if chat:
         assert isinstance(body, ChatCompletionRequest)
         max_tokens = body.max_completion_tokens or body.max_tokens or predictor.settings.max_tokens
         k = (body.top_logprobs or 0) if body.logprobs else 0
         settings = _settings(body, predictor, max_tokens, k,
-                             fit_context=body.max_completion_tokens is None and body.max_tokens is None)
+                             fit_context=body.max_completion_tokens is None and body.max_tokens is None, mle=mle)
         prepares = [_prepare(engine, settings, None, body.messages)]
     else:
         assert isinstance(body, CompletionRequest)
@@ -292,7 +326,7 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         if body.stream and len(prompts) > 1:
             raise LimitError("stream=true takes one prompt: send several prompts without stream, or one request "
                              "per prompt", param="prompt")
-        settings = _settings(body, predictor, body.max_tokens or 16, k)
+        settings = _settings(body, predictor, body.max_tokens or 16, k, mle=mle)
         prepares = [_prepare(engine, settings, p, None, f"prompt {i}: " if len(prompts) > 1 else "")
                     for i, p in enumerate(prompts)]
     worker = predictor.worker
@@ -333,8 +367,9 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         raise
     choices = []
     for i, info in enumerate(infos):
+        decision = None if risk is None else decide(risk, info, body.max_risk, engine.cfg.risk_delta)
         if predictor.adapters.engines.get(model) is engine:  # not while it is unloaded: its series go
-            predictor.metrics.observe_generation(info, model)
+            predictor.metrics.observe_generation(info, model, None if decision is None else decision["abstained"])
         c = info["completion"]
         choice: dict[str, Any] = {"index": i}
         if chat:
@@ -343,12 +378,14 @@ async def _run(predictor: Predictor, request: Request, body: CompletionRequest |
         else:
             choice.update(text=c["text"], logprobs=_completion_logprobs(c["tokens"], body.logprobs))
         choice.update(finish_reason=_finish(c["finish_reason"]), stop_reason=c["stop_reason"],
-                      uncertainty=_uncertainty(info))
+                      uncertainty=_uncertainty(info, _confidence(engine, info, body, mle)))
+        if decision is not None:
+            _abstain(choice, decision, chat, predictor)
         choices.append(choice)
     usages = [_usage(info) for info in infos]
     usage = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                         "model": model, "choices": choices, "usage": usage, "sigma": engine.sigma,
+                         "model": model, "choices": choices, "usage": usage, "sigma": 0.0 if mle else engine.sigma,
                          "n_samples": infos[0]["n_samples"]})
 
 
@@ -397,7 +434,8 @@ async def _stream(predictor: Predictor, work: GenWork, first: GenerationUpdate,
                     predictor.metrics.observe_generation(info, model)
                 c = info["completion"]
                 end = {"index": 0, "finish_reason": _finish(c["finish_reason"]), "stop_reason": c["stop_reason"],
-                       "uncertainty": {"sequence": c["sequence"], "n_samples": info["n_samples"], "mode": info["mode"]}}
+                       "uncertainty": {"sequence": c["sequence"], **_confidence(work.engine, info, body, False),
+                                       "n_samples": info["n_samples"], "mode": info["mode"]}}
                 end.update({"delta": {}, "logprobs": None} if chat else {"text": "", "logprobs": None})
                 yield _sse({**head, "choices": [end]})
                 if include_usage:

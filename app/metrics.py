@@ -130,6 +130,10 @@ class Metrics:
                                   "generated token under p-bar (nats, epistemic)", A, buckets=_MI, registry=r)
         self.sequence_mi = Histogram("tfb_generation_mean_mutual_information", "mean token mutual information "
                                      "of each generated answer (nats)", A, buckets=_MI, registry=r)
+        self.gen_with_risk = Counter("tfb_generations_with_max_risk", "generated answers asked to abstain or not "
+                                     "(max_risk)", A, registry=r)
+        self.gen_abstentions = Counter("tfb_generation_abstentions", "generated answers withheld at their max_risk",
+                                       A, registry=r)
         self.generation_rows = Gauge("tfb_generation_rows", "rows (sequences x posterior samples) of the running "
                                      "decode's forwards", registry=r)
         # uncertainty drift: the calibration set's values, the reference for tfb:*_drift:30m (NaN: none)
@@ -174,7 +178,7 @@ class Metrics:
                   self.feedback_correct, self.feedback_nll, self.feedback_brier, self.with_set, self.set_size,
                   self.with_risk, self.abstentions, self.confidence_sum, self.fb_with_set, self.fb_covered,
                   self.fb_target, self.fb_answered, self.fb_answered_wrong, self.fb_risk_target,
-                  self.generated_tokens, self.token_mi, self.sequence_mi):
+                  self.generated_tokens, self.token_mi, self.sequence_mi, self.gen_with_risk, self.gen_abstentions):
             m.labels(adapter=adapter)
 
     def remove_adapter(self, adapter: str) -> None:
@@ -213,9 +217,14 @@ class Metrics:
         if recent:
             self.estimated_accuracy.labels(adapter=adapter).set(math.fsum(recent) / len(recent))
 
-    def observe_generation(self, info: dict, adapter: str = "default") -> None:
-        """One answered generation (:meth:`tfb_core.serving.generation.GenerationService.result_info`)."""
+    def observe_generation(self, info: dict, adapter: str = "default", abstained: bool | None = None) -> None:
+        """One answered generation (:meth:`tfb_core.serving.generation.GenerationService.result_info`);
+        ``abstained``: whether it was withheld at its max_risk (None: none asked)."""
         c = info["completion"]
+        if abstained is not None:
+            self.gen_with_risk.labels(adapter=adapter).inc()
+            if abstained:
+                self.gen_abstentions.labels(adapter=adapter).inc()
         self.generated_tokens.labels(adapter=adapter).inc(len(c["tokens"]))
         self.generations.labels(adapter=adapter, finish_reason=c["finish_reason"]).inc()
         mi = self.token_mi.labels(adapter=adapter)

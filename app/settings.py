@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
+from tfb_core.decide.generation_risk import RiskScoreName
 from tfb_core.serving.config import (
     DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
@@ -45,7 +46,7 @@ ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 #: the settings an adapter of TFB_ADAPTERS may set for itself; the rest are the server's
 ADAPTER_FIELDS = ("published", "adapter", "adapter_revision", "adapter_subfolder", "task", "labels", "sigma",
                   "anchor", "calibration", "calibration_split", "search_criterion", "search_tolerance",
-                  "conformal_online", "online_eta")
+                  "conformal_online", "online_eta", "risk_score")
 
 
 class AdapterFields(BaseModel):
@@ -65,6 +66,7 @@ class AdapterFields(BaseModel):
     calibration_split: float | None = Field(None, ge=0.0, lt=1.0)
     search_criterion: Literal["nll", "flip", "accuracy"] | None = None
     search_tolerance: float | None = None
+    risk_score: RiskScoreName | None = None
     conformal_online: bool | None = None
     online_eta: float | None = Field(None, gt=0.0, le=1.0)
 
@@ -184,6 +186,13 @@ class Settings(BaseSettings):
     conformal_mondrian: bool = Field(False, description="class-conditional (Mondrian) prediction sets")
     risk_delta: float = Field(_ENGINE.risk_delta, gt=0.0, lt=1.0,
                               description="abstention: max_risk holds with probability >= 1 - delta")
+    risk_score: RiskScoreName | None = Field(
+        None, description="a generative adapter's max_risk score (unset: mle_nll, the sigma = 0 answer's NLL, "
+                          "which answered most on the demo: docs/generation.md)")
+    abstain_text: str = Field("I don't know.", description="the text of a generated answer abstained at its "
+                                                            "max_risk (the answer is in uncertainty.risk.answer)")
+    abstain_keep_text: bool = Field(False, description="an abstained generated answer keeps its text (only "
+                                                       "'abstained: true' on the choice says it was withheld)")
     conformal_online: bool = Field(_ENGINE.conformal_online, description="prediction sets from online quantile "
                                    "tracking, moved by /feedback's labels: long-run coverage under any shift "
                                    "(docs/online-guarantees.md) instead of split conformal's on exchangeable data")
@@ -395,4 +404,5 @@ class Settings(BaseSettings):
                             max_batch_tokens=self.max_batch_tokens, calibration=self.calibration,
                             calibration_split=self.calibration_split, conformal_score=self.conformal_score,
                             conformal_mondrian=self.conformal_mondrian, risk_delta=self.risk_delta,
-                            conformal_online=self.conformal_online, online_eta=self.online_eta)
+                            risk_score=self.risk_score, conformal_online=self.conformal_online,
+                            online_eta=self.online_eta)

@@ -6,7 +6,11 @@
 2. :func:`tfb_core.eval_generation.evaluate_generation` at that sigma on the first ``--n-test``
    questions of the in-domain test split and the first ``--n-shifted`` of the shifted set
    (:mod:`tfb_core.data.generation`: arithmetic with operands of more digits than trained on),
-   N posterior samples, K temperature-1 samples for the semantic-entropy baseline, timed.
+   N posterior samples, K temperature-1 samples for the semantic-entropy baseline, timed;
+3. with ``--n-calibration`` (the adapter's calibration questions): each answer's confidence
+   exp(-nll) on the other sets against the MLE's with temperature scaling fitted on them
+   (:func:`tfb_core.eval_generation.confidence_calibration`); ``--merge`` of a run with that set
+   adds it to an earlier result.
 
 Writes the JSON (search, per set: accuracy, per score AUROC / AURC with bootstrap intervals and
 cost, per-question rows) and prints the tables::
@@ -36,7 +40,9 @@ from tfb_core.data.generation import load_generation  # noqa: E402
 from tfb_core.data.loading import load_adapter, load_base_model  # noqa: E402
 from tfb_core.eval_generation import (  # noqa: E402
     GenEvalOptions,
+    confidence_calibration,
     evaluate_generation,
+    format_confidence,
     format_generation_table,
     shift_auroc,
 )
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--high", type=float, default=None)
     ap.add_argument("--n-test", type=int, default=150)
     ap.add_argument("--n-shifted", type=int, default=100)
+    ap.add_argument("--n-calibration", type=int, default=0,
+                    help="also the first N questions of the calibration split (the adapter's calibration.jsonl: "
+                         "what the server's max_risk is calibrated on; benchmarks/generation_risk.py reads them)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("-N", "--n-samples", type=int, default=10)
     ap.add_argument("-K", "--k-samples", type=int, default=10)
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.n_boot)
     torch.set_num_threads(args.threads)
 
     adapter = args.adapter or find_demo_adapter(Path(__file__).resolve().parents[1] / "tfb_core" / "adapters")
@@ -127,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
                           batch=args.batch, n_boot=args.n_boot, chat=True)
     out["sets"] = {}
     tables = []
-    for name, split, n in (("in_domain_test", "test", args.n_test), ("shifted", "shifted", args.n_shifted)):
+    for name, split, n in (("in_domain_test", "test", args.n_test), ("shifted", "shifted", args.n_shifted),
+                           ("calibration", "calibration", args.n_calibration)):
         if n <= 0:
             continue
         records = load_generation(task, split, limit=n)
@@ -153,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         _shift_detection(out)
         tables.append(out["shift_table"])
         print(out["shift_table"], flush=True)
+    if _confidence(out, args.n_boot):
+        tables.append(out["confidence_table"])
+        print(out["confidence_table"], flush=True)
     out["tables"] = tables
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -167,7 +180,22 @@ def _shift_detection(out: dict) -> None:
         f"{k} {v:.3f}" for k, v in shift.items() if v is not None)
 
 
-def merge(paths: list[Path], out_path: Path) -> dict:
+def _confidence(out: dict, n_boot: int) -> bool:
+    """With a calibration set: each other set's answer confidence against the MLE's with temperature
+    scaling fitted on the calibration questions (:func:`~tfb_core.eval_generation.confidence_calibration`)."""
+    if "calibration" not in out["sets"]:
+        return False
+    cal = out["sets"]["calibration"]["rows"]
+    lines = []
+    for name, s in out["sets"].items():
+        if name != "calibration":
+            s["confidence"] = confidence_calibration(s["rows"], cal, n_boot, s["options"]["boot_seed"])
+            lines += [f"{name}:", *format_confidence(s["confidence"])]
+    out["confidence_table"] = "\n".join(lines)
+    return True
+
+
+def merge(paths: list[Path], out_path: Path, n_boot: int = 1000) -> dict:
     """One result of several runs' sets (the same adapter and sigma), tables in order."""
     runs = [json.loads(p.read_text()) for p in paths]
     out = runs[0]
@@ -180,6 +208,8 @@ def merge(paths: list[Path], out_path: Path) -> dict:
     out["merged_from"] = [str(p) for p in paths]
     if {"in_domain_test", "shifted"} <= set(out["sets"]):
         _shift_detection(out)
+    if _confidence(out, n_boot):
+        out["tables"] = [t for t in out.get("tables", []) if not t.startswith("in_domain_test:")] + [out["confidence_table"]]
     out_path.write_text(json.dumps(out, indent=1) + "\n")
     print("\n\n".join(out.get("tables", [])))
     return out

@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0]}) + "\n")
     with open(args.out / "calibration.jsonl", "w") as f:
         for r in calibration:
-            f.write(json.dumps({"prompt": r["prompt"], "answer": r["answers"][0], "answers": r["answers"]}) + "\n")
+            # as the anchor: as a client asks it, so that max_risk's calibration decodes what a request does
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0],
+                                "answers": r["answers"]}) + "\n")
     digest = hashlib.sha256((args.out / "adapter_model.safetensors").read_bytes()).hexdigest()
     train_ids = "\n".join(r["id"] for r in train).encode()
     train_config = {
@@ -418,7 +420,7 @@ Data: `{d['source']}` (offline), read by `tfb_core.data.generation`. Splits
 (seed {d['split_seed']}): {d['split_rule']}. Sizes: {d['split_sizes']}. Trained on the train part only
 ({d['train_used']} questions); `anchor.jsonl` holds the anchor part as `{{"messages", "answer"}}` lines
 (the question as one user message, as a client sends it: the server's sigma search reads them),
-`calibration.jsonl` the calibration part (`{{"prompt", "answer", "answers"}}`); test and shifted are
+`calibration.jsonl` the calibration part (`{{"messages", "answer", "answers"}}`, asked as the anchor is); test and shifted are
 held out. `shifted` = the questions whose operands have more digits than any trained on.
 
 Exact match (`tfb_core.decide.answers.exact_match`: SQuAD normalisation, numbers as numbers), greedy

@@ -30,7 +30,8 @@ COUNTERS = ("tfb_requests", "tfb_requests_aborted", "tfb_predictions", "tfb_cali
             "tfb_feedback_brier_sum", "tfb_predictions_with_set", "tfb_prediction_set_size_sum",
             "tfb_predictions_with_max_risk", "tfb_abstentions", "tfb_confidence_sum", "tfb_feedback_with_set",
             "tfb_feedback_set_covered", "tfb_feedback_set_target_sum", "tfb_feedback_answered",
-            "tfb_feedback_answered_wrong", "tfb_feedback_max_risk_sum", "tfb_generated_tokens", "tfb_generations")
+            "tfb_feedback_answered_wrong", "tfb_feedback_max_risk_sum", "tfb_generated_tokens", "tfb_generations",
+            "tfb_generations_with_max_risk", "tfb_generation_abstentions")
 HISTOGRAMS = ("tfb_request_duration_seconds", "tfb_queue_wait_seconds", "tfb_forward_duration_seconds",
               "tfb_batch_requests", "tfb_batch_inputs", "tfb_batch_rows", "tfb_prediction_confidence",
               "tfb_prediction_predictive_entropy", "tfb_prediction_mutual_information",

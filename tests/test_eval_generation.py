@@ -15,6 +15,7 @@ from tfb_core.decide.generation import SequenceScores
 from tfb_core.eval_generation import (
     SCORES,
     GenEvalOptions,
+    confidence_calibration,
     decode_cost,
     evaluate_generation,
     format_generation_table,
@@ -71,6 +72,39 @@ def test_auroc_is_none_without_wrong_answers():
 
 def _completion(n_tokens: int) -> Completion:
     return Completion(list(range(n_tokens)), "x", "length", None, [], SequenceScores(0, 0, 0, 0, 0, n_tokens))
+
+
+def _row(mle_p: float, mle_ok: bool, tfb_p: float, tfb_ok: bool) -> dict:
+    return {"mle_correct": mle_ok, "tfb_correct": tfb_ok,
+            "scores": {"mle_nll": -math.log(mle_p), "tfb_nll": -math.log(tfb_p)}}
+
+
+def test_answer_confidence_calibration_by_hand():
+    rows = [_row(0.9, True, 0.8, True), _row(0.9, False, 0.4, False), _row(0.3, False, 0.2, True),
+            _row(0.6, True, 0.6, True)]
+    out = confidence_calibration(rows, n_boot=50)
+    m = out["metrics"]
+    # each confidence alone in its 15-bin bin (0.9 twice: one bin, accuracy 1/2): ECE by hand
+    assert m["mle"]["ece"] == pytest.approx((2 * abs(0.9 - 0.5) + 0.3 + 0.4) / 4, abs=1e-6)
+    assert m["tfb"]["ece"] == pytest.approx((0.2 + 0.4 + 0.8 + 0.4) / 4, abs=1e-6)
+    assert m["tfb"]["brier"] == pytest.approx((0.04 + 0.16 + 0.64 + 0.16) / 4)
+    assert m["mle"]["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.1) + math.log(0.7) + math.log(0.6)) / 4)
+    assert set(out["differences"]) == {"tfb-mle"} and out["temperature"] == {}
+    assert out["differences"]["tfb-mle"]["brier"]["diff"] == pytest.approx(m["tfb"]["brier"] - m["mle"]["brier"])
+    # calibration questions all at confidence 0.9 with 3 of 4 right: the NLL-optimal temperature makes
+    # sigmoid(logit(0.9) / T) = 0.75, T = logit(0.9) / logit(0.75) = 2 (the MLE's); TFB's 0.8, 1 of 2 right: T = inf
+    # in the limit, capped by the search's bound
+    cal = [_row(0.9, True, 0.8, True), _row(0.9, True, 0.8, False), _row(0.9, True, 0.8, True),
+           _row(0.9, False, 0.8, False)]
+    out = confidence_calibration(rows, cal, n_boot=50)
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    assert out["temperature"]["mle"] == pytest.approx(logit(0.9) / logit(0.75), rel=1e-4)
+    scaled = out["metrics"]["mle+temperature"]
+    c = [1 / (1 + math.exp(-logit(p) / out["temperature"]["mle"])) for p in (0.9, 0.9, 0.3, 0.6)]
+    assert c[0] == pytest.approx(0.75, rel=1e-4)
+    assert scaled["brier"] == pytest.approx(((c[0] - 1) ** 2 + c[1] ** 2 + c[2] ** 2 + (c[3] - 1) ** 2) / 4)
+    assert set(out["differences"]) == {"tfb-mle", "tfb+temperature-mle", "mle+temperature-mle",
+                                       "tfb-mle+temperature", "tfb+temperature-mle+temperature", "mle-mle+temperature"}
 
 
 def test_decode_cost_by_hand():

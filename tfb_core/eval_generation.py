@@ -29,6 +29,11 @@ Cost, per decode (so per score: the decodes it needs): ``rows`` sequences decode
 ``forwards`` the sequential forwards (prefill + decode steps, the longest stream), ``row_tokens``
 the tokens computed over all rows (prompt tokens per row + tokens fed back), ``seconds`` wall time.
 
+Calibration of the answer's confidence p(answer) = exp(-nll) as the probability that it is right
+(:func:`confidence_calibration`): TFB's p̄ against the MLE's, ECE / Brier / NLL with paired
+bootstrap intervals, and (given calibration questions' rows) against the MLE with temperature
+scaling fitted on them.
+
 :func:`evaluate_generation` runs the model; :func:`summarize` is pure (per-question rows in,
 table out) and :func:`format_generation_table` prints it.
 """
@@ -246,12 +251,61 @@ def summarize(rows: Sequence[Mapping[str, Any]], costs: Mapping[str, Mapping[str
                 "tfb_majority": float(flag("tfb_majority_correct").double().mean()),
                 "mle_samples_majority": float(flag("mle_samples_majority_correct").double().mean())}
     return {"n": n, "options": asdict(opts), "accuracy": accuracy,
+            "confidence": confidence_calibration(rows, None, opts.n_boot, opts.boot_seed),
             "scores": {k: {**own[k], "answers": SCORES[k][1], "decodes": list(SCORES[k][0]), "cost": score_cost[k],
                            "on_mle_answers": {x: on_mle[k][x] for x in ("auroc", "auroc_lo", "auroc_hi", "aurc")}}
                        for k in SCORES},
             "differences": {p: own[p] for p in own if p not in SCORES},
             "differences_on_mle_answers": {p: on_mle[p] for p in on_mle if p not in SCORES},
             "cost_per_question": per_q}
+
+
+def confidence_calibration(rows: Sequence[Mapping[str, Any]], calibration_rows: Sequence[Mapping[str, Any]] | None = None,
+                           n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How well each answer's confidence p(answer) = exp(-nll), read as the probability that it is
+    right, is calibrated: TFB's p̄ (``tfb``) and the MLE's (``mle``, sigma = 0), each against the
+    exact match of its own answers; with ``calibration_rows`` also each with temperature scaling
+    fitted there (``mle+temperature``, ``tfb+temperature``: sigmoid(logit(c) / T), T by NLL). ECE
+    (torchmetrics, 15 bins), Brier, NLL (:func:`tfb_core.decide.generation_risk.confidence_metrics`)
+    and every method's paired bootstrap differences to ``mle`` and to ``mle+temperature``."""
+    from tfb_core.decide.generation_risk import (
+        answer_confidence,
+        confidence_report,
+        fit_confidence_temperature,
+        scale_confidence,
+    )
+
+    def read(rs: Sequence[Mapping[str, Any]], m: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return (answer_confidence(torch.tensor([float(r["scores"][f"{m}_nll"]) for r in rs], dtype=torch.float64)),
+                torch.tensor([bool(r[f"{m}_correct"]) for r in rs], dtype=torch.bool))
+
+    conf: dict[str, torch.Tensor] = {}
+    correct: dict[str, torch.Tensor] = {}
+    temperature: dict[str, float] = {}
+    for m in ("tfb", "mle"):
+        conf[m], correct[m] = read(rows, m)
+    if calibration_rows:
+        for m in ("tfb", "mle"):
+            temperature[m] = fit_confidence_temperature(*read(calibration_rows, m))
+            conf[f"{m}+temperature"] = scale_confidence(conf[m], temperature[m])
+            correct[f"{m}+temperature"] = correct[m]
+    baselines = [b for b in ("mle", "mle+temperature") if b in conf]
+    return {"temperature": temperature, "n_calibration": len(calibration_rows or ()),
+            **confidence_report(conf, correct, baselines, n_boot, seed)}
+
+
+def format_confidence(result: Mapping[str, Any]) -> list[str]:
+    """Table lines of :func:`confidence_calibration`."""
+    t = result["temperature"]
+    lines = ["answer confidence exp(-nll) as P(right)" + (f", temperature fitted on {result['n_calibration']} "
+             "calibration questions (" + ", ".join(f"T {k} {v:.3f}" for k, v in t.items()) + ")" if t else "")]
+    for k, m in result["metrics"].items():
+        lines.append(f"  {k:<16} ECE {m['ece']:.4f}  Brier {m['brier']:.4f}  NLL {m['nll']:.4f}  mean conf "
+                     f"{m['mean_confidence']:.3f}  accuracy {m['accuracy']:.3f}")
+    for k, d in result["differences"].items():
+        lines.append(f"  {k:<32}" + "  ".join(f"{m} {x['diff']:+.4f} [{x['lo']:+.4f}, {x['hi']:+.4f}]"
+                                             f"{'*' if x['excludes_zero'] else ''}" for m, x in d.items()))
+    return lines
 
 
 def shift_auroc(in_rows: Sequence[Mapping[str, Any]], out_rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
@@ -284,4 +338,6 @@ def format_generation_table(name: str, result: Mapping[str, Any]) -> str:
     d = result["differences"][f"{best_t}-{best_m}"]
     lines.append(f"best TFB {best_t} - best MLE {best_m}: AUROC {f(d['diff'])} [{f(d['lo'])}, {f(d['hi'])}]"
                  f"{' (interval excludes 0)' if d['excludes_zero'] else ''}")
+    if "confidence" in result:
+        lines += format_confidence(result["confidence"])
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchC
 from tfb_core.data.published import parse as parse_published
 from tfb_core.data.tasks import ALIASES, GENERATION
 from tfb_core.decide.conformal import SCORES
+from tfb_core.decide.generation_risk import RISK_SCORES
 from tfb_core.search import reachable_range
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
@@ -94,7 +95,11 @@ class EngineConfig:
     online_eta: float = 0.05
     risk_delta: float = 0.1
     #: a generative adapter's anchor answers: the sigma = 0 model's greedy answers of at most this many tokens
+    #: (and its max_risk calibration's answers)
     anchor_max_tokens: int = 32
+    #: a generative adapter's max_risk score (:data:`tfb_core.decide.generation_risk.RISK_SCORES`; None:
+    #: :data:`~tfb_core.decide.generation_risk.DEFAULT_RISK_SCORE`, measured)
+    risk_score: str | None = None
 
     @property
     def generative(self) -> bool:
@@ -138,6 +143,8 @@ class EngineConfig:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
         if self.anchor_max_tokens < 1:
             raise ValueError(f"anchor_max_tokens must be >= 1, got {self.anchor_max_tokens}")
+        if self.risk_score is not None and self.risk_score not in RISK_SCORES:
+            raise ConfigError(f"risk_score must be one of {sorted(RISK_SCORES)}, got {self.risk_score!r}", "risk_score")
         if self.generative and self.labels is not None:
             raise ValueError(f"a generative adapter (task 'generation') has no labels, got {list(self.labels)}")
 
@@ -169,8 +176,8 @@ class EngineConfig:
                 changes["task"] = kind
             if self.anchor is None and self.sigma is None and (folder / ANCHOR_FILE).is_file():
                 changes["anchor"] = str(folder / ANCHOR_FILE)
-            if (self.calibration is None and self.calibration_split == 0.0 and not generation_task(changes.get("task", self.task))
-                    and (folder / CALIBRATION_FILE).is_file()):  # a generative adapter's: not a classifier's
+            # a generative adapter's: its labelled questions for max_risk (tfb_core.serving.risk)
+            if self.calibration is None and self.calibration_split == 0.0 and (folder / CALIBRATION_FILE).is_file():
                 changes["calibration"] = str(folder / CALIBRATION_FILE)
         cfg = EngineConfig(**{**self.__dict__, **changes}) if changes else self
         if cfg.search is None:  # its fixed noise's seed is the posterior seed, as TFB_SEED and --seed set both

@@ -23,6 +23,7 @@ from torch import nn
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.data.tasks import Record, Task, TaskError
 from tfb_core.decide.conformal import Calibration
+from tfb_core.decide.generation_risk import RiskCalibration
 from tfb_core.forward.classifier import BayesianClassifier, Prompt
 from tfb_core.forward.layout import Job, rows_of
 from tfb_core.search import SearchResult
@@ -76,6 +77,8 @@ class TFBEngine:
         self.calibration: Calibration | None = None
         #: the calibration still to compute, when it was left to run in the background
         self.calibration_run: CalibrationRun | None = None
+        #: a generative adapter's max_risk calibration (:mod:`tfb_core.serving.risk`; None: none, or not yet)
+        self.risk_calibration: RiskCalibration | None = None
         self._noise: OrderedDict[int, NoiseDraw] = OrderedDict()
         #: class-token ids of request label sets other than the task's (generic task)
         self._class_ids = ClassIds()

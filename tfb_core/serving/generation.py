@@ -88,6 +88,8 @@ class GenerationSettings:
     mode: Mode = "mean"
     #: ``max_tokens`` is a default, not the client's: shortened to what the model's context leaves
     fit_context: bool = False
+    #: decode at sigma = 0, one row (the plain adapter): max_risk with the ``mle_nll`` score
+    mle: bool = False
 
 
 class GenerationService:
@@ -137,11 +139,15 @@ class GenerationService:
         if self.context is not None and len(tokens) + settings.max_tokens > self.context:
             raise GenerationInputError(f"the prompt's {len(tokens)} tokens and max_tokens {settings.max_tokens} are "
                                        f"over the model's context of {self.context} tokens", param="max_tokens")
+        if settings.mle:
+            n, sigma, noise = 1, 0.0, None
+        else:
+            sigma, noise = engine.sigma, engine.noise(seed, n)
         return GenerationRequest(
-            list(tokens), n_samples=n, sigma=engine.sigma, max_tokens=settings.max_tokens,
+            list(tokens), n_samples=n, sigma=sigma, max_tokens=settings.max_tokens,
             temperature=settings.temperature, top_p=settings.top_p, seed=seed, sampling_seed=settings.sampling_seed,
             mode=settings.mode, adapter=engine.adapter, stop=settings.stop, stop_token_ids=settings.stop_token_ids,
-            top_logprobs=settings.top_logprobs, noise=engine.noise(seed, n))
+            top_logprobs=settings.top_logprobs, noise=noise)
 
     # --- JSON-ready data (on the model's thread) --------------------------------------------------
     def piece(self, token_id: int) -> str:

@@ -135,12 +135,17 @@ def info(engine: TFBEngine) -> dict[str, Any]:
 def calibration_info(engine: TFBEngine) -> dict[str, Any]:
     """/info's calibration: where it came from and what it certifies; or its progress; or why there is none."""
     cal, cfg = engine.calibration, engine.cfg
+    if (risk := engine.risk_calibration) is not None:  # a generative adapter's, for max_risk
+        return {"state": "ready", "n": risk.n, "source": risk.source, "score": risk.score, "risk_delta": cfg.risk_delta,
+                "n_samples": risk.n_samples, "seed": risk.seed, "sigma": risk.sigma, "max_tokens": risk.max_tokens,
+                "accuracy": risk.accuracy, "confidence_temperature": risk.confidence_temperature,
+                "abstention": "Learn-then-Test on exp(-score), exact binomial p-values; exact match"}
     if cal is None:
         if engine.calibration_run is not None:
             return engine.calibration_run.info()
         if engine.task.generative:
-            return {"state": "off", "n": 0, "detail": "a generative adapter has no prediction sets or abstention "
-                                                       "thresholds: its answers carry their uncertainty"}
+            return {"state": "off", "n": 0, "detail": "no labelled calibration questions (TFB_CALIBRATION, or the "
+                                                       "adapter folder's calibration.jsonl): max_risk is off"}
         return {"state": "off", "n": 0, "detail": NO_CALIBRATION}
     return {"state": "ready", "n": cal.n, "source": cal.source, "score": cfg.conformal_score,
             "mondrian": cfg.conformal_mondrian, "risk_delta": cfg.risk_delta,

@@ -43,6 +43,7 @@ from tfb_core.search import SearchResult, check_result
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
+from tfb_core.serving.risk import calibrate_generation
 from tfb_core.serving.sigma import search_sigma
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ class SigmaPlan:
     searched: bool = False  # the result is this process's search's (not the cache's)
     #: a generative adapter's anchor prompts (its search reads its own greedy answers to them)
     anchors: list[Anchor] | None = None
+    #: a generative adapter's labelled calibration questions, for max_risk (:mod:`tfb_core.serving.risk`)
+    questions: list[Anchor] | None = None
 
     @property
     def source(self) -> str:
@@ -263,23 +266,29 @@ def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
 
 def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = False) -> TFBEngine:
     """The engine of a planned adapter whose sigma is known, and its calibration (``background``:
-    left to run later, :func:`calibrate`). On the thread that owns the model (it tokenizes)."""
+    left to run later, :func:`calibrate`; a generative adapter's max_risk calibration, unless cached,
+    always is: the server steps it, the library and CLI never use it). On the thread that owns the
+    model (it tokenizes)."""
     if plan.cfg.sigma is not None:
         engine = TFBEngine(plan.cfg, clf, plan.task, plan.cfg.sigma, "fixed")
-        calibrate(engine, plan.cal, background=background)
-        return engine
-    assert plan.result is not None, "sigma is neither fixed nor searched"
-    engine = TFBEngine(plan.cfg, clf, plan.task, plan.result.sigma, plan.source, plan.result)
-    calibrate(engine, plan.cal, plan.key, background)
+    else:
+        assert plan.result is not None, "sigma is neither fixed nor searched"
+        engine = TFBEngine(plan.cfg, clf, plan.task, plan.result.sigma, plan.source, plan.result)
+    if plan.task.generative:  # max_risk's calibration decodes every question: always left to a server's steps
+        sigma_key = plan.key or cache_key(plan.cfg, clf, plan.task, [], None)
+        calibrate_generation(engine, plan.questions, f"file {plan.cfg.calibration}", sigma_key, background=True)
+    else:
+        calibrate(engine, plan.cal, plan.key if plan.cfg.sigma is None else None, background)
     return engine
 
 
 def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
     """:func:`plan_sigma` of a generative adapter: sigma fixed, or from the cache or a search on the
     sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`).
-    No calibration."""
+    Its calibration, for max_risk: labelled questions (:func:`tfb_core.serving.risk.calibration_questions`)."""
+    questions = calibration_questions(clf, cfg.calibration) if cfg.calibration else None
     if cfg.sigma is not None:
-        return SigmaPlan(cfg, task, None)
+        return SigmaPlan(cfg, task, None, questions=questions)
     if not cfg.anchor:
         raise LoadError("sigma is not set: give a fixed sigma, or an anchor file to search it on (JSON Lines of "
                         '{"prompt": ...} or {"messages": [...]}, as the completion routes take them)')
@@ -287,7 +296,7 @@ def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> 
     anchors = generation_anchors(clf, cfg.anchor)
     key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
     key["anchor_max_tokens"] = cfg.anchor_max_tokens
-    return SigmaPlan(cfg, task, None, key=key, result=cached_sigma(cfg, key), anchors=anchors)
+    return SigmaPlan(cfg, task, None, key=key, result=cached_sigma(cfg, key), anchors=anchors, questions=questions)
 
 
 def generation_anchors(clf: BayesianClassifier, path: str) -> list[Anchor]:
@@ -306,6 +315,21 @@ def generation_anchors(clf: BayesianClassifier, path: str) -> list[Anchor]:
         out.append(anchor)
     if not out:
         raise LoadError(f"{path}: the anchor set is empty")
+    return out
+
+
+def calibration_questions(clf: Any, path: str) -> list[Anchor]:
+    """The labelled questions of a generative adapter's calibration file (the anchor's format:
+    ``{"prompt"}`` or ``{"messages"}``, each with ``"answers"`` or ``"answer"``), tokenized as the
+    completion routes read them; ``LoadError`` naming the file and a line without an answer."""
+    records = read_anchor(path)
+    out = []
+    for i, (r, a) in enumerate(zip(records, generation_anchors(clf, path), strict=True), 1):
+        answers = r.get("answers", r.get("answer"))
+        if answers is None:
+            raise LoadError(f"calibration file {path}: record {i} has no 'answers' (or 'answer'): max_risk needs "
+                            "every calibration question's answer")
+        out.append(Anchor(a.prompt, a.tokens, (answers,) if isinstance(answers, str) else tuple(answers)))
     return out
 
 
