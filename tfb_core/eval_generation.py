@@ -43,10 +43,10 @@ from typing import Any
 
 import torch
 
+from tfb_core.data.generation import encode_prompt
 from tfb_core.decide import selective
 from tfb_core.decide.answers import exact_match
 from tfb_core.forward.completion import GenerationRequest, GenerationResult
-from tfb_core.generation_sigma import encode_prompt
 
 #: score -> (the decodes it needs, the answers it ranks: "mle" or "tfb")
 SCORES: dict[str, tuple[tuple[str, ...], str]] = {
