@@ -42,7 +42,8 @@ from tfb_core.eval_generation import (  # noqa: E402
 )
 from tfb_core.forward.generator import BayesianGenerator  # noqa: E402
 from tfb_core.generation_sigma import read_anchor, search_generation_sigma  # noqa: E402
-from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig  # noqa: E402
+from tfb_core.search import GENERATION_SEARCH  # noqa: E402
+from tfb_core.serving.config import EngineConfig  # noqa: E402
 
 log = logging.getLogger("generation_eval")
 

@@ -18,10 +18,10 @@ from tfb_core.config import DEFAULT_MODEL, SearchConfig
 from tfb_core.data.loading import LoadError
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.generation_sigma import make_anchors, read_anchor, search_generation_sigma
+from tfb_core.search import GENERATION_SEARCH
 from tfb_core.serving.config import (
     DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
-    GENERATION_SEARCH,
     EngineConfig,
 )
 from tfb_core.serving.startup import load_classifiers, load_engines

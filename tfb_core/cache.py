@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tfb_core.imports import closure, module_files
-from tfb_core.search import SearchResult
+from tfb_core.search import SearchResult, check_result
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,16 @@ def load(cache_dir: str | Path, key: dict[str, Any],
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("sigma cache %s is unreadable or implausible (%s); recomputing", path, exc)
         return None
+
+
+def cached_sigma(cache_dir: str | Path, key: dict[str, Any], cfg: Any) -> SearchResult | None:
+    """The sigma search cached for ``key``, if one a search with ``cfg`` (a
+    :class:`~tfb_core.config.SearchConfig`) could have produced (:func:`tfb_core.search.check_result`),
+    else None: the one read of a cached sigma, for the server's start-up and the library."""
+    result = load(cache_dir, key, check=lambda r: check_result(r, cfg))
+    if result is not None:
+        log.info("sigma=%.6g from cache %s", result.sigma, cache_path(cache_dir, key))
+    return result
 
 
 def save(cache_dir: str | Path, key: dict[str, Any], result: SearchResult) -> Path:

@@ -10,8 +10,8 @@ mode each sample row is its own stream).
 
 :func:`plan_rows` orders rows into one segment per adapter (the routing of
 :mod:`tfb_core.bayes.routing` wants each adapter's rows consecutive). Where every row of a segment
-is a sample of a draw, each draw has the same samples 0..S-1 and each sample the same number g of
-rows, the rows go draw-major then sample-major and the module noise is the draws' own (S, r, in)
+is a sample of a draw, each draw's samples are 0..S_d-1 and each sample has the same number g of
+rows, the rows go draw-major then sample-major and the module noise is the draws' own (S_d, r, in)
 tensors (views of one draw; several draws concatenated) with ``group`` = g; otherwise
 stream-major, with the draws gathered per row (:func:`segment_noise`). :func:`arm` sets a
 forward's :class:`Segment` s on the posteriors and the routing; :func:`pad_left` pads the rows'
@@ -102,17 +102,18 @@ class SegmentPlan:
     uniform: bool  # rows n*group .. (n+1)*group - 1 are sample n (of the draws, one after the other)
     group: int  # rows per sample when uniform, else 1
     draws: tuple[NoiseDraw, ...] = ()  # a uniform plan's draws, in row order
-    samples: int = 0  # a uniform plan's samples per draw (S)
+    samples: tuple[int, ...] = ()  # a uniform plan's samples of each draw (S_d)
 
     @property
     def key(self) -> Hashable | None:
-        """What identifies the plan's samples (the draws' :attr:`NoiseDraw.key` and S): a kept
+        """What identifies the plan's samples (each draw's :attr:`NoiseDraw.key` and S_d): a kept
         prefix's key; None where the rows gather samples row by row."""
-        return tuple((d.key, self.samples) for d in self.draws) if self.uniform else None
+        return tuple(zip((d.key for d in self.draws), self.samples, strict=True)) if self.uniform else None
 
 
-def _uniform(rows: Sequence[Row], members: Sequence[int]) -> tuple[list[int], int, tuple[NoiseDraw, ...], int] | None:
-    """(order, group, draws, S) of sample-major rows, or None (see the module doc)."""
+def _uniform(rows: Sequence[Row], members: Sequence[int]
+             ) -> tuple[list[int], int, tuple[NoiseDraw, ...], tuple[int, ...]] | None:
+    """(order, group, draws, S_d per draw) of sample-major rows, or None (see the module doc)."""
     counts: dict[Hashable, dict[int, int]] = {}
     draws: dict[Hashable, NoiseDraw] = {}
     for i in members:
@@ -123,13 +124,12 @@ def _uniform(rows: Sequence[Row], members: Sequence[int]) -> tuple[list[int], in
         draws.setdefault(key, row.noise)
         per = counts.setdefault(key, {})
         per[row.sample] = per.get(row.sample, 0) + 1
-    S = len(next(iter(counts.values())))
     groups = {g for per in counts.values() for g in per.values()}
-    if len(groups) != 1 or any(sorted(per) != list(range(S)) for per in counts.values()):
+    if len(groups) != 1 or any(sorted(per) != list(range(len(per))) for per in counts.values()):
         return None
     rank = {key: k for k, key in enumerate(draws)}
     order = sorted(members, key=lambda i: (rank[rows[i].noise.key], rows[i].sample, rows[i].stream))
-    return order, groups.pop(), tuple(draws.values()), S
+    return order, groups.pop(), tuple(draws.values()), tuple(len(counts[key]) for key in draws)
 
 
 def plan_rows(rows: Sequence[Row]) -> list[SegmentPlan]:
@@ -167,10 +167,11 @@ def segment_noise(plan: SegmentPlan, rows: Sequence[Row], posterior: TFBPosterio
     """Per module of ``posterior`` the (rows / group, r, in) draws of a segment's rows (zeros for
     rows of the posterior mean among noisy ones); None when no row is noisy."""
     if plan.uniform:
-        S = plan.samples
         if len(plan.draws) == 1:
+            S = plan.samples[0]
             return [z if z.shape[0] == S else z[:S] for z in plan.draws[0].z]  # views: sample-major rows
-        return [torch.cat([d.z[k][:S] for d in plan.draws]) for k in range(len(plan.draws[0].z))]
+        return [torch.cat([d.z[k][:S] for d, S in zip(plan.draws, plan.samples, strict=True)])
+                for k in range(len(plan.draws[0].z))]
     members = [rows[i] for i in plan.rows]
     if not any(row.noisy for row in members):
         return None

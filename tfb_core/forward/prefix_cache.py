@@ -81,6 +81,10 @@ class PrefixCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def keys(self) -> list[Hashable]:
+        """The keys kept, least recently used first."""
+        return list(self._items)
+
     def clear(self) -> None:
         self._items.clear()
 

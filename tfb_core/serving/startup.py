@@ -39,7 +39,7 @@ from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.layout import rows_of
 from tfb_core.generation_sigma import Anchor, make_anchors, read_anchor, search_generation_sigma
-from tfb_core.search import SearchResult, check_result
+from tfb_core.search import SearchResult
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
@@ -227,9 +227,7 @@ def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaP
         raise LoadError(f"criterion 'accuracy' needs labels on every record of {cfg.anchor!r}")
     key = cache_key(cfg, clf, task, prompts, targets)
     cache_dir = default_cache_dir(cfg.model.cache_dir)
-    result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
-    if result is not None:
-        log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
+    result = cache.cached_sigma(cache_dir, key, cfg.search)
     return SigmaPlan(cfg, task, cal, prompts, targets, key, result)
 
 
@@ -283,9 +281,7 @@ def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> 
     key = cache_key(cfg, clf, task, [f"{a.tokens}\t{list(a.answers)}" for a in anchors], None)
     key["anchor_max_tokens"] = cfg.anchor_max_tokens
     cache_dir = default_cache_dir(cfg.model.cache_dir)
-    result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
-    if result is not None:
-        log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
+    result = cache.cached_sigma(cache_dir, key, cfg.search)
     return SigmaPlan(cfg, task, None, key=key, result=result, anchors=anchors)
 
 
