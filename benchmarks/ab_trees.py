@@ -79,7 +79,7 @@ def _tiny(root: Path) -> tuple[str, str]:
     try:
         from helpers.models import build_tokenizer
     except ImportError:  # a tree from before the test helpers moved out of the library
-        from tfb_core.testing import build_tokenizer
+        from helpers.models import build_tokenizer
 
     tok = build_tokenizer(root / "model")
     build_tiny_model(root / "model", vocab_size=len(tok))

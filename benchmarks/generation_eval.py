@@ -1,9 +1,9 @@
 """``tfb eval`` for generation on the demo: the generative demo adapter on the embedded SmolLM2-135M-Instruct.
 
-1. sigma: the generative search (:mod:`tfb_core.generation_sigma`, the criterion on the sigma = 0
+1. sigma: the generative search (:mod:`tfb_core.search.generation`, the criterion on the sigma = 0
    model's own greedy answers to the adapter's anchor prompts; ``--criterion``, ``--tolerance``, the
    rest :class:`~tfb_core.config.SearchConfig`'s defaults), timed; or ``--sigma`` given;
-2. :func:`tfb_core.eval_generation.evaluate_generation` at that sigma on the first ``--n-test``
+2. :func:`tfb_core.evaluation.generation.evaluate_generation` at that sigma on the first ``--n-test``
    questions of the in-domain test split and the first ``--n-shifted`` of the shifted set
    (:mod:`tfb_core.data.generation`: arithmetic with operands of more digits than trained on),
    N posterior samples, K temperature-1 samples for the semantic-entropy baseline, timed.
@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tfb_core.config import ModelConfig, SearchConfig  # noqa: E402
 from tfb_core.data.generation import load_generation  # noqa: E402
 from tfb_core.data.loading import load_adapter, load_base_model  # noqa: E402
-from tfb_core.eval_generation import (  # noqa: E402
+from tfb_core.evaluation.generation import (  # noqa: E402
     GenEvalOptions,
     evaluate_generation,
     format_generation_table,
     shift_auroc,
 )
 from tfb_core.forward.generator import BayesianGenerator  # noqa: E402
-from tfb_core.generation_sigma import read_anchor, search_generation_sigma  # noqa: E402
-from tfb_core.search import GENERATION_SEARCH  # noqa: E402
+from tfb_core.search.generation import read_anchor, search_generation_sigma  # noqa: E402
+from tfb_core.search.strategy import GENERATION_SEARCH  # noqa: E402
 from tfb_core.serving.config import EngineConfig  # noqa: E402
 
 log = logging.getLogger("generation_eval")

@@ -10,7 +10,7 @@ Every import statement counts, wherever it stands: at the top, inside a function
 * ``serving`` → ``forward`` → ``bayes``; ``serving`` and ``forward`` → ``data`` and ``decide`` (the
   generation decode mixes its rows and picks tokens with ``decide.generation``'s pure functions);
   ``decide``, ``data`` and ``bayes`` import none of the others (and no other package imports
-  ``serving`` but ``tfb_core.cli``, ``tfb_core.evaluate``, ``tfb_core.model`` and ``app``).
+  ``serving`` but ``tfb_core.cli``, ``tfb_core.evaluation.classification``, ``tfb_core.model`` and ``app``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ALLOWED = {
 }
 #: top-level modules that may import ``serving`` (``app`` may too): the command line, the evaluation,
 #: and the library's front (``tfb_core.model``: a served adapter's start-up and answers, without a server)
-SERVING_CLIENTS = {"tfb_core.cli", "tfb_core.evaluate", "tfb_core.model"}
+SERVING_CLIENTS = {"tfb_core.cli", "tfb_core.evaluation.classification", "tfb_core.model"}
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:

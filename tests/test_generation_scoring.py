@@ -15,10 +15,10 @@ from conftest import DEVICE
 from tfb_core.config import ModelConfig, SearchConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.decide import generation as mixing
-from tfb_core.eval_generation import GenEvalOptions, evaluate_generation
+from tfb_core.evaluation.generation import GenEvalOptions, evaluate_generation
 from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.generator import BayesianGenerator
-from tfb_core.generation_sigma import answer_scores, generation_objective, greedy_answers, make_anchors, scaled
+from tfb_core.search.generation import answer_scores, generation_objective, greedy_answers, make_anchors, scaled
 
 PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not watch it again", "superb"]
 L, N, SEED, SIGMA = 4, 3, 5, 0.4

@@ -15,7 +15,7 @@ from tfb_core.config import ModelConfig, SearchConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.generator import BayesianGenerator, common_prefix
-from tfb_core.generation_sigma import (
+from tfb_core.search.generation import (
     answer_scores,
     generation_objective,
     greedy_answers,

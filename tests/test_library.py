@@ -298,7 +298,7 @@ def test_a_joined_adapter_whose_search_fails_leaves_the_base_model_as_it_was(lib
 def test_a_partial_search_keeps_the_default_search_of_the_adapters_kind(lib):
     """``search={...}`` changes only its fields of the kind's default search (a generative adapter's
     tolerance is not the classifier's), as the server's TFB_SEARCH_* settings do."""
-    from tfb_core.search import CLASSIFIER_SEARCH, GENERATION_SEARCH
+    from tfb_core.search.strategy import CLASSIFIER_SEARCH, GENERATION_SEARCH
 
     with clean_env():
         server = Settings(model=lib["model"], adapter=lib["writer"], search_low=0.002, seed=3).engine_config()

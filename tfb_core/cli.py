@@ -18,11 +18,11 @@ from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, Search
 from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
-from tfb_core.evaluate import EvalOptions, run_eval
+from tfb_core.evaluation.classification import EvalOptions, run_eval
 from tfb_core.forward.completion import MODES
-from tfb_core.generation_sigma import read_anchor
 from tfb_core.model import BayesianModel
-from tfb_core.search import GENERATION_SEARCH
+from tfb_core.search.generation import read_anchor
+from tfb_core.search.strategy import GENERATION_SEARCH
 from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, EngineConfig
 from tfb_core.serving.startup import load_engine
 

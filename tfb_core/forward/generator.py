@@ -331,7 +331,7 @@ class BayesianGenerator:
         as a decode step mixes them (:func:`~tfb_core.decide.generation.mix_rows`): per token its
         log p̄, entropies and MI, the sequence's scores (NLL = -sum_t log p̄(y_t)), and whether
         greedy decoding from p̄ gives it back. The one teacher-forced scorer: the generative sigma
-        search's criterion (:mod:`tfb_core.generation_sigma`) and a reference answer's NLL."""
+        search's criterion (:mod:`tfb_core.search.generation`) and a reference answer's NLL."""
         scored = self.teacher_forced(requests, continuations, max_rows, share_prefix)
         out = []
         for (_, logits), continuation in zip(scored, continuations, strict=True):

@@ -18,7 +18,7 @@ from tfb_core.config import DEFAULT_MODEL, ModelConfig, PosteriorConfig, SearchC
 from tfb_core.data.published import parse as parse_published
 from tfb_core.data.tasks import ALIASES, GENERATION
 from tfb_core.decide.conformal import SCORES
-from tfb_core.search import default_search, reachable_range
+from tfb_core.search.strategy import default_search, reachable_range
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent.parent / "adapters" / "sst2-mle"
@@ -50,7 +50,7 @@ class EngineConfig:
     """Everything :class:`~tfb_core.serving.engine.TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``.
 
     ``task="generation"`` is a generative adapter (no labels: it answers the completion routes; its
-    sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.generation_sigma`).
+    sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.search.generation`).
     ``search=None``: the default search of the adapter's kind (:func:`tfb_core.search.default_search`:
     :class:`~tfb_core.config.SearchConfig`'s for classification, :data:`~tfb_core.search.GENERATION_SEARCH`
     for generation), set by :meth:`with_defaults`.

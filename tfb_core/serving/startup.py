@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from tfb_core import cache
 from tfb_core.config import ModelConfig, PosteriorConfig
 from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError, base_mismatch, default_cache_dir, load_adapter, load_base_model
@@ -38,12 +37,13 @@ from tfb_core.decide.conformal import Calibration
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.layout import rows_of
-from tfb_core.generation_sigma import Anchor, make_anchors, read_anchor, search_generation_sigma
-from tfb_core.search import SearchResult
+from tfb_core.search import cache
+from tfb_core.search.classifier import search_sigma
+from tfb_core.search.generation import Anchor, make_anchors, read_anchor, search_generation_sigma
+from tfb_core.search.strategy import SearchResult
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
-from tfb_core.serving.sigma import search_sigma
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaP
 def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
                observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
     """The sigma search of ``plan`` on ``clf`` (its forwards wherever ``clf.forward_runner`` runs
-    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.serving.sigma.search_sigma`."""
+    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.search.classifier.search_sigma`."""
     cfg = plan.cfg
     assert plan.key is not None
     what = (f"the greedy answers to {len(plan.anchors)} anchor prompts" if plan.anchors is not None
@@ -269,7 +269,7 @@ def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = Fal
 
 def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
     """:func:`plan_sigma` of a generative adapter: sigma fixed, or from the cache or a search on the
-    sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`).
+    sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.search.generation`).
     No calibration."""
     if cfg.sigma is not None:
         return SigmaPlan(cfg, task, None)

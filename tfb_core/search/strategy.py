@@ -11,9 +11,9 @@ module knows no model, classifier or data, so it is testable on any function:
   the model), then interpolation of the crossing (log-log), verified, up to 3 times.
 
 The objective on a classifier's anchor set, and the search run on it, are
-:mod:`tfb_core.serving.sigma`'s; a generative adapter's, :mod:`tfb_core.generation_sigma`'s. The default
+:mod:`tfb_core.search.classifier`'s; a generative adapter's, :mod:`tfb_core.search.generation`'s. The default
 search of each kind is here (:func:`default_search`); a searched sigma is cached by
-:func:`tfb_core.cache.cached_sigma` / :func:`tfb_core.cache.save`, for the server and the library alike.
+:func:`tfb_core.search.cache.cached_sigma` / :func:`tfb_core.search.cache.save`, for the server and the library alike.
 """
 
 from __future__ import annotations

@@ -256,9 +256,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], costs: Mapping[str, Mapping[str
 
 def shift_auroc(in_rows: Sequence[Mapping[str, Any]], out_rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """Per score, the AUROC of telling shifted questions (positive) from in-domain ones
-    (:func:`tfb_core.eval_report.ood_auroc`): where the shifted set is nearly all wrong, the
+    (:func:`tfb_core.evaluation.report.ood_auroc`): where the shifted set is nearly all wrong, the
     wrong-answer AUROC has nothing to rank, and this is what is left to measure."""
-    from tfb_core.eval_report import ood_auroc
+    from tfb_core.evaluation.report import ood_auroc
 
     return {k: ood_auroc(torch.tensor([float(r["scores"][k]) for r in in_rows], dtype=torch.float64),
                          torch.tensor([float(r["scores"][k]) for r in out_rows], dtype=torch.float64))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tfb_core.imports import closure, module_files
-from tfb_core.search import SearchResult, check_result
+from tfb_core.search.strategy import SearchResult, check_result
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,12 @@ CACHE_FORMAT = 1
 #: search settings, sigma, N, seed, the adapter's weights).
 #: A classifier's sigma search: the objective on the anchor set (its closure holds the search, the
 #: classifier's N-sample forward, the posterior, the loading, the task's prompts).
-CLASSIFIER_SEARCH = ("tfb_core.serving.sigma",)
+CLASSIFIER_SEARCH = ("tfb_core.search.classifier",)
 #: A generative adapter's: its objective, and the generator (built on the classifier) it decodes with.
 #: Neither this nor :data:`CLASSIFIER_SEARCH` reaches the other's objective: an edit to the decoder
 #: does not search every classifier's sigma again, nor an edit to the classification objective a
 #: generative adapter's.
-GENERATION_SEARCH = ("tfb_core.generation_sigma", "tfb_core.forward.generator", "tfb_core.forward.classifier")
+GENERATION_SEARCH = ("tfb_core.search.generation", "tfb_core.forward.generator", "tfb_core.forward.classifier")
 #: The calibration (a classifier's; its key also holds the sigma key): the run in steps and the
 #: engine whose ``sample`` is its forward. The engine imports the generator (a generative
 #: adapter's warm-up), so an edit to the decoder calibrates a classifier again (not its sigma).

@@ -1,6 +1,6 @@
-"""Sigma for a generative adapter: the anchor objective that :mod:`tfb_core.search` runs on.
+"""Sigma for a generative adapter: the anchor objective that :mod:`tfb_core.search.strategy` runs on.
 
-The classification criterion (:mod:`tfb_core.serving.sigma`) compares the sigma = 0 model's own
+The classification criterion (:mod:`tfb_core.search.classifier`) compares the sigma = 0 model's own
 predictions on the anchor prompts with the mean of N posterior samples at sigma. For generation the
 sigma = 0 model's own *greedy answers* play the pseudo-labels' part:
 
@@ -54,7 +54,7 @@ from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import SearchConfig
 from tfb_core.data.generation import encode_prompt
 from tfb_core.forward.completion import GenerationRequest
-from tfb_core.search import Objective, SearchResult, search
+from tfb_core.search.strategy import Objective, SearchResult, search
 
 log = logging.getLogger(__name__)
 
