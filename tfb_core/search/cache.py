@@ -43,7 +43,7 @@ GENERATION_SEARCH = ("tfb_core.search.generation", "tfb_core.forward.generator",
 #: adapter's warm-up), so an edit to the decoder calibrates a classifier again (not its sigma).
 CALIBRATION = ("tfb_core.serving.calibrate", "tfb_core.serving.engine")
 #: the folder of the package whose source is hashed (the tests point it at an edited copy)
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def canonical(obj: Any) -> str:

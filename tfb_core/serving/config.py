@@ -52,7 +52,7 @@ class EngineConfig:
     ``task="generation"`` is a generative adapter (no labels: it answers the completion routes; its
     sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.search.generation`).
     ``search=None``: the default search of the adapter's kind (:func:`tfb_core.search.default_search`:
-    :class:`~tfb_core.config.SearchConfig`'s for classification, :data:`~tfb_core.search.GENERATION_SEARCH`
+    :class:`~tfb_core.config.SearchConfig`'s for classification, :data:`~tfb_core.search.strategy.GENERATION_SEARCH`
     for generation), set by :meth:`with_defaults`.
 
     ``published`` (``method/dataset/seed``) names one of the published TFB adapters: it sets the

@@ -4,7 +4,7 @@
       per adapter: the config's defaults, its task; the reference anchor fetched before any model
       one base model with every adapter, Bayesianized: a classifier each   (load_classifiers)
       per adapter: sigma fixed | from the cache | searched on the anchor    (plan_sigma, run_search, cache_key)
-                   (a classifier: serving.sigma's objective; a generative adapter: generation_sigma's,
+                   (a classifier: search.classifier's objective; a generative adapter: search.generation's,
                    on its own greedy answers to the anchor prompts)
                    the calibration from the cache | computed now | left to run in the background
 
