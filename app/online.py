@@ -4,7 +4,7 @@
   one :class:`~tfb_core.decide.online.OnlineSets` per requested alpha (each alpha's own trackers:
   one alpha's labels never move another's), started at the split-conformal quantiles of the
   adapter's calibration and moved by the labels of /feedback. Written atomically under the cache
-  (``online/<key>.json``, :func:`tfb_core.cache.save_json`), keyed by the calibration's content, the
+  (``online/<key>.json``, :func:`tfb_core.search.cache.save_json`), keyed by the calibration's content, the
   score, Mondrian and eta: a restart restores it (logged, and in /info, with when, by which
   process, after how many labels); a new calibration starts afresh.
 * :class:`AdapterDrift`: two conformal test martingales (:mod:`tfb_core.decide.drift`): label-free on
@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-from tfb_core import cache
 from tfb_core.data.loading import default_cache_dir
 from tfb_core.data.tasks import TaskError
 from tfb_core.decide.conformal import Calibration, nonconformity
 from tfb_core.decide.drift import DriftMonitor
 from tfb_core.decide.online import OnlineSets, Served, coverage_bound, effective_alpha
+from tfb_core.search import cache
 from tfb_core.serving.engine import TFBEngine
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
 from tfb_core.data.loading import base_mismatch
 from tfb_core.decide.generation_risk import RiskScoreName
+from tfb_core.search.strategy import GENERATION_SEARCH
 from tfb_core.serving.config import (
     DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
-    GENERATION_SEARCH,
     ConfigError,
     EngineConfig,
     folder_task,

@@ -454,7 +454,7 @@ def anchor_sentences(n: int = 100) -> tuple[list[str], str]:
 
 def search_section(h: Harness, max_rows: int, quick: bool, results: dict[str, Any]) -> None:
     from tfb_core.config import SearchConfig
-    from tfb_core.serving.sigma import search_sigma
+    from tfb_core.search.classifier import search_sigma
 
     prompts, source = anchor_sentences(20 if quick else 100)
     h.use_tfb()

@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tfb_core.config import ModelConfig
+    from tfb_core.data.generation import encode_prompt
     from tfb_core.data.loading import load_adapter, load_base_model
     from tfb_core.forward.completion import GenerationRequest
     from tfb_core.forward.generator import BayesianGenerator
-    from tfb_core.generation_sigma import encode_prompt
     from tfb_core.serving.generation import chat_head
 
     tok, model = load_base_model(ModelConfig())

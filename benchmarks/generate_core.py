@@ -32,8 +32,7 @@ PROMPTS = ["a great film with a wonderful cast", "a dull mess", "I would not wat
 def _tiny(root: Path) -> tuple[str, str]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import build_lora, build_tiny_model
-
-    from tfb_core.testing import build_tokenizer
+    from helpers.models import build_tokenizer
 
     tok = build_tokenizer(root / "model")
     build_tiny_model(root / "model", vocab_size=len(tok))

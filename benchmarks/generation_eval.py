@@ -1,15 +1,15 @@
 """``tfb eval`` for generation on the demo: the generative demo adapter on the embedded SmolLM2-135M-Instruct.
 
-1. sigma: the generative search (:mod:`tfb_core.generation_sigma`, the criterion on the sigma = 0
+1. sigma: the generative search (:mod:`tfb_core.search.generation`, the criterion on the sigma = 0
    model's own greedy answers to the adapter's anchor prompts; ``--criterion``, ``--tolerance``, the
    rest :class:`~tfb_core.config.SearchConfig`'s defaults), timed; or ``--sigma`` given;
-2. :func:`tfb_core.eval_generation.evaluate_generation` at that sigma on the first ``--n-test``
+2. :func:`tfb_core.evaluation.generation.evaluate_generation` at that sigma on the first ``--n-test``
    questions of the in-domain test split and the first ``--n-shifted`` of the shifted set
    (:mod:`tfb_core.data.generation`: arithmetic with operands of more digits than trained on),
    N posterior samples, K temperature-1 samples for the semantic-entropy baseline, timed;
 3. with ``--n-calibration`` (the adapter's calibration questions): each answer's confidence
    exp(-nll) on the other sets against the MLE's with temperature scaling fitted on them
-   (:func:`tfb_core.eval_generation.confidence_calibration`); ``--merge`` of a run with that set
+   (:func:`tfb_core.evaluation.generation.confidence_calibration`); ``--merge`` of a run with that set
    adds it to an earlier result.
 
 Writes the JSON (search, per set: accuracy, per score AUROC / AURC with bootstrap intervals and
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tfb_core.config import ModelConfig, SearchConfig  # noqa: E402
 from tfb_core.data.generation import load_generation  # noqa: E402
 from tfb_core.data.loading import load_adapter, load_base_model  # noqa: E402
-from tfb_core.eval_generation import (  # noqa: E402
+from tfb_core.evaluation.generation import (  # noqa: E402
     GenEvalOptions,
     confidence_calibration,
     evaluate_generation,
@@ -47,8 +47,9 @@ from tfb_core.eval_generation import (  # noqa: E402
     shift_auroc,
 )
 from tfb_core.forward.generator import BayesianGenerator  # noqa: E402
-from tfb_core.generation_sigma import read_anchor, search_generation_sigma  # noqa: E402
-from tfb_core.serving.config import GENERATION_SEARCH, EngineConfig  # noqa: E402
+from tfb_core.search.generation import read_anchor, search_generation_sigma  # noqa: E402
+from tfb_core.search.strategy import GENERATION_SEARCH  # noqa: E402
+from tfb_core.serving.config import EngineConfig  # noqa: E402
 
 log = logging.getLogger("generation_eval")
 
@@ -182,7 +183,7 @@ def _shift_detection(out: dict) -> None:
 
 def _confidence(out: dict, n_boot: int) -> bool:
     """With a calibration set: each other set's answer confidence against the MLE's with temperature
-    scaling fitted on the calibration questions (:func:`~tfb_core.eval_generation.confidence_calibration`)."""
+    scaling fitted on the calibration questions (:func:`~tfb_core.evaluation.generation.confidence_calibration`)."""
     if "calibration" not in out["sets"]:
         return False
     cal = out["sets"]["calibration"]["rows"]

@@ -18,7 +18,7 @@ with three-digit operands): answers, exact match and every score per question; n
    and TFB's nll against the MLE's per split. With calibration rows, also as served: calibrated on
    them, measured on the test and the shifted questions.
 2. confidence: exp(-nll) of TFB's answers and of the MLE's (sigma = 0), and each with temperature
-   scaling fitted on calibration questions (:func:`tfb_core.eval_generation.confidence_calibration`):
+   scaling fitted on calibration questions (:func:`tfb_core.evaluation.generation.confidence_calibration`):
    ECE, Brier, NLL with paired bootstrap intervals, in domain (the calibration questions' rows
    calibrate where given, else the first half of the test questions) and shifted (the 200
    questions with longer operands); and the mean over the splits above.
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfb_core.decide.generation_risk import RISK_SCORES, certainty, certified  # noqa: E402
-from tfb_core.eval_generation import confidence_calibration, format_confidence  # noqa: E402
+from tfb_core.evaluation.generation import confidence_calibration, format_confidence  # noqa: E402
 
 #: score -> (the eval row's score, the correctness of the answer it serves)
 COLUMNS = {"nll": ("tfb_nll", "tfb_correct"), "mle_nll": ("mle_nll", "mle_correct"),

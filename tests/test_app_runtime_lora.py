@@ -180,8 +180,7 @@ def test_a_failed_search_frees_the_adapter_and_the_name(tiny, tmp_path, monkeypa
 
 def test_load_errors_are_400s_naming_the_field_and_change_nothing(tiny, tmp_path):
     from conftest import build_lora, build_tiny_model
-
-    from tfb_core.testing import build_tokenizer
+    from helpers.models import build_tokenizer
 
     other_base = tmp_path / "other_base"
     tok = build_tokenizer(other_base)

@@ -15,7 +15,7 @@ from test_app_support import LABELS, make_settings, ready_client
 
 from app.lora_updates import LoadLoraRequest, check_local_paths
 from app.settings import BUNDLED_ADAPTERS
-from tfb_core.search import reachable_range
+from tfb_core.search.strategy import reachable_range
 from tfb_core.serving.config import DEMO_ADAPTER
 
 

@@ -12,7 +12,7 @@ from conftest import DEVICE
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.decide.generation import SequenceScores
-from tfb_core.eval_generation import (
+from tfb_core.evaluation.generation import (
     SCORES,
     GenEvalOptions,
     confidence_calibration,

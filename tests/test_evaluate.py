@@ -11,8 +11,8 @@ import torch
 from tfb_core.config import SearchConfig
 from tfb_core.data.tasks import get_task
 from tfb_core.decide.uncertainty import apply_temperature, fit_temperature, reliability_bins, summarize
-from tfb_core.eval_report import METHODS, METRICS, bootstrap_differences, format_table, ood_auroc
-from tfb_core.evaluate import EvalOptions, evaluate
+from tfb_core.evaluation.classification import EvalOptions, evaluate
+from tfb_core.evaluation.report import METHODS, METRICS, bootstrap_differences, format_table, ood_auroc
 
 SENTENCES = ["a great film with a wonderful cast", "a dull and tedious mess of a movie",
              "the plot is thin but the acting is superb", "I would not watch it again", "a great film",
@@ -153,8 +153,8 @@ def test_eval_options_reject_bad_values():
 
 def test_tfb_eval_command_on_the_tiny_model(tiny, tmp_path, monkeypatch, capsys):
     """``tfb eval`` end to end: flags -> run_eval -> JSON on stdout, table on stderr, files written."""
-    from tfb_core import evaluate as ev
     from tfb_core.cli import build_parser
+    from tfb_core.evaluation import classification as ev
 
     monkeypatch.setattr(ev, "_load_split", lambda task, split, limit, cache: records(limit or 6))
     anchor = tmp_path / "anchor.jsonl"
@@ -221,7 +221,7 @@ def test_ood_aurocs_rank_ood_inputs_as_more_uncertain(classifier):
     (of minus the confidence) equals entropy's: a dropped sign on either gives 1 - AUROC."""
     from sklearn.metrics import roc_auc_score
 
-    from tfb_core.evaluate import ood_input
+    from tfb_core.evaluation.classification import ood_input
 
     task = get_task("sst2")
     opts = EvalOptions(n_boot=0, max_rows=32)

@@ -27,14 +27,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import DEVICE, assert_decode_is_the_mean_of_samples_alone, build_lora, npm_tokenizer_dir
+from helpers.models import build_tokenizer
 
 from tfb_core.config import ModelConfig
 from tfb_core.forward.completion import GenerationRequest
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.planning import attention_window
-from tfb_core.generation_sigma import answer_logprobs
+from tfb_core.search.generation import answer_scores
 from tfb_core.serving.startup import load_classifier
-from tfb_core.testing import build_tokenizer
 
 LABELS = ["A", "B", "C", "D"]
 PREFIX = "Return the label of the correct answer for the question below. Question: "
@@ -56,7 +56,7 @@ class Family:
     config: Callable[..., Any]  # (vocabulary size, **special token ids) -> transformers config
     targets: tuple[str, ...]  # the served adapter's LoRA modules (the family's own names)
     other: tuple[str, ...]  # the adapter loaded at run time
-    tokenizer: str | None = None  # tfb_core.testing.NPM_TOKENIZERS key; None: a local BPE tokenizer
+    tokenizer: str | None = None  # helpers.models.NPM_TOKENIZERS key; None: a local BPE tokenizer
 
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -268,10 +268,10 @@ def test_greedy_generation_at_sigma_zero_is_peft_token_for_token(f32):
     assert [r.completion.token_ids for r in gen.generate(reqs[len(MIXED):])] == answers
     windowed = attention_window(gen.model.config) is not None
     assert len(gen.prefix_rows) == (0 if windowed else 1)  # the head kept and read; not past a sliding window
-    for t, y, (logp, greedy) in zip(shared, answers, answer_logprobs(gen, shared, answers, None, 1), strict=True):
+    for t, y, scored in zip(shared, answers, answer_scores(gen, shared, answers, None, 1), strict=True):
         want = torch.log_softmax(_peft_logits(peft_model, t, y), -1).gather(1, torch.tensor(y)[:, None]).squeeze(1)
-        torch.testing.assert_close(logp.float(), want, atol=1e-4, rtol=1e-4)
-        assert greedy
+        torch.testing.assert_close(torch.tensor([tok.logprob for tok in scored.tokens]), want, atol=1e-4, rtol=1e-4)
+        assert scored.greedy
 
 
 def test_bfloat16_greedy_generation_is_a_greedy_path_of_peft(bf16):

@@ -20,7 +20,7 @@ from tfb_core.decide.generation import (
     sequence_scores,
 )
 from tfb_core.forward.completion import GenerationRequest, StopRule
-from tfb_core.forward.decode_rows import Row, build_segments, plan_rows
+from tfb_core.forward.layout import Row, build_segments, plan_rows
 
 
 # --- p̄ and its uncertainty ------------------------------------------------------------------------

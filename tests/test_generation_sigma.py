@@ -14,10 +14,9 @@ from conftest import DEVICE
 from tfb_core.config import ModelConfig, SearchConfig
 from tfb_core.data.loading import load_adapter, load_base_model
 from tfb_core.forward.completion import GenerationRequest
-from tfb_core.forward.generator import BayesianGenerator
-from tfb_core.generation_sigma import (
-    answer_logprobs,
-    common_prefix,
+from tfb_core.forward.generator import BayesianGenerator, common_prefix
+from tfb_core.search.generation import (
+    answer_scores,
     generation_objective,
     greedy_answers,
     make_anchors,
@@ -70,17 +69,19 @@ def test_teacher_forced_pbar_is_the_generators_own_scoring_and_batching_changes_
     answers = [c.token_ids for c in greedy_answers(gen, prompts, L)]
     draw = scaled(gen.posteriors[0].draw(7, 4), sigma) if sigma else None
     n = 4 if sigma else 1
-    one = answer_logprobs(gen, prompts, answers, draw, n, max_rows=4)  # a prompt per forward
-    many = answer_logprobs(gen, prompts, answers, draw, n, max_rows=64)  # all in one forward
-    full = answer_logprobs(gen, prompts, answers, draw, n, max_rows=8, share_prefix=False)  # no prefix cache
+    one = answer_scores(gen, prompts, answers, draw, n, max_rows=4)  # a prompt per forward
+    many = answer_scores(gen, prompts, answers, draw, n, max_rows=64)  # all in one forward
+    reqs = [GenerationRequest(p, n_samples=n, sigma=1.0 if sigma else 0.0, noise=draw) for p in prompts]
+    full = gen.score_many(reqs, answers, max_rows=8, share_prefix=False)  # no prefix cache
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         tokens, _ = gen.score(GenerationRequest(p, n_samples=4, sigma=1.0 if sigma else 0.0, noise=draw), a)
         expected = torch.tensor([t.logprob for t in tokens], dtype=torch.float64)
         for got in (one, many, full):
-            torch.testing.assert_close(got[i][0], expected, atol=2e-5, rtol=1e-4)
-            assert got[i][1] == one[i][1]
+            torch.testing.assert_close(torch.tensor([t.logprob for t in got[i].tokens], dtype=torch.float64),
+                                       expected, atol=2e-5, rtol=1e-4)
+            assert got[i].greedy == one[i].greedy
         if not sigma:
-            assert one[i][1]  # the sigma = 0 answer is its own greedy decode
+            assert one[i].greedy  # the sigma = 0 answer is its own greedy decode
 
 
 @pytest.mark.parametrize("criterion", ["nll", "flip"])

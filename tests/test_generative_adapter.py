@@ -17,11 +17,11 @@ from app.settings import Settings
 from tfb_core.config import DEFAULT_MODEL, SearchConfig
 from tfb_core.data.loading import LoadError
 from tfb_core.forward.generator import BayesianGenerator
-from tfb_core.generation_sigma import make_anchors, read_anchor, search_generation_sigma
+from tfb_core.search.generation import make_anchors, read_anchor, search_generation_sigma
+from tfb_core.search.strategy import GENERATION_SEARCH
 from tfb_core.serving.config import (
     DEMO_ADAPTER,
     DEMO_GENERATIVE_ADAPTER,
-    GENERATION_SEARCH,
     EngineConfig,
 )
 from tfb_core.serving.startup import load_classifiers, load_engines
@@ -118,7 +118,7 @@ def test_sigma_is_the_generative_search_on_the_anchor_and_a_restart_reads_it_fro
         writer = {a["name"]: a for a in c.get("/info").json()["adapters"]}["writer"]
         assert (writer["sigma_source"], writer["sigma"]) == ("cache", sigma)
     # its key hashes the decoder's source too (an edit to it searches again)
-    from tfb_core import cache
+    from tfb_core.search import cache
 
     keys = [json.loads(f.read_text())["key"] for f in (tmp_path / "cache" / "sigma").glob("*.json")]
     assert [k["code_sha256"] for k in keys if k["task"] == "generation"] == [cache.code_sha256(cache.GENERATION_SEARCH)]

@@ -35,14 +35,14 @@ def test_each_rule_is_caught_even_under_type_checking_and_inside_functions(tmp_p
         "tfb_core/decide/conformal.py": "def f():\n    from tfb_core.forward import classifier\n",
         "tfb_core/forward/__init__.py": "",
         "tfb_core/forward/classifier.py": "import tfb_core.serving.engine\n",
-        "tfb_core/search.py": "from app import main\n",
+        "tfb_core/search/strategy.py": "from app import main\n",
         "app/main.py": "from tfb_core.serving.engine import TFBEngine\n",
     })
     found = check_imports.violations(check_imports.graph(root))
     assert any("circle" in v and "tfb_core.serving.batch" in v and "tfb_core.serving.engine" in v for v in found)
     assert any(v.startswith("tfb_core.decide.conformal imports tfb_core.forward.classifier") for v in found)
     assert any(v.startswith("tfb_core.forward.classifier imports tfb_core.serving.engine") for v in found)
-    assert any(v.startswith("tfb_core.search imports app.main") for v in found)
+    assert any(v.startswith("tfb_core.search.strategy imports app.main") for v in found)
     assert not any(v.startswith("app.main") for v in found)  # app may import serving
 
 

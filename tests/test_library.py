@@ -293,3 +293,17 @@ def test_a_joined_adapter_whose_search_fails_leaves_the_base_model_as_it_was(lib
     posteriors = m.engine.classifier.posteriors
     assert len(posteriors) == 2 and posteriors[1] is None  # its slot freed: no layer routes to it
     assert m.predict(PROMPTS) == before
+
+
+def test_a_partial_search_keeps_the_default_search_of_the_adapters_kind(lib):
+    """``search={...}`` changes only its fields of the kind's default search (a generative adapter's
+    tolerance is not the classifier's), as the server's TFB_SEARCH_* settings do."""
+    from tfb_core.search.strategy import CLASSIFIER_SEARCH, GENERATION_SEARCH
+
+    with clean_env():
+        server = Settings(model=lib["model"], adapter=lib["writer"], search_low=0.002, seed=3).engine_config()
+    mine = engine_config(lib["model"], lib["writer"], search={"low": 0.002}, seed=3).with_defaults()
+    assert mine.search == server.with_defaults().search
+    assert (mine.search.criterion, mine.search.tolerance, mine.search.low) == ("nll", GENERATION_SEARCH.tolerance, 0.002)
+    clf = engine_config(lib["model"], lib["clf"], labels=LABELS, search={"low": 0.002}).with_defaults()
+    assert (clf.search.tolerance, clf.search.low) == (CLASSIFIER_SEARCH.tolerance, 0.002)

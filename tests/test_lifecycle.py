@@ -228,10 +228,10 @@ def test_unload_drops_the_decodes_kept_rows_of_the_adapter(tiny, tmp_path):
                                                           "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200, r.text
         kept = state.worker._service.generator.prefix_rows
-        adapters = [k[0] for k in kept._rows]
+        adapters = [k[0] for k in kept.keys()]
         assert adapters.count(index) == 3 and adapters.count(0) == 3
         client.portal.call(loras.unload, UnloadLoraRequest(lora_name="b"))
-        assert [k[0] for k in kept._rows] == [0, 0, 0]
+        assert [k[0] for k in kept.keys()] == [0, 0, 0]
 
 
 def test_startup_adapters_other_than_the_default_are_searched_in_the_background(tiny, tmp_path, monkeypatch):

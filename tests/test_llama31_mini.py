@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.models import build_llama31, build_published_lora, hub_snapshot
 from transformers import AutoConfig
 
 from tfb_core.data.published import parse, reference_anchor
 from tfb_core.serving.response import predict
-from tfb_core.testing import build_llama31, build_published_lora, hub_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 MLE, BLOB = "mle/winogrande_s/1", "blob/winogrande_s/1"

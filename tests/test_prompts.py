@@ -18,6 +18,7 @@ import pytest
 
 from tfb_core.data.tasks import class_token_ids, get_task
 from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.forward.layout import pad_left
 
 MAX_SEQ_LEN = 300  # the reference scripts' --max-seq-len
 _MC = "Return the label of the correct answer for the question below.\n\nQuestion: {question}\n{word}:\n{choices}\nAnswer:"
@@ -140,8 +141,7 @@ def test_token_ids_equal_the_reference_tokenizer_call_with_truncation(llama3_tok
     assert all(get_task(t).truncate for t in TASK_OF.values())
     ours = BayesianClassifier.tokenize(SimpleNamespace(tokenizer=tok, truncate=True, max_length=MAX_SEQ_LEN),
                                        [get_task(TASK_OF[d]).format(e) for d, e in pairs])
-    clf = SimpleNamespace(pad_id=tok.bos_token_id, device="cpu")
-    ids, mask = BayesianClassifier._pad_left(clf, ours)
+    ids, mask, _ = pad_left(ours, tok.bos_token_id)
     assert ids.tolist() == ref["input_ids"] and mask.tolist() == ref["attention_mask"]
     # a cut prompt keeps its start (bos and instruction) and loses its end, answer cue included
     long_ids = ours[[e.get("id") for _, e in pairs].index("long")]

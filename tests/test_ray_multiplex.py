@@ -57,7 +57,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def adapters(tiny, tmp_path_factory):
     """The registry's adapters (distinct copies of the tiny adapter) and its file."""
-    from tfb_core.testing import perturb_lora
+    from helpers.models import perturb_lora
 
     root = tmp_path_factory.mktemp("registry")
     anchor = root / "anchor.jsonl"

@@ -279,29 +279,41 @@ def test_forward_overhead_is_measured_from_forwards_of_one_and_several_inputs(cl
 
 
 # --- the row layout alone: no model --------------------------------------------------------------------
-def test_row_layout_shares_one_sample_per_group_of_rows_when_every_draw_has_equal_jobs():
-    from tfb_core.forward.layout import row_layout
+def _job_rows(n_samples, draws):
+    """The rows of inputs with N ``n_samples[j]`` and draw ``draws[j]`` (None: sigma = 0), as run_jobs makes them."""
+    from tfb_core.forward.layout import job_rows
 
-    one = row_layout([3, 3], ["a", "a"])  # two inputs, one draw, N = 3: sample-major
-    assert one.uniform and one.group == 2
-    assert one.owner == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
-    assert one.blocks == [(0, [0, 0, 1, 1, 2, 2])]
-    two = row_layout([2, 2, 2, 2], ["a", "b", "a", "b"])  # two draws of two inputs each
-    assert two.uniform and two.group == 2
-    assert two.owner == [(0, 0), (2, 0), (0, 1), (2, 1), (1, 0), (3, 0), (1, 1), (3, 1)]
-    assert [j for j, _ in two.blocks] == [0, 1]
+    return [row for j, (n, d) in enumerate(zip(n_samples, draws, strict=True))
+            for row in job_rows(j, 0, n, d, 0.0 if d is None else 1.0)]
+
+
+def _owner(rows):
+    from tfb_core.forward.layout import layout
+
+    order, plans = layout(rows)
+    return [(rows[i].stream, rows[i].sample) for i in order], plans
+
+
+def test_row_layout_shares_one_sample_per_group_of_rows_when_every_draw_has_equal_jobs():
+
+    a, b = NoiseDraw(0, [torch.zeros(3, 1, 1)]), NoiseDraw(1, [torch.ones(3, 1, 1)])
+    owner, (plan,) = _owner(_job_rows([3, 3], [a, a]))  # two inputs, one draw, N = 3: sample-major
+    assert plan.uniform and plan.group == 2 and plan.key == ((a.key, 3),)
+    assert owner == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    owner, (plan,) = _owner(_job_rows([2, 2, 2, 2], [a, b, a, b]))  # two draws of two inputs each
+    assert plan.uniform and plan.group == 2 and plan.key == ((a.key, 2), (b.key, 2))
+    assert owner == [(0, 0), (2, 0), (0, 1), (2, 1), (1, 0), (3, 0), (1, 1), (3, 1)]
 
 
 def test_row_layout_gathers_samples_when_draws_differ_in_jobs_or_n_and_the_mean_takes_one_row():
-    from tfb_core.forward.layout import row_layout
 
-    mixed = row_layout([2, 3, 1], ["a", "a", None])
-    assert not mixed.uniform and mixed.group == 1
-    assert mixed.owner == [(0, 0), (1, 0), (0, 1), (1, 1), (1, 2), (2, -1)]
-    assert mixed.blocks == [(0, [0, 0, 1, 1, 2]), (1, None)]  # then one zero-noise row for the mean
-    mean = row_layout([4, 4], [None, None])  # sigma = 0: one row per input stands for its 4 samples
-    assert mean.owner == [(0, -1), (1, -1)] and mean.blocks == [] and not mean.uniform
-    uneven = row_layout([2, 2, 2], ["a", "a", "b"])  # draws with 2 and 1 jobs
-    assert not uneven.uniform and uneven.owner == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)]
+    a, b = NoiseDraw(0, [torch.zeros(3, 1, 1)]), NoiseDraw(1, [torch.ones(3, 1, 1)])
+    owner, (plan,) = _owner(_job_rows([2, 3, 1], [a, a, None]))
+    assert not plan.uniform and plan.group == 1 and plan.key is None
+    assert owner == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, -1)]  # gathered; one mean row
+    owner, (plan,) = _owner(_job_rows([4, 4], [None, None]))  # sigma = 0: one row per input stands for its 4
+    assert owner == [(0, -1), (1, -1)] and not plan.uniform
+    owner, (plan,) = _owner(_job_rows([2, 2, 2], [a, a, b]))  # draws with 2 and 1 jobs
+    assert not plan.uniform and owner == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
     with pytest.raises(ValueError, match="n_samples"):
-        row_layout([0], ["a"])
+        _job_rows([0], [a])

@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import LABELS
 
-from tfb_core import cache
 from tfb_core.config import SearchConfig
-from tfb_core.search import search
+from tfb_core.search import cache
+from tfb_core.search.classifier import anchor_objective, search_sigma
+from tfb_core.search.strategy import search
 from tfb_core.serving import overhead
 from tfb_core.serving.config import EngineConfig
-from tfb_core.serving.sigma import anchor_objective, search_sigma
 from tfb_core.serving.startup import cache_key, load_engine
 
 
@@ -267,8 +267,8 @@ def test_an_edit_to_any_module_the_computation_imports_changes_its_key_and_no_ot
     assert "tfb_core.serving.engine" in closures["calibration"]  # the calibration's forward
     assert "tfb_core.forward.decoding" in closures["generative search"]  # imported inside a function
     assert "tfb_core.forward.decoding" not in closures["classifier search"]  # the split holds
-    assert "tfb_core.serving.sigma" not in closures["generative search"]
-    modules = sorted(set(cache.hashed_modules(["tfb_core.cli"])) | {"tfb_core.serving.response", "tfb_core.testing"})
+    assert "tfb_core.search.classifier" not in closures["generative search"]
+    modules = sorted(set(cache.hashed_modules(["tfb_core.cli"])) | {"tfb_core.serving.response"})
     assert set().union(*closures.values()) < set(modules)  # some modules are outside every closure
     cache._code_sha256.cache_clear()
     before = {what: cache.code_sha256(roots) for what, roots in KEYED.items()}
@@ -385,7 +385,7 @@ def test_corrupt_or_mismatching_cache_is_ignored_with_a_warning(model_cfg, ancho
 
 
 def test_cache_round_trip(tmp_path):
-    from tfb_core.search import SearchPoint, SearchResult
+    from tfb_core.search.strategy import SearchPoint, SearchResult
 
     res = SearchResult(0.01, 0.2, "nll", 0.3, True, "bisect", [SearchPoint(0.01, 0.2, True)], 1.5, 1,
                        {"nll_pseudo": 0.1})
@@ -457,7 +457,7 @@ def test_implausible_cache_entry_is_recomputed(model_cfg, anchor_file, tmp_path,
 
 
 def test_reachable_range_holds_every_search_result():
-    from tfb_core.search import bisect, grid, reachable_range
+    from tfb_core.search.strategy import bisect, grid, reachable_range
 
     for method, run in (("bisect", bisect), ("grid", grid)):
         cfg = SearchConfig(low=0.01, high=0.05, tolerance=1.0, method=method, max_expansions=3)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from test_app_support import make_settings, ready_client
 
-from tfb_core import cache
 from tfb_core.forward.classifier import BayesianClassifier
+from tfb_core.search import cache
 from tfb_core.serving import overhead
 from tfb_core.serving.startup import load_engine
 

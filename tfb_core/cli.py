@@ -18,11 +18,12 @@ from tfb_core.config import CRITERIA, DEFAULT_MODEL, DTYPES, ModelConfig, Search
 from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError
 from tfb_core.data.tasks import TaskError
-from tfb_core.evaluate import EvalOptions, run_eval
+from tfb_core.evaluation.classification import EvalOptions, run_eval
 from tfb_core.forward.completion import MODES
-from tfb_core.generation_sigma import read_anchor
 from tfb_core.model import BayesianModel
-from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, GENERATION_SEARCH, EngineConfig
+from tfb_core.search.generation import read_anchor
+from tfb_core.search.strategy import GENERATION_SEARCH
+from tfb_core.serving.config import DEMO_GENERATIVE_ADAPTER, EngineConfig
 from tfb_core.serving.startup import load_engine
 
 log = logging.getLogger("tfb")
@@ -97,9 +98,7 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
     if getattr(args, "labels", None):
         top["labels"] = tuple(args.labels)
     cfg = EngineConfig(**{**base.__dict__, "model": model, **top})
-    kind = base.search or cfg.with_defaults().search  # unset: the default search of the adapter's kind
-    assert kind is not None
-    return EngineConfig(**{**cfg.__dict__, "search": SearchConfig(**{**kind.__dict__, **_given(args, SEARCH_FLAGS)})})
+    return cfg.with_search(**_given(args, SEARCH_FLAGS))  # unset: the default search of the adapter's kind
 
 
 def _load_inputs(args: argparse.Namespace) -> list[Any]:

@@ -1,13 +1,13 @@
 """The imports between a package's own modules, read from their source (``ast``), never imported.
 
     known = module_files(root, ["tfb_core"])        # module name -> file
-    closure(["tfb_core.serving.sigma"], known)      # every module of tfb_core that one imports, transitively
+    closure(["tfb_core.search.classifier"], known)      # every module of tfb_core that one imports, transitively
 
 Every import statement counts, wherever it stands: at the top, inside a function, under
 ``if TYPE_CHECKING:``; but one: the body of a module's own ``__getattr__`` (PEP 562), a lazy export
 that runs when a caller reads that name, never when the module is imported (``tfb_core``'s
 ``BayesianModel``: every module imports the package first, and must not import the serving stack
-with it, nor have it in its closure). Two readers: :mod:`tfb_core.cache` hashes the source of the closure of the
+with it, nor have it in its closure). Two readers: :mod:`tfb_core.search.cache` hashes the source of the closure of the
 code that computes a cached result (so an edit to any of it recomputes), and
 ``scripts/check_imports.py`` checks that the imports between packages point one way.
 """

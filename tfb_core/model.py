@@ -25,7 +25,7 @@ from dataclasses import fields
 from os import PathLike
 from typing import Any
 
-from tfb_core.config import DEFAULT_MODEL, ModelConfig, SearchConfig
+from tfb_core.config import DEFAULT_MODEL, ModelConfig
 from tfb_core.data.loading import BASE_FIELDS
 from tfb_core.data.tasks import Record
 from tfb_core.forward.completion import MODES
@@ -51,8 +51,9 @@ def engine_config(model: str | PathLike = DEFAULT_MODEL, adapter: str | PathLike
     """The :class:`EngineConfig` of ``model`` (a hub id, a local folder or ``pip:<wheel>``) and
     ``adapter`` (None with the default model: the SST-2 demo adapter) with ``settings``, as the server
     builds it from the same values (unless ``search`` is given, :meth:`EngineConfig.with_defaults`
-    gives the kind's default search seeded with ``seed``, as TFB_SEED sets both), so that a sigma
-    either one searched is the other's from the cache. ``TypeError`` naming an unknown setting."""
+    gives the kind's default search seeded with ``seed``, as TFB_SEED sets both; ``search`` as a
+    mapping changes only its fields of that default, :meth:`EngineConfig.with_search`), so that a
+    sigma either one searched is the other's from the cache. ``TypeError`` naming an unknown setting."""
     unknown = sorted(set(settings) - set(MODEL_SETTINGS) - set(ENGINE_SETTINGS))
     if unknown:
         raise TypeError(f"unknown settings {unknown}: the settings are ModelConfig's {list(MODEL_SETTINGS)} and "
@@ -60,10 +61,11 @@ def engine_config(model: str | PathLike = DEFAULT_MODEL, adapter: str | PathLike
     top = {k: v for k, v in settings.items() if k in ENGINE_SETTINGS}
     if top.get("labels") is not None:
         top["labels"] = tuple(top["labels"])
-    if isinstance(top.get("search"), Mapping):
-        top["search"] = SearchConfig(**top["search"])
-    return EngineConfig(model=ModelConfig(model=str(model), adapter=None if adapter is None else str(adapter),
-                                          **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}), **top)
+    search = top.pop("search", None) if isinstance(top.get("search"), Mapping) else None
+    cfg = EngineConfig(model=ModelConfig(model=str(model), adapter=None if adapter is None else str(adapter),
+                                         **{k: v for k, v in settings.items() if k in MODEL_SETTINGS}), **top)
+    # a partial search: the fields given, the rest the default of the adapter's kind (as the CLI's flags)
+    return cfg if search is None else cfg.with_search(**search)
 
 
 class _Base:

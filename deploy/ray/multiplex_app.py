@@ -372,7 +372,7 @@ class TFBAdapters:
         """Take the cluster's lease on ``name``'s sigma search (its cache key), or
         :class:`SearchElsewhereError`; with it, read the cache once more (a search that ended since
         the adapter's files were read is used, not run again)."""
-        from tfb_core import cache
+        from tfb_core.search import cache
         from tfb_core.data.loading import default_cache_dir
         from tfb_core.serving.startup import cached_sigma
 

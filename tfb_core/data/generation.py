@@ -146,11 +146,46 @@ def load_generation(task: str, split: str, limit: int | None = None, cache_dir: 
     return records
 
 
+class GenerationInputError(ValueError):
+    """A generation request the model cannot take (no chat template, a prompt over a limit); ``param``
+    names the request field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], instead: str = "give a prompt as text",
+                add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+    """The text of chat ``messages`` rendered with ``tokenizer``'s chat template (its special tokens
+    included: tokenize it without adding them), as /v1/chat/completions renders them (SmolLM2's
+    template adds its default system line); ``GenerationInputError`` naming ``messages`` when the
+    model has no template (``instead``: what to send then) or the template refuses them. The one
+    chat rendering of the server, the library, the sigma search, the evaluation and the training."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError(f"this model's tokenizer has no chat template: {instead}", param="messages")
+    try:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 -- a template error is the request's (e.g. roles out of order)
+        raise GenerationInputError(f"the chat template refused the messages: {exc}"[:500], param="messages") from None
+
+
 def chat_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], shots: Sequence[tuple[str, str]] = ()) -> str:
     """The text a chat model reads for ``prompt``: one user message (or the chat ``messages`` given)
-    through the tokenizer's chat template, with the assistant's turn opened (SmolLM2's template adds
-    its default system line), as /v1/chat/completions renders them. ``shots`` (question, answer) pairs
+    through :func:`render_chat`, with the assistant's turn opened. ``shots`` (question, answer) pairs
     go before it as earlier turns (a few-shot prompt)."""
     turns = [m for q, a in shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    return tokenizer.apply_chat_template([*turns, *messages], add_generation_prompt=True, tokenize=False)
+    return render_chat(tokenizer, [*turns, *messages])
+
+
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]], chat: bool,
+                  instead: str = "give a prompt as text") -> list[int]:
+    """The token ids the model reads for ``prompt``: through the chat template (:func:`chat_prompt`:
+    its special tokens are in the text, none added; chat messages always) or as plain text (the
+    tokenizer's own special tokens added), as the completion routes read them."""
+    if chat or not isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(tokenizer(render_chat(tokenizer, messages, instead), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])

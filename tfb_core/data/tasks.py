@@ -225,7 +225,7 @@ TASKS: dict[str, Task] = {
     "sst2": Task("sst2", ("negative", "positive"), ("sentence",), _format_sst2, _target_int("label", 2)),
 }
 #: the task of a generative adapter: no labels; it answers /v1/completions and /v1/chat/completions,
-#: its sigma is searched on its own greedy answers (:mod:`tfb_core.generation_sigma`)
+#: its sigma is searched on its own greedy answers (:mod:`tfb_core.search.generation`)
 GENERATION = Task("generation", (), ("prompt",))
 # WG-S and WG-M of the paper are WinoGrande sizes, not formats.
 ALIASES = {"wg_s": "winogrande", "wg_m": "winogrande", "arc-c": "arc_challenge", "arc-e": "arc_easy",

@@ -14,7 +14,6 @@ for later forwards (:mod:`~tfb_core.forward.prefix_cache`).
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,20 @@ from tfb_core.bayes.posterior import NoiseDraw, TFBLinear, TFBPosterior
 from tfb_core.bayes.routing import RoutedLinear, Routing, add_adapter, bayesianize_many, output_rows, remove_adapter
 from tfb_core.data.loading import pad_token_id
 from tfb_core.data.tasks import class_token_ids
-from tfb_core.forward.layout import Job, Segment, noise_rows, row_layout, rows_of, union_ids
+from tfb_core.forward.layout import (
+    Job,
+    Row,
+    Segment,
+    arm,
+    build_segments,
+    cache_keyword,
+    disarm,
+    job_rows,
+    layout,
+    pad_left,
+    rows_of,
+    union_ids,
+)
 from tfb_core.forward.planning import (
     FORWARD_OVERHEAD_TOKENS,
     MAX_BATCH_TOKENS,
@@ -108,9 +120,7 @@ class BayesianClassifier:
         #: runs one forward of the model (``run(fn) -> fn()``): a background thread's view hands its
         #: forwards to the thread that owns the model (None: called here)
         self.forward_runner: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None
-        # transformers renamed `past_key_values` to `cache` (5.2x; the old name goes in 5.40)
-        params = inspect.signature(self.backbone.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(self.backbone.forward)
 
     @classmethod
     def from_peft(cls, peft_model: nn.Module, tokenizer: Any, labels: Sequence[str],
@@ -226,15 +236,6 @@ class BayesianClassifier:
                                          f"{self.max_length}")
         return out
 
-    def _pad_left(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-        return ids.to(self.device), mask.to(self.device)  # (R, T), (R, T)
-
     def plan(self, token_lists: Sequence[Sequence[int]], rows: Sequence[int], max_rows: int,
              keys: Sequence[Any] | None = None) -> list[list[int]]:
         """:func:`plan_chunks` with this model's forward overhead and token cap."""
@@ -327,23 +328,11 @@ class BayesianClassifier:
             self._disarm(segments)
         return logits.float()
 
-    def _arm(self, segments: Sequence[Segment], rows: Sequence[int] | None = None, prefix_pass: bool = False) -> None:
-        """Set every segment's noise on its adapter's posterior and the routing of rows to adapters.
-
-        ``prefix_pass``: the forward of a shared prefix, one row per distinct sample of each segment."""
-        bounds, start = [], 0
-        for seg in segments:
-            n = seg.distinct if prefix_pass else seg.rows
-            self.posteriors[seg.adapter].set_noise(seg.sigma, seg.z_rows, 1 if prefix_pass else seg.group)
-            bounds.append((seg.adapter, start, start + n))
-            start += n
-        single = len(bounds) == 1 and bounds[0][0] == 0
-        self.routing.segments = None if single else bounds
+    def _arm(self, segments: Sequence[Segment], prefix_pass: bool = False) -> None:
+        arm(segments, self.posteriors, self.routing, prefix_pass)
 
     def _disarm(self, segments: Sequence[Segment]) -> None:
-        for seg in segments:
-            self.posteriors[seg.adapter].clear_noise()
-        self.routing.segments = None
+        disarm(segments, self.posteriors, self.routing)
 
     def _last_hidden(self, rows: Sequence[list[int]], segments: Sequence[Segment], prefix: int | None = None,
                      samples: Hashable | None = None) -> torch.Tensor:
@@ -372,8 +361,7 @@ class BayesianClassifier:
         if not (self.share_prefix and shared >= MIN_SHARED_PREFIX and (n_distinct < n_rows or key is not None)
                 and all(not seg.noisy or seg.distinct * seg.group == seg.rows for seg in segments)
                 and (self.window is None or max(len(r) for r in rows) <= self.window)):
-            input_ids, mask = self._pad_left(rows)  # (R, T)
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
+            input_ids, mask, position_ids = pad_left(rows, self.pad_id, self.device)  # (R, T)
             self._arm(segments)
             return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state[:, -1]
@@ -395,9 +383,9 @@ class BayesianClassifier:
             owner.append(base + (local // seg.group if seg.noisy else local * 0))
             base += seg.distinct
         cache.reorder_cache(owner[0] if len(owner) == 1 else torch.cat(owner))  # (R, heads, P, d) per layer
-        tail_ids, tail_mask = self._pad_left([r[shared:] for r in rows])  # (R, T - P)
+        tail_ids, tail_mask, tail_positions = pad_left([r[shared:] for r in rows], self.pad_id, self.device)  # (R, T - P)
         mask = torch.cat([torch.ones((n_rows, shared), dtype=tail_mask.dtype, device=self.device), tail_mask], 1)
-        position_ids = shared + (tail_mask.cumsum(-1) - 1).clamp_min(0)
+        position_ids = shared + tail_positions
         self._arm(segments)
         return self.backbone(input_ids=tail_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                              **{self._cache_kw: cache}).last_hidden_state[:, -1]
@@ -407,7 +395,7 @@ class BayesianClassifier:
         """One batched forward for all jobs; per job its per-sample probabilities (n_i, C).
 
         Jobs that share a :class:`NoiseDraw` share its sample-major rows; at sigma = 0 (or with no
-        noise) each job needs one row whose result stands for all its samples (:func:`row_layout`).
+        noise) each job needs one row whose result stands for all its samples (:func:`~tfb_core.forward.layout.plan_rows`).
         Jobs of other adapters (``Job.adapter``) get their own segment of rows, with their own sigma
         and class ids: one forward of the base model for all. ``class_ids``: those of the jobs that
         carry none (:attr:`Job.class_ids` None; default: this classifier's labels', :attr:`class_ids`).
@@ -420,43 +408,41 @@ class BayesianClassifier:
             if not job.tokens:
                 raise EmptyPromptError(f"job {j} has no tokens: nothing to classify")
             by_adapter.setdefault(self.adapter if job.adapter is None else job.adapter, []).append(j)
-        order: list[tuple[int, int]] = []  # rows in forward order: (job, sample)
-        segments: list[Segment] = []
-        samples: list[Hashable] = []
+        rows: list[Row] = []
+        sigmas: dict[int, float] = {}
         for adapter, members in by_adapter.items():
-            sigmas = {sigma if jobs[j].sigma is None else jobs[j].sigma for j in members}
-            if len(sigmas) != 1:
-                raise ValueError(f"adapter {adapter}: one sigma per forward, got {sorted(sigmas)}")
-            seg_sigma = sigmas.pop()
-            noisy = seg_sigma > 0.0
+            seg_sigmas = {sigma if jobs[j].sigma is None else jobs[j].sigma for j in members}
+            if len(seg_sigmas) != 1:
+                raise ValueError(f"adapter {adapter}: one sigma per forward, got {sorted(seg_sigmas)}")
+            sigmas[adapter] = seg_sigma = seg_sigmas.pop()
             for j in members:
                 job = jobs[j]
-                if noisy and job.noise is not None and job.noise.n_samples < job.n_samples:
+                if seg_sigma > 0.0 and job.noise is not None and job.noise.n_samples < job.n_samples:
                     raise ValueError(f"noise has {job.noise.n_samples} samples, job needs {job.n_samples}")
-            part = [jobs[j] for j in members]
-            layout = row_layout([job.n_samples for job in part],
-                                [job.noise.key if noisy and job.noise is not None else None for job in part])
-            z_rows, key = noise_rows(part, layout, self.posteriors[adapter])
-            segments.append(Segment(adapter, len(layout.owner), z_rows, seg_sigma, layout.group))
-            samples.append(None if key is None else (adapter, key, float(seg_sigma)))
-            order += [(members[j], n) for j, n in layout.owner]
+                rows += job_rows(j, adapter, job.n_samples, job.noise, seg_sigma)
+        order, plans = layout(rows)
+        owner = [rows[i] for i in order]  # rows in forward order
+        segments = build_segments(plans, owner, self.posteriors, sigmas)
+        samples = [(seg.adapter, ("mean",) if not seg.noisy else plan.key, seg.sigma)
+                   for seg, plan in zip(segments, plans, strict=True)]
         if isinstance(prefix, Mapping):
             prefix = min(prefix.get(a, 0) for a in by_adapter) or None
         ids = [default_ids if job.class_ids is None else job.class_ids for job in jobs]
         union, cols = union_ids(ids)
-        rows = [jobs[j].tokens for j, _ in order]
-        logits = self.segment_logits(rows, segments, union, prefix, None if None in samples else tuple(samples))
+        tokens = [jobs[row.stream].tokens for row in owner]
+        keyed = all(key[1] is not None for key in samples)
+        logits = self.segment_logits(tokens, segments, union, prefix, tuple(samples) if keyed else None)
         if all(c is None for c in cols):  # one label set: one softmax, one copy to the host
             probs = torch.softmax(logits, dim=-1).cpu()  # (R, C)
         else:
             logits = logits.cpu()  # (R, U)
-            probs = [torch.softmax(logits[r, cols[j]], dim=-1) for r, (j, _) in enumerate(order)]
+            probs = [torch.softmax(logits[r, cols[row.stream]], dim=-1) for r, row in enumerate(owner)]
         out = [torch.empty((job.n_samples, len(ids[j]))) for j, job in enumerate(jobs)]
-        for r, (j, n) in enumerate(order):
-            if n < 0:
-                out[j][:] = probs[r]
+        for r, row in enumerate(owner):
+            if row.sample < 0:
+                out[row.stream][:] = probs[r]
             else:
-                out[j][n] = probs[r]
+                out[row.stream][row.sample] = probs[r]
         return out
 
     def sample_probs(self, prompts: Sequence[str], n_samples: int, seed: int | None = None, *, sigma: float,

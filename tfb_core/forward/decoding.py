@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from tfb_core.bayes.posterior import sample_seed
-from tfb_core.decide.generation import choose_token, cluster_answers, mix_rows, sequence_scores
+from tfb_core.decide import generation as mixing
+from tfb_core.decide.generation import choose_token, cluster_answers, sequence_scores
 from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, StopRule, TokenUncertainty
-from tfb_core.forward.decode_rows import Row, layout
+from tfb_core.forward.layout import Row, layout
 
 
 @dataclass
@@ -183,11 +184,11 @@ class Decoding:
             # the shared prefix (a chat template's head) from the generator's kept rows, computed once
             # per sample; the rest of each prompt, left-padded after it, attends to it
             cache = self.gen.prefix_cache_of(rows, sigmas)
-            ids, mask, positions = self.gen.pad_left([t[skip:] for t in prompts])
+            ids, mask, positions = self.gen.pad([t[skip:] for t in prompts])
             mask = torch.cat([mask.new_ones((len(rows), skip)), mask], dim=1)
             positions = positions + skip
         else:
-            ids, mask, positions = self.gen.pad_left(prompts)
+            ids, mask, positions = self.gen.pad(prompts)
             cache = self.gen.make_cache()
         logits = self.gen.forward(rows, ids, mask, positions, cache, sigmas, plans)[:, -1]  # (R_new, V)
         return rows, cache, mask, positions[:, -1], logits
@@ -243,7 +244,7 @@ class Decoding:
         if self.done:
             raise RuntimeError("the decoding is done: every stream has ended")
         streams = [self.streams[s] for s in self.active]
-        mixed = mix_rows(self.logits, self.row_stream, len(streams))
+        mixed = mixing.mix_rows(self.logits, self.row_stream, len(streams))
         # greedy: argmax of p̄; a one-row stream takes argmax of its logits, as a plain greedy
         # decode does (softmax may round two nearby logits to one probability)
         chosen = torch.where(mixed.single, self.logits.argmax(-1)[self.first_row], mixed.probs.argmax(-1))  # (S,)

@@ -1,14 +1,27 @@
-"""The rows of one forward: which job and sample each row is, and which noise it carries.
+"""The rows of one forward, for the classifier and the generator alike: which input (stream),
+adapter and posterior sample each row is, which noise it carries, and the padded tokens it reads.
 
-Pure bookkeeping over token lists, Ns and draws: no model runs here. A :class:`Job` is one input
-with its N and noise draw; :func:`row_layout` orders the rows of many jobs sample-major, so that
-jobs sharing a draw share its samples; a :class:`Segment` is the consecutive rows of one adapter;
-:func:`noise_rows` gathers each module's draws for a layout's rows (views where it can).
+Pure bookkeeping over token lists, samples and draws: no model runs here. A :class:`Row` is
+(stream, adapter, sample n of a :class:`~tfb_core.bayes.posterior.NoiseDraw`), or the posterior mean
+(sample -1, no draw: at sigma = 0 one row stands for all N samples). The classifier's stream is an
+input (a :class:`Job`: its tokens, N and draw); the generator's is one token history being decoded
+(in Bayesian-model-averaging mode a sequence is one stream fed by its N sample rows; in per-sample
+mode each sample row is its own stream).
+
+:func:`plan_rows` orders rows into one segment per adapter (the routing of
+:mod:`tfb_core.bayes.routing` wants each adapter's rows consecutive). Where every row of a segment
+is a sample of a draw, each draw's samples are 0..S_d-1 and each sample has the same number g of
+rows, the rows go draw-major then sample-major and the module noise is the draws' own (S_d, r, in)
+tensors (views of one draw; several draws concatenated) with ``group`` = g; otherwise
+stream-major, with the draws gathered per row (:func:`segment_noise`). :func:`arm` sets a
+forward's :class:`Segment` s on the posteriors and the routing; :func:`pad_left` pads the rows'
+tokens on the left, positions counting real tokens only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import inspect
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +42,20 @@ class Job:
     adapter: int | None = None  # None: the adapter of the classifier that runs the forward
     sigma: float | None = None  # None: the sigma the forward is run at
     class_ids: torch.Tensor | None = None  # None: run_jobs' class_ids, by default the classifier's own
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a forward."""
+
+    stream: int
+    adapter: int
+    sample: int  # index in ``noise``; -1: the posterior mean
+    noise: NoiseDraw | None  # None: the posterior mean
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise is not None and self.sample >= 0
 
 
 @dataclass
@@ -57,51 +84,143 @@ def rows_of(n_samples: int, sigma: float) -> int:
     return n_samples if sigma > 0.0 else 1
 
 
+def job_rows(job: int, adapter: int, n_samples: int, noise: NoiseDraw | None, sigma: float) -> list[Row]:
+    """The rows of one input: a row per sample of ``noise`` at sigma > 0, else one mean row."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if sigma > 0.0 and noise is not None:
+        return [Row(job, adapter, n, noise) for n in range(n_samples)]
+    return [Row(job, adapter, -1, None)]
+
+
 @dataclass(frozen=True)
-class RowLayout:
-    """Where each row of one forward comes from, and which noise it carries.
+class SegmentPlan:
+    """The consecutive rows of one adapter in a forward: indices into the given rows, in order."""
 
-    ``owner[r]`` = (job, sample) of row r; sample -1: the posterior mean, standing for all the job's
-    samples. ``blocks``: the noise of consecutive rows, in row order: (job whose draw, its sample
-    index per row), or (count, None) for rows of the posterior mean among noisy rows; empty when
-    no row is noisy. ``uniform``: every draw has as many jobs, all with one N, so rows
-    n*group .. (n+1)*group - 1 share sample n and each module gets the N samples as they are
-    (views of the draw, ``group`` = jobs per draw) instead of one gathered copy per row.
-    """
+    adapter: int
+    rows: tuple[int, ...]
+    uniform: bool  # rows n*group .. (n+1)*group - 1 are sample n (of the draws, one after the other)
+    group: int  # rows per sample when uniform, else 1
+    draws: tuple[NoiseDraw, ...] = ()  # a uniform plan's draws, in row order
+    samples: tuple[int, ...] = ()  # a uniform plan's samples of each draw (S_d)
 
-    owner: list[tuple[int, int]]
-    blocks: list[tuple[int, list[int] | None]]
-    uniform: bool
-    group: int
+    @property
+    def key(self) -> Hashable | None:
+        """What identifies the plan's samples (each draw's :attr:`NoiseDraw.key` and S_d): a kept
+        prefix's key; None where the rows gather samples row by row."""
+        return tuple(zip((d.key for d in self.draws), self.samples, strict=True)) if self.uniform else None
 
 
-def row_layout(n_samples: Sequence[int], draws: Sequence[Hashable | None]) -> RowLayout:
-    """The rows of one forward of jobs with N ``n_samples[j]`` and noise ``draws[j]`` (a key that
-    identifies the draw; None: the posterior mean). Pure: no model, no tensors."""
-    groups: dict[Hashable | None, list[int]] = {}
-    for j, (n, key) in enumerate(zip(n_samples, draws, strict=True)):
-        if n < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n}")
-        groups.setdefault(key, []).append(j)
-    noisy = [m for key, m in groups.items() if key is not None]
-    uniform = bool(noisy) and None not in groups and len({len(m) for m in noisy}) == 1 and all(
-        len({n_samples[j] for j in m}) == 1 for m in noisy)
-    owner: list[tuple[int, int]] = []
-    blocks: list[tuple[int, list[int] | None]] = []
-    for key, members in groups.items():
-        if key is None:  # posterior mean: one row per job
-            owner += [(j, -1) for j in members]
-            if noisy:
-                blocks.append((len(members), None))
-            continue
-        sample_idx = []
-        for n in range(max(n_samples[j] for j in members)):  # sample-major
-            for j in members:
-                if n < n_samples[j]:
-                    owner.append((j, n))
-                    sample_idx.append(n)
-        blocks.append((members[0], sample_idx))
-    return RowLayout(owner, blocks, uniform, len(noisy[0]) if uniform else 1)
+def _uniform(rows: Sequence[Row], members: Sequence[int]
+             ) -> tuple[list[int], int, tuple[NoiseDraw, ...], tuple[int, ...]] | None:
+    """(order, group, draws, S_d per draw) of sample-major rows, or None (see the module doc)."""
+    counts: dict[Hashable, dict[int, int]] = {}
+    draws: dict[Hashable, NoiseDraw] = {}
+    for i in members:
+        row = rows[i]
+        if not row.noisy:
+            return None
+        key = row.noise.key
+        draws.setdefault(key, row.noise)
+        per = counts.setdefault(key, {})
+        per[row.sample] = per.get(row.sample, 0) + 1
+    groups = {g for per in counts.values() for g in per.values()}
+    if len(groups) != 1 or any(sorted(per) != list(range(len(per))) for per in counts.values()):
+        return None
+    rank = {key: k for k, key in enumerate(draws)}
+    order = sorted(members, key=lambda i: (rank[rows[i].noise.key], rows[i].sample, rows[i].stream))
+    return order, groups.pop(), tuple(draws.values()), tuple(len(counts[key]) for key in draws)
+
+
+def plan_rows(rows: Sequence[Row]) -> list[SegmentPlan]:
+    """One segment per adapter (ascending), each sample-major where it can be (see module doc)."""
+    by_adapter: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_adapter.setdefault(row.adapter, []).append(i)
+    plans = []
+    for adapter in sorted(by_adapter):
+        members = by_adapter[adapter]
+        uniform = _uniform(rows, members)
+        if uniform is not None:
+            order, group, draws, S = uniform
+            plans.append(SegmentPlan(adapter, tuple(order), True, group, draws, S))
+        else:
+            order = sorted(members, key=lambda i: (rows[i].stream, rows[i].sample))
+            plans.append(SegmentPlan(adapter, tuple(order), False, 1))
+    return plans
+
+
+def layout(rows: Sequence[Row]) -> tuple[list[int], list[SegmentPlan]]:
+    """(order, plans): the forward order of ``rows`` (indices into them) and the segment plans over
+    the rows *in that order* (``[rows[i] for i in order]``)."""
+    plans = plan_rows(rows)
+    order = [i for plan in plans for i in plan.rows]
+    out, at = [], 0
+    for plan in plans:
+        out.append(SegmentPlan(plan.adapter, tuple(range(at, at + len(plan.rows))), plan.uniform, plan.group,
+                               plan.draws, plan.samples))
+        at += len(plan.rows)
+    return order, out
+
+
+def segment_noise(plan: SegmentPlan, rows: Sequence[Row], posterior: TFBPosterior) -> list[torch.Tensor] | None:
+    """Per module of ``posterior`` the (rows / group, r, in) draws of a segment's rows (zeros for
+    rows of the posterior mean among noisy ones); None when no row is noisy."""
+    if plan.uniform:
+        if len(plan.draws) == 1:
+            S = plan.samples[0]
+            return [z if z.shape[0] == S else z[:S] for z in plan.draws[0].z]  # views: sample-major rows
+        return [torch.cat([d.z[k][:S] for d, S in zip(plan.draws, plan.samples, strict=True)])
+                for k in range(len(plan.draws[0].z))]
+    members = [rows[i] for i in plan.rows]
+    if not any(row.noisy for row in members):
+        return None
+    modules = posterior.modules
+    pieces: list[list[torch.Tensor]] = []  # per run of rows from one draw (or of mean rows): per module
+    run: list[Row] = []
+    for row in [*members, None]:
+        if run and (row is None or row.noise is not run[0].noise or row.noisy != run[0].noisy):
+            if run[0].noisy:
+                idx = torch.tensor([r.sample for r in run], device=posterior.device)
+                pieces.append([z.index_select(0, idx) for z in run[0].noise.z])
+            else:
+                pieces.append([torch.zeros((len(run), *m.lora_A.shape), dtype=m.lora_A.dtype, device=m.lora_A.device)
+                               for m in modules])
+            run = []
+        if row is not None:
+            run.append(row)
+    return [torch.cat([p[k] for p in pieces]) for k in range(len(modules))]
+
+
+def build_segments(plans: Sequence[SegmentPlan], rows: Sequence[Row], posteriors: Sequence[TFBPosterior],
+                   sigmas: Mapping[int, float]) -> list[Segment]:
+    """The forward's :class:`Segment` per plan: rows, noise, sigma (``sigmas[adapter]``), group."""
+    out = []
+    for plan in plans:
+        sigma = float(sigmas.get(plan.adapter, 0.0))
+        z = segment_noise(plan, rows, posteriors[plan.adapter]) if sigma > 0.0 else None
+        out.append(Segment(plan.adapter, len(plan.rows), z, sigma if z is not None else 0.0,
+                           plan.group if z is not None else 1))
+    return out
+
+
+def arm(segments: Sequence[Segment], posteriors: Sequence[TFBPosterior], routing, prefix_pass: bool = False) -> None:
+    """Set each segment's noise on its adapter's posterior and the routing of rows to adapters.
+
+    ``prefix_pass``: the forward of a shared prefix, one row per distinct sample of each segment."""
+    bounds, start = [], 0
+    for seg in segments:
+        n = seg.distinct if prefix_pass else seg.rows
+        posteriors[seg.adapter].set_noise(seg.sigma, seg.z_rows, 1 if prefix_pass else seg.group)
+        bounds.append((seg.adapter, start, start + n))
+        start += n
+    routing.segments = None if len(bounds) == 1 and bounds[0][0] == 0 else bounds
+
+
+def disarm(segments: Sequence[Segment], posteriors: Sequence[TFBPosterior], routing) -> None:
+    for seg in segments:
+        posteriors[seg.adapter].clear_noise()
+    routing.segments = None
 
 
 def union_ids(ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -121,25 +240,24 @@ def union_ids(ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Ten
     return union, [cols[id(i)] for i in ids]
 
 
-def noise_rows(jobs: Sequence[Job], layout: RowLayout, posterior: TFBPosterior
-               ) -> tuple[list[torch.Tensor] | None, Hashable]:
-    """Per module the (R / group, r, in) draws of a layout's rows, and the key of its samples."""
-    if not layout.blocks:  # the posterior mean only
-        return None, ("mean",)
-    modules = posterior.modules
-    if layout.uniform:
-        parts = [(jobs[j].noise, jobs[j].n_samples) for j, _ in layout.blocks]  # (draw, N) per draw
-        z_rows = []
-        for k in range(len(modules)):
-            zs = [draw.z[k] if n == draw.n_samples else draw.z[k][:n] for draw, n in parts]  # views
-            z_rows.append(zs[0] if len(zs) == 1 else torch.cat(zs))  # (sum of N, r, in)
-        return z_rows, tuple((draw.key, n) for draw, n in parts)
-    pieces: list[list[torch.Tensor]] = []
-    for j, idx in layout.blocks:
-        if idx is None:  # rows of the posterior mean in a noisy forward: zero noise
-            pieces.append([torch.zeros((j, *m.lora_A.shape), dtype=m.lora_A.dtype, device=m.lora_A.device)
-                           for m in modules])
-        else:
-            sel = torch.tensor(idx, device=posterior.device)
-            pieces.append([z.index_select(0, sel) for z in jobs[j].noise.z])  # per module (R_g, r, in)
-    return [torch.cat([p[k] for p in pieces]) for k in range(len(modules))], None
+# --- the tokens of the rows ------------------------------------------------------------------------
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (R, T), of token lists padded on the left
+    (positions count real tokens only: left padding must not shift them)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    if device is None:
+        return ids, mask, positions
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def cache_keyword(forward: Callable) -> str:
+    """The keyword a model's ``forward`` takes its key/value cache by: transformers renamed
+    ``past_key_values`` to ``cache`` (5.2x; the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"

@@ -1,13 +1,15 @@
-"""Keys and values of a prompt prefix per posterior sample, kept for the next forwards.
+"""Keys and values of a prompt prefix per posterior sample, kept for the next forwards: the one
+store of the classifier, the generator and the generator's teacher-forced scoring.
 
-A task's instruction is the same tokens in every prompt: its keys and values under the S posterior
-samples of a forward are computed once, kept here, and reused by every later forward with the same
-samples, sigma and prefix tokens (see ``BayesianClassifier._last_hidden``). The key is explicit:
-
-    (samples, sigma, S, prefix tokens)    samples = ((draw key, N), ...) or ("mean",)
-
-where a draw key is :attr:`NoiseDraw.key`, unique for the life of the process (never an ``id()``,
-which a later draw may reuse).
+A task's instruction, or a chat template's head, is the same tokens in every prompt: its keys and
+values under the posterior samples of a forward are computed once, kept here (the last ``capacity``
+entries, least recently used first out), and reused by every later forward with the same samples,
+sigma and prefix tokens. The key is explicit and holds all of these; a draw is named by its
+:attr:`NoiseDraw.key`, unique for the life of the process (never an ``id()``, which a later draw may
+reuse). The classifier keeps one whole cache per set of samples
+(``BayesianClassifier._last_hidden``: ``((adapter, samples, sigma), ...), S, prefix tokens``); the
+generator keeps one entry per row, ``(adapter, sample, draw key, sigma, prefix tokens)``, and
+concatenates the rows a decode needs (:meth:`~tfb_core.forward.generator.BayesianGenerator.prefix_cache_of`).
 
 A forward extends and reorders the cache it is given (``reorder_cache`` and the suffix's
 ``update``), and a dynamic cache layer does both by building new tensors and rebinding
@@ -46,12 +48,17 @@ def fork(cache: Any) -> Any:
 
 
 class PrefixCache:
-    """The last ``capacity`` prefixes' caches, least recently used first out."""
+    """The last ``capacity`` prefixes' keys and values, least recently used first out.
 
-    def __init__(self, capacity: int = PREFIX_CACHE_SIZE) -> None:
+    ``fork``: what :meth:`get` and :meth:`put` hand out and keep of a value (:func:`fork`: a cache
+    object of its own over the same tensors, for a forward that extends it); None: the value itself
+    (per-row tensors that no forward writes into)."""
+
+    def __init__(self, capacity: int = PREFIX_CACHE_SIZE, fork: Callable[[Any], Any] | None = fork) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self.capacity = capacity
+        self._fork = fork if fork is not None else (lambda value: value)
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
 
     def __len__(self) -> int:
@@ -63,16 +70,20 @@ class PrefixCache:
         if cache is None:
             return None
         self._items.move_to_end(key)
-        return fork(cache)
+        return self._fork(cache)
 
     def put(self, key: Hashable, cache: Any) -> None:
         """Keep ``cache`` (as it is now: the caller may go on extending its own object)."""
         if self.capacity == 0:
             return
-        self._items[key] = fork(cache)
+        self._items[key] = self._fork(cache)
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
+
+    def keys(self) -> list[Hashable]:
+        """The keys kept, least recently used first."""
+        return list(self._items)
 
     def clear(self) -> None:
         self._items.clear()

@@ -2,7 +2,7 @@
 
 :mod:`~tfb_core.serving.config` holds :class:`EngineConfig` and its defaults;
 :mod:`~tfb_core.serving.startup` builds engines (the classifiers; sigma fixed, from the cache or
-searched, :mod:`~tfb_core.serving.sigma` being the search's objective on the anchor set; the
+searched, :mod:`~tfb_core.search.classifier` being the search's objective on the anchor set; the
 calibration, :mod:`~tfb_core.serving.calibrate` running its forward in steps);
 :mod:`~tfb_core.serving.engine` is one adapter at run time (noise draws, forwards, what the
 calibration allows); :mod:`~tfb_core.serving.batch` runs many callers' requests in shared forwards;

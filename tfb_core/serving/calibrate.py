@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from tfb_core import cache
 from tfb_core.data.loading import LoadError
 from tfb_core.decide.conformal import Calibration
 from tfb_core.decide.uncertainty import summarize
+from tfb_core.search import cache
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from tfb_core.data.published import parse as parse_published
 from tfb_core.data.tasks import ALIASES, GENERATION
 from tfb_core.decide.conformal import SCORES
 from tfb_core.decide.generation_risk import RISK_SCORES
-from tfb_core.search import reachable_range
+from tfb_core.search.strategy import default_search, reachable_range
 
 #: The bundled demo adapter (an MLE LoRA for SST-2 on the embedded default model).
 DEMO_ADAPTER = Path(__file__).parent.parent / "adapters" / "sst2-mle"
@@ -36,11 +36,6 @@ DEMO_GENERATIVE_ADAPTER = Path(__file__).parent.parent / "adapters" / "arith-mle
 #: what an adapter folder's own training record may say (``"kind": "generation"``: a generative adapter)
 TRAIN_CONFIG_FILE = "train_config.json"
 GENERATION_TASK = GENERATION.name
-#: the sigma search of a generative adapter unless one is configured: the relative NLL change of the
-#: sigma = 0 model's own greedy answers to the anchor prompts within 10 %. The classification default
-#: (1.5, the reference's) flips a third of the demo's greedy answers and halves its accuracy; see
-#: docs/results-generation.md for the measurement behind 0.1
-GENERATION_SEARCH = SearchConfig(criterion="nll", tolerance=0.1)
 
 
 class ConfigError(ValueError):
@@ -56,9 +51,10 @@ class EngineConfig:
     """Everything :class:`~tfb_core.serving.engine.TFBEngine` needs. ``sigma=None``: from the cache or a search on ``anchor``.
 
     ``task="generation"`` is a generative adapter (no labels: it answers the completion routes; its
-    sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.generation_sigma`).
-    ``search=None``: the default search of the adapter's kind (:class:`~tfb_core.config.SearchConfig`'s
-    for classification, :data:`GENERATION_SEARCH` for generation), set by :meth:`with_defaults`.
+    sigma is searched on its own greedy answers to the anchor prompts, :mod:`tfb_core.search.generation`).
+    ``search=None``: the default search of the adapter's kind (:func:`tfb_core.search.default_search`:
+    :class:`~tfb_core.config.SearchConfig`'s for classification, :data:`~tfb_core.search.strategy.GENERATION_SEARCH`
+    for generation), set by :meth:`with_defaults`.
 
     ``published`` (``method/dataset/seed``) names one of the published TFB adapters: it sets the
     adapter, the base model (unless another is given, e.g. a local copy) and the task, and without
@@ -127,7 +123,7 @@ class EngineConfig:
             PosteriorConfig(sigma=self.sigma, d_floor=self.d_floor)  # validates
             # the search never returns more (its bracket, expanded): a larger fixed sigma drowns the
             # adapter in noise (sigma 1e6 answers noise, MI about ln 2) and is a typo, not a choice
-            search = self.search or (GENERATION_SEARCH if self.generative else SearchConfig())
+            search = self.search or default_search(self.generative)
             highest = reachable_range(search)[1]
             if self.sigma > highest:
                 raise ConfigError(f"sigma {self.sigma:g} is above {highest:.3g}, the most a sigma search reaches "
@@ -181,9 +177,17 @@ class EngineConfig:
                 changes["calibration"] = str(folder / CALIBRATION_FILE)
         cfg = EngineConfig(**{**self.__dict__, **changes}) if changes else self
         if cfg.search is None:  # its fixed noise's seed is the posterior seed, as TFB_SEED and --seed set both
-            kind = GENERATION_SEARCH if cfg.generative else SearchConfig()
-            cfg = EngineConfig(**{**cfg.__dict__, "search": replace(kind, seed=cfg.seed)})
+            cfg = EngineConfig(**{**cfg.__dict__, "search": replace(default_search(cfg.generative), seed=cfg.seed)})
         return cfg
+
+    def with_search(self, **changes: Any) -> EngineConfig:
+        """This config with its search (given, else the default of its kind that :meth:`with_defaults`
+        sets, seeded with the posterior seed) changed by ``changes`` (SearchConfig's fields): what
+        ``--tolerance`` on the CLI and ``search={...}`` in the library mean, so that a generative
+        adapter's partial search keeps the generative default's criterion and tolerance."""
+        kind = self.search or self.with_defaults().search
+        assert kind is not None
+        return EngineConfig(**{**self.__dict__, "search": replace(kind, **changes)})
 
 
 def local_adapter_folder(model: ModelConfig) -> Path | None:

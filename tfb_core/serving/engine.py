@@ -26,7 +26,7 @@ from tfb_core.decide.conformal import Calibration
 from tfb_core.decide.generation_risk import RiskCalibration
 from tfb_core.forward.classifier import BayesianClassifier, Prompt
 from tfb_core.forward.layout import Job, rows_of
-from tfb_core.search import SearchResult
+from tfb_core.search.strategy import SearchResult
 from tfb_core.serving.batch import BatchRequest, ForwardHook, Labels, run_batch
 from tfb_core.serving.calibrate import CalibrationRun
 from tfb_core.serving.config import EngineConfig

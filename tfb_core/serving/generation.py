@@ -26,37 +26,14 @@ from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tfb_core.data.generation import GenerationInputError, encode_prompt, render_chat
 from tfb_core.forward.completion import Completion, GenerationRequest, GenerationResult, Mode, TokenUncertainty, complete_text
 from tfb_core.forward.decoding import Decoding
-from tfb_core.forward.generator import BayesianGenerator
-from tfb_core.generation_sigma import common_prefix
+from tfb_core.forward.generator import BayesianGenerator, common_prefix
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.pool import AdapterPool
 
 log = logging.getLogger(__name__)
-
-
-class GenerationInputError(ValueError):
-    """A generation request the model cannot take (no chat template, a prompt over a limit); ``param``
-    names the request field."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], instead: str, add_generation_prompt: bool = True,
-                continue_final_message: bool = False) -> str:
-    """The text of ``messages`` rendered with ``tokenizer``'s chat template (its special tokens
-    included: tokenize it without adding them); ``GenerationInputError`` naming ``messages`` when the
-    model has no template (``instead``: what to send then) or the template refuses them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationInputError(f"this model's tokenizer has no chat template: {instead}", param="messages")
-    try:
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tokenize=False)
-    except Exception as exc:  # noqa: BLE001 -- a template error is the request's (e.g. roles out of order)
-        raise GenerationInputError(f"the chat template refused the messages: {exc}"[:500], param="messages") from None
 
 
 def chat_head(tokenizer: Any) -> list[int] | None:
@@ -113,13 +90,11 @@ class GenerationService:
 
     # --- prompts (on the model's thread) ----------------------------------------------------------
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
-        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return self._check_length(ids, param)
+        return self._check_length(encode_prompt(self.tokenizer, prompt, chat=False), param)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """The chat template's rendering of ``messages`` with the generation prompt, tokenized."""
-        text = render_chat(self.tokenizer, messages, "use /v1/completions with a prompt")
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = encode_prompt(self.tokenizer, messages, chat=True, instead="use /v1/completions with a prompt")
         return self._check_length(ids, "messages")
 
     def _check_length(self, ids: list[int], param: str) -> list[int]:

@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from tfb_core import cache
 from tfb_core.config import ModelConfig
 from tfb_core.data.loading import default_cache_dir
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.layout import Job
+from tfb_core.search import cache
 
 log = logging.getLogger(__name__)
 
 KIND = "forward_overhead"
 #: the code the measured value depends on: the forward and its timing (forward.planning), with their
-#: import closure (:func:`tfb_core.cache.code_sha256`)
+#: import closure (:func:`tfb_core.search.cache.code_sha256`)
 CODE = ("tfb_core.forward.classifier",)
 
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from tfb_core import cache
 from tfb_core.data.loading import default_cache_dir
 from tfb_core.data.tasks import TaskError
 from tfb_core.decide.answers import exact_match
 from tfb_core.decide.generation_risk import DEFAULT_RISK_SCORE, RiskCalibration, RiskScore, risk_score, score_value
 from tfb_core.forward.completion import GenerationRequest, GenerationResult
-from tfb_core.generation_sigma import Anchor
+from tfb_core.search import cache
+from tfb_core.search.generation import Anchor
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.engine import NO_CALIBRATION, TFBEngine
 

@@ -195,6 +195,6 @@ def unload(clf: BayesianClassifier, engine: TFBEngine | None = None,
     the model is as it was before it was loaded."""
     clf.remove_adapter(clf.adapter)
     for generator in generators:
-        generator.prefix_rows.drop_adapter(clf.adapter)
+        generator.drop_prefixes(clf.adapter)
     if engine is not None:
         engine.clear_noise()

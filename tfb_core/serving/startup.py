@@ -4,7 +4,7 @@
       per adapter: the config's defaults, its task; the reference anchor fetched before any model
       one base model with every adapter, Bayesianized: a classifier each   (load_classifiers)
       per adapter: sigma fixed | from the cache | searched on the anchor    (plan_sigma, run_search, cache_key)
-                   (a classifier: serving.sigma's objective; a generative adapter: generation_sigma's,
+                   (a classifier: search.classifier's objective; a generative adapter: search.generation's,
                    on its own greedy answers to the anchor prompts)
                    the calibration from the cache | computed now | left to run in the background
 
@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from tfb_core import cache
 from tfb_core.config import ModelConfig, PosteriorConfig
 from tfb_core.data.jsonl import read_jsonl
 from tfb_core.data.loading import LoadError, base_mismatch, default_cache_dir, load_adapter, load_base_model
@@ -38,13 +37,14 @@ from tfb_core.decide.conformal import Calibration
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.generator import BayesianGenerator
 from tfb_core.forward.layout import rows_of
-from tfb_core.generation_sigma import Anchor, make_anchors, read_anchor, search_generation_sigma
-from tfb_core.search import SearchResult, check_result
+from tfb_core.search import cache
+from tfb_core.search.classifier import search_sigma
+from tfb_core.search.generation import Anchor, make_anchors, read_anchor, search_generation_sigma
+from tfb_core.search.strategy import SearchResult
 from tfb_core.serving.calibrate import CalibrationData, CalibrationRun
 from tfb_core.serving.config import EngineConfig
 from tfb_core.serving.engine import TFBEngine
 from tfb_core.serving.risk import calibrate_generation
-from tfb_core.serving.sigma import search_sigma
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +233,15 @@ def plan_sigma(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaP
 
 
 def cached_sigma(cfg: EngineConfig, key: dict[str, Any]) -> SearchResult | None:
-    """The cached search result of ``key`` (checked against ``cfg``'s search settings), or None."""
-    cache_dir = default_cache_dir(cfg.model.cache_dir)
-    result = cache.load(cache_dir, key, check=lambda r: check_result(r, cfg.search))
-    if result is not None:
-        log.info("sigma=%.6g from cache %s", result.sigma, cache.cache_path(cache_dir, key))
-    return result
+    """The cached search result of ``key`` (checked against ``cfg``'s search settings), or None
+    (:func:`tfb_core.search.cache.cached_sigma` in ``cfg``'s cache folder)."""
+    return cache.cached_sigma(default_cache_dir(cfg.model.cache_dir), key, cfg.search)
 
 
 def run_search(plan: SigmaPlan, clf: BayesianClassifier, progress: bool = False,
                observe: Callable[[Sequence[float], list[float]], None] | None = None) -> SearchResult:
     """The sigma search of ``plan`` on ``clf`` (its forwards wherever ``clf.forward_runner`` runs
-    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.serving.sigma.search_sigma`."""
+    them), cached; sets ``plan.result``. ``observe``: see :func:`~tfb_core.search.classifier.search_sigma`."""
     cfg = plan.cfg
     assert plan.key is not None
     what = (f"the greedy answers to {len(plan.anchors)} anchor prompts" if plan.anchors is not None
@@ -284,7 +281,7 @@ def make_engine(plan: SigmaPlan, clf: BayesianClassifier, background: bool = Fal
 
 def _plan_generation(cfg: EngineConfig, task: Task, clf: BayesianClassifier) -> SigmaPlan:
     """:func:`plan_sigma` of a generative adapter: sigma fixed, or from the cache or a search on the
-    sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.generation_sigma`).
+    sigma = 0 model's own greedy answers to the anchor prompts (:mod:`tfb_core.search.generation`).
     Its calibration, for max_risk: labelled questions (:func:`tfb_core.serving.risk.calibration_questions`)."""
     questions = calibration_questions(clf, cfg.calibration) if cfg.calibration else None
     if cfg.sigma is not None:

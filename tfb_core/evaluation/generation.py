@@ -48,10 +48,10 @@ from typing import Any
 
 import torch
 
+from tfb_core.data.generation import encode_prompt
 from tfb_core.decide import selective
 from tfb_core.decide.answers import exact_match
 from tfb_core.forward.completion import GenerationRequest, GenerationResult
-from tfb_core.generation_sigma import encode_prompt
 
 #: score -> (the decodes it needs, the answers it ranks: "mle" or "tfb")
 SCORES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -310,9 +310,9 @@ def format_confidence(result: Mapping[str, Any]) -> list[str]:
 
 def shift_auroc(in_rows: Sequence[Mapping[str, Any]], out_rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     """Per score, the AUROC of telling shifted questions (positive) from in-domain ones
-    (:func:`tfb_core.eval_report.ood_auroc`): where the shifted set is nearly all wrong, the
+    (:func:`tfb_core.evaluation.report.ood_auroc`): where the shifted set is nearly all wrong, the
     wrong-answer AUROC has nothing to rank, and this is what is left to measure."""
-    from tfb_core.eval_report import ood_auroc
+    from tfb_core.evaluation.report import ood_auroc
 
     return {k: ood_auroc(torch.tensor([float(r["scores"][k]) for r in in_rows], dtype=torch.float64),
                          torch.tensor([float(r["scores"][k]) for r in out_rows], dtype=torch.float64))

@@ -11,7 +11,9 @@ module knows no model, classifier or data, so it is testable on any function:
   the model), then interpolation of the crossing (log-log), verified, up to 3 times.
 
 The objective on a classifier's anchor set, and the search run on it, are
-:mod:`tfb_core.serving.sigma`'s.
+:mod:`tfb_core.search.classifier`'s; a generative adapter's, :mod:`tfb_core.search.generation`'s. The default
+search of each kind is here (:func:`default_search`); a searched sigma is cached by
+:func:`tfb_core.search.cache.cached_sigma` / :func:`tfb_core.search.cache.save`, for the server and the library alike.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ log = logging.getLogger(__name__)
 
 Objective = Callable[[Sequence[float]], list[float]]  # sigmas -> criterion values
 GRID_REFINEMENTS = 3  # sequential single evaluations after the parallel grid
+
+#: The search of a classifier unless one is configured: :class:`SearchConfig`'s defaults (``nll`` <=
+#: 1.5, the reference's tolerance).
+CLASSIFIER_SEARCH = SearchConfig()
+#: The search of a generative adapter unless one is configured: the relative NLL change of the
+#: sigma = 0 model's own greedy answers to the anchor prompts within 10 %. The classification default
+#: (1.5, the reference's) flips a third of the demo's greedy answers and halves its accuracy; see
+#: docs/results-generation.md for the measurement behind 0.1.
+GENERATION_SEARCH = SearchConfig(criterion="nll", tolerance=0.1)
+
+
+def default_search(generative: bool) -> SearchConfig:
+    """The search of an adapter of this kind unless one is configured (the server's, the CLI's and
+    the library's: :meth:`tfb_core.serving.config.EngineConfig.with_defaults` applies it)."""
+    return GENERATION_SEARCH if generative else CLASSIFIER_SEARCH
 
 
 @dataclass

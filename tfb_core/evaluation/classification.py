@@ -17,7 +17,7 @@ information) and the AUROC of each score for detecting errors; the sets and thre
 on a calibration file or, without one, on a seeded half of the test records and measured on the
 other half. ``tfb eval`` (:mod:`tfb_core.cli`) runs :func:`run_eval` on a data set's split or on
 the user's labelled JSON Lines (``--test-file``). This module runs the model and reads the data;
-the bootstrap, the AUROCs, the plot and the table are :mod:`tfb_core.eval_report`'s.
+the bootstrap, the AUROCs, the plot and the table are :mod:`tfb_core.evaluation.report`'s.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tfb_core.decide.uncertainty import (
     fit_temperature,
     summarize,
 )
-from tfb_core.eval_report import bootstrap_differences, format_table, ood_auroc, plot_reliability
+from tfb_core.evaluation.report import bootstrap_differences, format_table, ood_auroc, plot_reliability
 from tfb_core.forward.layout import rows_of
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def evaluate(clf: Any, task: Task, test: Sequence[Record], anchor: Sequence[Reco
 
     Prediction sets and abstention thresholds are fitted on ``calibration`` (labelled records) if
     given, else on a seeded half of ``test`` (``opts.split_seed``) and measured on the other half."""
-    from tfb_core.serving.sigma import search_sigma
+    from tfb_core.search.classifier import search_sigma
 
     start = time.perf_counter()
     test_prompts, y = _prompts(task, test, "test")

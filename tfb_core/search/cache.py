@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tfb_core.imports import closure, module_files
-from tfb_core.search import SearchResult
+from tfb_core.search.strategy import SearchResult, check_result
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,18 @@ CACHE_FORMAT = 1
 #: search settings, sigma, N, seed, the adapter's weights).
 #: A classifier's sigma search: the objective on the anchor set (its closure holds the search, the
 #: classifier's N-sample forward, the posterior, the loading, the task's prompts).
-CLASSIFIER_SEARCH = ("tfb_core.serving.sigma",)
+CLASSIFIER_SEARCH = ("tfb_core.search.classifier",)
 #: A generative adapter's: its objective, and the generator (built on the classifier) it decodes with.
 #: Neither this nor :data:`CLASSIFIER_SEARCH` reaches the other's objective: an edit to the decoder
 #: does not search every classifier's sigma again, nor an edit to the classification objective a
 #: generative adapter's.
-GENERATION_SEARCH = ("tfb_core.generation_sigma", "tfb_core.forward.generator", "tfb_core.forward.classifier")
+GENERATION_SEARCH = ("tfb_core.search.generation", "tfb_core.forward.generator", "tfb_core.forward.classifier")
 #: The calibration (a classifier's; its key also holds the sigma key): the run in steps and the
 #: engine whose ``sample`` is its forward. The engine imports the generator (a generative
 #: adapter's warm-up), so an edit to the decoder calibrates a classifier again (not its sigma).
 CALIBRATION = ("tfb_core.serving.calibrate", "tfb_core.serving.engine")
 #: the folder of the package whose source is hashed (the tests point it at an edited copy)
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def canonical(obj: Any) -> str:
@@ -122,6 +122,16 @@ def load(cache_dir: str | Path, key: dict[str, Any],
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("sigma cache %s is unreadable or implausible (%s); recomputing", path, exc)
         return None
+
+
+def cached_sigma(cache_dir: str | Path, key: dict[str, Any], cfg: Any) -> SearchResult | None:
+    """The sigma search cached for ``key``, if one a search with ``cfg`` (a
+    :class:`~tfb_core.config.SearchConfig`) could have produced (:func:`tfb_core.search.check_result`),
+    else None: the one read of a cached sigma, for the server's start-up and the library."""
+    result = load(cache_dir, key, check=lambda r: check_result(r, cfg))
+    if result is not None:
+        log.info("sigma=%.6g from cache %s", result.sigma, cache_path(cache_dir, key))
+    return result
 
 
 def save(cache_dir: str | Path, key: dict[str, Any], result: SearchResult) -> Path:

@@ -1,8 +1,8 @@
 """What ``tfb eval`` makes of the probabilities it computed: differences, OOD AUROC, plot, table.
 
-Pure: per-method mean probabilities (and the result dict of :func:`tfb_core.evaluate.evaluate`) in;
+Pure: per-method mean probabilities (and the result dict of :func:`tfb_core.evaluation.classification.evaluate`) in;
 paired bootstrap intervals, AUROCs, the reliability diagram and the plain-text table out. No model,
-no data loading: that is :mod:`tfb_core.evaluate`'s.
+no data loading: that is :mod:`tfb_core.evaluation.classification`'s.
 """
 
 from __future__ import annotations

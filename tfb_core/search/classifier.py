@@ -1,4 +1,4 @@
-"""Sigma on a classifier: the anchor-set objective the search (:mod:`tfb_core.search`) runs on.
+"""Sigma on a classifier: the anchor-set objective the search (:mod:`tfb_core.search.strategy`) runs on.
 
 The criterion compares the sigma = 0 model's own predictions on the anchor prompts (its argmax are
 the pseudo-labels; with labels, its accuracy) with the mean of N posterior samples at each sigma.
@@ -22,7 +22,7 @@ from tfb_core.config import SearchConfig
 from tfb_core.decide.uncertainty import accuracy, nll
 from tfb_core.forward.classifier import BayesianClassifier
 from tfb_core.forward.layout import Job
-from tfb_core.search import Objective, SearchResult, search
+from tfb_core.search.strategy import Objective, SearchResult, search
 
 log = logging.getLogger(__name__)
 

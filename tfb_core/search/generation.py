@@ -1,6 +1,6 @@
-"""Sigma for a generative adapter: the anchor objective that :mod:`tfb_core.search` runs on.
+"""Sigma for a generative adapter: the anchor objective that :mod:`tfb_core.search.strategy` runs on.
 
-The classification criterion (:mod:`tfb_core.serving.sigma`) compares the sigma = 0 model's own
+The classification criterion (:mod:`tfb_core.search.classifier`) compares the sigma = 0 model's own
 predictions on the anchor prompts with the mean of N posterior samples at sigma. For generation the
 sigma = 0 model's own *greedy answers* play the pseudo-labels' part:
 
@@ -10,8 +10,10 @@ sigma = 0 model's own *greedy answers* play the pseudo-labels' part:
    is part of the answer);
 2. at each sigma, every answer is read under p̄ = mean of the N samples' next-token distributions,
    teacher-forced in one forward per chunk of anchors (prompt + answer, left-padded, N sample rows
-   per anchor, ``logits_to_keep`` = the longest answer): NLL_sigma = mean over anchors of
-   -sum_t log p̄(y_t | prompt, y_<t).
+   per anchor, ``logits_to_keep`` = the longest answer) by the generator's one scorer
+   (:meth:`~tfb_core.forward.generator.BayesianGenerator.score_many`: p̄ mixed as a decode step
+   mixes it, so the search reads the same p̄(y) as a served answer's and ``tfb eval``'s
+   ``sequence.nll``): NLL_sigma = mean over anchors of -sum_t log p̄(y_t | prompt, y_<t).
 
 Criteria (:class:`~tfb_core.config.SearchConfig`'s ``criterion``, ``tolerance``):
 
@@ -30,7 +32,7 @@ sigma (the draw carries sigma, the forward runs at sigma 1, as the classifier's 
 the criterion is a smooth, deterministic function of sigma and bisection is well posed. An anchor
 line is what a client sends: ``{"prompt": ...}`` (plain text, as /v1/completions reads it) or
 ``{"messages": [...]}`` (chat messages through the tokenizer's chat template, as
-/v1/chat/completions renders them: :func:`tfb_core.data.generation.chat_prompt`), with an optional
+/v1/chat/completions renders them: :func:`tfb_core.data.generation.encode_prompt`), with an optional
 reference ``"answer"`` (a string or a list of aliases). ``chat=True`` reads a ``prompt`` as one user
 message through the chat template (how the generative demo's evaluation reads its questions).
 
@@ -41,7 +43,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -49,14 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tfb_core.bayes.posterior import NoiseDraw
 from tfb_core.config import SearchConfig
+from tfb_core.data.generation import encode_prompt
 from tfb_core.forward.completion import GenerationRequest
-from tfb_core.forward.decode_rows import Row, layout
-from tfb_core.forward.planning import attention_window
-from tfb_core.search import Objective, SearchResult, search
+from tfb_core.search.strategy import Objective, SearchResult, search
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +100,6 @@ def _bad_record(r: dict[str, Any]) -> str | None:
     return None
 
 
-def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict[str, Any]], chat: bool) -> list[int]:
-    """The token ids the model reads for ``prompt``: through the chat template (its special tokens
-    are in the text, none added; chat messages always) or as plain text (the tokenizer's own special
-    tokens added)."""
-    if chat or not isinstance(prompt, str):
-        from tfb_core.data.generation import chat_prompt
-
-        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
-
-
 def make_anchors(tokenizer: Any, records: Sequence[dict[str, Any]], chat: bool = False) -> list[Anchor]:
     """:class:`Anchor` s of anchor records (``answer``: a string or a list of aliases, optional)."""
     out = []
@@ -144,82 +131,17 @@ def greedy_answers(gen: Any, prompts: Sequence[Sequence[int]], max_tokens: int, 
     return out
 
 
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """The length of the token prefix every sequence shares."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for k in range(n):
-        if any(s[k] != first[k] for s in seqs):
-            return k
-    return n
-
-
-@torch.inference_mode()
-def answer_logprobs(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                    noise: NoiseDraw | None, n_samples: int, adapter: int = 0, max_rows: int = 64,
-                    share_prefix: bool = True) -> list[tuple[torch.Tensor, bool]]:
-    """Per prompt, (log p̄(y_t) for each token y_t of its answer (L,) float64, whether argmax p̄ is
-    y_t at every position), teacher-forced.
-
-    p̄ is the mean of the ``n_samples`` rows of ``noise`` (already scaled by sigma), or the one mean
-    row at sigma = 0 (``noise`` None: p̄ is that row's softmax). Several prompts share a forward:
-    up to ``max_rows`` rows (a prompt's samples are never split), left-padded, the last positions kept.
-    ``share_prefix``: the tokens every prompt starts with (a chat template's system line) are computed
-    once per sample into a key/value cache, repeated over each forward's prompts; the rest of each
-    prompt, left-padded, attends to it (the same numbers as the full forward, up to float rounding).
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts and {len(answers)} answers")
-    if any(not a for a in answers):
-        raise ValueError("an answer is empty: nothing to score")
-    samples = list(range(n_samples)) if noise is not None else [-1]
-    per_chunk = max(1, max_rows // len(samples))
-    sigmas = {adapter: 1.0 if noise is not None else 0.0}
-    seqs_all = [list(p) + list(a[:-1]) for p, a in zip(prompts, answers, strict=True)]
-    # every suffix keeps >= 1 token (the answer's first is predicted from the prompt's last)
-    P = min(common_prefix(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
-    window = attention_window(gen.model.config)
-    if window is not None and max(len(s) for s in seqs_all) > window:
-        P = 0  # the rests, padded after the prefix, would push their own tokens out of the window
-    prefix_cache = None
-    if P > 0:
-        rows = [Row(0, adapter, n, noise) for n in samples]
-        order, plans = layout(rows)
-        ids, mask, positions = gen.pad_left([seqs_all[0][:P]] * len(rows))
-        prefix_cache = gen.make_cache()
-        gen.forward([rows[i] for i in order], ids, mask, positions, prefix_cache, sigmas, plans, keep=1)
-        if order != list(range(len(rows))):  # pragma: no cover - one row per sample is already in order
-            prefix_cache.batch_select_indices(torch.tensor(sorted(range(len(order)), key=order.__getitem__)))
-    out: list[tuple[torch.Tensor, bool]] = []
-    for c0 in range(0, len(prompts), per_chunk):
-        chunk = range(c0, min(len(prompts), c0 + per_chunk))
-        seqs = [seqs_all[i][P:] for i in chunk]
-        lengths = [len(answers[i]) for i in chunk]
-        keep = max(lengths)
-        rows = [Row(j, adapter, n, noise) for n in samples for j in range(len(seqs))]  # sample-major
-        order, plans = layout(rows)
-        ordered = [rows[i] for i in order]
-        ids, mask, positions = gen.pad_left([seqs[row.stream] for row in ordered])
-        cache = None
-        if prefix_cache is not None:
-            if order != list(range(len(rows))):  # pragma: no cover - sample-major rows keep their order
-                raise RuntimeError("rows out of sample-major order: the prefix cache would not match")
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(seqs))  # row n * B + j: sample n's prefix
-            mask = torch.cat([mask.new_ones((len(rows), P)), mask], dim=1)
-            positions = positions + P
-        logits = gen.forward(ordered, ids, mask, positions, cache, sigmas, plans, keep=keep)  # (R, keep, V)
-        logp = torch.empty_like(logits, dtype=torch.float32)
-        logp[torch.tensor(order, device=logits.device)] = torch.log_softmax(logits.float(), dim=-1)
-        logp = logp.view(len(samples), len(seqs), keep, -1)  # (S, B, keep, V) back in sample-major order
-        for j, i in enumerate(chunk):
-            lp = logp[:, j, keep - lengths[j]:]  # (S, L, V): the positions before each answer token
-            # log of the mean of the samples' probabilities; one row: that row exactly
-            lbar = lp[0] if len(samples) == 1 else torch.logsumexp(lp, dim=0) - math.log(len(samples))
-            target = torch.tensor(list(answers[i]), device=lbar.device)
-            out.append((lbar.gather(1, target[:, None]).squeeze(1).double().cpu(),
-                        bool((lbar.argmax(-1) == target).all())))
-    return out
+def answer_scores(gen: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                  noise: NoiseDraw | None, n_samples: int, adapter: int = 0, max_rows: int = 64) -> list[Any]:
+    """Each answer read after its prompt under p̄ of the ``n_samples`` rows of ``noise`` (already
+    scaled by sigma; the forward runs at sigma 1), or of the one mean row at sigma = 0 (``noise``
+    None): the generator's one teacher-forced scorer
+    (:meth:`~tfb_core.forward.generator.BayesianGenerator.score_many`), with p̄ mixed as a decode
+    step and ``tfb eval`` mix it. Prompts share forwards (up to ``max_rows`` rows) and a prompt head."""
+    requests = [GenerationRequest(list(p), n_samples=n_samples if noise is not None else 1,
+                                  sigma=1.0 if noise is not None else 0.0, adapter=adapter, noise=noise)
+                for p in prompts]
+    return gen.score_many(requests, answers, max_rows=max_rows)
 
 
 def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig, max_tokens: int = 16,
@@ -240,7 +162,7 @@ def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig,
     prompts = [a.tokens for a in anchors]
     completions = greedy_answers(gen, prompts, max_tokens, adapter)
     pseudo = [c.token_ids for c in completions]
-    ref = answer_logprobs(gen, prompts, pseudo, None, 1, adapter, max_rows)
+    ref = answer_scores(gen, prompts, pseudo, None, 1, adapter, max_rows)
     nll0 = _mean_nll(ref)
     acc0 = (sum(exact_match(c.text, list(a.answers)) for c, a in zip(completions, anchors, strict=True))
             / len(anchors)) if labelled else float("nan")
@@ -256,10 +178,9 @@ def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig,
             answers = greedy_answers(gen, prompts, max_tokens, adapter, noise, cfg.n_samples)
             acc = sum(exact_match(c.text, list(a.answers)) for c, a in zip(answers, anchors, strict=True)) / len(anchors)
             return acc0 - acc
-        scored = answer_logprobs(gen, prompts, pseudo, noise, cfg.n_samples if noise is not None else 1, adapter,
-                                 max_rows)
+        scored = answer_scores(gen, prompts, pseudo, noise, cfg.n_samples, adapter, max_rows)
         if cfg.criterion == "flip":
-            return sum(not same for _, same in scored) / len(scored)
+            return sum(not s.greedy for s in scored) / len(scored)
         return abs(_mean_nll(scored) - nll0) / max(nll0, 1e-12)
 
     def objective(sigmas: Sequence[float]) -> list[float]:
@@ -269,8 +190,8 @@ def generation_objective(gen: Any, anchors: Sequence[Anchor], cfg: SearchConfig,
     return objective, reference
 
 
-def _mean_nll(scored: Sequence[tuple[torch.Tensor, bool]]) -> float:
-    return math.fsum(-float(lp.sum()) for lp, _ in scored) / len(scored)
+def _mean_nll(scored: Sequence[Any]) -> float:
+    return math.fsum(s.sequence.nll for s in scored) / len(scored)
 
 
 def search_generation_sigma(gen: Any, records: Sequence[dict[str, Any]] | Sequence[Anchor], cfg: SearchConfig,

@@ -1,4 +1,4 @@
-"""Hostile clients, round two (issue 20): a request's own label set larger than the adapter's, a 500
+"""Clear errors for hostile clients and broken files: a request's own label set larger than the adapter's, a 500
 on a keep-alive connection, broken adapter files, /classify's validation, bundled defaults of an
 adapter folder named by path, and requests on open connections during the drain.
 

@@ -1,0 +1,1 @@
+"""Test support (tiny models, tokenizers, adapters): not part of the installed library."""

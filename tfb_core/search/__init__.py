@@ -1,0 +1,1 @@
+"""Finding sigma: the search strategies, the objectives of both kinds (classifier, generation), and the cache."""
