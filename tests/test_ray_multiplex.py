@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LABELS, require
+from helpers.ray_cluster import local_serve
 
 require("ray.serve", "ray[serve] is not installed (extra 'ray')")
 
@@ -46,12 +46,6 @@ def _import_ray_modules():
     return serve_app, multiplex_app
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,46 +78,12 @@ def base_settings(tiny, adapters) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tiny, adapters):
-    import ray
-    from ray import cloudpickle, serve
-
     serve_app, multiplex_app = _import_ray_modules()
-    for module in (serve_app, multiplex_app):
-        cloudpickle.register_pickle_by_value(module)
-    auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        app = multiplex_app.build_app({**base_settings(tiny, adapters), "registry": str(adapters["registry"]),
-                                       "num_gpus": 0, "num_cpus": 0.5, "num_replicas": 2,
-                                       "max_adapters_per_replica": 2, "max_ongoing_requests": 2,
-                                       "metrics_interval_s": 1.0, "ready_timeout_s": 300, "lease_ttl_s": 20})
-        serve.run(app, name="tfb-multi", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Ray Serve application did not become ready"
-            time.sleep(0.5)
-        yield {"base": base, "metrics_port": metrics_port, "module": multiplex_app}
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if auth_mode is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = auth_mode
-            for module in (serve_app, multiplex_app):
-                cloudpickle.unregister_pickle_by_value(module)
+    settings = {**base_settings(tiny, adapters), "registry": str(adapters["registry"]), "num_gpus": 0,
+                "num_cpus": 0.5, "num_replicas": 2, "max_adapters_per_replica": 2, "max_ongoing_requests": 2,
+                "metrics_interval_s": 1.0, "ready_timeout_s": 300, "lease_ttl_s": 20}
+    with local_serve([serve_app, multiplex_app], lambda: multiplex_app.build_app(settings), "tfb-multi") as running:
+        yield {**running, "module": multiplex_app}
 
 
 def alone(tiny, adapters, name: str) -> dict:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import re
-import socket
 import sys
 import time
 import urllib.request
@@ -23,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LABELS, require
+from helpers.ray_cluster import local_serve
 from test_deploy import EXPORTED
 
 require("ray.serve", "ray[serve] is not installed (extra 'ray')")
@@ -32,10 +31,6 @@ SIGMA = 0.05
 N_REQUESTS = 24
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_settings(tiny) -> dict:
@@ -50,46 +45,16 @@ def tiny_settings(tiny) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tiny):
-    import ray
-    from ray import cloudpickle, serve
-
     sys.path.insert(0, str(RAY_DIR))
     import serve_app
 
-    # The workers need not import serve_app from a path: ship the module's code by value.
-    cloudpickle.register_pickle_by_value(serve_app)
-    auth_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster: no token written to ~/.ray
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             configure_logging=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        app = serve_app.build_app({**tiny_settings(tiny), "num_gpus": 0, "num_cpus": 0.5, "num_replicas": 2,
-                                   "metrics_interval_s": 1.0, "ready_timeout_s": 300})
-        serve.run(app, name="tfb", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 300
-        while True:  # serve.run returns once the replicas are running; the proxy may lag a little
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the Ray Serve application did not become ready"
-            time.sleep(0.5)
-        yield {"base": base, "metrics_port": metrics_port}
+        with local_serve([serve_app], lambda: serve_app.build_app(
+                {**tiny_settings(tiny), "num_gpus": 0, "num_cpus": 0.5, "num_replicas": 2,
+                 "metrics_interval_s": 1.0, "ready_timeout_s": 300}), "tfb") as running:
+            yield running
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if auth_mode is None:
-                os.environ.pop("RAY_AUTH_MODE", None)
-            else:
-                os.environ["RAY_AUTH_MODE"] = auth_mode
-            cloudpickle.unregister_pickle_by_value(serve_app)
-            sys.path.remove(str(RAY_DIR))
+        sys.path.remove(str(RAY_DIR))
 
 
 @pytest.fixture(scope="module")

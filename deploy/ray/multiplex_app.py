@@ -48,6 +48,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 from serve_app import (
+    REPLICA_OPTIONS,
     RayMetricsMirror,
     ReplicaHeaders,
     SharedFeedbackStore,
@@ -270,16 +271,7 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-@serve.deployment(
-    name="tfb-adapters",
-    ray_actor_options={"num_gpus": 1, "num_cpus": 2},
-    max_ongoing_requests=32,
-    max_queued_requests=512,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=60,
-)
+@serve.deployment(name="tfb-adapters", **REPLICA_OPTIONS)
 class TFBAdapters:
     """One replica: the base model with its start-up adapters, and up to ``max_adapters_per_replica``
     adapters of the registry loaded on demand (Ray's multiplexer, LRU)."""
@@ -372,8 +364,8 @@ class TFBAdapters:
         """Take the cluster's lease on ``name``'s sigma search (its cache key), or
         :class:`SearchElsewhereError`; with it, read the cache once more (a search that ended since
         the adapter's files were read is used, not run again)."""
-        from tfb_core.search import cache
         from tfb_core.data.loading import default_cache_dir
+        from tfb_core.search import cache
         from tfb_core.serving.startup import cached_sigma
 
         plan = prepared.plan

@@ -329,21 +329,23 @@ def check_replica_settings(settings: Any) -> None:
                          "replica of many; list the adapters in TFB_ADAPTERS (every replica loads them)")
 
 
-@serve.deployment(
-    name="tfb",
-    ray_actor_options={"num_gpus": 1, "num_cpus": 2},
-    autoscaling_config=DEFAULT_AUTOSCALING,
+#: A replica's Ray Serve options, for this deployment and multiplex_app's adapter replicas.
+REPLICA_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_gpus": 1, "num_cpus": 2},
     # In flight inside one replica: queued in the app's batcher, which fills forwards of up to
     # TFB_MAX_BATCH_ROWS rows. Keep it below the app's TFB_MAX_QUEUE so that overload queues in
     # Ray's router (across replicas) rather than bouncing with the app's 429.
-    max_ongoing_requests=32,
+    "max_ongoing_requests": 32,
     # Past this, Ray's proxy answers 503 at once instead of letting latency grow without bound.
-    max_queued_requests=512,
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_wait_loop_s=2,
-    graceful_shutdown_timeout_s=60,
-)
+    "max_queued_requests": 512,
+    "health_check_period_s": 10,
+    "health_check_timeout_s": 30,
+    "graceful_shutdown_wait_loop_s": 2,
+    "graceful_shutdown_timeout_s": 60,
+}
+
+
+@serve.deployment(name="tfb", autoscaling_config=DEFAULT_AUTOSCALING, **REPLICA_OPTIONS)
 @serve.ingress()
 class TFBDeployment:
     """One replica: one app, one model, on the GPU(s) Ray gave this actor."""
