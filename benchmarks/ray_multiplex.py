@@ -44,14 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))  # helpers.models: the test support's perturb_lora
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -242,36 +234,22 @@ def main() -> int:
     import multiplex_app
     import ray
     import serve_app
-    from ray import cloudpickle, serve
+    from helpers.ray_cluster import local_serve
 
     root = Path(tempfile.mkdtemp(prefix="tfb-ray-multiplex-"))
     setup = build(root, args.shape, args.adapters, args.searched, 0.05)
     setup["settings"]["n_samples"] = args.n_samples
-    for module in (serve_app, multiplex_app):
-        cloudpickle.register_pickle_by_value(module)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    metrics_port, http_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             configure_logging=False)
+    settings = {**setup["settings"], "registry": str(setup["registry"]), "num_gpus": 0, "num_cpus": 0.5,
+                "num_replicas": args.replicas, "metrics_interval_s": 2.0,
+                "max_adapters_per_replica": args.max_per_replica, "ready_timeout_s": 1800}
     load_avg_start = os.getloadavg()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        t0 = time.monotonic()
-        app = multiplex_app.build_app({**setup["settings"], "registry": str(setup["registry"]), "num_gpus": 0,
-                                       "num_cpus": 0.5, "num_replicas": args.replicas, "metrics_interval_s": 2.0,
-                                       "max_adapters_per_replica": args.max_per_replica, "ready_timeout_s": 1800})
-        serve.run(app, name="tfb-multi", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{http_port}"
+    t0 = time.monotonic()  # from the cluster's start: Ray, Serve's proxy, the replicas, ready
+    with local_serve([serve_app, multiplex_app], lambda: multiplex_app.build_app(settings), "tfb-multi",
+                     ready_timeout_s=1800) as running:
+        base, metrics_port = running["base"], running["metrics_port"]
+        ready_s = time.monotonic() - t0
         import httpx
 
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        ready_s = time.monotonic() - t0
         probe = httpx.post(f"{base}/predict", json={"inputs": [setup["sentences"][0]], "adapter": setup["names"][-1]},
                            timeout=600)
         if probe.status_code != 200:  # a set-up error: say it now, not after minutes of the same error
@@ -283,9 +261,6 @@ def main() -> int:
         grants = ray.get(ray.get_actor(multiplex_app.LEASE_ACTOR, namespace=multiplex_app.LEASE_NAMESPACE).grants.remote())
         time.sleep(6)  # the mirror's and Ray's export intervals
         text = scrape(metrics_port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ok = [r for r in rows if r["status"] == 200]
     warm = [r["seconds"] for r in ok if r["load"] == "warm"]
     cold = {src: [r["seconds"] for r in ok if r["load"] == f"cold-{src}"] for src in ("fixed", "cache", "search")}
